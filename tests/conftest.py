@@ -1,0 +1,48 @@
+"""Shared fixtures: one local Spark session for the whole test run, real data paths."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+# This machine resolves its hostname to a non-loopback address; tests stay on 127.0.0.1.
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running (real model, cluster, LLM)")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"real test data missing: {SHARED_DATA} (clone beside ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def settings():
+    from mergeit_spark.config import load_settings
+    return load_settings(overrides=["spark.master=local[2]", "spark.shuffle_partitions=4"])
+
+
+@pytest.fixture(scope="session")
+def spark(settings):
+    from mergeit_spark.session import build_session
+    session = build_session(settings.spark)
+    yield session
+    session.stop()
+
+
+@pytest.fixture()
+def store(spark, tmp_path):
+    from mergeit_spark.tables import TableStore
+    return TableStore(spark, tmp_path / "run")
