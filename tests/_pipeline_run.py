@@ -1,0 +1,51 @@
+"""Shared by the whole-pipeline tests: a real-data input file and the settings to run on it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from deltalake import DeltaTable
+
+from mergeit_spark.config import Settings, load_settings
+
+BROKEN_LINES = [
+    '{"instruction": "Name three primary colours.", "output": ',           # truncated JSON
+    '{"instruction": "", "input": "", "output": "nothing asked"}',         # empty instruction
+    '{"instruction": "Say hi.", "input": ""}',                             # no output
+    '{"instruction": 42, "input": "", "output": "forty-two"}',             # not a string
+    '[1, 2, 3]',                                                           # not an object
+]
+
+
+def write_input(shared_data: Path, dest: Path, rows: int = 200, offset: int = 0) -> tuple[Path, int]:
+    """JSON Lines: ``rows`` real records from mergeit-6k, one exact duplicate, and broken lines.
+
+    Returns the file and its number of input rows (lines)."""
+    records = json.loads((shared_data / "mergeit-6k.json").read_text())[offset:offset + rows]
+    lines = [json.dumps({k: r[k] for k in ("instruction", "input", "output")}) for r in records]
+    lines.append(lines[3])          # an exact duplicate
+    lines.extend(BROKEN_LINES)
+    dest.write_text("\n".join(lines) + "\n")
+    return dest, len(lines)
+
+
+def pipeline_settings(root: Path, data: Path, base_url: str, *extra: str) -> Settings:
+    return load_settings(overrides=[
+        "spark.master=local[2]", "spark.shuffle_partitions=4",
+        f"input.paths=[{data}]", f"output.root={root}",
+        "select.budget=12",              # small clusters, so that some rows are not selected
+        "group.threshold=0.5",
+        f"llm.base_url={base_url}", "llm.model=fake-model", "llm.concurrency=4",
+        "llm.request_timeout_s=10", "llm.max_retries=2", "llm.backoff_initial_s=0.05",
+        "merge.partitions=2",
+        *extra,
+    ], env={})
+
+
+def read(root: Path, table: str) -> list[dict]:
+    return DeltaTable(str(root / table)).to_pyarrow_table().to_pylist()
+
+
+def final_content(root: Path) -> set[tuple]:
+    return {(r["id"], r["instruction"], r["input"], r["output"], r["origin"], tuple(sorted(r["source_ids"])))
+            for r in read(root, "final")}

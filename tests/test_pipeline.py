@@ -1,0 +1,156 @@
+"""The whole pipeline on real data: every table, the ledger, resume, --force, and a killed driver."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from _pipeline_run import final_content, pipeline_settings, read, write_input
+from fake_openai import FakeOpenAI
+from mergeit_spark.pipeline import STAGE_ORDER, Pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_TABLES = ("records", "rejects", "embeddings", "topics", "centroids", "dedup", "selected",
+              "merge_groups", "merges", "final", "lineage")
+
+
+@pytest.fixture(scope="module")
+def fake_llm():
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def finished_run(spark, shared_data, tmp_path_factory, fake_llm):
+    work = tmp_path_factory.mktemp("pipeline")
+    data, n_input = write_input(shared_data, work / "in.jsonl")
+    settings = pipeline_settings(work / "run", data, fake_llm.base_url)
+    pipeline = Pipeline(settings, spark=spark)
+    results = pipeline.run()
+    # The reference for the resume test, taken before later tests change settings in this root.
+    pipeline.reference_final = final_content(work / "run")
+    return pipeline, results, n_input, work
+
+
+def test_every_stage_runs_and_every_table_is_delta(finished_run):
+    pipeline, results, _, _ = finished_run
+    assert [r.name for r in results] == list(STAGE_ORDER)
+    assert not any(r.skipped for r in results)
+    for table in ALL_TABLES:
+        assert pipeline.store.exists(table), table
+
+
+def test_ledger_balances_and_ids_trace(finished_run):
+    pipeline, _, n_input, work = finished_run
+    root = work / "run"
+    records, rejects, lineage = read(root, "records"), read(root, "rejects"), read(root, "lineage")
+    assert len(records) + len(rejects) == n_input
+    assert Counter(r["reason"] for r in rejects)["exact_duplicate"] == 1
+    assert len(rejects) == 6
+    record_ids = [r["id"] for r in records]
+    lineage_ids = Counter(r["id"] for r in lineage if r["fate"] != "rejected")
+    assert set(lineage_ids) == set(record_ids) and set(lineage_ids.values()) == {1}
+    assert sum(1 for r in lineage if r["fate"] == "rejected") == len(rejects)
+    assert len(lineage) == n_input
+
+    fates = Counter(r["fate"] for r in lineage)
+    dedup = read(root, "dedup")
+    selected = read(root, "selected")
+    merges = read(root, "merges")
+    merged_groups = {m["group_id"] for m in merges if m["status"] == "merged"}
+    groups = {g["group_id"]: g for g in read(root, "merge_groups")}
+    assert fates["duplicate"] == sum(1 for d in dedup if d["status"] == "duplicate")
+    merged_members = {m for gid in merged_groups for m in groups[gid]["member_ids"]}
+    assert fates["merged"] == len(merged_members)
+    assert fates["kept"] + fates["merged"] == len(selected)
+    assert fates["not_selected"] == sum(1 for d in dedup if d["status"] == "kept") - len(selected)
+
+    final = read(root, "final")
+    assert len(final) == fates["kept"] + len(merged_groups)
+    by_id = {r["id"]: r for r in records}
+    for row in final:
+        if row["origin"] == "original":
+            assert row["source_ids"] == [row["id"]]
+            src = by_id[row["id"]]
+            assert (row["instruction"], row["input"], row["output"]) == (src["instruction"], src["input"], src["output"])
+        else:
+            assert len(row["source_ids"]) >= 2 and set(row["source_ids"]) <= merged_members
+    # every lineage row that went somewhere points at a real final row
+    final_ids = {r["id"] for r in final}
+    assert all(r["final_id"] in final_ids for r in lineage if r["fate"] in ("kept", "merged"))
+
+
+def test_rerun_skips_everything_and_force_recomputes_from_a_stage(finished_run, fake_llm):
+    pipeline, _, _, work = finished_run
+    before = final_content(work / "run")
+    sent = len(fake_llm.requests)
+    again = pipeline.run()
+    assert all(r.skipped for r in again)
+    forced = pipeline.run(force="select")
+    assert [r.name for r in forced if not r.skipped] == ["select", "group", "merge", "finalize"]
+    assert len(fake_llm.requests) == sent          # the merge ledger: nothing is paid for twice
+    assert final_content(work / "run") == before
+
+
+def test_a_changed_setting_reruns_from_the_first_stage_it_touches(spark, finished_run, fake_llm):
+    pipeline, _, _, work = finished_run
+    changed = pipeline_settings(work / "run", Path(pipeline.settings.input.paths[0]), fake_llm.base_url,
+                                "select.budget=8")
+    results = Pipeline(changed, spark=spark).run()
+    assert [r.name for r in results if not r.skipped] == ["select", "group", "merge", "finalize"]
+    assert len(read(work / "run", "selected")) < len(read(work / "run", "dedup"))
+
+
+def test_driver_killed_during_merge_then_rerun_gives_the_same_final(spark, shared_data, tmp_path, finished_run):
+    """Kill the driver process (SIGKILL) while merges are in flight; the rerun finishes the job,
+    pays again only for what had not finished, and `final` equals the uninterrupted run's."""
+    reference = finished_run[0].reference_final
+    data = Path(finished_run[0].settings.input.paths[0])
+    root = tmp_path / "run"
+    with FakeOpenAI(latency_s=0.4) as slow:
+        settings_args = ["--set", "spark.master=local[2]", "--set", "spark.shuffle_partitions=4",
+                         "--set", f"input.paths=[{data}]", "--set", f"output.root={root}",
+                         "--set", "select.budget=12", "--set", "group.threshold=0.5",
+                         "--set", f"llm.base_url={slow.base_url}", "--set", "llm.model=fake-model",
+                         "--set", "llm.concurrency=1", "--set", "llm.request_timeout_s=10",
+                         "--set", "llm.max_retries=2", "--set", "llm.backoff_initial_s=0.05",
+                         "--set", "merge.partitions=2"]
+        env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1")
+        driver = subprocess.Popen([sys.executable, "-m", "mergeit_spark.cli", "run", *settings_args],
+                                  cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        ledger = root / "_ledger"
+        deadline = time.monotonic() + 300
+        try:
+            while time.monotonic() < deadline and driver.poll() is None:
+                if len(slow.requests) >= 3:
+                    break
+                time.sleep(0.2)
+            assert driver.poll() is None, "the driver finished before it could be killed"
+            assert len(slow.requests) >= 3, "merge never started"
+        finally:
+            os.killpg(driver.pid, signal.SIGKILL)   # the driver and its Python workers
+            driver.wait()
+        paid_before_kill = Counter(slow.per_group)
+        assert ledger.exists()
+        assert not (root / "_state" / "finalize.json").exists()
+
+        resumed = Pipeline(pipeline_settings(root, data, slow.base_url, "llm.concurrency=1"), spark=spark)
+        results = resumed.run()
+        assert {r.name for r in results if r.skipped} >= {"ingest", "embed", "topics", "dedup", "select", "group"}
+        # Each group was asked at most once more than it failed. The scripted server always
+        # answers well, so the only failures are requests cut off in flight by the kill: at most
+        # concurrency (1) x merge partitions (2) of them. Groups answered before the kill are
+        # in the ledger and never asked again.
+        n_groups = len(read(root, "merge_groups"))
+        assert len(slow.per_group) == n_groups
+        assert max(slow.per_group.values()) <= 2
+        assert sum(slow.per_group.values()) <= n_groups + 2
+        assert sum(paid_before_kill.values()) >= 3
+    assert final_content(root) == reference
