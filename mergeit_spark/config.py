@@ -73,6 +73,8 @@ class IngestSettings:
                                           "as too_large before parsing.", _positive, "> 0")
     id_length: int = knob(32, "Hex characters of the SHA-256 content hash kept as the record id.",
                           lambda v: 16 <= v <= 64, "16..64")
+    reject_raw_chars: int = knob(2000, "Characters of the offending text kept in rejects.raw.",
+                                 _positive, "> 0")
 
 
 @dataclass

@@ -54,14 +54,13 @@ def build_stages(settings: Settings) -> list[Stage]:
     from .stages.embed import Embed
     from .stages.finalize import Finalize
     from .stages.group import Group
-    from .stages.ingest import SAMPLE_PATH, Ingest, resolve_inputs
+    from .stages.ingest import Ingest
     from .stages.merge import Merge
     from .stages.select import Select
     from .stages.topics import Topics
 
-    paths = list(settings.input.paths) or [str(SAMPLE_PATH)]
-    files = resolve_inputs(paths, settings.input.format)  # fails fast, before any Spark work
-    stages: list[Stage] = [Ingest(files), Embed(), Topics(), Dedup(), Select(), Group(), Merge(), Finalize()]
+    # Resolving the inputs fails fast (missing file, unknown format), before any Spark work.
+    stages: list[Stage] = [Ingest.from_settings(settings), Embed(), Topics(), Dedup(), Select(), Group(), Merge(), Finalize()]
     assert tuple(s.name for s in stages) == STAGE_ORDER
     return stages
 
@@ -168,6 +167,9 @@ class Pipeline:
                 if table not in outputs:
                     raise PipelineError(f"stage {stage.name} did not produce table {table!r}")
                 self.store.write(outputs[table], table)
+        # Stages may persist what they read twice (ingest parses once for two tables); once the
+        # tables are written nothing downstream reads those caches.
+        self.spark.catalog.clearCache()
         versions = {t: self.store.version(t) for t in stage.outputs}
         if any(v is None for v in versions.values()):
             raise PipelineError(f"stage {stage.name} left table(s) unwritten: {versions}")

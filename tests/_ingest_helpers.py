@@ -1,0 +1,188 @@
+"""Independent expectations for the ingest tests: plain Python json, no Spark, no ingest code.
+
+The tests compare what ingest produced with what these helpers predict from the raw files, so a
+bug in the stage's parser cannot hide behind the same bug in the expectation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SEP = "\x1f"
+
+
+def norm(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def expected_id(instruction: str, input_: str, output: str, length: int = 32) -> str:
+    """The content hash, computed here from its definition rather than through ingest."""
+    return hashlib.sha256(SEP.join((instruction, input_, output)).encode("utf-8")).hexdigest()[:length]
+
+
+def alpaca_triple(obj: Any) -> tuple[str, str, str] | None:
+    """Normalised (instruction, input, output) of a valid Alpaca object, else None."""
+    if not isinstance(obj, dict):
+        return None
+    instruction, input_, output = obj.get("instruction"), obj.get("input"), obj.get("output")
+    if input_ is None:
+        input_ = ""
+    if not all(isinstance(v, str) for v in (instruction, input_, output)):
+        return None
+    triple = (norm(instruction), norm(input_), norm(output))
+    if not triple[0] or not triple[2]:
+        return None
+    return triple
+
+
+@dataclass
+class Expectation:
+    """What a file should turn into: the ids kept, the number of rows, duplicates and other rejects."""
+    rows: int = 0
+    kept_ids: list[str] = field(default_factory=list)   # first occurrence order
+    duplicates: int = 0
+    invalid: int = 0
+
+    def add(self, triple: tuple[str, str, str] | None) -> None:
+        self.rows += 1
+        if triple is None:
+            self.invalid += 1
+            return
+        rid = expected_id(*triple)
+        if rid in self._seen:
+            self.duplicates += 1
+        else:
+            self._seen.add(rid)
+            self.kept_ids.append(rid)
+
+    def __post_init__(self) -> None:
+        self._seen: set[str] = set()
+
+    @property
+    def records(self) -> int:
+        return len(self.kept_ids)
+
+    @property
+    def rejects(self) -> int:
+        return self.duplicates + self.invalid
+
+
+def expect_alpaca_array(path: Path) -> Expectation:
+    exp = Expectation()
+    for obj in json.loads(path.read_text(encoding="utf-8")):
+        exp.add(alpaca_triple(obj))
+    return exp
+
+
+def expect_seed_tasks(path: Path) -> Expectation:
+    """Seed tasks: one unit per instance (instruction from the task, input/output from the instance)."""
+    exp = Expectation()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        task = json.loads(line)
+        for instance in task["instances"]:
+            exp.add(alpaca_triple({"instruction": task["instruction"], **instance}))
+    return exp
+
+
+def expect_jsonl(path: Path) -> tuple[Expectation, list[int]]:
+    """Alpaca JSON Lines: the expectation and the 1-based line numbers that must be rejected."""
+    exp = Expectation()
+    rejected_lines = []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            triple = alpaca_triple(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, ValueError):
+            triple = None
+        before = exp.rejects
+        exp.add(triple)
+        if exp.rejects > before:
+            rejected_lines.append(number)
+    return exp, rejected_lines
+
+
+# ---------------------------------------------------------------------------------------------
+# A corpus of broken lines mixed with valid ones
+# ---------------------------------------------------------------------------------------------
+
+WORDS = ("river mountain bread engine violin quantum harbour lantern orbit meadow cipher glacier "
+         "pepper signal theorem canvas falcon ember prism tundra").split()
+
+
+@dataclass
+class FuzzLine:
+    data: bytes
+    valid: bool              # lands in records (first occurrence of its content)
+    reason: str | None       # the reason code expected when it is rejected
+
+
+def fuzz_corpus(seed: int, valid_lines: int, broken_lines: int, max_line_bytes: int) -> list[FuzzLine]:
+    """Valid Alpaca lines (unique content) shuffled with every kind of broken line we can think of."""
+    rng = random.Random(seed)
+
+    def sentence(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+    lines: list[FuzzLine] = []
+    for i in range(valid_lines):
+        obj = {"instruction": f"{sentence(6)} ({i})", "output": sentence(12)}
+        if rng.random() < 0.5:
+            obj["input"] = sentence(4)
+        if rng.random() < 0.2:
+            obj["input"] = None
+        if rng.random() < 0.2:
+            obj["quality_score"] = rng.random()
+        text = json.dumps(obj, ensure_ascii=rng.random() < 0.5)
+        lines.append(FuzzLine(text.encode(), True, None))
+
+    good = json.dumps({"instruction": "Name a colour.", "output": "Blue."})
+    makers = [
+        lambda: (good[: rng.randint(1, len(good) - 2)].encode(), "malformed_json"),     # truncated
+        lambda: (b'{"instruction": "x", "output": "y",}', "malformed_json"),               # trailing comma
+        lambda: (b"{'instruction': 'x', 'output': 'y'}", "malformed_json"),                # python repr
+        lambda: (b"[" * 5000 + b"]" * 5000, "malformed_json"),                             # too deep
+        lambda: (b'{"instruction": "n", "output": ' + b"9" * 5000 + b"}", "malformed_json"),  # huge int
+        lambda: (b'{"instruction": "caf\xe9", "output": "ok"}', "invalid_utf8"),           # latin-1 byte
+        lambda: (b'{"instruction": "\xff\xfe", "output": "ok"}', "invalid_utf8"),
+        lambda: (b'{"instruction": "\\ud800 lone", "output": "ok"}', "invalid_utf8"),      # escaped surrogate
+        lambda: (b"null", "not_an_object"),
+        lambda: (b"[1, 2, 3]", "not_an_object"),
+        lambda: (b'"just a string"', "not_an_object"),
+        lambda: (b"42", "not_an_object"),
+        lambda: (b"true", "not_an_object"),
+        lambda: (b'{"prompt": "x", "completion": "y"}', "unknown_layout"),
+        lambda: (b"{}", "unknown_layout"),
+        lambda: (b'{"output": "y"}', "missing_instruction"),
+        lambda: (b'{"instruction": null, "output": "y"}', "missing_instruction"),
+        lambda: (b'{"instruction": "x"}', "missing_output"),
+        lambda: (b'{"instruction": "x", "output": null}', "missing_output"),
+        lambda: (b'{"instruction": 7, "output": "y"}', "non_string_field"),
+        lambda: (b'{"instruction": "x", "output": ["a", "b"]}', "non_string_field"),
+        lambda: (b'{"instruction": "x", "input": 3.5, "output": "y"}', "non_string_field"),
+        lambda: (b'{"instruction": "x", "output": {"text": "y"}}', "non_string_field"),
+        lambda: (b'{"instruction": "x", "output": false}', "non_string_field"),
+        lambda: (b'{"instruction": "  \\n ", "output": "y"}', "empty_text"),
+        lambda: (b'{"instruction": "x", "output": ""}', "empty_text"),
+        lambda: (json.dumps({"instruction": "big", "output": "z" * (max_line_bytes + 10)}).encode(), "too_large"),
+        lambda: (b'{"conversations": "not a list"}', "bad_conversation"),
+        lambda: (b'{"messages": [{"role": "user", "content": "hi"}]}', "missing_output"),
+        lambda: (b'{"instruction": "seed", "instances": []}', "missing_output"),
+        lambda: (b'{"instruction": "seed", "instances": 5}', "unknown_layout"),
+        lambda: (bytes(rng.randrange(256) for _ in range(rng.randint(1, 60))) + b"\x80", "invalid_utf8"),
+    ]
+    for _ in range(broken_lines):
+        data, reason = rng.choice(makers)()
+        # a raw CR or LF would end the line early: Spark's text reader splits on both
+        lines.append(FuzzLine(data.replace(b"\n", b" ").replace(b"\r", b" "), False, reason))
+    rng.shuffle(lines)
+    # blank lines are separators, not rows; they must not disturb the line numbers of the others
+    for _ in range(max(1, broken_lines // 10)):
+        lines.insert(rng.randrange(len(lines) + 1), FuzzLine(rng.choice([b"", b"   ", b"\t"]), False, "blank"))
+    return lines

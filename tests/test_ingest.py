@@ -1,0 +1,517 @@
+"""Ingest stage: real local Spark on the shared data, the bundled sample and hostile inputs.
+
+Expected counts are computed independently (``tests/_ingest_helpers.py``: plain ``json``), never
+through the stage's own parser.
+"""
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable, write_deltalake
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from mergeit_spark.config import IngestSettings
+from mergeit_spark.ids import content_id
+from mergeit_spark.stages import StageContext
+from mergeit_spark.stages.ingest import (REASONS, SAMPLE_PATH, Ingest, InputError, InputFile, ParseLimits,
+                                         Position, fingerprint_inputs, ingest, parse_document, parse_text,
+                                         resolve_inputs)
+
+from _ingest_helpers import (expect_alpaca_array, expect_jsonl, expect_seed_tasks, expected_id,
+                             fuzz_corpus, norm)
+
+DEFAULT = IngestSettings()
+
+
+def run_ingest(spark, paths, fmt="auto", settings=DEFAULT):
+    records, rejects = ingest(spark, resolve_inputs([str(p) for p in paths], fmt), settings)
+    return records.collect(), rejects.collect()
+
+
+def check_records(records, id_length=32):
+    """Ids unique and equal to the content hash of the normalised text stored in the row."""
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids))
+    for r in records:
+        assert r["id"] == content_id(r["instruction"], r["input"], r["output"], id_length)
+        assert r["id"] == expected_id(r["instruction"], r["input"], r["output"], id_length)
+        for text in (r["instruction"], r["input"], r["output"]):
+            assert text == norm(text)
+        assert r["instruction"] and r["output"]
+
+
+def check_rejects(rejects):
+    for r in rejects:
+        assert r["reason"] in REASONS, r
+        assert r["source"]
+        assert r["raw"] is None or len(r["raw"]) <= 2000
+
+
+# --------------------------------------------------------------------------------------------
+# The shared real data
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mergeit-6k.json", "gpteacher-roleplay.json",
+                                  "gpteacher-toolformer.json", "alpaca-seed-tasks.jsonl"])
+def test_shared_data_counts_balance(spark, shared_data, name):
+    path = shared_data / name
+    exp = expect_seed_tasks(path) if name.endswith(".jsonl") else expect_alpaca_array(path)
+    records, rejects = run_ingest(spark, [path])
+
+    assert len(records) == exp.records
+    assert len(rejects) == exp.rejects
+    assert len(records) + len(rejects) == exp.rows
+    assert sorted(r["id"] for r in records) == sorted(exp.kept_ids)
+    reasons = collections.Counter(r["reason"] for r in rejects)
+    assert reasons["exact_duplicate"] == exp.duplicates
+    assert sum(reasons.values()) - reasons["exact_duplicate"] == exp.invalid
+    check_records(records)
+    check_rejects(rejects)
+    assert {r["source"] for r in records} == {str(path)}
+    if name.endswith(".json"):
+        assert all(r["line"] is None and 0 <= r["row"] < exp.rows for r in rejects)
+    if name == "mergeit-6k.json":
+        assert all(set(json.loads(r["extra"])) == {"quality_score", "complexity_score"} for r in records)
+    if name == "alpaca-seed-tasks.jsonl":
+        check_seed_extras(path, records)
+
+
+def check_seed_extras(path, records):
+    """Each instance keeps its task's id, name and is_classification, and its instance index."""
+    tasks = {t["id"]: t for t in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    assert len(records) == sum(len(t["instances"]) for t in tasks.values())
+    for r in records:
+        extra = json.loads(r["extra"])
+        task = tasks[extra["id"]]
+        assert extra["name"] == task["name"] and extra["is_classification"] == task["is_classification"]
+        instance = task["instances"][extra["instance"]]
+        assert r["instruction"] == norm(task["instruction"])
+        assert (r["input"], r["output"]) == (norm(instance["input"]), norm(instance["output"]))
+
+
+# --------------------------------------------------------------------------------------------
+# The bundled sample
+# --------------------------------------------------------------------------------------------
+
+def test_bundled_sample(spark):
+    path = Path(SAMPLE_PATH)
+    assert path.is_file() and path.stat().st_size < 200_000
+    assert path.parent.name == "data" and path.parent.parent.name == "mergeit_spark"
+    exp, rejected_lines = expect_jsonl(path)
+    assert 280 <= exp.rows <= 320 and exp.duplicates >= 5
+    records, rejects = run_ingest(spark, [path])
+    assert len(records) == exp.records and len(rejects) == exp.rejects == len(rejected_lines)
+    assert sorted(r["line"] for r in rejects) == rejected_lines
+    reasons = collections.Counter(r["reason"] for r in rejects)
+    assert reasons["exact_duplicate"] == exp.duplicates
+    for reason in ("malformed_json", "missing_output", "empty_text", "non_string_field", "not_an_object"):
+        assert reasons[reason] >= 1, reason
+    check_records(records)
+    # the kept copy of a duplicate is its first line; the reject names the kept id
+    kept = {r["id"] for r in records}
+    assert all(r["detail"] in kept for r in rejects if r["reason"] == "exact_duplicate")
+    assert len({r["instruction"] for r in records}) > 250   # varied, not templated
+
+
+def test_ingest_stage_defaults_to_sample_and_writes_tables(spark, store, settings, tmp_path):
+    stage = Ingest.from_settings(settings)
+    assert stage.files == [InputFile(SAMPLE_PATH, "jsonl")]
+    assert (Ingest.name, Ingest.inputs, Ingest.outputs) == ("ingest", (), ("records", "rejects"))
+    assert Ingest.settings_sections == ("input", "ingest")
+    ctx = StageContext(spark, store, settings)
+    out = stage.run(ctx, {})
+    for name, df in out.items():
+        store.write(df, name)
+    records = DeltaTable(store.path("records")).to_pyarrow_table()
+    rejects = DeltaTable(store.path("rejects")).to_pyarrow_table()
+    exp, _ = expect_jsonl(Path(SAMPLE_PATH))
+    assert records.num_rows + rejects.num_rows == exp.rows
+    assert records.column_names == ["id", "instruction", "input", "output", "source", "extra"]
+    assert rejects.column_names == ["source", "line", "row", "raw", "reason", "detail"]
+    assert rejects.schema.field("line").type == pa.int64() and rejects.schema.field("row").type == pa.int64()
+
+    # the fingerprint follows the files: same files, same hash; a touched file, a new hash
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    files = resolve_inputs([str(data)], "auto")
+    first = Ingest(files).extra_fingerprint(ctx)
+    assert first == fingerprint_inputs(files)
+    stat = data.stat()
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert Ingest(files).extra_fingerprint(ctx) != first
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts
+# --------------------------------------------------------------------------------------------
+
+def test_sharegpt_and_messages_layouts(spark, tmp_path):
+    sharegpt = tmp_path / "chat.json"
+    sharegpt.write_text(json.dumps([
+        {"id": "c1", "conversations": [
+            {"from": "system", "value": "You are terse."},
+            {"from": "human", "value": "  What is the capital of Peru?\r\n"},
+            {"from": "gpt", "value": "Lima."},
+            {"from": "human", "value": "And of Chile?"},
+            {"from": "gpt", "value": "Santiago."}]},
+        {"conversations": [{"from": "gpt", "value": "Hello!"}, {"from": "user", "value": "Hi"},
+                           {"from": "assistant", "value": "How can I help?"}]},
+        {"conversations": [{"from": "human", "value": "anyone?"}]},
+        {"conversations": [{"value": "no role"}]},
+        {"conversations": [{"from": "human", "value": 12}, {"from": "gpt", "value": "twelve"}]},
+    ]))
+    messages = tmp_path / "messages.jsonl"
+    messages.write_text("\n".join(json.dumps(o) for o in [
+        {"messages": [{"role": "system", "content": "Be kind."},
+                      {"role": "user", "content": "Say hi in French."},
+                      {"role": "assistant", "content": "Bonjour !"}], "meta": {"lang": "fr"}},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Part one."},
+                                                   {"type": "text", "text": "Part two."}]},
+                      {"role": "tool", "content": "ignored tool output"},
+                      {"role": "assistant", "content": "Both parts read."}]},
+        {"messages": [{"role": "system", "content": "only a system prompt"}]},
+    ]) + "\n")
+    records, rejects = run_ingest(spark, [sharegpt, messages])
+    check_records(records)
+    by_instruction = {r["instruction"]: r for r in records}
+    assert set(by_instruction) == {"What is the capital of Peru?", "Hi", "Say hi in French.",
+                                   "Part one.\nPart two."}
+
+    peru = by_instruction["What is the capital of Peru?"]
+    assert (peru["input"], peru["output"], peru["source"]) == ("", "Lima.", str(sharegpt))
+    extra = json.loads(peru["extra"])
+    assert extra["id"] == "c1" and extra["layout"] == "sharegpt" and extra["system"] == "You are terse."
+    assert extra["turns"] == [{"index": 3, "role": "user", "content": "And of Chile?"},
+                              {"index": 4, "role": "assistant", "content": "Santiago."}]
+    hi = json.loads(by_instruction["Hi"]["extra"])
+    assert by_instruction["Hi"]["output"] == "How can I help?"
+    assert hi["turns"] == [{"index": 0, "role": "assistant", "content": "Hello!"}]
+
+    french = by_instruction["Say hi in French."]
+    assert french["output"] == "Bonjour !" and french["source"] == str(messages)
+    extra = json.loads(french["extra"])
+    assert extra == {"meta": {"lang": "fr"}, "layout": "messages", "system": "Be kind."}
+    parts = json.loads(by_instruction["Part one.\nPart two."]["extra"])
+    assert parts["turns"] == [{"index": 1, "role": "tool", "content": "ignored tool output"}]
+
+    got = sorted((r["source"], r["line"], r["row"], r["reason"]) for r in rejects)
+    assert got == sorted([
+        (str(sharegpt), None, 2, "missing_output"),
+        (str(sharegpt), None, 3, "bad_conversation"),
+        (str(sharegpt), None, 4, "non_string_field"),
+        (str(messages), 3, None, "missing_instruction"),
+    ])
+
+
+def test_seed_tasks_one_record_per_instance(spark, tmp_path):
+    path = tmp_path / "seed.jsonl"
+    path.write_text("\n".join(json.dumps(o) for o in [
+        {"id": "seed_task_0", "name": "antonyms", "instruction": "Give the antonym.", "is_classification": False,
+         "instances": [{"input": "hot", "output": "cold"}, {"input": "up", "output": "down"},
+                       {"input": "big", "output": "small"}]},
+        {"id": "seed_task_1", "name": "empty", "instruction": "Nothing here.", "instances": []},
+        {"id": "seed_task_2", "name": "mixed", "instruction": "Spell it.",
+         "instances": ["not an object", {"input": "cat", "output": "c-a-t"}, {"input": "dog"}]},
+    ]) + "\n")
+    records, rejects = run_ingest(spark, [path])
+    assert sorted((r["input"], r["output"]) for r in records) == [
+        ("big", "small"), ("cat", "c-a-t"), ("hot", "cold"), ("up", "down")]
+    antonyms = [json.loads(r["extra"]) for r in records if r["instruction"] == "Give the antonym."]
+    assert sorted(e["instance"] for e in antonyms) == [0, 1, 2]
+    assert all(e["name"] == "antonyms" and e["is_classification"] is False for e in antonyms)
+    assert sorted((r["line"], r["reason"]) for r in rejects) == [
+        (2, "missing_output"), (3, "missing_output"), (3, "not_an_object")]
+    # 3 + 1 + 3 units in, 4 records + 3 rejects out
+    assert len(records) + len(rejects) == 7
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile input
+# --------------------------------------------------------------------------------------------
+
+def test_fuzzed_corpus_balances(spark, tmp_path):
+    limits = IngestSettings(max_line_bytes=20_000, max_record_chars=10_000)
+    corpus = fuzz_corpus(seed=7, valid_lines=300, broken_lines=300, max_line_bytes=limits.max_line_bytes)
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(b"\n".join(line.data for line in corpus) + b"\n")
+    rows = [(n, line) for n, line in enumerate(corpus, start=1) if line.reason != "blank"]
+    valid_ids = []
+    for _, line in rows:
+        if line.valid:
+            obj = json.loads(line.data)
+            valid_ids.append(expected_id(norm(obj["instruction"]), norm(obj.get("input") or ""),
+                                         norm(obj["output"])))
+
+    records, rejects = run_ingest(spark, [path], settings=limits)
+    assert len(records) + len(rejects) == len(rows)
+    assert sorted(r["id"] for r in records) == sorted(valid_ids)
+    check_records(records)
+    check_rejects(rejects)
+    expected = sorted((n, line.reason) for n, line in rows if not line.valid)
+    assert sorted((r["line"], r["reason"]) for r in rejects) == expected
+    too_large = [r for r in rejects if r["reason"] == "too_large"]
+    assert too_large and all(len(r["raw"]) <= 2000 for r in too_large)
+    assert any("\ufffd" in r["raw"] for r in rejects if r["reason"] == "invalid_utf8")
+
+
+def _limits(**kw):
+    base = {"max_record_chars": 5000, "max_line_bytes": 8000, "id_length": 32}
+    base.update(kw)
+    return ParseLimits(**base)
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_parser_never_raises_on_bytes(raw):
+    outcomes = parse_text(raw, None, Position(0, "f", 1, None), _limits())
+    for o in outcomes:
+        assert (o["reason"] is None) == (o["id"] is not None)
+        assert o["reason"] is None or o["reason"] in REASONS
+        for key in ("raw", "detail", "instruction", "input", "output", "extra"):
+            if o[key] is not None:
+                o[key].encode("utf-8")  # everything must be storable as UTF-8
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["instruction", "input", "output", "conversations", "messages", "instances",
+                         "from", "value", "role", "content", "x"]), children, max_size=5),
+    max_leaves=20)
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_values)
+def test_parser_handles_any_json_value(value):
+    text = json.dumps(value).encode()
+    outcomes = parse_text(text, None, Position(0, "f", 1, None), _limits(max_line_bytes=10 ** 6))
+    assert outcomes
+    for o in outcomes:
+        assert o["reason"] is None or o["reason"] in REASONS
+        if o["reason"] is None:
+            assert o["id"] == content_id(o["instruction"], o["input"], o["output"])
+            if o["extra"] is not None:
+                json.loads(o["extra"])
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=40).filter(lambda s: s.strip()),
+       st.one_of(st.none(), st.text(max_size=40)),
+       st.text(min_size=1, max_size=40).filter(lambda s: s.strip()))
+def test_parser_keeps_every_valid_alpaca_object(instruction, input_, output):
+    obj = {"instruction": instruction, "input": input_, "output": output}
+    outcomes = parse_text(json.dumps(obj).encode(), None, Position(0, "f", 1, None), _limits())
+    triple = (norm(instruction), norm(input_ or ""), norm(output))
+    if not triple[0] or not triple[2] or any("\ud800" <= c <= "\udfff" for c in "".join(triple)):
+        assert outcomes[0]["reason"] in ("empty_text", "invalid_utf8")
+        return
+    assert [o["reason"] for o in outcomes] == [None]
+    assert outcomes[0]["id"] == expected_id(*triple)
+
+
+def test_json_array_salvage(spark, tmp_path):
+    good = [{"instruction": f"Question {word}?", "output": f"Answer {word}."} for word in ("one", "two", "three")]
+    body = ",\n".join(json.dumps(o) for o in good)
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text("[\n" + body + ',\n{"instruction": "cut off", "outp')
+    unclosed = tmp_path / "unclosed.json"
+    unclosed.write_text("[" + body)
+    trailing = tmp_path / "trailing.json"
+    trailing.write_text("[" + body + "] garbage")
+    badbytes = tmp_path / "badbytes.json"
+    badbytes.write_bytes(b'[{"instruction": "caf\xe9?", "output": "yes"},\n' + body.encode() + b"]")
+    expected_ids = sorted(expected_id(o["instruction"], "", o["output"]) for o in good)
+
+    records, rejects = run_ingest(spark, [truncated])
+    assert sorted(r["id"] for r in records) == expected_ids
+    assert [(r["row"], r["reason"]) for r in rejects] == [(3, "malformed_json")]
+    assert rejects[0]["raw"].startswith('{"instruction": "cut off"')
+
+    for path, row in ((unclosed, 3), (trailing, 3)):
+        records, rejects = run_ingest(spark, [path])
+        assert sorted(r["id"] for r in records) == expected_ids
+        assert [(r["row"], r["reason"]) for r in rejects] == [(row, "malformed_json")]
+
+    records, rejects = run_ingest(spark, [badbytes])
+    assert sorted(r["id"] for r in records) == expected_ids
+    assert [(r["row"], r["reason"]) for r in rejects] == [(0, "invalid_utf8")]
+    assert "\ufffd" in rejects[0]["raw"]
+
+
+def test_parse_document_streams_and_objects():
+    limits = _limits()
+    stream = b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}  7'
+    outcomes = list(parse_document(stream, 0, "f", limits))
+    assert [(o["row"], o["reason"]) for o in outcomes] == [(0, None), (1, None), (2, "not_an_object")]
+    assert list(parse_document(b"  [ ]  ", 0, "f", limits)) == []
+    assert list(parse_document(b"", 0, "f", limits)) == []
+    [deep] = list(parse_document(b"[" + b"[" * 3000, 0, "f", limits))
+    assert deep["reason"] == "malformed_json"
+
+
+def test_duplicates_across_files_keep_the_first_input(spark, tmp_path):
+    line = json.dumps({"instruction": "Same question?", "output": "Same answer."})
+    first = tmp_path / "b_first.jsonl"
+    first.write_text('{"instruction": "Other?", "output": "Other."}\n' + line + "\n")
+    second = tmp_path / "a_second.jsonl"
+    second.write_text(line + "\n" + line.replace('"Same answer."', '"Same answer.  "') + "\n")
+    records, rejects = run_ingest(spark, [first, second])
+    same = expected_id("Same question?", "", "Same answer.")
+    kept = [r for r in records if r["id"] == same]
+    assert len(kept) == 1 and kept[0]["source"] == str(first)
+    assert sorted((r["source"], r["line"], r["reason"], r["detail"]) for r in rejects) == [
+        (str(second), 1, "exact_duplicate", same), (str(second), 2, "exact_duplicate", same)]
+
+
+def test_line_numbers_exact_across_many_splits(spark, tmp_path):
+    """Force the sample into many small splits: line numbers must still be exact."""
+    path = tmp_path / "sample copy.jsonl"
+    path.write_bytes(Path(SAMPLE_PATH).read_bytes())
+    exp, rejected_lines = expect_jsonl(path)
+    old = spark.conf.get("spark.sql.files.maxPartitionBytes")
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "16384")
+    try:
+        assert spark.read.text(str(path)).rdd.getNumPartitions() >= 6
+        records, rejects = ingest(spark, resolve_inputs([str(path)], "auto"), DEFAULT)
+        records, rejects = records.collect(), rejects.collect()
+    finally:
+        spark.conf.set("spark.sql.files.maxPartitionBytes", old)
+    assert len(records) == exp.records
+    assert sorted(r["line"] for r in rejects) == rejected_lines
+    # every duplicate points back at a kept record
+    sample_lines = path.read_text(encoding="utf-8").split("\n")
+    for r in rejects:
+        assert sample_lines[r["line"] - 1].startswith(r["raw"][:50])
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving inputs, Parquet, Delta
+# --------------------------------------------------------------------------------------------
+
+def test_resolve_inputs_errors_before_spark(tmp_path):
+    # no spark fixture here: these must fail on the driver before any Spark work
+    with pytest.raises(InputError, match="not found"):
+        resolve_inputs([str(tmp_path / "missing.jsonl")], "auto")
+    odd = tmp_path / "data.csv"
+    odd.write_text("a,b\n")
+    with pytest.raises(InputError, match="unknown input format"):
+        resolve_inputs([str(odd)], "auto")
+    with pytest.raises(InputError, match="unknown input format"):
+        resolve_inputs([str(odd)], "xml")
+    weird = tmp_path / "weird.json"
+    weird.write_text('"a string"')
+    with pytest.raises(InputError, match="cannot tell"):
+        resolve_inputs([str(weird)], "auto")
+    with pytest.raises(InputError, match="wants a table directory"):
+        resolve_inputs([str(odd)], "delta")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    with pytest.raises(InputError, match="no data files"):
+        resolve_inputs([str(empty_dir)], "auto")
+    with pytest.raises(InputError, match="only local"):
+        resolve_inputs(["s3://bucket/data.jsonl"], "auto")
+
+
+def test_resolve_inputs_formats_and_directories(tmp_path):
+    (tmp_path / "d" / "nested").mkdir(parents=True)
+    array = tmp_path / "d" / "array.json"
+    array.write_text('\ufeff  \n [{"instruction": "a", "output": "b"}]')
+    lines = tmp_path / "d" / "lines.json"
+    lines.write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "d" / "nested" / "more.ndjson").write_text("")
+    (tmp_path / "d" / "nested" / "rows.parquet").write_bytes(b"")
+    (tmp_path / "d" / "_SUCCESS").write_text("")
+    (tmp_path / "d" / ".hidden.crc").write_text("")
+    write_deltalake(str(tmp_path / "d" / "table"), pa.table({"instruction": ["a"], "output": ["b"]}))
+    got = resolve_inputs([str(tmp_path / "d"), str(array)], "auto")
+    assert [(Path(f.path).relative_to(tmp_path).as_posix(), f.format) for f in got] == [
+        ("d/array.json", "json"), ("d/lines.json", "jsonl"), ("d/nested/more.ndjson", "jsonl"),
+        ("d/nested/rows.parquet", "parquet"), ("d/table", "delta")]
+    assert resolve_inputs([str(tmp_path / "d" / "table")], "auto") == [InputFile(str(tmp_path / "d" / "table"), "delta")]
+    assert resolve_inputs([str(lines)], "json") == [InputFile(str(lines), "json")]
+    (tmp_path / "d" / "notes.txt").write_text("not data")
+    with pytest.raises(InputError, match="notes.txt"):
+        resolve_inputs([str(tmp_path / "d")], "auto")
+    with pytest.raises(InputError, match="is a Delta table"):
+        resolve_inputs([str(tmp_path / "d" / "table")], "parquet")
+    relative = os.path.relpath(lines)
+    assert resolve_inputs([relative], "auto")[0].path == str(lines)
+
+
+def test_parquet_round_trip(spark, store, tmp_path):
+    path = tmp_path / "rows.parquet"
+    table = pa.table({
+        "instruction": ["Name a planet.", "Name a metal.", None, "Name a gas.", "Name a planet."],
+        "input": pa.array([None, None, None, None, None], pa.float64()),   # pandas' all-missing column
+        "output": ["Mars.", "Iron.", "Orphan.", "Neon.", "Mars."],
+        "quality_score": [0.9, float("nan"), 0.5, 0.7, 0.1],
+    })
+    pq.write_table(table, path, row_group_size=2)
+    records, rejects = ingest(spark, resolve_inputs([str(path)], "auto"), DEFAULT)
+    store.write(records, "records")
+    store.write(rejects, "rejects")
+    back = DeltaTable(store.path("records")).to_pyarrow_table().to_pylist()
+    assert sorted(r["instruction"] for r in back) == ["Name a gas.", "Name a metal.", "Name a planet."]
+    assert all(r["input"] == "" and r["source"] == str(path) for r in back)
+    metal = next(r for r in back if r["instruction"] == "Name a metal.")
+    assert json.loads(metal["extra"]) == {"quality_score": None}   # NaN is null; JSON has no NaN
+    check_records(back)
+    bad = DeltaTable(store.path("rejects")).to_pyarrow_table().to_pylist()
+    assert sorted((r["row"], r["line"], r["reason"]) for r in bad) == [
+        (2, None, "missing_instruction"), (4, None, "exact_duplicate")]
+    assert json.loads(next(r for r in bad if r["row"] == 2)["raw"])["output"] == "Orphan."
+
+
+def test_delta_input_with_partitions(spark, tmp_path):
+    table_path = tmp_path / "instructions table"
+    write_deltalake(str(table_path), pa.table({
+        "instruction": ["Say hi.", "Say bye.", "Say hi."],
+        "output": ["Hi!", "Bye!", "Hi!"],
+        "lang": ["en", "en", "de"],
+    }), partition_by=["lang"])
+    write_deltalake(str(table_path), pa.table({"instruction": ["Count to two."], "output": [None],
+                                               "lang": ["en"]}), mode="append")
+    files = resolve_inputs([str(table_path)], "auto")
+    assert files == [InputFile(str(table_path), "delta")]
+    records, rejects = run_ingest(spark, [table_path])
+    # data files are taken in path order, so lang=de/... comes first and its "Say hi." is kept
+    assert sorted((r["instruction"], json.loads(r["extra"])["lang"]) for r in records) == [
+        ("Say bye.", "en"), ("Say hi.", "de")]
+    assert all(r["source"] == str(table_path) for r in records + rejects)
+    assert sorted(r["reason"] for r in rejects) == ["exact_duplicate", "missing_output"]
+    rows = sorted(r["row"] for r in rejects)
+    assert len(set(rows)) == 2 and all(0 <= n < 4 for n in rows)
+    assert len(records) + len(rejects) == DeltaTable(str(table_path)).to_pyarrow_table().num_rows
+
+
+def test_gzip_and_glob_characters_in_names(spark, tmp_path):
+    gz = tmp_path / "part[1].jsonl.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as handle:
+        handle.write('{"instruction": "Zipped?", "output": "Yes."}\n\n{"bad json\n')
+    records, rejects = run_ingest(spark, [gz])
+    assert [r["instruction"] for r in records] == ["Zipped?"]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(3, "malformed_json")]
+
+
+def test_runtime_of_a_small_ingest_is_small(spark, tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text('{"instruction": "x", "output": "y"}\n')
+    start = time.perf_counter()
+    records, rejects = run_ingest(spark, [path])
+    assert len(records) == 1 and not rejects
+    assert time.perf_counter() - start < 30
+
+
+def test_no_inputs_gives_empty_tables_with_the_schema(spark):
+    records, rejects = ingest(spark, [], DEFAULT)
+    assert records.columns == ["id", "instruction", "input", "output", "source", "extra"]
+    assert rejects.columns == ["source", "line", "row", "raw", "reason", "detail"]
+    assert records.count() == 0 and rejects.count() == 0
