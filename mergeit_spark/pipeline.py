@@ -161,7 +161,9 @@ class Pipeline:
         started = time.monotonic()
         inputs = {t: self.store.read(t) for t in stage.inputs}
         outputs = stage.run(self.ctx, inputs)
-        summary = dict(getattr(stage, "summary", {}) or {})
+        # A stage may leave a small summary of its run (merge: requests and tokens paid).
+        summary = getattr(stage, "summary", None) or {}
+        summary = summary.as_dict() if hasattr(summary, "as_dict") else dict(summary)
         if not stage.writes_itself:
             for table in stage.outputs:
                 if table not in outputs:

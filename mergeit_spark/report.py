@@ -1,0 +1,649 @@
+"""The run report: what each stage kept, what happened to every row, what merging cost.
+
+``build_report`` reads the stage tables under a run root and writes into ``out_dir``:
+
+* ``report.json``: counts per stage and per fate, input rows, rejects by reason, k, PCA
+  components, cluster sizes, merge outcomes, tokens, latency, the ledger check, timings;
+* ``funnel.png``, ``cluster_sizes.png``, ``topic_map.png``, ``merge_examples.png``;
+* ``report.html``: one self-contained page (CSS inline, the PNGs inlined as data URIs).
+
+Only aggregates (group-by counts over a handful of keys, one row per cluster) and small samples
+(``report.topic_map_sample`` embeddings, ``report.examples`` merges) reach the driver. Any table
+that is missing (a run stopped early) leaves its section out instead of failing the report.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import math
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on drivers and CI; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401 - FuncFormatter for thousands separators
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+from deltalake import DeltaTable  # noqa: E402
+from pyspark.sql import DataFrame  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402
+
+from .config import Settings  # noqa: E402
+from .stages.finalize import FATES, LedgerError, check_ledger  # noqa: E402
+from .tables import TableStore  # noqa: E402
+
+STAGE_TABLES = ("records", "rejects", "embeddings", "topics", "centroids", "dedup", "selected",
+                "merge_groups", "merges", "final", "lineage")
+PICTURES = ("funnel", "cluster_sizes", "topic_map", "merge_examples")
+TOP_ERRORS = 5          # distinct merge error messages listed in the report
+EXAMPLE_FIELD_CHARS = 600  # characters of one field shown in a merge example
+
+_COLOURS = {"input": "#9aa5b1", "records": "#5b8def", "dedup": "#3fa796", "selected": "#e0a030",
+            "original": "#4c72b0", "merged": "#dd5555"}
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregates
+# --------------------------------------------------------------------------------------------
+
+def table_rows(store: TableStore, name: str) -> int:
+    """Row count from the Delta log's per-file statistics (no Spark job); Spark counts when a
+    writer left the statistics out."""
+    try:
+        actions = pa.table(DeltaTable(store.path(name)).get_add_actions(flatten=True))
+        if "num_records" in actions.column_names and actions.column("num_records").null_count == 0:
+            return int(pc.sum(actions.column("num_records")).as_py() or 0)
+    except Exception:  # noqa: BLE001 - any trouble reading stats: fall back to counting
+        pass
+    return store.read(name).count()
+
+
+def _counts_by(df: DataFrame, column: str) -> dict[str, int]:
+    """``{value: count}`` for a low-cardinality column (status, fate, reason)."""
+    rows = df.groupBy(column).count().collect()
+    return {str(r[column]): int(r["count"]) for r in sorted(rows, key=lambda r: -r["count"])}
+
+
+def _num(value: Any) -> float | int | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    return value
+
+
+def collect_report_data(store: TableStore, settings: Settings, timings: dict | None = None,
+                        extra: dict | None = None) -> dict[str, Any]:
+    """Every number of the report, as a JSON-ready dict (aggregates only)."""
+    have = {name for name in STAGE_TABLES if store.exists(name)}
+    t = {name: store.read(name) for name in have}
+    data: dict[str, Any] = {
+        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_root": str(store.root),
+        "tables": {name: {"rows": table_rows(store, name), "version": store.version(name)} for name in sorted(have)},
+    }
+    rows = {name: info["rows"] for name, info in data["tables"].items()}
+    extra = dict(extra or {})
+
+    records, rejects = rows.get("records"), rows.get("rejects")
+    if "input_rows" in extra:
+        data["input_rows"] = int(extra["input_rows"])
+    elif records is not None and rejects is not None:
+        data["input_rows"] = records + rejects
+    if "records" in have:
+        data["records_by_source"] = _counts_by(t["records"], "source")
+    if "rejects" in have:
+        data["rejects_by_reason"] = _counts_by(t["rejects"], "reason")
+    if "dedup" in have:
+        data["dedup"] = _counts_by(t["dedup"], "status")
+    if "lineage" in have:
+        data["fates"] = {f: 0 for f in FATES} | _counts_by(t["lineage"], "fate")
+        reasons = (t["lineage"].filter(F.col("reason").isNotNull() & (F.col("fate") != "rejected"))
+                   .groupBy("fate", "reason").count().collect())
+        data["fate_reasons"] = {f"{r['fate']}/{r['reason']}": int(r["count"]) for r in reasons}
+    if "final" in have:
+        data["final"] = {"original": 0, "merged": 0} | _counts_by(t["final"], "origin")
+
+    data["topics"] = _topic_numbers(t, rows)
+    data["merging"] = _merge_numbers(t)
+    data["funnel"] = _funnel(data, rows)
+    if {"records", "rejects", "lineage", "final"} <= have:
+        try:
+            data["ledger"] = {"balanced": True, **check_ledger(t["records"], t["rejects"], t["lineage"],
+                                                                 t["final"], data.get("input_rows"))}
+        except LedgerError as err:
+            data["ledger"] = {"balanced": False, "problems": err.problems, **err.summary}
+    data["timings"] = timings or {}
+    data["extra"] = extra
+    data["settings"] = settings.to_dict()
+    return data
+
+
+def _topic_numbers(t: dict[str, DataFrame], rows: dict[str, int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    sizes: dict[int, int] = {}
+    if "centroids" in t:
+        cent = t["centroids"]
+        cols = set(cent.columns)
+        aggs = [F.count(F.lit(1)).alias("k"), F.max(F.size("center")).alias("center_dim")]
+        if "pca_components" in cols:
+            aggs.append(F.max("pca_components").alias("pca_components"))
+        if "k" in cols:
+            aggs.append(F.max("k").alias("k_setting"))
+        row = cent.agg(*aggs).first().asDict()
+        out["k"] = int(row.get("k_setting") or row["k"])
+        # the centres live in the PCA space, so their length is the component count
+        out["pca_components"] = int(row.get("pca_components") or row["center_dim"] or 0)
+        if "size" in cols:
+            sizes = {int(r["cluster"]): int(r["size"]) for r in cent.select("cluster", "size").collect()}
+    if not sizes and "topics" in t:
+        sizes = {int(r["cluster"]): int(r["count"]) for r in t["topics"].groupBy("cluster").count().collect()}
+        out.setdefault("k", len(sizes))
+    if not sizes:
+        return out
+    kept = ({int(r["cluster"]): int(r["count"]) for r in
+             t["dedup"].filter(F.col("status") == "kept").groupBy("cluster").count().collect()}
+            if "dedup" in t else {})
+    selected = ({int(r["cluster"]): int(r["count"]) for r in t["selected"].groupBy("cluster").count().collect()}
+                if "selected" in t else {})
+    out["clusters"] = [{"cluster": c, "size": sizes[c], "kept": kept.get(c), "selected": selected.get(c)}
+                       for c in sorted(sizes)]
+    values = np.array(list(sizes.values()), dtype=float)
+    out["cluster_size"] = {"min": int(values.min()), "median": float(np.median(values)),
+                           "mean": float(values.mean()), "max": int(values.max())}
+    if "embeddings" in rows:
+        out["embedded_rows"] = rows["embeddings"]
+    return out
+
+
+def _merge_numbers(t: dict[str, DataFrame]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "merge_groups" in t:
+        g = t["merge_groups"].agg(F.count(F.lit(1)).alias("groups"), F.avg("similarity").alias("mean_similarity"),
+                                  F.sum(F.size("member_ids")).alias("members")).first()
+        out["groups"] = int(g["groups"])
+        out["grouped_rows"] = int(g["members"] or 0)
+        out["mean_group_similarity"] = None if g["mean_similarity"] is None else _num(round(g["mean_similarity"], 4))
+    if "merges" not in t:
+        return out
+    m = t["merges"]
+    out["requests_by_status"] = _counts_by(m, "status")
+    agg = m.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.countDistinct("group_id").alias("groups_attempted"),
+        F.sum("attempts").alias("attempts"),
+        F.sum("prompt_tokens").alias("prompt_tokens"),
+        F.sum("completion_tokens").alias("completion_tokens"),
+        F.avg("latency_ms").alias("latency_ms_mean"),
+        F.percentile_approx("latency_ms", 0.5).alias("latency_ms_p50"),
+        F.percentile_approx("latency_ms", 0.95).alias("latency_ms_p95"),
+    ).first().asDict()
+    whole = ("rows", "groups_attempted", "attempts", "prompt_tokens", "completion_tokens")
+    for key, value in agg.items():
+        if key in whole:
+            out[key] = int(value or 0)
+        else:
+            out[key] = None if value is None else _num(round(float(value), 3))
+    out["total_tokens"] = (out.get("prompt_tokens") or 0) + (out.get("completion_tokens") or 0)
+    out["models"] = _counts_by(m.filter(F.col("model").isNotNull()), "model")
+    errors = (m.filter(F.col("error").isNotNull()).groupBy("error").count()
+              .orderBy(F.desc("count"), "error").limit(TOP_ERRORS).collect())
+    out["top_errors"] = [{"error": r["error"], "count": int(r["count"])} for r in errors]
+    return out
+
+
+def _funnel(data: dict[str, Any], rows: dict[str, int]) -> list[dict[str, Any]]:
+    steps: list[dict[str, Any]] = []
+    if "input_rows" in data:
+        steps.append({"step": "input rows", "rows": data["input_rows"]})
+    if "records" in rows:
+        steps.append({"step": "records (valid, unique)", "rows": rows["records"]})
+    if "dedup" in data:
+        steps.append({"step": "kept after dedup", "rows": data["dedup"].get("kept", 0)})
+    if "selected" in rows:
+        steps.append({"step": "selected", "rows": rows["selected"]})
+    if "final" in data:
+        steps.append({"step": "final", "rows": data["final"]["original"] + data["final"]["merged"],
+                      "original": data["final"]["original"], "merged": data["final"]["merged"],
+                      "merged_sources": data.get("fates", {}).get("merged")})
+    return steps
+
+
+# --------------------------------------------------------------------------------------------
+# Small samples
+# --------------------------------------------------------------------------------------------
+
+def sample_topic_map(store: TableStore, sample: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Up to ``sample`` (embedding, cluster) pairs: sampled on Spark, only the sample collected."""
+    if not (store.exists("embeddings") and store.exists("topics")):
+        return None
+    emb = store.read("embeddings")
+    total = table_rows(store, "embeddings")
+    if total == 0:
+        return None
+    fraction = min(1.0, 1.5 * sample / total)  # oversample a little, then cut to exactly `sample`
+    picked = (emb.select("id", "embedding")
+              .join(store.read("topics").select("id", "cluster"), "id")
+              .sample(withReplacement=False, fraction=fraction, seed=seed)
+              .limit(sample).select("cluster", "embedding").toArrow())
+    if picked.num_rows < 3:
+        return None
+    vectors = np.stack([np.asarray(v, dtype=np.float64) for v in picked.column("embedding").to_pylist()])
+    clusters = np.asarray(picked.column("cluster").to_pylist(), dtype=np.int64)
+    return vectors, clusters
+
+
+def sample_merge_examples(store: TableStore, n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` merges with their sources; accepted merges first, then gate failures."""
+    if n <= 0 or not all(store.exists(x) for x in ("merges", "merge_groups", "records")):
+        return []
+    merges = store.read("merges").filter(F.col("status").isin("merged", "gate_failed")
+                                         & F.col("instruction").isNotNull())
+    picked = (merges.join(store.read("merge_groups").select("group_id", "member_ids"), "group_id")
+              .withColumn("_order", F.when(F.col("status") == "merged", 0).otherwise(1))
+              .orderBy("_order", "group_id").limit(n)
+              .select("group_id", "status", "instruction", "input", "output", "member_ids").collect())
+    if not picked:
+        return []
+    member_ids = sorted({m for r in picked for m in r["member_ids"]})
+    sources = {r["id"]: r.asDict() for r in store.read("records").filter(F.col("id").isin(member_ids))
+               .select("id", "instruction", "input", "output").collect()}
+    examples = []
+    for r in picked:
+        examples.append({
+            "group_id": r["group_id"], "status": r["status"],
+            "merged": {"instruction": r["instruction"], "input": r["input"] or "", "output": r["output"] or ""},
+            "sources": [sources.get(m, {"id": m, "instruction": "(missing)", "input": "", "output": ""})
+                        for m in r["member_ids"]],
+        })
+    return examples
+
+
+# --------------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------------
+
+def _fmt(n: float | int | None) -> str:
+    return "–" if n is None else f"{n:,}"
+
+
+def plot_funnel(funnel: list[dict[str, Any]], path: Path) -> Path | None:
+    """Horizontal bars, input at the top, final at the bottom (originals + merges stacked)."""
+    if not funnel:
+        return None
+    top = max(s["rows"] for s in funnel) or 1
+    base = funnel[0]["rows"] or 1
+    fig, ax = plt.subplots(figsize=(10, 0.8 * len(funnel) + 1.6), dpi=110)
+    colours = [_COLOURS["input"], _COLOURS["records"], _COLOURS["dedup"], _COLOURS["selected"]]
+    labels = []
+    for i, step in enumerate(funnel):
+        y = len(funnel) - 1 - i
+        labels.append((y, step["step"]))
+        if step["step"] == "final":
+            ax.barh(y, step["original"], color=_COLOURS["original"], label="original rows")
+            ax.barh(y, step["merged"], left=step["original"], color=_COLOURS["merged"], label="merged rows")
+            note = f"{_fmt(step['original'])} original + {_fmt(step['merged'])} merged"
+            if step.get("merged_sources"):
+                note += f" (from {_fmt(step['merged_sources'])} sources)"
+            ax.legend(loc="lower right", frameon=False, fontsize=9)
+        else:
+            ax.barh(y, step["rows"], color=colours[min(i, len(colours) - 1)])
+            note = ""
+        share = f"{100 * step['rows'] / base:.1f}% of input"
+        ax.text(step["rows"] + top * 0.01, y, f"{_fmt(step['rows'])}  ({share})" + (f"\n{note}" if note else ""),
+                va="center", fontsize=9, parse_math=False)
+    ax.set_yticks([y for y, _ in labels], [name for _, name in labels], fontsize=10)
+    ax.set_xlim(0, top * 1.55)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.set_xlabel("rows")
+    ax.set_title("Stage funnel: rows left after each stage")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_cluster_sizes(clusters: list[dict[str, Any]], budget: int, path: Path) -> Path | None:
+    """Left: histogram of cluster sizes. Right: clusters by size with kept and selected rows."""
+    if not clusters:
+        return None
+    sizes = np.array([c["size"] for c in clusters])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110,
+                                      gridspec_kw={"width_ratios": [1, 1.4]})
+    # integer sizes: bin edges on half-integers so equal sizes make one visible bar, not a sliver
+    low, high = int(sizes.min()), int(sizes.max())
+    step = max(1, math.ceil((high - low + 1) / 30))
+    edges = np.arange(low - 0.5, high + step + 0.5, step)
+    left.hist(sizes, bins=edges, color=_COLOURS["records"], edgecolor="white")
+    left.axvline(budget, color=_COLOURS["selected"], linestyle="--", label=f"select budget ({budget})")
+    left.set_xlabel("rows in cluster")
+    left.set_ylabel("clusters")
+    left.set_title(f"Cluster sizes (k = {len(sizes)})")
+    left.yaxis.get_major_locator().set_params(integer=True)
+    left.legend(frameon=False, fontsize=9, loc="best")
+
+    order = sorted(clusters, key=lambda c: -c["size"])
+    x = np.arange(len(order))
+    right.bar(x, [c["size"] for c in order], color=_COLOURS["input"], label="clustered", width=0.9)
+    if any(c.get("kept") is not None for c in order):
+        right.bar(x, [c.get("kept") or 0 for c in order], color=_COLOURS["dedup"], label="kept after dedup",
+                  width=0.6)
+    if any(c.get("selected") is not None for c in order):
+        right.bar(x, [c.get("selected") or 0 for c in order], color=_COLOURS["selected"], label="selected",
+                  width=0.3)
+    right.set_xlabel("clusters, largest first")
+    right.set_ylabel("rows")
+    right.set_title("Rows per cluster through dedup and selection")
+    if len(order) <= 30:
+        right.set_xticks(x, [str(c["cluster"]) for c in order], fontsize=8)
+    right.set_ylim(0, sizes.max() * 1.22)  # headroom so the legend never covers a bar
+    right.legend(frameon=False, fontsize=9, ncol=3, loc="upper center")
+    for a in (left, right):
+        a.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def project_2d(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of the sample to two dimensions: (points, explained variance ratio of the two axes)."""
+    centred = vectors - vectors.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    variance = singular ** 2
+    ratio = variance[:2] / variance.sum() if variance.sum() > 0 else np.zeros(2)
+    return centred @ vt[:2].T, ratio
+
+
+def _cluster_colour(i: int, n: int) -> tuple:
+    """Distinct colours: tab10 up to 10 clusters, tab20 with its dark shades first up to 20
+    (tab20 pairs a dark and a light shade of one hue; neighbours would look alike), then turbo."""
+    if n <= 10:
+        return plt.get_cmap("tab10")(i)
+    if n <= 20:
+        return plt.get_cmap("tab20")((2 * i) % 20 + (2 * i) // 20)
+    return plt.get_cmap("turbo")(i / (n - 1))
+
+
+def plot_topic_map(sample: tuple[np.ndarray, np.ndarray] | None, path: Path) -> Path | None:
+    """The sampled embeddings on their first two principal axes, coloured by cluster."""
+    if sample is None:
+        return None
+    vectors, clusters = sample
+    points, ratio = project_2d(vectors)
+    labels = np.unique(clusters)
+    colour_of = {c: _cluster_colour(i, len(labels)) for i, c in enumerate(labels)}
+    fig, ax = plt.subplots(figsize=(9, 7.5), dpi=110)
+    size = 14 if len(points) <= 2000 else 5
+    for c in labels:
+        mask = clusters == c
+        ax.scatter(points[mask, 0], points[mask, 1], s=size, color=colour_of[c], alpha=0.75,
+                   label=f"cluster {c}", linewidths=0)
+    # name the biggest clusters at their centre so the map reads without the legend
+    counts = sorted(((int((clusters == c).sum()), c) for c in labels), reverse=True)[:20]
+    for _, c in counts:
+        cx, cy = points[clusters == c].mean(axis=0)
+        ax.text(cx, cy, str(c), fontsize=9, weight="bold", ha="center", va="center",
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": colour_of[c], "alpha": 0.85})
+    if len(labels) <= 20:
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8, markerscale=1.5)
+    ax.set_xlabel(f"PC 1 ({100 * ratio[0]:.1f}% of sample variance)")
+    ax.set_ylabel(f"PC 2 ({100 * ratio[1]:.1f}% of sample variance)")
+    ax.set_title(f"Topic map: {len(points):,} sampled instructions, {len(labels)} clusters")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _example_text(fields: dict[str, Any], width: int) -> list[str]:
+    lines: list[str] = []
+    for key in ("instruction", "input", "output"):
+        value = (fields.get(key) or "").strip()
+        if key == "input" and not value:
+            continue
+        if len(value) > EXAMPLE_FIELD_CHARS:
+            value = value[:EXAMPLE_FIELD_CHARS].rstrip() + " …"
+        wrapped: list[str] = []
+        for para in value.splitlines() or [""]:
+            wrapped += textwrap.wrap(para, width) or [""]
+        if len(wrapped) > 12:
+            wrapped = wrapped[:12] + ["…"]
+        lines.append(f"{key.upper()}:")
+        lines += ["  " + w for w in wrapped]
+    return lines
+
+
+def plot_merge_examples(examples: list[dict[str, Any]], path: Path) -> Path | None:
+    """Each example one band: its sources stacked on the left, the merged example on the right."""
+    if not examples:
+        return None
+    width = 70
+    bands = []
+    for ex in examples:
+        left: list[str] = []
+        for i, src in enumerate(ex["sources"], 1):
+            left += ([""] if left else []) + [f"— source {i} ({src.get('id', '')[:10]})"] + _example_text(src, width)
+        right = [f"— merged ({ex['status']}, group {ex['group_id'][:10]})"] + _example_text(ex["merged"], width)
+        bands.append((left, right, ex["status"]))
+    font_pt, spacing = 8.2, 1.25
+    line_h = font_pt * spacing / 72 * 1.03  # inches per text line (points / 72), a little slack
+    heights = [max(len(l), len(r)) * line_h + 0.35 for l, r, _ in bands]
+    fig = plt.figure(figsize=(15, sum(heights) + 0.7), dpi=100)
+    total = sum(heights) + 0.7
+    fig.text(0.25, 1 - 0.25 / total, "Sources", ha="center", va="center", fontsize=13, weight="bold")
+    fig.text(0.75, 1 - 0.25 / total, "Merged", ha="center", va="center", fontsize=13, weight="bold")
+    y = total - 0.55
+    for (left, right, status), h in zip(bands, heights):
+        top = y / total
+        for x, lines, colour in ((0.01, left, "#eef2f7"),
+                                 (0.51, right, "#eaf6ee" if status == "merged" else "#fbeeee")):
+            fig.patches.append(matplotlib.patches.Rectangle(
+                (x, (y - h + 0.1) / total), 0.48, (h - 0.15) / total, transform=fig.transFigure,
+                facecolor=colour, edgecolor="#c8ced6"))
+            fig.text(x + 0.008, top - 0.08 / total, "\n".join(lines), ha="left", va="top", fontsize=font_pt,
+                     family="DejaVu Sans Mono", parse_math=False, linespacing=spacing)
+        y -= h
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;background:#f5f6f8;color:#1f2933}
+main{max-width:1280px;margin:0 auto;padding:24px}
+h1{margin:0 0 4px}h2{margin-top:36px;border-bottom:2px solid #d9dee4;padding-bottom:4px}
+.muted{color:#66717d;font-size:14px}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin-top:16px}
+.card{background:#fff;border:1px solid #d9dee4;border-radius:8px;padding:10px 16px;min-width:130px}
+.card b{display:block;font-size:24px}.card span{color:#66717d;font-size:13px}
+table{border-collapse:collapse;background:#fff;margin:8px 0;font-size:14px}
+th,td{border:1px solid #d9dee4;padding:5px 10px;text-align:left;vertical-align:top}
+th{background:#eef1f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
+img{max-width:100%;background:#fff;border:1px solid #d9dee4;border-radius:6px;margin:8px 0}
+.ok{color:#1d7a46;font-weight:bold}.bad{color:#b42318;font-weight:bold}
+table.examples{table-layout:fixed;width:100%}table.examples td{width:50%;font-size:13px}
+.ex-field{white-space:pre-wrap;margin:2px 0 8px}.ex-src{border-bottom:1px dashed #c8ced6;margin-bottom:6px}
+pre{background:#fff;border:1px solid #d9dee4;padding:10px;overflow:auto;font-size:12px}
+"""
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = []
+        for v in row:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                cells.append(f'<td class="n">{html.escape(_fmt(round(v, 2) if isinstance(v, float) else v))}</td>')
+            else:
+                cells.append(f"<td>{html.escape('' if v is None else str(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _img(pictures: dict[str, Path], name: str, alt: str) -> str:
+    path = pictures.get(name)
+    if path is None:
+        return f'<p class="muted">No {html.escape(alt)}: the tables it needs are missing or empty.</p>'
+    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def _examples_html(examples: list[dict[str, Any]]) -> str:
+    if not examples:
+        return '<p class="muted">No merge examples (no merges in this run).</p>'
+
+    def fields(d: dict[str, Any]) -> str:
+        out = []
+        for key in ("instruction", "input", "output"):
+            value = d.get(key) or ""
+            if key == "input" and not value:
+                continue
+            out.append(f'<div><b>{key}</b><div class="ex-field">{html.escape(value)}</div></div>')
+        return "".join(out)
+
+    rows = []
+    for ex in examples:
+        sources = "".join(f'<div class="ex-src"><span class="muted">source {html.escape(s.get("id", ""))}</span>'
+                          f"{fields(s)}</div>" for s in ex["sources"])
+        status = "ok" if ex["status"] == "merged" else "bad"
+        merged = (f'<span class="muted">group {html.escape(ex["group_id"])} · </span>'
+                  f'<span class="{status}">{html.escape(ex["status"])}</span>{fields(ex["merged"])}')
+        rows.append(f"<tr><td>{sources}</td><td>{merged}</td></tr>")
+    return f'<table class="examples"><tr><th>Sources</th><th>Merged</th></tr>{"".join(rows)}</table>'
+
+
+def render_html(data: dict[str, Any], pictures: dict[str, Path], examples: list[dict[str, Any]]) -> str:
+    """One self-contained page: inline CSS, PNGs as data URIs, no external assets."""
+    funnel = {s["step"]: s["rows"] for s in data.get("funnel", [])}
+    final = data.get("final", {})
+    cards = [("input rows", data.get("input_rows")), ("records", data.get("tables", {}).get("records", {}).get("rows")),
+             ("rejects", data.get("tables", {}).get("rejects", {}).get("rows")),
+             ("kept after dedup", funnel.get("kept after dedup")), ("selected", funnel.get("selected")),
+             ("final", funnel.get("final")), ("merged rows in final", final.get("merged"))]
+    if data.get("input_rows") and funnel.get("final") is not None:
+        cards.append(("final / input", f"{100 * funnel['final'] / data['input_rows']:.1f}%"))
+    card_html = "".join(f'<div class="card"><b>{html.escape(v if isinstance(v, str) else _fmt(v))}</b>'
+                        f"<span>{html.escape(k)}</span></div>" for k, v in cards if v is not None)
+
+    ledger = data.get("ledger")
+    if ledger is None:
+        ledger_html = '<span class="muted">ledger not checked (finalize has not run)</span>'
+    elif ledger["balanced"]:
+        ledger_html = (f'<span class="ok">ledger balances</span>: {_fmt(ledger["lineage_rows"])} lineage rows = '
+                       f'{_fmt(ledger["records"])} records + {_fmt(ledger["rejects"])} rejects; '
+                       f"every record id appears once")
+    else:
+        ledger_html = ('<span class="bad">ledger does NOT balance</span><ul>'
+                       + "".join(f"<li>{html.escape(p)}</li>" for p in ledger["problems"]) + "</ul>")
+
+    parts = [f"<h1>MergeIT run report</h1><div class='muted'>run root {html.escape(data['run_root'])} · "
+             f"generated {html.escape(data['generated_at'])}</div><p>{ledger_html}</p>"
+             f"<div class='cards'>{card_html}</div>"]
+
+    parts.append("<h2>Stage funnel</h2>" + _img(pictures, "funnel", "stage funnel"))
+    if data.get("funnel"):
+        parts.append(_table(["step", "rows"], [[s["step"], s["rows"]] for s in data["funnel"]]))
+
+    if "fates" in data:
+        total = sum(data["fates"].values()) or 1
+        parts.append("<h2>Fate of every input row</h2>")
+        parts.append(_table(["fate", "rows", "share"],
+                            [[f, n, f"{100 * n / total:.1f}%"] for f, n in data["fates"].items()]))
+        if data.get("fate_reasons"):
+            parts.append(_table(["fate / reason", "rows"], [[k, v] for k, v in data["fate_reasons"].items()]))
+    if data.get("rejects_by_reason") is not None:
+        parts.append("<h2>Rejects by reason</h2>")
+        parts.append(_table(["reason", "rows"], [[k, v] for k, v in data["rejects_by_reason"].items()])
+                     if data["rejects_by_reason"] else '<p class="muted">No rejects.</p>')
+
+    topics = data.get("topics", {})
+    if topics:
+        parts.append("<h2>Topics</h2>")
+        size = topics.get("cluster_size", {})
+        parts.append(_table(["k (clusters)", "PCA components", "smallest", "median", "largest"],
+                            [[topics.get("k"), topics.get("pca_components"), size.get("min"),
+                              size.get("median"), size.get("max")]]))
+        parts.append(_img(pictures, "cluster_sizes", "cluster sizes"))
+        parts.append(_img(pictures, "topic_map", "topic map"))
+
+    merging = data.get("merging", {})
+    if merging:
+        parts.append("<h2>Merging</h2>")
+        parts.append(_table(["groups", "grouped rows", "mean group similarity", "requests", "prompt tokens",
+                             "completion tokens", "latency p50 ms", "latency p95 ms"],
+                            [[merging.get("groups"), merging.get("grouped_rows"),
+                              merging.get("mean_group_similarity"), merging.get("rows"),
+                              merging.get("prompt_tokens"), merging.get("completion_tokens"),
+                              merging.get("latency_ms_p50"), merging.get("latency_ms_p95")]]))
+        if merging.get("requests_by_status"):
+            parts.append(_table(["merge status", "rows"], [[k, v] for k, v in merging["requests_by_status"].items()]))
+        if merging.get("models"):
+            parts.append(_table(["model", "rows"], [[k, v] for k, v in merging["models"].items()]))
+        if merging.get("top_errors"):
+            parts.append(_table(["most frequent errors", "rows"],
+                                [[e["error"], e["count"]] for e in merging["top_errors"]]))
+    parts.append("<h2>Merge examples</h2>" + _examples_html(examples))
+    if "merge_examples" in pictures:
+        parts.append("<details><summary>The same examples as a picture (merge_examples.png)</summary>"
+                     + _img(pictures, "merge_examples", "merge examples") + "</details>")
+
+    if data.get("timings"):
+        parts.append("<h2>Timings</h2>")
+        parts.append(_table(["stage", "seconds"], [[k, v] for k, v in data["timings"].items()]))
+    parts.append("<h2>Tables</h2>")
+    parts.append(_table(["table", "rows", "Delta version"],
+                        [[k, v["rows"], v["version"]] for k, v in data.get("tables", {}).items()]))
+    if data.get("extra"):
+        parts.append("<details><summary>Extra</summary><pre>"
+                     + html.escape(json.dumps(data["extra"], indent=2, default=str)) + "</pre></details>")
+    parts.append("<details><summary>Settings</summary><pre>"
+                 + html.escape(json.dumps(data.get("settings", {}), indent=2, default=str)) + "</pre></details>")
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>MergeIT run report</title>"
+            f"<style>{_CSS}</style></head><body><main>{''.join(parts)}</main></body></html>")
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+def build_report(store: TableStore, out_dir: Path, settings: Settings, timings: dict | None = None,
+                 extra: dict | None = None) -> Path:
+    """Write report.json, the PNGs and report.html into ``out_dir``; return the HTML's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = collect_report_data(store, settings, timings, extra)
+    examples = sample_merge_examples(store, settings.report.examples)
+    sample = sample_topic_map(store, settings.report.topic_map_sample, settings.topics.seed)
+    data["topics"]["topic_map_sample"] = 0 if sample is None else int(len(sample[1]))
+    data["merge_examples"] = examples
+
+    made = {
+        "funnel": plot_funnel(data.get("funnel", []), out_dir / "funnel.png"),
+        "cluster_sizes": plot_cluster_sizes(data["topics"].get("clusters", []), settings.select.budget,
+                                            out_dir / "cluster_sizes.png"),
+        "topic_map": plot_topic_map(sample, out_dir / "topic_map.png"),
+        "merge_examples": plot_merge_examples(examples, out_dir / "merge_examples.png"),
+    }
+    pictures = {name: path for name, path in made.items() if path is not None}
+    for name in set(PICTURES) - set(pictures):  # a picture from an earlier report would mislead
+        (out_dir / f"{name}.png").unlink(missing_ok=True)
+    data["pictures"] = {name: path.name for name, path in pictures.items()}
+
+    (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+    page = out_dir / "report.html"
+    page.write_text(render_html(data, pictures, examples), encoding="utf-8")
+    return page
