@@ -109,7 +109,8 @@ class EmbedSettings:
     batch_size: int = knob(64, "Texts per model forward pass.", _positive, "> 0")
     max_seq_length: int = knob(256, "Tokens per text before truncation.", _positive, "> 0")
     device: str = knob("cpu", "Torch device for the model (cpu, cuda, cuda:0, mps).")
-    torch_threads: int = knob(0, "Torch intra-op threads per Python worker; 0 leaves torch's default.",
+    torch_threads: int = knob(1, "Torch intra-op threads per Python worker; Spark already runs one task "
+                                 "per core, so 1 avoids oversubscribing them. 0 leaves torch's default.",
                               _non_negative, ">= 0")
     partitions: int = knob(0, "Partitions for the embedding pass; 0 means Spark's default parallelism.",
                            _non_negative, ">= 0")
@@ -143,6 +144,7 @@ class DedupSettings:
 class SelectSettings:
     budget: int = knob(75, "Facility-location picks per cluster; a cluster at or under it is kept whole.",
                        _positive, "> 0")
+    block_size: int = knob(1024, "Rows per tile of the facility-location similarity pass.", _positive, "> 0")
 
 
 @dataclass
@@ -198,6 +200,9 @@ class GateSettings:
                                         "output's length.", _non_negative, ">= 0")
     max_copy_similarity: float = knob(0.98, "A merge this similar to one source is a copy, not a merge.",
                                       _unit_interval, "in [0, 1]")
+    copy_length_ratio: float = knob(1.1, "A merge counts as a copy of one source only if its output is "
+                                         "also at most this many times that source's output length.",
+                                    _positive, "> 0")
 
 
 @dataclass

@@ -135,22 +135,27 @@ def test_driver_killed_during_merge_then_rerun_gives_the_same_final(spark, share
             assert driver.poll() is None, "the driver finished before it could be killed"
             assert len(slow.requests) >= 3, "merge never started"
         finally:
-            os.killpg(driver.pid, signal.SIGKILL)   # the driver and its Python workers
+            os.killpg(driver.pid, signal.SIGKILL)   # the driver and its JVM
             driver.wait()
-        paid_before_kill = Counter(slow.per_group)
-        assert ledger.exists()
+        # PySpark's Python workers live in their own process group and die when they notice the
+        # JVM is gone; give them that moment, then take stock of what was paid and what was kept.
+        time.sleep(5)
+        requested_before_rerun = sum(slow.per_group.values())
+        ledgered = sum(1 for f in ledger.rglob("*.jsonl") for line in f.read_text().splitlines()
+                       if line.strip())
+        lost_in_flight = requested_before_rerun - ledgered
+        assert requested_before_rerun >= 3 and ledgered >= 1
         assert not (root / "_state" / "finalize.json").exists()
 
         resumed = Pipeline(pipeline_settings(root, data, slow.base_url, "llm.concurrency=1"), spark=spark)
         results = resumed.run()
         assert {r.name for r in results if r.skipped} >= {"ingest", "embed", "topics", "dedup", "select", "group"}
         # Each group was asked at most once more than it failed. The scripted server always
-        # answers well, so the only failures are requests cut off in flight by the kill: at most
-        # concurrency (1) x merge partitions (2) of them. Groups answered before the kill are
-        # in the ledger and never asked again.
+        # answers well, so the only failures are requests cut off by the kill: every request is
+        # either in the ledger (never sent again) or was lost in flight (sent once more).
         n_groups = len(read(root, "merge_groups"))
         assert len(slow.per_group) == n_groups
         assert max(slow.per_group.values()) <= 2
-        assert sum(slow.per_group.values()) <= n_groups + 2
-        assert sum(paid_before_kill.values()) >= 3
+        assert sum(slow.per_group.values()) == n_groups + lost_in_flight
+        assert lost_in_flight <= 4   # concurrency 1 x 2 merge partitions, plus the workers' last breath
     assert final_content(root) == reference

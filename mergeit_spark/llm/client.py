@@ -1,0 +1,489 @@
+"""Async merge client for any OpenAI-compatible chat server (OpenAI, vLLM, llama.cpp).
+
+One ``MergeClient`` lives in one event loop (one Spark partition). It owns an
+``openai.AsyncOpenAI`` with the library's own retries switched off (``max_retries=0``): the
+retry policy is ours, so it is the same on every server and is counted and recorded.
+
+Per HTTP request:
+  * a timeout of ``llm.request_timeout_s`` (the client's timeout plus an ``asyncio`` guard for
+    servers that trickle bytes);
+  * at most ``llm.concurrency`` requests in flight (an ``asyncio.Semaphore``, held only while a
+    request is on the wire, not during backoff);
+  * retried up to ``llm.max_retries`` times on 408, 409, 429, 5xx, timeouts, connection errors and
+    bodies that are not valid JSON, with exponential backoff and jitter (``backoff_initial_s``
+    doubling, times a random factor in [0.5, 1]); a ``Retry-After`` (seconds or HTTP date) or
+    ``retry-after-ms`` header replaces the backoff, capped by ``llm.backoff_max_s``;
+  * other 4xx (bad request, auth, not found) fail at once: retrying cannot help.
+
+Structured output (``llm.json_mode``): ``schema`` sends ``response_format`` json_schema (OpenAI,
+vLLM); ``json_object`` sends plain JSON mode; ``none`` sends nothing and parses text; ``auto``
+walks the ladder json_schema -> json_object with a ``schema`` (llama-cpp-python's grammar mode)
+-> json_object -> none, stepping down when the server refuses a ``response_format`` (HTTP 400,
+422, or the 500 that llama-cpp-python answers, with ``response_format`` in the message) and
+remembering the step for the process. Replies are parsed leniently: code fences and stray text
+around the JSON object are ignored.
+
+Per merge (``MergeClient.merge``): the reply must be a JSON object with string ``instruction``,
+``input`` and ``output``, non-empty instruction and output, each at most
+``merge.max_output_chars``; an invalid reply is regenerated up to ``merge.regenerations`` times,
+a reply that fails the quality gate up to ``merge.gate_regenerations`` times. A regeneration
+re-sends the prompt plus the rejected reply and one line saying what was wrong. Nothing raises
+out of ``merge``: every outcome is a ``MergeResult``.
+
+API key: the environment variable ``llm.api_key_env``, else the file ``llm.api_key_file``, else
+the placeholder ``not-needed`` (local servers ignore it). The key is never logged, never stored,
+and scrubbed from error texts.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
+
+import openai
+
+from ..config import LLMSettings, MergeSettings
+from .prompt import FIELDS, MERGED_SCHEMA, build_messages
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER_KEY = "not-needed"
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+JSON_LADDERS: dict[str, tuple[str, ...]] = {
+    "auto": ("json_schema", "json_object_schema", "json_object", "none"),
+    "schema": ("json_schema",),
+    "json_object": ("json_object",),
+    "none": ("none",),
+}
+# How far down its ladder each (base_url, model, json_mode) has stepped in this process.
+_LADDER_STEP: dict[tuple[str, str, str], int] = {}
+
+STATUS_MERGED = "merged"
+STATUS_GATE_FAILED = "gate_failed"
+STATUS_FAILED = "failed"
+ERROR_BUDGET = "budget_exhausted"
+
+
+def resolve_api_key(llm: LLMSettings, env: Mapping[str, str] | None = None) -> str:
+    """The API key: environment variable, else key file, else a placeholder for local servers."""
+    env = os.environ if env is None else env
+    value = env.get(llm.api_key_env, "").strip() if llm.api_key_env else ""
+    if value:
+        return value
+    if llm.api_key_file:
+        path = Path(llm.api_key_file).expanduser()
+        if path.is_file():
+            value = path.read_text().strip()
+            if value:
+                return value
+    return PLACEHOLDER_KEY
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
+    """Seconds a server asked us to wait: ``retry-after-ms``, ``Retry-After`` seconds or HTTP date."""
+    if not headers:
+        return None
+    lower = {k.lower(): v for k, v in headers.items()}
+    ms = lower.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = lower.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    now_ts = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now_ts)
+
+
+def backoff_delay(retry: int, llm: LLMSettings, retry_after: float | None = None,
+                  rng: random.Random | None = None) -> float:
+    """Delay before retry number ``retry`` (0-based): Retry-After when given, else exponential
+    backoff with jitter; never more than ``llm.backoff_max_s``."""
+    if retry_after is not None:
+        return min(retry_after, llm.backoff_max_s)
+    base = min(llm.backoff_initial_s * (2 ** retry), llm.backoff_max_s)
+    return base * (0.5 + 0.5 * (rng or random).random())
+
+
+# -- reply parsing ------------------------------------------------------------------------------
+_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
+
+
+def extract_json_object(text: str) -> dict | None:
+    """The first JSON object in ``text``, tolerating code fences and stray text around it."""
+    if not text:
+        return None
+    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    decoder = json.JSONDecoder()
+    for chunk in candidates:
+        start = chunk.find("{")
+        while start != -1:
+            try:
+                obj, _ = decoder.raw_decode(chunk, start)
+            except json.JSONDecodeError:
+                start = chunk.find("{", start + 1)
+                continue
+            if isinstance(obj, dict):
+                return obj
+            start = chunk.find("{", start + 1)
+    return None
+
+
+def validate_merged(content: str | None, max_chars: int) -> tuple[dict[str, str] | None, str]:
+    """``(merged example, "")`` when the reply is usable, else ``(None, why)``."""
+    obj = extract_json_object(content or "")
+    if obj is None:
+        return None, "reply is not a JSON object"
+    merged: dict[str, str] = {}
+    for name in FIELDS:
+        value = obj.get(name, "" if name == "input" else None)
+        if value is None:
+            return None, f"missing {name!r}"
+        if not isinstance(value, str):
+            return None, f"{name!r} is not a string"
+        if len(value) > max_chars:
+            return None, f"{name!r} longer than {max_chars} characters"
+        merged[name] = value.strip()
+    for name in ("instruction", "output"):
+        if not merged[name]:
+            return None, f"{name!r} is empty"
+    return merged, ""
+
+
+# -- budget -------------------------------------------------------------------------------------
+class Budget:
+    """Request and token allowance for one event loop (one Spark task); ``None`` = no cap.
+
+    A request is sent only when one more request fits ``max_requests`` and its worst case
+    (estimated prompt tokens + ``llm.max_tokens``) fits what is left of ``max_tokens``; the
+    estimate is replaced by the real usage when the reply arrives. So requests never exceed the
+    cap, and tokens exceed it only if the server counts more prompt tokens than the estimate (one
+    token per two characters, generous for English text).
+    """
+
+    def __init__(self, max_requests: int | None = None, max_tokens: int | None = None) -> None:
+        self.max_requests = max_requests
+        self.max_tokens = max_tokens
+        self.requests = 0
+        self.tokens = 0
+        self.reserved = 0
+        self.exhausted = False
+
+    def grant(self, requests: int = 0, tokens: int = 0) -> None:
+        """Raise the caps that exist (a share of the run's budget arrives)."""
+        if self.max_requests is not None:
+            self.max_requests += requests
+        if self.max_tokens is not None:
+            self.max_tokens += tokens
+
+    @staticmethod
+    def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+        chars = sum(len(str(m.get("content", ""))) for m in messages)
+        return chars // 2 + 8 * len(messages)
+
+    def reserve(self, prompt_estimate: int, completion_max: int) -> int | None:
+        """Reserve room for one request; the reservation, or None when the budget is spent."""
+        if self.max_requests is not None and self.requests >= self.max_requests:
+            self.exhausted = True
+            return None
+        need = prompt_estimate + completion_max
+        if self.max_tokens is not None and self.tokens + self.reserved + need > self.max_tokens:
+            self.exhausted = True
+            return None
+        self.requests += 1
+        self.reserved += need
+        return need
+
+    def settle(self, reservation: int, used_tokens: int) -> None:
+        self.reserved -= reservation
+        self.tokens += used_tokens
+
+
+# -- results ------------------------------------------------------------------------------------
+@dataclass
+class ChatResult:
+    """One logical request (retries and json-mode fallbacks included)."""
+    content: str | None = None
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class MergeResult:
+    """What happened to one group: the row the ledger and ``merges`` keep."""
+    status: str
+    instruction: str | None = None
+    input: str | None = None  # noqa: A003 - the field's name in the data
+    output: str | None = None
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    error: str | None = None
+    gate: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class GateVerdict(Protocol):
+    """What a gate callable returns (``gate.GateResult`` is one)."""
+    passed: bool
+    failed: list[str]
+
+    def describe(self) -> str: ...
+    def feedback(self) -> str: ...
+
+
+GateFn = Callable[[dict[str, str]], Awaitable[GateVerdict]]
+
+
+@dataclass
+class _Attempts:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+
+    def add(self, chat: ChatResult) -> None:
+        self.requests += chat.requests
+        self.prompt_tokens += chat.prompt_tokens
+        self.completion_tokens += chat.completion_tokens
+        self.latency_ms += chat.latency_ms
+
+    def result(self, status: str, **kw: Any) -> MergeResult:
+        return MergeResult(status=status, attempts=self.requests, prompt_tokens=self.prompt_tokens,
+                           completion_tokens=self.completion_tokens,
+                           latency_ms=round(self.latency_ms, 3), **kw)
+
+
+class MergeClient:
+    """Merge requests to one OpenAI-compatible endpoint from one event loop.
+
+    Use as ``async with MergeClient(llm, merge) as client: result = await client.merge(examples)``.
+    """
+
+    def __init__(self, llm: LLMSettings, merge: MergeSettings, budget: Budget | None = None,
+                 *, api_key: str | None = None, rng: random.Random | None = None) -> None:
+        self.llm = llm
+        self.merge_settings = merge
+        self.budget = budget or Budget()
+        self._api_key = api_key if api_key is not None else resolve_api_key(llm)
+        self._rng = rng or random.Random()
+        self._client: openai.AsyncOpenAI | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._ladder = JSON_LADDERS[llm.json_mode]
+        self._ladder_key = (llm.base_url, llm.model, llm.json_mode)
+
+    async def __aenter__(self) -> "MergeClient":
+        self._client = openai.AsyncOpenAI(base_url=self.llm.base_url, api_key=self._api_key,
+                                          max_retries=0, timeout=self.llm.request_timeout_s)
+        self._semaphore = asyncio.Semaphore(self.llm.concurrency)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    # -- one logical request --------------------------------------------------------------------
+    def _response_format(self) -> tuple[str, dict | None]:
+        step = min(_LADDER_STEP.get(self._ladder_key, 0), len(self._ladder) - 1)
+        mode = self._ladder[step]
+        if mode == "json_schema":
+            return mode, {"type": "json_schema",
+                          "json_schema": {"name": "merged_example", "strict": True,
+                                          "schema": MERGED_SCHEMA}}
+        if mode == "json_object_schema":
+            return mode, {"type": "json_object", "schema": MERGED_SCHEMA}
+        if mode == "json_object":
+            return mode, {"type": "json_object"}
+        return mode, None
+
+    def _step_down(self, mode: str) -> bool:
+        """Move this endpoint one rung down the json-mode ladder; False at the bottom."""
+        step = self._ladder.index(mode)
+        if step + 1 >= len(self._ladder):
+            return False
+        _LADDER_STEP[self._ladder_key] = max(_LADDER_STEP.get(self._ladder_key, 0), step + 1)
+        log.warning("server refused response_format %s; using %s from now on in this process",
+                    mode, self._ladder[step + 1])
+        return True
+
+    def _scrub(self, text: str) -> str:
+        if self._api_key and self._api_key != PLACEHOLDER_KEY:
+            text = text.replace(self._api_key, "***")
+        return text[:300]
+
+    async def chat(self, messages: list[dict[str, str]]) -> ChatResult:
+        """Send one chat request, retrying transient failures; never raises for server trouble."""
+        assert self._client is not None and self._semaphore is not None, "use `async with`"
+        result = ChatResult()
+        retries = 0
+        estimate = Budget.estimate_prompt_tokens(messages)
+        while True:
+            mode, response_format = self._response_format()
+            kwargs: dict[str, Any] = {"model": self.llm.model, "messages": messages,
+                                      "temperature": self.llm.temperature,
+                                      "max_tokens": self.llm.max_tokens}
+            if response_format is not None:
+                kwargs["response_format"] = response_format
+            retry_after: float | None = None
+            async with self._semaphore:
+                reservation = self.budget.reserve(estimate, self.llm.max_tokens)
+                if reservation is None:
+                    result.error = ERROR_BUDGET
+                    return result
+                result.requests += 1
+                used = 0
+                started = time.perf_counter()
+                try:
+                    response = await asyncio.wait_for(
+                        self._client.chat.completions.create(**kwargs),
+                        timeout=self.llm.request_timeout_s)
+                    usage = getattr(response, "usage", None)
+                    p_tok = int(getattr(usage, "prompt_tokens", 0) or 0)
+                    c_tok = int(getattr(usage, "completion_tokens", 0) or 0)
+                    used = p_tok + c_tok
+                    result.prompt_tokens += p_tok
+                    result.completion_tokens += c_tok
+                    choices = getattr(response, "choices", None)
+                    if not choices or getattr(choices[0], "message", None) is None:
+                        raise _Malformed("reply has no choices")
+                    result.content = choices[0].message.content or ""
+                    result.error = None
+                    return result
+                except openai.APIStatusError as exc:
+                    message = _error_message(exc)
+                    status = exc.status_code
+                    if (status in (400, 422, 500) and _mentions_response_format(message)
+                            and mode != "none" and self._step_down(mode)):
+                        continue  # a refusal of the json mode, not a failure: try the next rung
+                    error = f"http_{status}: {self._scrub(message)}"
+                    if not (status in RETRYABLE_STATUS or status >= 500):
+                        result.error = error
+                        return result
+                    retry_after = retry_after_seconds(exc.response.headers)
+                except (openai.APITimeoutError, asyncio.TimeoutError):
+                    error = f"timeout: no reply within {self.llm.request_timeout_s:g} s"
+                except openai.APIConnectionError as exc:
+                    error = f"connection: {self._scrub(str(exc))}"
+                except (openai.APIResponseValidationError, _Malformed, json.JSONDecodeError,
+                        ValueError, TypeError, AttributeError) as exc:
+                    error = f"malformed_response: {self._scrub(type(exc).__name__ + ': ' + str(exc))}"
+                finally:
+                    result.latency_ms += (time.perf_counter() - started) * 1000.0
+                    self.budget.settle(reservation, used)
+            result.error = error
+            if retries >= self.llm.max_retries:
+                return result
+            delay = backoff_delay(retries, self.llm, retry_after, self._rng)
+            retries += 1
+            log.debug("retry %d in %.2f s after %s", retries, delay, error.split(":")[0])
+            await asyncio.sleep(delay)
+
+    # -- one merge ------------------------------------------------------------------------------
+    async def merge(self, examples: Sequence[Mapping[str, Any]], gate: GateFn | None = None,
+                    messages: list[dict[str, str]] | None = None) -> MergeResult:
+        """Merge one group: request, validate, gate, regenerate as allowed. Never raises."""
+        base = messages if messages is not None else build_messages(examples)
+        attempts = _Attempts()
+        invalid_left = self.merge_settings.regenerations
+        gate_left = self.merge_settings.gate_regenerations
+        follow_up: list[dict[str, str]] = []
+        try:
+            while True:
+                chat = await self.chat(base + follow_up)
+                attempts.add(chat)
+                if chat.error is not None:
+                    return attempts.result(STATUS_FAILED, error=chat.error)
+                merged, why = validate_merged(chat.content, self.merge_settings.max_output_chars)
+                if merged is None:
+                    if invalid_left > 0:
+                        invalid_left -= 1
+                        follow_up = _feedback(chat.content, f"it could not be used: {why}")
+                        continue
+                    return attempts.result(STATUS_FAILED, error=f"invalid_output: {why}")
+                if gate is None:
+                    return attempts.result(STATUS_MERGED, **merged)
+                verdict = await gate(merged)
+                if verdict.passed:
+                    return attempts.result(STATUS_MERGED, gate=verdict.describe(), **merged)
+                if gate_left > 0:
+                    gate_left -= 1
+                    follow_up = _feedback(chat.content, verdict.feedback())
+                    continue
+                return attempts.result(STATUS_GATE_FAILED, gate=verdict.describe(),
+                                       error="gate: " + ",".join(verdict.failed), **merged)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one group's bug must not sink the partition
+            log.exception("merge crashed")
+            return attempts.result(STATUS_FAILED,
+                                   error=self._scrub(f"internal: {type(exc).__name__}: {exc}"))
+
+
+class _Malformed(ValueError):
+    """The server answered 200 with a body that is not a chat completion."""
+
+
+def _error_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(body.get("detail"), (str, list)):
+            return json.dumps(body["detail"])[:1000]
+    return str(exc.message or exc)
+
+
+def _mentions_response_format(message: str) -> bool:
+    lowered = message.lower()
+    return "response_format" in lowered or "json_schema" in lowered
+
+
+def _feedback(reply: str | None, problem: str) -> list[dict[str, str]]:
+    """The rejected reply and one line on what was wrong: the tail of a regeneration request."""
+    return [
+        {"role": "assistant", "content": (reply or "")[:4000]},
+        {"role": "user", "content": (f"Your reply was rejected because {problem}. Merge the same "
+                                     "examples again, following every rule, and answer with only "
+                                     "the JSON object.")},
+    ]
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+__all__ = [
+    "Budget", "ChatResult", "MergeClient", "MergeResult", "resolve_api_key", "retry_after_seconds",
+    "backoff_delay", "extract_json_object", "validate_merged", "STATUS_MERGED", "STATUS_GATE_FAILED",
+    "STATUS_FAILED", "ERROR_BUDGET", "utc_now",
+]

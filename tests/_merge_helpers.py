@@ -1,0 +1,69 @@
+"""Small real inputs for the group and merge tests: rows of ../shared/data/mergeit-6k.json with
+content ids, real MiniLM embeddings (``encode_texts``), and merge groups found by the group stage's
+own per-cluster algorithm."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+from mergeit_spark.config import EmbedSettings
+from mergeit_spark.ids import content_id, group_id
+from mergeit_spark.llm.gate import embedding_text
+from mergeit_spark.stages.group import group_cluster
+
+RECORDS_SCHEMA = T.StructType([
+    T.StructField("id", T.StringType(), False), T.StructField("instruction", T.StringType()),
+    T.StructField("input", T.StringType()), T.StructField("output", T.StringType()),
+    T.StructField("source", T.StringType()), T.StructField("extra", T.StringType())])
+EMBEDDINGS_SCHEMA = T.StructType([
+    T.StructField("id", T.StringType(), False),
+    T.StructField("embedding", T.ArrayType(T.FloatType(), False), False),
+    T.StructField("model", T.StringType(), False)])
+GROUPS_SCHEMA = T.StructType([
+    T.StructField("group_id", T.StringType(), False), T.StructField("cluster", T.IntegerType(), False),
+    T.StructField("member_ids", T.ArrayType(T.StringType(), False), False),
+    T.StructField("similarity", T.DoubleType(), False)])
+
+
+def load_rows(shared_data: Path, n: int, offset: int = 0) -> list[dict]:
+    """``n`` real records (with content ids) from mergeit-6k.json."""
+    data = json.loads((shared_data / "mergeit-6k.json").read_text())[offset:offset + n]
+    rows = []
+    for r in data:
+        ins, inp, out = r["instruction"].strip(), (r.get("input") or "").strip(), r["output"].strip()
+        rows.append({"id": content_id(ins, inp, out), "instruction": ins, "input": inp, "output": out,
+                     "source": "mergeit-6k.json", "extra": None})
+    return rows
+
+
+@lru_cache(maxsize=8)
+def _encode_cached(texts: tuple[str, ...], model: str) -> np.ndarray:
+    from mergeit_spark.stages.embed import encode_texts
+    return encode_texts(list(texts), EmbedSettings(model=model))
+
+
+def embed_rows(rows: list[dict], embed: EmbedSettings) -> np.ndarray:
+    return _encode_cached(tuple(embedding_text(r["instruction"], r["input"]) for r in rows), embed.model)
+
+
+def make_inputs(spark: SparkSession, rows: list[dict], embed: EmbedSettings, threshold: float = 0.5,
+                size: int = 2, max_groups: int | None = None
+                ) -> tuple[DataFrame, DataFrame, DataFrame, list[list[str]]]:
+    """``records``, ``embeddings`` and ``merge_groups`` DataFrames for ``rows`` (one cluster)."""
+    vectors = embed_rows(rows, embed)
+    found = group_cluster([r["id"] for r in rows], vectors, threshold, size)
+    if max_groups is not None:
+        found = found[:max_groups]
+    records = spark.createDataFrame(rows, RECORDS_SCHEMA)
+    embeddings = spark.createDataFrame(
+        [{"id": r["id"], "embedding": [float(x) for x in v], "model": embed.model}
+         for r, v in zip(rows, vectors)], EMBEDDINGS_SCHEMA)
+    groups = spark.createDataFrame(
+        [{"group_id": group_id(m), "cluster": 0, "member_ids": m, "similarity": s} for m, s in found],
+        GROUPS_SCHEMA)
+    return records, embeddings, groups, [m for m, _ in found]

