@@ -59,5 +59,7 @@ def test_spark_submit_runs_the_whole_pipeline_on_two_workers(cluster, shared_dat
     merges = read(root, "merges")
     assert {m["status"] for m in merges} <= {"merged", "gate_failed", "failed"}
     assert len(merges) == len(read(root, "merge_groups"))
-    report = json.loads((root / "report" / "report.json").read_text())
-    assert report  # the report was written by the submitted job
+    report = json.loads((root / "report" / "report.json").read_text())  # written by the submitted job
+    assert report["input_rows"] == n_input
+    assert report["ledger"]["balanced"] is True
+    assert report["final"]["original"] + report["final"]["merged"] == len(final)
