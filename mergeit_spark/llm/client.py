@@ -330,9 +330,11 @@ class MergeClient:
         step = self._ladder.index(mode)
         if step + 1 >= len(self._ladder):
             return False
-        _LADDER_STEP[self._ladder_key] = max(_LADDER_STEP.get(self._ladder_key, 0), step + 1)
-        log.warning("server refused response_format %s; using %s from now on in this process",
-                    mode, self._ladder[step + 1])
+        if _LADDER_STEP.get(self._ladder_key, 0) <= step:
+            # Concurrent requests are refused together; the first to come back moves the rung.
+            _LADDER_STEP[self._ladder_key] = step + 1
+            log.warning("server refused response_format %s; using %s from now on in this process",
+                        mode, self._ladder[step + 1])
         return True
 
     def _scrub(self, text: str) -> str:
