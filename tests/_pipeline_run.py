@@ -29,8 +29,9 @@ def write_input(shared_data: Path, dest: Path, rows: int = 200, offset: int = 0)
     return dest, len(lines)
 
 
-def pipeline_settings(root: Path, data: Path, base_url: str, *extra: str) -> Settings:
-    return load_settings(overrides=[
+def pipeline_overrides(root: Path, data: Path, base_url: str, *extra: str) -> list[str]:
+    """The ``--set`` overrides of a small, fast run against a scripted LLM server."""
+    return [
         "spark.master=local[2]", "spark.shuffle_partitions=4",
         f"input.paths=[{data}]", f"output.root={root}",
         "select.budget=12",              # small clusters, so that some rows are not selected
@@ -39,7 +40,15 @@ def pipeline_settings(root: Path, data: Path, base_url: str, *extra: str) -> Set
         "llm.request_timeout_s=10", "llm.max_retries=2", "llm.backoff_initial_s=0.05",
         "merge.partitions=2",
         *extra,
-    ], env={})
+    ]
+
+
+def pipeline_settings(root: Path, data: Path, base_url: str, *extra: str) -> Settings:
+    return load_settings(overrides=pipeline_overrides(root, data, base_url, *extra), env={})
+
+
+def cli_args(root: Path, data: Path, base_url: str, *extra: str) -> list[str]:
+    return [arg for item in pipeline_overrides(root, data, base_url, *extra) for arg in ("--set", item)]
 
 
 def read(root: Path, table: str) -> list[dict]:

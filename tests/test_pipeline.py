@@ -6,12 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from _pipeline_run import final_content, pipeline_settings, read, write_input
+from _pipeline_run import cli_args, final_content, pipeline_settings, read, write_input
 from fake_openai import FakeOpenAI
 from mergeit_spark.pipeline import STAGE_ORDER, Pipeline
 
@@ -114,13 +115,7 @@ def test_driver_killed_during_merge_then_rerun_gives_the_same_final(spark, share
     data = Path(finished_run[0].settings.input.paths[0])
     root = tmp_path / "run"
     with FakeOpenAI(latency_s=0.4) as slow:
-        settings_args = ["--set", "spark.master=local[2]", "--set", "spark.shuffle_partitions=4",
-                         "--set", f"input.paths=[{data}]", "--set", f"output.root={root}",
-                         "--set", "select.budget=12", "--set", "group.threshold=0.5",
-                         "--set", f"llm.base_url={slow.base_url}", "--set", "llm.model=fake-model",
-                         "--set", "llm.concurrency=1", "--set", "llm.request_timeout_s=10",
-                         "--set", "llm.max_retries=2", "--set", "llm.backoff_initial_s=0.05",
-                         "--set", "merge.partitions=2"]
+        settings_args = cli_args(root, data, slow.base_url, "llm.concurrency=1")
         env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1")
         driver = subprocess.Popen([sys.executable, "-m", "mergeit_spark.cli", "run", *settings_args],
                                   cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -159,3 +154,30 @@ def test_driver_killed_during_merge_then_rerun_gives_the_same_final(spark, share
         assert sum(slow.per_group.values()) == n_groups + lost_in_flight
         assert lost_in_flight <= 4   # concurrency 1 x 2 merge partitions, plus the workers' last breath
     assert final_content(root) == reference
+
+
+def test_cli_status_stage_export_and_config(finished_run, fake_llm, capsys, tmp_path):
+    from mergeit_spark.cli import main
+
+    pipeline, _, _, work = finished_run
+    args = cli_args(work / "run", Path(pipeline.settings.input.paths[0]), fake_llm.base_url)
+    pipeline.run()  # bring the root back to these settings after the test that changed them
+
+    assert main(["status", "--json", *args]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [row["stage"] for row in status] == list(STAGE_ORDER)
+    assert all(row["done"] and row["current"] for row in status)
+    assert status[0]["counts"] == {"records": 200, "rejects": 6}
+
+    assert main(["run", "--stage", "finalize", *args]) == 0
+    assert "finalize" in capsys.readouterr().out
+
+    out = tmp_path / "final.jsonl"
+    assert main(["export", "--format", "jsonl", "--out", str(out), *args]) == 0
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["id"], r["output"]) for r in exported} == {(r["id"], r["output"]) for r in read(work / "run", "final")}
+
+    assert main(["config", "show", *args]) == 0
+    assert "base_url: " + fake_llm.base_url in capsys.readouterr().out
+    assert main(["run", "--set", "topics.k=-3"]) == 2      # bad settings: a clear error, no run
+    assert "topics.k" in capsys.readouterr().err
