@@ -175,7 +175,7 @@ class Pipeline:
         versions = {t: self.store.version(t) for t in stage.outputs}
         if any(v is None for v in versions.values()):
             raise PipelineError(f"stage {stage.name} left table(s) unwritten: {versions}")
-        counts = {t: self.store.read(t).count() for t in stage.outputs}
+        counts = {t: self.store.count(t) for t in stage.outputs}
         seconds = time.monotonic() - started
         if stage.name == "finalize":
             self.check_ledger()

@@ -28,9 +28,6 @@ matplotlib.use("Agg")  # no display on drivers and CI; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401 - FuncFormatter for thousands separators
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-from deltalake import DeltaTable  # noqa: E402
 from pyspark.sql import DataFrame  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
@@ -51,18 +48,6 @@ _COLOURS = {"input": "#9aa5b1", "records": "#5b8def", "dedup": "#3fa796", "selec
 # --------------------------------------------------------------------------------------------
 # Aggregates
 # --------------------------------------------------------------------------------------------
-
-def table_rows(store: TableStore, name: str) -> int:
-    """Row count from the Delta log's per-file statistics (no Spark job); Spark counts when a
-    writer left the statistics out."""
-    try:
-        actions = pa.table(DeltaTable(store.path(name)).get_add_actions(flatten=True))
-        if "num_records" in actions.column_names and actions.column("num_records").null_count == 0:
-            return int(pc.sum(actions.column("num_records")).as_py() or 0)
-    except Exception:  # noqa: BLE001 - any trouble reading stats: fall back to counting
-        pass
-    return store.read(name).count()
-
 
 def _counts_by(df: DataFrame, column: str) -> dict[str, int]:
     """``{value: count}`` for a low-cardinality column (status, fate, reason)."""
@@ -86,7 +71,7 @@ def collect_report_data(store: TableStore, settings: Settings, timings: dict | N
     data: dict[str, Any] = {
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "run_root": str(store.root),
-        "tables": {name: {"rows": table_rows(store, name), "version": store.version(name)} for name in sorted(have)},
+        "tables": {name: {"rows": store.count(name), "version": store.version(name)} for name in sorted(have)},
     }
     rows = {name: info["rows"] for name, info in data["tables"].items()}
     extra = dict(extra or {})
@@ -224,7 +209,7 @@ def sample_topic_map(store: TableStore, sample: int, seed: int) -> tuple[np.ndar
     if not (store.exists("embeddings") and store.exists("topics")):
         return None
     emb = store.read("embeddings")
-    total = table_rows(store, "embeddings")
+    total = store.count("embeddings")
     if total == 0:
         return None
     fraction = min(1.0, 1.5 * sample / total)  # oversample a little, then cut to exactly `sample`

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
@@ -51,6 +52,17 @@ class TableStore:
             return DeltaTable(self.path(name)).version()
         except TableNotFoundError:
             return None
+
+    def count(self, name: str) -> int:
+        """Row count from the Delta log's per-file statistics (no Spark job); Spark counts when a
+        writer left the statistics out."""
+        try:
+            actions = pa.table(DeltaTable(self.path(name)).get_add_actions(flatten=True))
+            if "num_records" in actions.column_names and actions.column("num_records").null_count == 0:
+                return int(pc.sum(actions.column("num_records")).as_py() or 0)
+        except Exception:  # noqa: BLE001 - any trouble reading stats: fall back to counting
+            pass
+        return self.read(name).count()
 
     def write(self, df: DataFrame, name: str, mode: Mode = "overwrite") -> int:
         """Write ``df`` as table ``name`` (replacing it, or appending); returns the new version."""

@@ -56,3 +56,10 @@ def test_written_through_spark_without_the_driver_holding_rows(spark, store):
     assert dt.to_pyarrow_table().num_rows == 50_000
     assert list((store.root / "_staging").glob("*")) == []
     assert store.read("big").agg({"twice": "sum"}).first()[0] == sum(range(50_000)) * 2
+
+
+def test_count_comes_from_the_delta_log_and_matches_spark(spark, store):
+    df = spark.range(1234).selectExpr("cast(id as string) as id").repartition(3)
+    store.write(df, "c")
+    store.write(df.limit(10), "c", mode="append")
+    assert store.count("c") == 1244 == store.read("c").count()
