@@ -3,22 +3,34 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Sequence
 
 from pyspark.sql import SparkSession
 
 from .config import SparkSettings
+from .jars import JarsError, jar_conf, provides_delta, resolution_failure
+from .redact import redaction_regex
 
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+# Tables delta-spark creates stay readable by delta-rs and every other Delta reader: no deletion
+# vectors and no column mapping unless a table asks for them (Databricks turns them on by default).
+DELTA_TABLE_DEFAULTS = {
+    "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
+    "spark.databricks.delta.properties.defaults.columnMapping.mode": "none",
+}
 
 
-def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = None) -> SparkSession:
-    """Get or create the session. A master set by spark-submit wins over ``settings.master``."""
+def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = None,
+                  secret_env_names: Sequence[str] = ()) -> SparkSession:
+    """Get or create the session. A master set by spark-submit wins over ``settings.master``.
+    ``secret_env_names``: variables holding secrets (``llm.api_key_env``), redacted by Spark."""
     # Executors' Python must match the driver's, or pickled functions and Arrow batches disagree.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(settings.app_name)
-    if not _submitted_with_master():
+    submitted = _submitted_with_master()
+    if not submitted:
         builder = builder.master(settings.master)
     conf = {
         "spark.sql.execution.arrow.pyspark.enabled": "true",
@@ -29,16 +41,72 @@ def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = N
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.session.timeZone": "UTC",
         "spark.python.worker.reuse": "true",
-        # delta-rs reads the staged Parquet; it wants microsecond timestamps, not INT96.
+        # delta-rs commits the Parquet Spark writes; Delta readers want microsecond timestamps, not INT96.
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
     }
+    # Under spark-submit its --packages/--jars are already on the classpath and win; otherwise
+    # the settings' packages and jars are resolved at session start.
+    jars = {} if submitted else jar_conf(settings)
+    conf.update(jars)
     conf.update(settings.conf)
     conf.update(extra_conf or {})
+    if _jvm_has_class(DELTA_EXTENSION) if submitted else provides_delta(settings):
+        _add_delta_conf(conf)
+    # The UI and the event log show a conf value unless its key matches this pattern; Spark's
+    # default misses spark.executorEnv.<key variable>, how the LLM key reaches YARN/K8s executors.
+    conf["spark.redaction.regex"] = redaction_regex(secret_env_names, conf.get("spark.redaction.regex"))
     for key, value in conf.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    try:
+        spark = builder.getOrCreate()
+    except Exception as exc:  # the JVM exited while starting: say which setting, when it is ours
+        _explain_start_failure(exc, jars, settings)
+        raise
     spark.sparkContext.setLogLevel(settings.log_level)
     return spark
+
+
+def _add_delta_conf(conf: dict[str, str]) -> None:
+    """Delta's extension and catalog, beside (not instead of) what the user configured."""
+    extensions = [e.strip() for e in conf.get("spark.sql.extensions", "").split(",") if e.strip()]
+    if DELTA_EXTENSION not in extensions:
+        conf["spark.sql.extensions"] = ",".join([DELTA_EXTENSION, *extensions])
+    # Delta rebuilds a table's state with a Spark job over this many partitions (default 50, far
+    # too many for a local session's small logs); the shuffle setting is sized for the deployment.
+    conf.setdefault("spark.databricks.delta.snapshotPartitions", conf["spark.sql.shuffle.partitions"])
+    for key, value in {"spark.sql.catalog.spark_catalog": DELTA_CATALOG, **DELTA_TABLE_DEFAULTS}.items():
+        conf.setdefault(key, value)
+
+
+def _explain_start_failure(exc: Exception, jars: dict[str, str], settings: SparkSettings) -> None:
+    """Raise a ``JarsError`` naming the setting when the session failed because a package could not
+    be resolved (checked by resolving again in a child process); return otherwise."""
+    if "spark.jars.packages" not in jars or "JAVA_GATEWAY_EXITED" not in str(exc):
+        return
+    failure = resolution_failure(jars)
+    if failure is None:
+        return
+    raise JarsError(
+        f"Spark could not start: spark.packages {settings.packages} "
+        f"({jars['spark.jars.packages']}) did not resolve from spark.repositories "
+        f"{settings.repositories} (Ivy cache {jars['spark.jars.ivy']}). Ivy said:\n{failure}\n"
+        "Fix the coordinates or repositories; or, air-gapped, put the jars in a folder "
+        "(python -m mergeit_spark.jars fetch DEST, on a machine that reaches the repository) and "
+        "set spark.jars=[DEST] with spark.packages=[]; or set spark.packages=[] to run without "
+        "Delta's jar (tables are then written through delta-rs).") from None
+
+
+def _jvm_has_class(name: str) -> bool:
+    """Whether the running JVM (spark-submit's, or the session's) can load class ``name``."""
+    from pyspark import SparkContext
+
+    SparkContext._ensure_initialized()  # noqa: SLF001 - connects to the running JVM's gateway
+    jvm = SparkContext._jvm  # noqa: SLF001
+    try:  # loaded, not initialised: initialising io.delta.tables.DeltaTable fails on Spark 4.1.4
+        jvm.java.lang.Class.forName(name, False, jvm.Thread.currentThread().getContextClassLoader())
+    except Exception:  # Py4JJavaError: ClassNotFoundException
+        return False
+    return True
 
 
 def _submitted_with_master() -> bool:
@@ -49,11 +117,5 @@ def _submitted_with_master() -> bool:
 
 def has_delta(spark: SparkSession) -> bool:
     """True when Delta Lake's classes are on the JVM classpath and its extension is configured."""
-    jvm = spark.sparkContext._jvm  # noqa: SLF001 - the only way to probe the JVM classpath
-    try:
-        jvm.java.lang.Class.forName(
-            "io.delta.tables.DeltaTable", True, jvm.Thread.currentThread().getContextClassLoader())
-    except Exception:  # Py4JJavaError: ClassNotFoundException
-        return False
     extensions = spark.conf.get("spark.sql.extensions", "") or ""
-    return DELTA_EXTENSION in extensions
+    return DELTA_EXTENSION in extensions and _jvm_has_class(DELTA_EXTENSION)

@@ -1,13 +1,16 @@
 """The one way to write and read a stage table: Delta under the run root.
 
-Two writers, one result. With Delta's classes on the session's classpath (a cluster with the jar,
-Databricks) Spark writes Delta itself. Without them (an air-gapped laptop, this project's CI) Spark
-writes staged Parquet and delta-rs commits it as a real Delta table, streaming record batches from
-the staged files: no row ever passes through the driver's Python heap in one piece. Either way any
-Delta reader opens the table, and versions stay readable (time travel).
+Two writers, one result. With Delta's classes on the session's classpath (``spark.packages``
+holds ``delta``, the default; a cluster with the jar; Databricks) Spark writes Delta itself.
+Without them (``tables.engine=delta-rs``, or an air-gapped session with no jars) Spark writes the
+Parquet files straight into a fresh folder inside the table folder and delta-rs commits those very
+files (add actions with per-file statistics read from the Parquet footers): no row passes through
+the driver, which only reads footers. Either way any Delta reader opens the table, and versions
+stay readable (time travel).
 """
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -15,16 +18,23 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable, Schema
 from deltalake.exceptions import TableNotFoundError
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
+from deltalake.transaction import AddAction, create_table_with_add_actions
+from deltalake.writer import convert_to_deltalake
+from pyspark.sql import DataFrame, Observation, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from .session import has_delta
 
 Mode = Literal["overwrite", "append"]
-STAGING_DIR = "_staging"
+# The first commit file of a Delta log: where convert_to_deltalake leaves a folder's add actions.
+FIRST_COMMIT = "_delta_log/" + "0" * 20 + ".json"
+
+
+class TableWriteError(RuntimeError):
+    """Spark's files cannot be committed as written (the driver does not see them all)."""
 
 
 class TableStore:
@@ -36,8 +46,9 @@ class TableStore:
         if engine == "auto":
             engine = "delta-spark" if has_delta(spark) else "delta-rs"
         if engine == "delta-spark" and not has_delta(spark):
-            raise RuntimeError("tables.engine=delta-spark but the session has no Delta classes "
-                               "(add the delta-spark jar and io.delta.sql.DeltaSparkSessionExtension)")
+            raise RuntimeError("tables.engine=delta-spark but the session has no Delta classes: keep "
+                               "`delta` in spark.packages, put Delta's jars in spark.jars, or give "
+                               "spark-submit --packages with Delta's coordinate")
         self.engine = engine
 
     def path(self, name: str) -> str:
@@ -79,24 +90,43 @@ class TableStore:
         return DeltaTable(target).version()
 
     def _write_through_delta_rs(self, df: DataFrame, target: str, mode: Mode) -> None:
-        staging = self.root / STAGING_DIR / f"{Path(target).name}-{uuid.uuid4().hex}"
+        """Spark writes Parquet into ``<table>/<write id>/``; delta-rs commits exactly those files.
+        Overwrite removes the old files logically (remove actions) and replaces the schema."""
+        write_id = uuid.uuid4().hex
+        folder = Path(target) / write_id
+        written = Observation()
         try:
-            df.write.mode("overwrite").parquet(str(staging))
-            files = sorted(str(p) for p in staging.glob("*.parquet"))
-            schema = to_arrow_schema(df.schema)
-            if files:
-                # Spark names list items "element"; delta-rs wants the schema Spark meant, so read
-                # with the Spark-derived schema and let Arrow cast.
-                dataset = pads.dataset(files, format="parquet")
-                reader = dataset.scanner(batch_size=8192).to_reader()
-                reader = _cast_reader(reader, schema)
+            df.observe(written, F.count(F.lit(1)).alias("rows")).write.parquet(str(folder))
+            rows = int(written.get["rows"])
+            actions = self._add_actions(folder, write_id, rows)
+            schema = Schema.from_json(df.schema.json())  # Delta's schema is Spark's, nullability and all
+            if DeltaTable.is_deltatable(target):
+                DeltaTable(target).create_write_transaction(actions, mode, schema)
             else:
-                reader = pa.RecordBatchReader.from_batches(schema, iter(()))
-            kwargs = {"schema_mode": "overwrite"} if mode == "overwrite" else {}
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            write_deltalake(target, reader, mode=mode, **kwargs)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+                create_table_with_add_actions(target, schema, actions, mode="error")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # uncommitted files: nobody references them
+            raise
+
+    def _add_actions(self, folder: Path, write_id: str, rows: int) -> list[AddAction]:
+        """Add actions for the Parquet files Spark wrote into ``folder``, with delta-rs's own
+        statistics from their footers; fails unless they hold every row Spark wrote."""
+        seen = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+        if not seen:
+            adds = []
+        else:  # delta-rs reads the footers (in Rust, not the rows) and logs stats as its writer does
+            convert_to_deltalake(str(folder))
+            log = folder / FIRST_COMMIT
+            adds = [a["add"] for a in map(json.loads, log.read_text().splitlines()) if "add" in a]
+            shutil.rmtree(folder / "_delta_log")
+        found = sum(json.loads(a["stats"])["numRecords"] for a in adds)
+        if found != rows:
+            raise TableWriteError(
+                f"Spark wrote {rows} rows to {folder}, but the driver sees {len(seen)} files holding "
+                f"{found}; nothing was committed. output.root ({self.root}) must be storage that the "
+                "driver and every executor share (HDFS, an object store, a shared mount).")
+        return [AddAction(f"{write_id}/{a['path']}", a["size"], {}, a["modificationTime"], True, a["stats"])
+                for a in adds]
 
     def read(self, name: str, version: int | None = None) -> DataFrame:
         """Table ``name`` as a DataFrame, at ``version`` when given (time travel)."""
@@ -119,15 +149,3 @@ class TableStore:
     def history(self, name: str) -> list[dict]:
         """Commit history, newest first (small: one entry per version)."""
         return DeltaTable(self.path(name)).history()
-
-
-def _cast_reader(reader: pa.RecordBatchReader, schema: pa.Schema) -> pa.RecordBatchReader:
-    if reader.schema.equals(schema):
-        return reader
-
-    def batches():
-        for batch in reader:
-            yield pa.Table.from_batches([batch]).cast(schema).to_batches()[0] if batch.num_rows else \
-                pa.RecordBatch.from_pylist([], schema=schema)
-
-    return pa.RecordBatchReader.from_batches(schema, batches())

@@ -1,4 +1,5 @@
-"""spark-submit of the whole pipeline to a real standalone cluster (master + 2 workers) on 127.0.0.1."""
+"""spark-submit of the whole pipeline, with Delta's jar, to a real standalone cluster (master + 2 workers)
+on 127.0.0.1: the tables are written by delta-spark."""
 from __future__ import annotations
 
 import json
@@ -6,12 +7,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from deltalake import DeltaTable
 
 from _cluster import StandaloneCluster
 from _pipeline_run import read, write_input
 from fake_openai import FakeOpenAI
+from mergeit_spark.config import load_settings
+from mergeit_spark.jars import jar_conf
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a standalone cluster: not in `make test-fast`
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +34,13 @@ def test_spark_submit_runs_the_whole_pipeline_on_two_workers(cluster, shared_dat
                                    check=True, capture_output=True, text=True).stdout.strip())
     data, n_input = write_input(shared_data, tmp_path / "in.jsonl", rows=160, offset=1000)
     root = tmp_path / "run"
+    # Delta's jar the way a cluster user passes it: spark-submit resolves the coordinate
+    # (--packages, through the project's Ivy settings and cache) for the driver and executors.
+    jars = jar_conf(load_settings().spark)
+    ivy = [arg for key in ("spark.jars.ivy", "spark.jars.ivySettings") for arg in ("--conf", f"{key}={jars[key]}")]
     with FakeOpenAI() as llm:
         result = cluster.submit([
+            "--packages", jars["spark.jars.packages"], *ivy,
             "--py-files", str(zip_path),
             "--conf", "spark.executor.cores=1",
             str(REPO / "jobs" / "run_pipeline.py"),
@@ -51,6 +61,9 @@ def test_spark_submit_runs_the_whole_pipeline_on_two_workers(cluster, shared_dat
     assert apps, "no executor ran on the workers"
     assert len({p.parent.name for p in apps}) == 2, "both workers should have run executors"
 
+    # Every table was written by delta-spark on the cluster (commitInfo names the writer).
+    for table in ("records", "embeddings", "merges", "final", "lineage"):
+        assert all("Delta-Lake/" in h.get("engineInfo", "") for h in DeltaTable(str(root / table)).history()), table
     records, rejects, lineage, final = (read(root, t) for t in ("records", "rejects", "lineage", "final"))
     assert len(records) + len(rejects) == n_input
     assert len(lineage) == n_input

@@ -1,10 +1,40 @@
-"""Table store: real Delta tables, read back by an independent reader (delta-rs), time travel."""
+"""Table store: real Delta tables from both writers (delta-spark, and Spark's Parquet committed by
+delta-rs), each read back by the other writer's reader and by delta-rs straight from the path."""
 from __future__ import annotations
 
+import json
+import uuid
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
 from deltalake import DeltaTable
+from pyspark.sql import types as T
+
+from mergeit_spark.tables import TableStore, TableWriteError
+
+ENGINES = ["delta-spark", "delta-rs"]
+OTHER = {"delta-spark": "delta-rs", "delta-rs": "delta-spark"}
 
 
-def test_overwrite_append_and_versions_read_back_independently(spark, store):
+@pytest.fixture(params=ENGINES)
+def engine_store(request, spark, tmp_path):
+    return TableStore(spark, tmp_path / "run", engine=request.param)
+
+
+def other_reader(store: TableStore) -> TableStore:
+    return TableStore(store.spark, store.root, engine=OTHER[store.engine])
+
+
+def log_actions(table: Path) -> list[dict]:
+    """Every action of every JSON commit, in order (the tables here are too young for checkpoints)."""
+    return [json.loads(line) for commit in sorted((table / "_delta_log").glob("*.json"))
+            for line in commit.read_text().splitlines()]
+
+
+def test_overwrite_append_and_versions_read_back_independently(spark, engine_store):
+    store = engine_store
     first = spark.createDataFrame(
         [("a", [0.6, 0.8], "x"), ("b", [1.0, 0.0], None)], "id string, embedding array<float>, note string")
     second = spark.createDataFrame([("c", [0.0, 1.0], "z")], "id string, embedding array<float>, note string")
@@ -21,45 +51,139 @@ def test_overwrite_append_and_versions_read_back_independently(spark, store):
     v0 = DeltaTable(store.path("t"), version=0).to_pyarrow_table()
     assert sorted(v0.column("id").to_pylist()) == ["a", "b"]
 
-    # And our reader agrees, at both versions.
-    assert sorted(r.id for r in store.read("t").collect()) == ["a", "b", "c"]
-    assert sorted(r.id for r in store.read("t", version=0).collect()) == ["a", "b"]
+    # Our reader and the other engine's reader agree, at both versions.
+    for reader in (store, other_reader(store)):
+        assert sorted(r.id for r in reader.read("t").collect()) == ["a", "b", "c"]
+        assert sorted(r.id for r in reader.read("t", version=0).collect()) == ["a", "b"]
 
     # Overwrite replaces content (and may change the schema); older versions stay readable.
     third = spark.createDataFrame([("d", 4)], "id string, n long")
     assert store.write(third, "t") == 2
     assert DeltaTable(store.path("t")).to_pyarrow_table().to_pylist() == [{"id": "d", "n": 4}]
+    assert [tuple(r) for r in other_reader(store).read("t").collect()] == [("d", 4)]
     assert store.read("t", version=1).count() == 3
     assert [h["operation"] for h in store.history("t")][:1] in (["WRITE"], ["CREATE OR REPLACE TABLE"])
 
 
-def test_empty_table_keeps_its_schema(spark, store):
+def as_nullable(dt: T.DataType) -> T.DataType:
+    if isinstance(dt, T.StructType):
+        return T.StructType([T.StructField(f.name, as_nullable(f.dataType), True) for f in dt])
+    if isinstance(dt, T.ArrayType):
+        return T.ArrayType(as_nullable(dt.elementType), True)
+    return dt
+
+
+def test_nullability_and_list_items_are_what_spark_meant(spark, engine_store):
+    # embed.py's schema: a non-null id and a non-null array of non-null floats.
+    schema = T.StructType([
+        T.StructField("id", T.StringType(), False),
+        T.StructField("embedding", T.ArrayType(T.FloatType(), False), False),
+        T.StructField("tags", T.ArrayType(T.StringType(), True), True),
+        T.StructField("gate", T.StructType([T.StructField("passed", T.BooleanType())]))])
+    df = spark.createDataFrame([("a", [0.5], ["x", None], (True,))], schema)
+    engine_store.write(df, "typed")
+    logged = json.loads(DeltaTable(engine_store.path("typed")).schema().to_json())
+    # delta-rs commits Spark's schema as it is; delta-spark, writing by path, makes every column
+    # nullable (Delta's documented behaviour: NOT NULL needs a CREATE TABLE). Types and item
+    # names agree either way.
+    expected = schema if engine_store.engine == "delta-rs" else as_nullable(schema)
+    assert logged == json.loads(expected.json())
+    for reader in (engine_store, other_reader(engine_store)):
+        back = reader.read("typed")
+        assert [(f.name, as_nullable(f.dataType)) for f in back.schema] == \
+            [(f.name, as_nullable(f.dataType)) for f in schema]
+        assert [tuple(r) for r in back.collect()] == [("a", [0.5], ["x", None], (True,))]
+
+
+def test_empty_table_keeps_its_schema(spark, engine_store):
     empty = spark.createDataFrame([], "id string, embedding array<float>")
-    store.write(empty, "empty")
-    assert DeltaTable(store.path("empty")).to_pyarrow_table().num_rows == 0
-    back = store.read("empty")
-    assert back.count() == 0 and back.columns == ["id", "embedding"]
+    engine_store.write(empty, "empty")
+    assert DeltaTable(engine_store.path("empty")).to_pyarrow_table().num_rows == 0
+    for reader in (engine_store, other_reader(engine_store)):
+        back = reader.read("empty")
+        assert back.count() == 0 and back.columns == ["id", "embedding"]
 
 
 def test_missing_table_is_a_clear_error(store):
-    import pytest
     assert not store.exists("nope") and store.version("nope") is None
     with pytest.raises(FileNotFoundError, match="nope"):
         store.read("nope")
 
 
-def test_written_through_spark_without_the_driver_holding_rows(spark, store):
-    # 50k rows over 4 partitions: the writer streams staged Parquet, and no staging is left behind.
-    df = spark.range(50_000).selectExpr("cast(id as string) as id", "id * 2 as twice").repartition(4)
-    store.write(df, "big")
-    dt = DeltaTable(store.path("big"))
-    assert dt.to_pyarrow_table().num_rows == 50_000
-    assert list((store.root / "_staging").glob("*")) == []
-    assert store.read("big").agg({"twice": "sum"}).first()[0] == sum(range(50_000)) * 2
-
-
-def test_count_comes_from_the_delta_log_and_matches_spark(spark, store):
+def test_count_comes_from_the_delta_log_and_matches_spark(spark, engine_store):
     df = spark.range(1234).selectExpr("cast(id as string) as id").repartition(3)
-    store.write(df, "c")
-    store.write(df.limit(10), "c", mode="append")
-    assert store.count("c") == 1244 == store.read("c").count()
+    engine_store.write(df, "c")
+    engine_store.write(df.limit(10), "c", mode="append")
+    assert engine_store.count("c") == 1244 == engine_store.read("c").count()
+
+
+def test_delta_rs_commits_the_files_spark_wrote_with_stats(spark, tmp_path):
+    store = TableStore(spark, tmp_path / "run", engine="delta-rs")
+    df = spark.range(3000).selectExpr("cast(id as string) as id", "id * 2 as twice").repartition(3)
+    store.write(df, "big")
+    table = Path(store.path("big"))
+    adds = [a["add"] for a in log_actions(table) if "add" in a]
+    on_disk = sorted(str(p.relative_to(table)) for p in table.glob("*/*.parquet"))
+    assert sorted(a["path"] for a in adds) == on_disk and len(on_disk) == 3
+    for add in adds:
+        footer = pq.read_metadata(table / add["path"])
+        assert "parquet-mr" in footer.created_by  # Spark's own file, never rewritten by the driver
+        stats = json.loads(add["stats"])
+        assert stats["numRecords"] == footer.num_rows and stats["nullCount"] == {"id": 0, "twice": 0}
+        assert 0 <= stats["minValues"]["twice"] <= stats["maxValues"]["twice"] <= 5998
+    assert sum(json.loads(a["stats"])["numRecords"] for a in adds) == 3000
+    assert not list(table.glob("*/_delta_log")), "the footer scan leaves no second log behind"
+
+
+def test_delta_rs_overwrite_removes_old_files_logically(spark, tmp_path):
+    store = TableStore(spark, tmp_path / "run", engine="delta-rs")
+    store.write(spark.range(10).repartition(2), "t")
+    first_files = {a["add"]["path"] for a in log_actions(Path(store.path("t"))) if "add" in a}
+    store.write(spark.range(5), "t")
+    actions = log_actions(Path(store.path("t")))
+    removed = {a["remove"]["path"] for a in actions if "remove" in a}
+    assert removed == first_files
+    assert all((Path(store.path("t")) / f).is_file() for f in first_files)  # still there for time travel
+    assert store.count("t") == 5 and store.read("t", version=0).count() == 10
+
+
+def test_delta_rs_driver_never_holds_the_rows(spark, tmp_path):
+    """The driver's Python process reads Parquet footers, never the rows: what it reads from disk
+    and its resident memory stay flat while the table grows tenfold (about 4 MB to 40 MB)."""
+    store = TableStore(spark, tmp_path / "run", engine="delta-rs")
+    me = psutil.Process()
+
+    def write(rows: int) -> tuple[int, int, int]:
+        df = spark.range(rows, numPartitions=4).selectExpr(  # hex digests: Parquet cannot shrink them much
+            "id", "concat(sha2(cast(id as string), 512), sha2(cast(id as string), 256)) as text")
+        read_before, rss_before = me.io_counters().read_chars, me.memory_info().rss
+        store.write(df, f"t{rows}")
+        table_bytes = sum(p.stat().st_size for p in Path(store.path(f"t{rows}")).glob("*/*.parquet"))
+        return me.io_counters().read_chars - read_before, me.memory_info().rss - rss_before, table_bytes
+
+    small_read, _, small_bytes = write(20_000)
+    big_read, big_rss, big_bytes = write(200_000)
+    assert store.count("t200000") == 200_000
+    assert big_bytes > 9 * small_bytes
+    assert big_read < big_bytes / 20          # footers only: the old path read every staged byte
+    assert big_rss < big_bytes / 2            # no batch of rows, let alone the table, in the driver
+
+
+def test_delta_rs_fails_naming_output_root_when_the_driver_cannot_see_the_files(spark, tmp_path):
+    """An output root that is not shared storage: the executors' writes land where the driver does
+    not look (a Hadoop viewfs mount sends the table folder elsewhere; the driver's os calls see the
+    real folder). The write must fail naming output.root, and commit nothing (no empty table)."""
+    store = TableStore(spark, tmp_path / "run", engine="delta-rs")
+    elsewhere = tmp_path / "executors-disk"
+    elsewhere.mkdir()
+    mount = f"hidden{uuid.uuid4().hex[:8]}"  # a fresh name: Hadoop caches file systems per mount
+    spark.conf.set(f"fs.viewfs.mounttable.{mount}.link.{store.root}", elsewhere.as_uri())
+    spark.conf.set(f"fs.viewfs.mounttable.{mount}.linkFallback", "file:///")
+    spark.conf.set("fs.defaultFS", f"viewfs://{mount}/")
+    try:
+        with pytest.raises(TableWriteError, match="output.root"):
+            store.write(spark.range(100).repartition(3), "t")
+    finally:
+        spark.conf.unset("fs.defaultFS")
+    assert list(elsewhere.rglob("*.parquet")), "the executors did write"
+    assert not store.exists("t") and store.version("t") is None
