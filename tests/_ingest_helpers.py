@@ -186,3 +186,61 @@ def fuzz_corpus(seed: int, valid_lines: int, broken_lines: int, max_line_bytes: 
     for _ in range(max(1, broken_lines // 10)):
         lines.insert(rng.randrange(len(lines) + 1), FuzzLine(rng.choice([b"", b"   ", b"\t"]), False, "blank"))
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# A big JSON array made from the real records, with planted duplicates and broken elements
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class BigArray:
+    """What a generated array holds, known from how it was written (no parsing involved)."""
+    path: Path
+    bytes: int = 0
+    rows: int = 0
+    records: int = 0
+    rejected: dict[int, str] = field(default_factory=dict)   # element number -> reason code
+
+
+def _real_triples(shared_data: Path) -> list[tuple[str, str, str]]:
+    triples = []
+    for name in ("mergeit-6k.json", "gpteacher-roleplay.json", "gpteacher-toolformer.json"):
+        triples.extend(t for t in map(alpaca_triple, json.loads((shared_data / name).read_text("utf-8"))) if t)
+    return triples
+
+
+def write_big_array(shared_data: Path, path: Path, target_bytes: int, broken: bool = True) -> BigArray:
+    """An Alpaca JSON array of at least ``target_bytes`` from the shared data's records, each
+    edited to be unique (a variant number in the instruction, the next record's output appended),
+    with an exact copy of the previous element every 10,007 elements and, every 100,003 when
+    ``broken``, one malformed element and one without an output."""
+    base = _real_triples(shared_data)
+    big = BigArray(path)
+    previous = None
+    with path.open("w", encoding="utf-8") as out:
+        out.write("[\n")
+        while big.bytes < target_bytes:
+            row, phase = big.rows, big.rows % 100_003 if broken else -1
+            if phase == 50_000:
+                text, reason = '{"instruction": "Broken element", "output": tru}', "malformed_json"
+            elif phase == 70_000:
+                text, reason = json.dumps({"instruction": f"No output here ({row})"}), "missing_output"
+            elif row % 10_007 == 5 and previous is not None:
+                text, reason = previous, "exact_duplicate"
+            else:
+                instruction, input_, output = base[row % len(base)]
+                text, reason = json.dumps({"instruction": f"{instruction} (variant {row})", "input": input_,
+                                           "output": output + "\n\n" + base[(row + 1) % len(base)][2]},
+                                          ensure_ascii=row % 2 == 0), None
+            previous = text if reason is None else None
+            if reason:
+                big.rejected[row] = reason
+            else:
+                big.records += 1
+            chunk = (",\n" if row else "") + text
+            out.write(chunk)
+            big.bytes += len(chunk.encode("utf-8"))
+            big.rows += 1
+        out.write("\n]\n")
+    big.bytes = path.stat().st_size
+    return big

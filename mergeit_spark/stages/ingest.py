@@ -1,117 +1,81 @@
-"""Ingest: read instruction data from files into the ``records`` and ``rejects`` tables.
+"""Ingest: read instruction data into the ``records``, ``rejects`` and ``input_files`` tables.
 
-Inputs are JSON arrays, JSON Lines, Parquet files and Delta tables (see :func:`resolve_inputs`).
-Every object goes through one validation path (:func:`interpret_object`), whatever file it came
-from, and ends up in exactly one place: a record, or a reject with a reason code. The ledger
-always balances: input rows = ``records`` + ``rejects``.
+Inputs are JSON arrays, JSON Lines, Parquet files and Delta tables (resolved on the driver by
+:mod:`mergeit_spark.inputs`). Every object goes through one validation path
+(:mod:`mergeit_spark.parsing`: layouts, normalisation, reason codes), whatever file it came from,
+and ends up in exactly one place: a record, or a reject with a reason code.
 
-What counts as one input row
-----------------------------
-* JSON Lines: one non-blank line (1-based ``line``). Blank or whitespace-only lines separate rows,
-  they are not rows themselves (a trailing newline is not a lost record). Lines end at ``\n``,
-  ``\r\n`` or a lone ``\r`` (Hadoop's line reader); ``.jsonl.gz`` is read transparently.
-* JSON array: one element (0-based ``row``). A file that is not valid JSON as a whole is
-  salvaged: the elements that parse before the damage are kept, and the unparseable remainder
-  becomes one ``malformed_json`` reject whose ``row`` is the index the next element would have had.
-  A ``json`` file that is not an array is read as a stream of concatenated JSON values.
-* Parquet / Delta: one table row (0-based ``row``; for Delta, counted over the table's data files
-  sorted by path). Each row is serialised with Spark's ``to_json`` and parsed like a JSON line, so
-  there is one validation path. Null (and floating NaN) values become JSON null; Delta partition
-  values are added back as columns.
-* Alpaca seed tasks (``instances: [{input, output}, ...]``): one row per instance, so one line
-  can yield several records (each instance is its own unit of the ledger). An empty ``instances``
-  list is one reject.
+What one input unit is, and how the ledger balances
+---------------------------------------------------
+The readers *frame* each file into units before anything is parsed:
 
-Layouts (checked in this order, per object)
--------------------------------------------
-* ShareGPT ``conversations: [{from, value}]`` and OpenAI ``messages: [{role, content}]``:
-  instruction = the first user turn, input = "", output = the first assistant turn after it.
-  Roles human/user, gpt/assistant/chatgpt/bard/bing/model and system are recognised. The system
-  prompt, every other turn (with its index and role) and the object's other keys go to ``extra``.
-* Seed task: ``instruction`` + ``instances``; the task's other keys (id, name,
-  is_classification, ...) and the instance index go to ``extra``.
-* Alpaca: ``instruction``, ``input`` (optional), ``output``; any other key goes to ``extra``.
+* JSON Lines: a line that is not blank (1-based ``line``). Blank lines (only spaces and tabs,
+  after an optional byte-order mark) separate units, so a trailing newline is not a lost record;
+  a line over ``ingest.max_line_bytes`` is always a unit (it is rejected as too large). Lines end
+  at ``\\n``, ``\\r\\n`` or a lone ``\\r`` (Hadoop's line reader); ``.jsonl.gz`` is read
+  transparently.
+* JSON array: an element (0-based ``row``), framed by :mod:`mergeit_spark.jsonstream` as the file
+  is streamed: a malformed element is one unit and the next elements still count; a missing value
+  (``[a, , b]``), an array the file ends inside, and data after the closing ``]`` are one unit each.
+  A ``json`` file that is not an array is a stream of concatenated JSON values, one unit each.
+* Parquet / Delta: a table row (0-based ``row``; for Delta, counted over the table's live data
+  files sorted by path). Each row is serialised with Spark's ``to_json`` and parsed like a JSON
+  line. Null (and floating NaN) values become JSON null; Delta partition values are added back.
 
-Normalisation: strip surrounding whitespace and turn ``\\r\\n`` and ``\\r`` into ``\\n``. A null
-(or NaN, pandas' null) ``input`` is "". The fields are never coerced: a number, boolean, list or
-object where text is expected is ``non_string_field`` (``42`` as an output is more likely a
-broken export than an answer). ``extra`` is a JSON object string (non-finite floats become null),
-or null when there is nothing beyond the three fields.
+Each framed unit becomes exactly one row of ``records`` or ``rejects``, with one exception: an
+Alpaca seed task (``instruction`` + a non-empty ``instances`` list) is one unit per instance, and
+each instance becomes one row. Exact duplicates are rejects (``exact_duplicate``), one row each,
+so they change nothing in the count. Hence, exactly::
 
-``id`` is :func:`mergeit_spark.ids.content_id` of the normalised text. Records with the same id are
-exact duplicates: the first by (input file position, line/row, instance) is kept, the others are
+    records + rejects = sum(input_files.units)
+    units = framed + sum over seed tasks of (len(instances) - 1)
+
+``input_files`` has one row per input file per run: ``source`` (as in records and rejects),
+``format``, ``units``, ``bytes``, ``run_id`` and ``framed``. ``framed`` is counted apart from the
+parser, by a separate Spark job over the readers' output: JSON Lines and Parquet/Delta on the
+JVM; a JSON array by ijson (yajl, C) when it reads the file as one clean array, else by the
+framer. The seed-task term needs the JSON parsed: each outcome of a seed task carries the length
+of its list as read (not the number of rows the parser made), so a lost instance still shows. A
+parser that drops a unit, or tables that come out short or empty, do not balance: this stage's
+check and finalize's ledger check both fail the run.
+
+Exact duplicates: the first by (input file position, line/row, instance) is kept, the others are
 rejected as ``exact_duplicate`` with ``detail`` = the kept id.
 
-Reason codes
-------------
-===================== =========================================================================
-code                  meaning
-===================== =========================================================================
-malformed_json        not valid JSON (a line, an array element, an array's unparseable
-                      remainder, nesting too deep, a number too long to parse)
-invalid_utf8          the raw bytes are not UTF-8, or a JSON string escapes a lone surrogate
-                      (``"\\ud800"``), which has no UTF-8 form
-not_an_object         the JSON value is an array, string, number, boolean or null; also a seed
-                      task instance that is not an object
-unknown_layout        an object with none of the keys of a known layout, or a seed task whose
-                      ``instances`` is not a list
-bad_conversation      ``conversations``/``messages`` is not a list of turns with a role
-missing_instruction   no instruction (absent or null); in a conversation, no user turn
-missing_output        no output (absent or null); in a conversation, no assistant reply after
-                      the first user turn; a seed task with no instances
-non_string_field      instruction, input or output (or the turn used for one) is not a string
-empty_text            instruction or output is empty or whitespace after normalisation
-too_large             the raw line/element/row is over ``ingest.max_line_bytes`` bytes, or
-                      instruction + input + output are over ``ingest.max_record_chars`` chars
-exact_duplicate       same normalised instruction, input and output as a kept record;
-                      ``detail`` is the kept record's id
-===================== =========================================================================
-
-``raw`` in a reject is the offending text (invalid UTF-8 shown with U+FFFD), cut to
-``raw_chars`` characters.
-
 Engine: no row reaches the driver. JSON Lines are read with ``spark.read.text``; exact line numbers
-come from a per-block row count (the same idea as ``RDD.zipWithIndex``, but on the JVM: count rows
-per file block, prefix-sum the counts, and add each row's offset inside its block). Lines travel to
-Python as bytes (``cast("binary")``) so a strict UTF-8 decode in the worker catches bad bytes; a
-line over the size limit is cut on the JVM side before it is shipped. JSON arrays are read whole with
-``binaryFile``, one file per task (inherent to the format). Parquet and Delta rows become JSON text
-with ``to_json(struct(*))``. All of them meet in one ``mapInArrow``.
+come from a per-block row count (the idea of ``RDD.zipWithIndex``, on the JVM): count the rows of
+each file block, sum the counts of the earlier blocks of the same file (a small self-join, no
+window over the whole data), and add each row's offset inside its block. Lines travel to Python
+as bytes (``cast("binary")``) so a strict UTF-8 decode in the worker catches bad bytes; a line
+over the size limit is cut on the JVM side before it is shipped. A JSON array file is streamed by
+one task (the format has no split points) a chunk at a time, so a worker's memory stays flat
+whatever the file's size. Parquet and Delta rows become JSON text with ``to_json(struct(*))``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
 import re
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Iterator
-from urllib.parse import unquote, urlparse
+import time
+import uuid
+from typing import Any, Iterator, NamedTuple
 
 import pyarrow as pa
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql.types import (BinaryType, DoubleType, FloatType, IntegerType, LongType, StringType,
-                               StructField, StructType)
+from pyspark.sql.pandas.types import from_arrow_schema
+from pyspark.sql.types import (DoubleType, FloatType, IntegerType, LongType, StringType, StructField,
+                               StructType)
 
 from ..config import IngestSettings, Settings
-from ..ids import content_id
-from . import Stage, StageContext
+from ..inputs import (FORMATS, SAMPLE_PATH, InputError, InputFile, delta_data_files, fingerprint_inputs,
+                      input_bytes, resolve_inputs)
+from ..jsonstream import count_units
+from ..parsing import (DEFAULT_RAW_CHARS, OUTCOME_ARROW, REASONS, ParseLimits, parse_json_file_batches,
+                       parse_text_batches)
+from . import Stage, StageContext, StageOutput
 
-SAMPLE_PATH = str(Path(__file__).resolve().parents[1] / "data" / "sample.jsonl")
-"""The bundled demo sample, used when ``input.paths`` is empty."""
-
-FORMATS = ("json", "jsonl", "parquet", "delta")
-REASONS = ("malformed_json", "invalid_utf8", "not_an_object", "unknown_layout", "bad_conversation",
-           "missing_instruction", "missing_output", "non_string_field", "empty_text", "too_large",
-           "exact_duplicate")
-DEFAULT_RAW_CHARS = IngestSettings().reject_raw_chars
-
-_JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
-_UNSUPPORTED_DELTA_READER_FEATURES = {"columnMapping"}
+__all__ = ["FORMATS", "REASONS", "SAMPLE_PATH", "InputError", "InputFile", "Ingest", "IngestCountError",
+           "IngestTables", "check_input_counts", "ingest", "resolve_inputs"]
 
 RECORD_SCHEMA = StructType([
     StructField("id", StringType(), False),
@@ -129,663 +93,119 @@ REJECT_SCHEMA = StructType([
     StructField("reason", StringType(), False),
     StructField("detail", StringType(), True),
 ])
-
-# What the readers hand to the parser: one JSON text (a line, a Parquet row) or one whole document.
-_UNIT_SCHEMA = StructType([
-    StructField("file_index", IntegerType(), False),
+INPUT_FILES_SCHEMA = StructType([
     StructField("source", StringType(), False),
-    StructField("line", LongType(), True),
-    StructField("row", LongType(), True),
-    StructField("kind", StringType(), False),      # "text" | "document"
-    StructField("raw", BinaryType(), True),        # cut to a prefix when size > max_line_bytes
-    StructField("size", LongType(), True),         # bytes before any cut
+    StructField("format", StringType(), False),
+    StructField("units", LongType(), False),    # rows of records + rejects this file accounts for
+    StructField("bytes", LongType(), False),
+    StructField("run_id", StringType(), False),
+    StructField("framed", LongType(), False),   # lines, elements or rows, counted apart from parsing
 ])
-# What the parser returns: a record (reason null) or a reject, with its position for ordering.
-_OUTCOME_SCHEMA = StructType([
-    StructField("file_index", IntegerType(), False),
-    StructField("source", StringType(), False),
-    StructField("line", LongType(), True),
-    StructField("row", LongType(), True),
-    StructField("sub", IntegerType(), False),      # instance index inside a seed task, else 0
-    StructField("id", StringType(), True),
-    StructField("instruction", StringType(), True),
-    StructField("input", StringType(), True),
-    StructField("output", StringType(), True),
-    StructField("extra", StringType(), True),
-    StructField("raw", StringType(), True),
-    StructField("reason", StringType(), True),
-    StructField("detail", StringType(), True),
-])
-_OUTCOME_ARROW = pa.schema([
-    pa.field("file_index", pa.int32(), False), pa.field("source", pa.string(), False),
-    pa.field("line", pa.int64()), pa.field("row", pa.int64()), pa.field("sub", pa.int32(), False),
-    pa.field("id", pa.string()), pa.field("instruction", pa.string()), pa.field("input", pa.string()),
-    pa.field("output", pa.string()), pa.field("extra", pa.string()), pa.field("raw", pa.string()),
-    pa.field("reason", pa.string()), pa.field("detail", pa.string()),
-])
-_OUTCOMES_PER_BATCH = 2048  # bounds a worker's memory while it walks one big JSON array
 
-
-class InputError(ValueError):
-    """An input path is missing, unreadable or of a format this stage cannot read."""
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One input: a file (json, jsonl, parquet) or a Delta table directory (delta)."""
-    path: str     # absolute
-    format: str   # one of FORMATS
-
-
-# --------------------------------------------------------------------------------------------
-# Resolving paths (driver, before any Spark work)
-# --------------------------------------------------------------------------------------------
-
-def resolve_inputs(paths: list[str], fmt: str) -> list[InputFile]:
-    """Turn user paths into typed inputs; raise :class:`InputError` for anything unreadable.
-
-    Directories expand to their data files, sorted, skipping hidden and ``_``-prefixed entries as
-    Spark does (``_SUCCESS``, ``.crc``); a directory holding ``_delta_log`` is one Delta input.
-    With ``fmt="auto"`` a file's format comes from its extension (``.json`` is sniffed: ``[``
-    means an array, ``{`` JSON Lines); a file of unknown type in a directory is an error, not
-    something skipped in silence. An explicit ``fmt`` applies to every file found. A path given
-    twice is read once. Paths are made absolute (not resolved through symlinks): that string is
-    the ``source`` of every row read from it.
-    """
-    if fmt != "auto" and fmt not in FORMATS:
-        raise InputError(f"unknown input format {fmt!r}; expected auto, {', '.join(FORMATS)}")
-    resolved: list[InputFile] = []
-    seen: set[str] = set()
-    for given in paths:
-        for item in _resolve_one(str(given), fmt):
-            if item.path not in seen:
-                seen.add(item.path)
-                resolved.append(item)
-    return resolved
-
-
-def _resolve_one(given: str, fmt: str) -> list[InputFile]:
-    scheme = urlparse(given).scheme
-    if scheme == "file":
-        given = unquote(urlparse(given).path)
-    elif len(scheme) > 1:  # a one-letter scheme is a Windows drive
-        raise InputError(f"{given}: only local (or mounted) paths are supported, not {scheme}:// URIs")
-    path = os.path.abspath(os.path.expanduser(given))
-    if not os.path.exists(path):
-        raise InputError(f"input not found: {given}")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"input not readable: {given}")
-    if os.path.isdir(path):
-        return _resolve_directory(path, given, fmt)
-    return [InputFile(path, _file_format(path, fmt))]
-
-
-def _resolve_directory(path: str, given: str, fmt: str) -> list[InputFile]:
-    if os.path.isdir(os.path.join(path, "_delta_log")):
-        if fmt not in ("auto", "delta"):
-            raise InputError(f"{given} is a Delta table; read it with format delta (or auto), not {fmt}")
-        _check_delta(path)
-        return [InputFile(path, "delta")]
-    if fmt == "delta":
-        raise InputError(f"{given} is not a Delta table (no _delta_log directory)")
-    found: list[InputFile] = []
-    unknown: list[str] = []
-    for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
-        if root != path and os.path.isdir(os.path.join(root, "_delta_log")):
-            _check_delta(root)
-            found.append(InputFile(root, "delta"))
-            dirs[:] = []
-            continue
-        for name in sorted(files):
-            if name.startswith((".", "_")):
-                continue
-            full = os.path.join(root, name)
-            try:
-                found.append(InputFile(full, _file_format(full, fmt)))
-            except InputError:
-                unknown.append(os.path.relpath(full, path))
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise InputError(f"{given}: files of unknown format: {shown} (move them out, or set input.format)")
-    if not found:
-        raise InputError(f"{given}: directory holds no data files")
-    return found
-
-
-def _file_format(path: str, fmt: str) -> str:
-    if fmt == "delta":
-        raise InputError(f"{path}: format delta wants a table directory, not a file")
-    if fmt != "auto":
-        return fmt
-    lower = path.lower()
-    if lower.endswith(_JSONL_SUFFIXES):
-        return "jsonl"
-    if lower.endswith(".parquet"):
-        return "parquet"
-    if lower.endswith(".json"):
-        first = _first_significant_byte(path)
-        if first in (b"", b"{"):  # an empty file has no rows whichever way it is read
-            return "jsonl"
-        if first == b"[":
-            return "json"
-        raise InputError(f"{path}: cannot tell the JSON layout: starts with {first!r}, expected '[' "
-                         f"(array) or '{{' (JSON Lines); set input.format")
-    raise InputError(f"{path}: unknown input format (expected .json, .jsonl, .ndjson, .parquet or a "
-                     f"Delta table directory; or set input.format)")
-
-
-def _first_significant_byte(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        head = handle.read(65536)
-        while head:
-            stripped = head.lstrip(b" \t\r\n")
-            if stripped.startswith(b"\xef\xbb\xbf"):
-                stripped = stripped[3:]
-            stripped = stripped.lstrip(b" \t\r\n")
-            if stripped:
-                return stripped[:1]
-            head = handle.read(65536)
-    return b""
-
-
-def _check_delta(path: str) -> None:
-    from deltalake import DeltaTable
-    try:
-        table = DeltaTable(path)
-    except Exception as exc:  # TableNotFoundError, a damaged log, ...
-        raise InputError(f"{path}: cannot open Delta table: {exc}") from None
-    features = set(table.protocol().reader_features or ())
-    blocked = features & _UNSUPPORTED_DELTA_READER_FEATURES
-    if blocked:
-        raise InputError(f"{path}: Delta reader feature(s) {sorted(blocked)} cannot be read from the "
-                         f"data files directly")
-    if "deletionVectors" in features and pa.table(table.deletion_vectors().read_all()).num_rows:
-        raise InputError(f"{path}: Delta table has deletion vectors; rewrite it (OPTIMIZE/PURGE) first")
-
-
-def _delta_data_files(path: str) -> list[tuple[str, int | None, dict[str, Any]]]:
-    """(absolute data file, row count if logged, partition values) for the table's live files."""
-    from deltalake import DeltaTable
-    actions = pa.table(DeltaTable(path).get_add_actions(flatten=True)).to_pylist()
-    files = []
-    for action in actions:
-        rel = action["path"]
-        parsed = urlparse(rel)
-        if parsed.scheme == "file":
-            full = unquote(parsed.path)
-        elif parsed.scheme:
-            raise InputError(f"{path}: data file {rel} is not local")
-        else:
-            full = os.path.join(path, unquote(rel))
-        partition = {key[len("partition."):]: value for key, value in action.items()
-                     if key.startswith("partition.")}
-        files.append((full, action.get("num_records"), partition))
-    return sorted(files, key=lambda item: item[0])
-
-
-def fingerprint_inputs(files: Iterable[InputFile]) -> str:
-    """Hash of each input's path, format, and every data file's size and mtime."""
-    digest = hashlib.sha256()
-    for item in files:
-        digest.update(f"{item.format}\0{item.path}\n".encode())
-        if not os.path.exists(item.path):
-            raise InputError(f"input not found: {item.path}")
-        targets = [item.path]
-        if os.path.isdir(item.path):
-            targets = sorted(os.path.join(root, name) for root, _, names in os.walk(item.path)
-                             for name in names)
-        for target in targets:
-            stat = os.stat(target)
-            rel = os.path.relpath(target, item.path)
-            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------
-# Parsing (Python workers): one path for every input format
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ParseLimits:
-    max_record_chars: int
-    max_line_bytes: int
-    id_length: int
-    raw_chars: int = DEFAULT_RAW_CHARS
-
-    @classmethod
-    def from_settings(cls, settings: IngestSettings, raw_chars: int = DEFAULT_RAW_CHARS) -> "ParseLimits":
-        return cls(settings.max_record_chars, settings.max_line_bytes, settings.id_length, raw_chars)
-
-
-@dataclass(frozen=True)
-class Position:
-    file_index: int
-    source: str
-    line: int | None
-    row: int | None
-
-
-class _Reject(Exception):
-    """Raised inside the parser to turn the current unit into a reject."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-_USER_ROLES = {"human", "user"}
-_ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model"}
-_ALPACA_FIELDS = ("instruction", "input", "output")
-_DECODER = json.JSONDecoder()
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
-def parse_text(raw: bytes | None, size: int | None, pos: Position, limits: ParseLimits,
-               blank_is_row: bool = False) -> list[dict]:
-    """Outcomes of one JSON text (a JSON Lines line, a Parquet row as JSON).
-
-    Returns [] for a blank line unless ``blank_is_row`` (then it is ``malformed_json``).
-    """
-    raw = raw or b""
-    size = len(raw) if size is None else size
-    if size > limits.max_line_bytes:
-        return [_reject(pos, raw, "too_large", f"{size} bytes > ingest.max_line_bytes={limits.max_line_bytes}",
-                        limits)]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return [_reject(pos, raw, "invalid_utf8", f"byte {exc.start}: {exc.reason}", limits)]
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    if not text.strip(" \t\r\n"):  # JSON's own whitespace only; "\x1f" is not a blank line
-        return [_reject(pos, raw, "malformed_json", "empty text", limits)] if blank_is_row else []
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        return [_reject(pos, text, "malformed_json", "nested too deeply", limits)]
-    except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
-        return [_reject(pos, text, "malformed_json", str(exc), limits)]
-    return interpret_object(value, text, pos, limits)
-
-
-def parse_document(content: bytes | None, file_index: int, source: str,
-                   limits: ParseLimits) -> Iterator[dict]:
-    """Outcomes of a JSON array file (or a stream of concatenated JSON values), element by element.
-
-    Elements that parse are interpreted in order; at the first element that does not, the rest of
-    the file becomes one ``malformed_json`` reject (its ``row`` is the index that element would
-    have had). Bytes that are not UTF-8 only spoil the elements they sit in (``invalid_utf8``).
-    """
-    text = (content or b"").decode("utf-8", "surrogateescape")
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    end = len(text)
-    at = _WHITESPACE.match(text, 0).end()
-    if at == end:
-        return
-    in_array = text[at] == "["
-    if in_array:
-        at = _WHITESPACE.match(text, at + 1).end()
-        if at < end and text[at] == "]":
-            at = _WHITESPACE.match(text, at + 1).end()
-            if at < end:
-                yield _remainder(text, at, 0, file_index, source, limits, "data after the closing ]")
-            return
-    index = 0
-    while True:
-        pos = Position(file_index, source, None, index)
-        if at >= end:
-            if in_array:
-                yield _remainder(text, at, index, file_index, source, limits, "array not closed (file ends)")
-            return
-        try:
-            value, stop = _DECODER.raw_decode(text, at)
-        except RecursionError:
-            yield _remainder(text, at, index, file_index, source, limits, "nested too deeply")
-            return
-        except ValueError as exc:
-            yield _remainder(text, at, index, file_index, source, limits, _json_error(exc, text, at))
-            return
-        yield from _interpret_element(value, text[at:stop], pos, limits)
-        index += 1
-        at = _WHITESPACE.match(text, stop).end()
-        if not in_array:
-            continue
-        if at < end and text[at] == ",":
-            at = _WHITESPACE.match(text, at + 1).end()
-            continue
-        if at < end and text[at] == "]":
-            at = _WHITESPACE.match(text, at + 1).end()
-            if at < end:
-                yield _remainder(text, at, index, file_index, source, limits, "data after the closing ]")
-            return
-        yield _remainder(text, at, index, file_index, source, limits,
-                         "expected ',' or ']' after element" if at < end else "array not closed (file ends)")
-        return
-
-
-def _interpret_element(value: Any, raw_text: str, pos: Position, limits: ParseLimits) -> list[dict]:
-    size = len(raw_text.encode("utf-8", "surrogateescape"))
-    if size > limits.max_line_bytes:
-        return [_reject(pos, raw_text, "too_large",
-                        f"{size} bytes > ingest.max_line_bytes={limits.max_line_bytes}", limits)]
-    bad = _first_escaped_byte(raw_text)
-    if bad is not None:
-        return [_reject(pos, raw_text, "invalid_utf8", f"byte 0x{bad:02x} is not UTF-8", limits)]
-    return interpret_object(value, raw_text, pos, limits)
-
-
-def _first_escaped_byte(text: str) -> int | None:
-    """The first undecodable byte kept by ``surrogateescape`` (U+DC80..U+DCFF), if any."""
-    for char in text:
-        if "\udc80" <= char <= "\udcff":
-            return ord(char) - 0xDC00
-    return None
-
-
-def _remainder(text: str, at: int, index: int, file_index: int, source: str, limits: ParseLimits,
-               why: str) -> dict:
-    line = text.count("\n", 0, at) + 1
-    return _reject(Position(file_index, source, None, index), text[at:], "malformed_json",
-                   f"unparseable remainder from line {line} ({len(text) - at} chars): {why}", limits)
-
-
-def _json_error(exc: ValueError, text: str, at: int) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
-    return str(exc)
-
-
-def interpret_object(value: Any, raw_text: str, pos: Position, limits: ParseLimits) -> list[dict]:
-    """Map one parsed JSON value to its outcomes: records, or rejects with a reason code."""
-    if not isinstance(value, dict):
-        kind = "null" if value is None else type(value).__name__
-        kind = {"list": "array", "dict": "object", "str": "string", "int": "number",
-                "float": "number", "bool": "boolean"}.get(kind, kind)
-        return [_reject(pos, raw_text, "not_an_object", f"JSON {kind}, expected an object", limits)]
-    try:
-        if "conversations" in value or "messages" in value:
-            return [_conversation_record(value, raw_text, pos, limits)]
-        if "instances" in value:
-            return _seed_task_records(value, raw_text, pos, limits)
-        if any(key in value for key in _ALPACA_FIELDS):
-            extra = {k: v for k, v in value.items() if k not in _ALPACA_FIELDS}
-            return [_record(value.get("instruction"), value.get("input"), value.get("output"), extra,
-                            raw_text, pos, 0, limits)]
-        keys = ", ".join(sorted(value)[:8]) or "none"
-        raise _Reject("unknown_layout", f"no instruction/output, conversations, messages or instances "
-                                        f"(keys: {keys})")
-    except _Reject as rej:
-        return [_reject(pos, raw_text, rej.reason, rej.detail, limits)]
-
-
-def _seed_task_records(task: dict, raw_text: str, pos: Position, limits: ParseLimits) -> list[dict]:
-    instances = task["instances"]
-    if not isinstance(instances, list):
-        raise _Reject("unknown_layout", f"instances is a {type(instances).__name__}, expected a list")
-    if not instances:
-        raise _Reject("missing_output", "seed task has no instances")
-    shared = {k: v for k, v in task.items() if k not in ("instruction", "instances")}
-    outcomes = []
-    for i, instance in enumerate(instances):
-        try:
-            if not isinstance(instance, dict):
-                raise _Reject("not_an_object", f"instance {i} is not an object")
-            extra = dict(shared)
-            extra.update({k: v for k, v in instance.items() if k not in ("input", "output")})
-            extra["instance"] = i
-            outcomes.append(_record(task.get("instruction"), instance.get("input"), instance.get("output"),
-                                    extra, raw_text, pos, i, limits))
-        except _Reject as rej:
-            outcomes.append(_reject(pos, raw_text, rej.reason, f"instance {i}: {rej.detail}", limits, sub=i))
-    return outcomes
-
-
-def _conversation_record(obj: dict, raw_text: str, pos: Position, limits: ParseLimits) -> dict:
-    layout = "sharegpt" if "conversations" in obj else "messages"
-    turns = obj[layout if layout == "messages" else "conversations"]
-    if not isinstance(turns, list):
-        raise _Reject("bad_conversation", f"{layout}: expected a list of turns, got {type(turns).__name__}")
-    parsed: list[tuple[str, Any]] = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise _Reject("bad_conversation", f"turn {i} is not an object")
-        role = turn.get("from", turn.get("role"))
-        if not isinstance(role, str):
-            raise _Reject("bad_conversation", f"turn {i} has no role (from/role)")
-        role = role.strip().lower()
-        role = "user" if role in _USER_ROLES else "assistant" if role in _ASSISTANT_ROLES else role
-        parsed.append((role, turn.get("value", turn.get("content"))))
-    user = next((i for i, (role, _) in enumerate(parsed) if role == "user"), None)
-    if user is None:
-        raise _Reject("missing_instruction", f"{layout}: no user turn")
-    reply = next((i for i in range(user + 1, len(parsed)) if parsed[i][0] == "assistant"), None)
-    if reply is None:
-        raise _Reject("missing_output", f"{layout}: no assistant reply after the first user turn")
-    system_turn = next((i for i, (role, _) in enumerate(parsed) if role == "system"), None)
-    extra: dict[str, Any] = {k: v for k, v in obj.items() if k not in ("conversations", "messages")}
-    extra["layout"] = layout
-    if system_turn is not None:
-        extra["system"] = parsed[system_turn][1]
-    used = {user, reply, system_turn}
-    rest = [{"index": i, "role": role, "content": content}
-            for i, (role, content) in enumerate(parsed) if i not in used]
-    if rest:
-        extra["turns"] = rest
-    return _record(_turn_text(parsed[user][1]), "", _turn_text(parsed[reply][1]), extra,
-                   raw_text, pos, 0, limits)
-
-
-def _turn_text(content: Any) -> Any:
-    """OpenAI content may be a list of parts; only all-text parts count as text."""
-    if isinstance(content, list) and content and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-        return "\n".join(p["text"] for p in content)
-    return content
-
-
-def _is_null(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def normalise_text(text: str) -> str:
-    """Strip surrounding whitespace and unify newlines (CRLF and CR become LF)."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
-
-
-def _record(instruction: Any, input_: Any, output: Any, extra: dict, raw_text: str, pos: Position,
-            sub: int, limits: ParseLimits) -> dict:
-    if _is_null(instruction):
-        raise _Reject("missing_instruction", "instruction is absent or null")
-    if not isinstance(instruction, str):
-        raise _Reject("non_string_field", f"instruction is a {_json_type(instruction)}, not a string")
-    if _is_null(input_):
-        input_ = ""
-    if not isinstance(input_, str):
-        raise _Reject("non_string_field", f"input is a {_json_type(input_)}, not a string")
-    if _is_null(output):
-        raise _Reject("missing_output", "output is absent or null")
-    if not isinstance(output, str):
-        raise _Reject("non_string_field", f"output is a {_json_type(output)}, not a string")
-    instruction, input_, output = normalise_text(instruction), normalise_text(input_), normalise_text(output)
-    if not instruction:
-        raise _Reject("empty_text", "instruction is empty")
-    if not output:
-        raise _Reject("empty_text", "output is empty")
-    chars = len(instruction) + len(input_) + len(output)
-    if chars > limits.max_record_chars:
-        raise _Reject("too_large", f"{chars} chars > ingest.max_record_chars={limits.max_record_chars}")
-    for name, text in (("instruction", instruction), ("input", input_), ("output", output)):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise _Reject("invalid_utf8", f"{name}: lone surrogate at char {exc.start}, no UTF-8 form") from None
-    return {
-        "file_index": pos.file_index, "source": pos.source, "line": pos.line, "row": pos.row, "sub": sub,
-        "id": content_id(instruction, input_, output, limits.id_length),
-        "instruction": instruction, "input": input_, "output": output,
-        "extra": _extra_json(extra), "raw": _clip(raw_text, limits.raw_chars),
-        "reason": None, "detail": None,
-    }
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {"list": "array", "dict": "object"}.get(type(value).__name__, type(value).__name__)
-
-
-def _extra_json(extra: dict) -> str | None:
-    if not extra:
-        return None
-    clean = _finite(extra)
-    text = json.dumps(clean, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate somewhere: keep it as a JSON escape
-        text = json.dumps(clean, ensure_ascii=True)
-    return text
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _clip(text: str | bytes, limit: int) -> str:
-    """Printable, UTF-8-safe prefix of the offending text for the rejects table."""
-    if isinstance(text, bytes):
-        return text[: limit * 4].decode("utf-8", "replace")[:limit]
-    text = text[:limit]
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:  # bytes kept by surrogateescape: show them as U+FFFD
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def _reject(pos: Position, raw: str | bytes, reason: str, detail: str, limits: ParseLimits,
-            sub: int = 0) -> dict:
-    return {
-        "file_index": pos.file_index, "source": pos.source, "line": pos.line, "row": pos.row, "sub": sub,
-        "id": None, "instruction": None, "input": None, "output": None, "extra": None,
-        "raw": _clip(raw, limits.raw_chars), "reason": reason, "detail": _clip(detail, limits.raw_chars),
-    }
-
-
-def _parse_batches(batches: Iterator[pa.RecordBatch], limits: ParseLimits) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: units in, outcomes out."""
-    for batch in batches:
-        columns = batch.to_pydict()
-        pending: list[dict] = []
-        for file_index, source, line, row, kind, raw, size in zip(
-                columns["file_index"], columns["source"], columns["line"], columns["row"],
-                columns["kind"], columns["raw"], columns["size"]):
-            if kind == "document":
-                for outcome in parse_document(raw, file_index, source, limits):
-                    pending.append(outcome)
-                    if len(pending) >= _OUTCOMES_PER_BATCH:
-                        yield pa.RecordBatch.from_pylist(pending, schema=_OUTCOME_ARROW)
-                        pending = []
-            else:
-                # A Parquet/Delta row is never "blank": an empty to_json is still a row.
-                pending.extend(parse_text(raw, size, Position(file_index, source, line, row), limits,
-                                          blank_is_row=row is not None))
-        if pending:
-            yield pa.RecordBatch.from_pylist(pending, schema=_OUTCOME_ARROW)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading (Spark)
-# --------------------------------------------------------------------------------------------
-
+_OUTCOME_SCHEMA = from_arrow_schema(OUTCOME_ARROW)
+_COUNT_SCHEMA = StructType([StructField("file_index", IntegerType(), False),
+                            StructField("framed", LongType(), False)])
+_BLANK_LINE = r"^\uFEFF?[ \t]*$"  # Java regex: what separates JSON Lines units
 _GLOB_CHARS = re.compile(r"([\\*?\[\]{}])")
 
+
+class IngestCountError(RuntimeError):
+    """records + rejects do not add up to the input units ingest counted."""
+
+
+class IngestTables(NamedTuple):
+    records: DataFrame
+    rejects: DataFrame
+    input_files: DataFrame
+
+
+# --------------------------------------------------------------------------------------------
+# Readers: framed units (Spark)
+# --------------------------------------------------------------------------------------------
 
 def _spark_path(path: str) -> str:
     """Hadoop treats * ? [ ] { } as a glob; escape them so a file name is taken literally."""
     return _GLOB_CHARS.sub(r"\\\1", path)
 
 
-def _cut(value, limits: ParseLimits):
+# A text unit (a JSON Lines line, a table row as JSON) goes to the parser as (file_index, source,
+# line, row, raw: binary, size: bytes before any cut).
+
+def _cut(value: Column, limits: ParseLimits) -> Column:
     """Ship at most a prefix of an over-size text to Python: its size alone decides the reject."""
     return F.when(F.length(value) > limits.max_line_bytes,
                   F.substring(value, 1, limits.raw_chars * 4)).otherwise(value)
 
 
+def _jsonl_lines(spark: SparkSession, files: list[tuple[int, InputFile]]) -> DataFrame:
+    """Every line of the JSON Lines files, blank or not, with its block and a position id."""
+    return _union([spark.read.text(_spark_path(item.path)).select(
+        F.lit(index).cast("int").alias("file_index"),
+        F.lit(item.path).alias("source"),
+        F.col("_metadata.file_block_start").alias("block"),
+        F.monotonically_increasing_id().alias("mid"),
+        F.col("value")) for index, item in files])
+
+
+def _is_unit_line(limits: ParseLimits) -> Column:
+    """A line that is a unit: not blank, or over the size limit (then rejected as too large)."""
+    size = F.length(F.col("value").cast("binary"))
+    return (size > limits.max_line_bytes) | ~F.col("value").rlike(_BLANK_LINE)
+
+
+def _block_offsets(lines: DataFrame) -> DataFrame:
+    """Per (file, block): the smallest position id and the lines in the file's earlier blocks.
+
+    A self-join of the block counts (one row per file block, so small) instead of a running-sum
+    window: a window with a constant partition key would put every block through one task.
+    """
+    blocks = lines.groupBy("file_index", "block").agg(F.count(F.lit(1)).alias("n"), F.min("mid").alias("first"))
+    here, earlier = blocks.alias("here"), blocks.alias("earlier")
+    joined = here.join(earlier, (F.col("here.file_index") == F.col("earlier.file_index"))
+                       & (F.col("earlier.block") < F.col("here.block")), "left")
+    return joined.groupBy(F.col("here.file_index").alias("file_index"), F.col("here.block").alias("block"),
+                          F.col("here.first").alias("first")).agg(
+        F.coalesce(F.sum("earlier.n"), F.lit(0)).alias("before"))
+
+
 def _jsonl_units(spark: SparkSession, files: list[tuple[int, InputFile]], limits: ParseLimits) -> DataFrame:
-    """JSON Lines as units with exact 1-based line numbers, computed without leaving the JVM.
+    """JSON Lines units with exact 1-based line numbers, computed without leaving the JVM.
 
     Each file block (a split) is read by one task, in order, so a row's line number is
-    (rows in earlier blocks of the file) + (its position in its block) + 1. The position comes
+    (lines in earlier blocks of the file) + (its position in its block) + 1. The position comes
     from ``monotonically_increasing_id`` (consecutive inside a partition) minus the block's
-    smallest id; the earlier-block counts from a small aggregate (one row per block).
+    smallest id. Blank lines count for the numbering but are not units.
     """
-    scans = []
-    for index, item in files:
-        scans.append(spark.read.text(_spark_path(item.path)).select(
-            F.lit(index).cast("int").alias("file_index"),
-            F.lit(item.path).alias("source"),
-            F.col("_metadata.file_block_start").alias("block"),
-            F.monotonically_increasing_id().alias("mid"),
-            F.col("value").cast("binary").alias("value")))
-    lines = _union(scans)
-    blocks = lines.groupBy("file_index", "block").agg(F.count(F.lit(1)).alias("n"), F.min("mid").alias("first"))
-    earlier = Window.partitionBy("file_index").orderBy("block").rowsBetween(Window.unboundedPreceding, -1)
-    blocks = blocks.withColumn("before", F.coalesce(F.sum("n").over(earlier), F.lit(0)))
-    numbered = lines.join(F.broadcast(blocks.select("file_index", "block", "first", "before")),
-                          ["file_index", "block"])
-    return numbered.select(
+    lines = _jsonl_lines(spark, files)
+    numbered = lines.join(F.broadcast(_block_offsets(lines)), ["file_index", "block"])
+    value = F.col("value").cast("binary")
+    return numbered.filter(_is_unit_line(limits)).select(
         "file_index", "source",
         (F.col("mid") - F.col("first") + F.col("before") + 1).cast("long").alias("line"),
         F.lit(None).cast("long").alias("row"),
-        F.lit("text").alias("kind"),
-        _cut(F.col("value"), limits).alias("raw"),
-        F.length("value").cast("long").alias("size"))
+        _cut(value, limits).alias("raw"),
+        F.length(value).cast("long").alias("size"))
 
 
-def _json_document_units(spark: SparkSession, files: list[tuple[int, InputFile]]) -> DataFrame:
-    scans = [spark.read.format("binaryFile").load(_spark_path(item.path)).select(
-        F.lit(index).cast("int").alias("file_index"),
-        F.lit(item.path).alias("source"),
-        F.lit(None).cast("long").alias("line"),
-        F.lit(None).cast("long").alias("row"),
-        F.lit("document").alias("kind"),
-        F.col("content").alias("raw"),
-        F.col("length").cast("long").alias("size")) for index, item in files]
-    return _union(scans)
+def _table_parts(files: list[tuple[int, InputFile]]) -> Iterator[tuple[int, str, str, int, dict[str, Any]]]:
+    """(file_index, source, data file, row offset, partition values) of each Parquet data file."""
+    for index, item in files:
+        if item.format == "parquet":
+            yield index, item.path, item.path, 0, {}
+            continue
+        offset = 0
+        for data_file, count, partition, _ in delta_data_files(item.path):
+            yield index, item.path, data_file, offset, partition
+            if count is None:
+                import pyarrow.parquet as pq
+                count = pq.read_metadata(data_file).num_rows
+            offset += count
 
 
 def _table_units(spark: SparkSession, files: list[tuple[int, InputFile]], limits: ParseLimits) -> DataFrame:
     """Parquet files and Delta tables: each row as ``to_json(struct(*))``, with its row index."""
-    scans = []
-    for index, item in files:
-        if item.format == "parquet":
-            parts = [(item.path, 0, {})]
-        else:
-            parts, offset = [], 0
-            for data_file, count, partition in _delta_data_files(item.path):
-                parts.append((data_file, offset, partition))
-                if count is None:
-                    import pyarrow.parquet as pq
-                    count = pq.read_metadata(data_file).num_rows
-                offset += count
-        for data_file, offset, partition in parts:
-            scans.append(_parquet_rows(spark, index, item.path, data_file, offset, partition, limits))
-    return _union(scans)
+    return _union([_parquet_rows(spark, index, source, data_file, offset, partition, limits)
+                   for index, source, data_file, offset, partition in _table_parts(files)])
 
 
 def _parquet_rows(spark: SparkSession, index: int, source: str, data_file: str, offset: int,
@@ -809,9 +229,18 @@ def _parquet_rows(spark: SparkSession, index: int, source: str, data_file: str, 
         F.lit(source).alias("source"),
         F.lit(None).cast("long").alias("line"),
         (F.col("_metadata.row_index") + F.lit(offset)).cast("long").alias("row"),
-        F.lit("text").alias("kind"),
         _cut(text, limits).alias("raw"),
         F.length(text).cast("long").alias("size"))
+
+
+def _json_files(spark: SparkSession, files: list[tuple[int, InputFile]]) -> DataFrame:
+    """One row (file_index, source) per JSON file, each in its own partition: one task per file."""
+    paths = F.array(*[F.lit(item.path) for _, item in files])
+    indexes = F.array(*[F.lit(index) for index, _ in files])
+    slot = F.col("id").cast("int") + 1
+    return spark.range(0, len(files), 1, len(files)).select(
+        F.element_at(indexes, slot).cast("int").alias("file_index"),
+        F.element_at(paths, slot).alias("source"))
 
 
 def _union(frames: list[DataFrame]) -> DataFrame | None:
@@ -823,39 +252,78 @@ def _union(frames: list[DataFrame]) -> DataFrame | None:
     return result
 
 
-def read_units(spark: SparkSession, files: list[InputFile], limits: ParseLimits) -> DataFrame:
-    """All inputs as one DataFrame of parser units (schema ``_UNIT_SCHEMA``)."""
-    indexed = list(enumerate(files))
-    parts = [
-        _jsonl_units(spark, [(i, f) for i, f in indexed if f.format == "jsonl"], limits)
-        if any(f.format == "jsonl" for f in files) else None,
-        _json_document_units(spark, [(i, f) for i, f in indexed if f.format == "json"])
-        if any(f.format == "json" for f in files) else None,
-        _table_units(spark, [(i, f) for i, f in indexed if f.format in ("parquet", "delta")], limits)
-        if any(f.format in ("parquet", "delta") for f in files) else None,
-    ]
-    units = _union([p for p in parts if p is not None])
-    if units is None:
-        return spark.createDataFrame([], _UNIT_SCHEMA)
-    return units
+def _by_format(files: list[InputFile], *formats: str) -> list[tuple[int, InputFile]]:
+    return [(i, f) for i, f in enumerate(files) if f.format in formats]
 
 
-def ingest(spark: SparkSession, files: list[InputFile], settings: IngestSettings,
-           raw_chars: int = DEFAULT_RAW_CHARS, persist: bool = True) -> tuple[DataFrame, DataFrame]:
-    """Read ``files`` into (records, rejects); see the module docstring for the rules.
+# --------------------------------------------------------------------------------------------
+# Parsing and counting
+# --------------------------------------------------------------------------------------------
 
-    The parsed outcomes are persisted (memory and disk) when ``persist`` so that writing both
-    tables parses the input once.
-    """
-    for item in files:
-        if item.format not in FORMATS:
-            raise InputError(f"{item.path}: unknown format {item.format!r}")
-    limits = ParseLimits.from_settings(settings, raw_chars)
-    units = read_units(spark, files, limits)
-    outcomes = units.mapInArrow(lambda batches: _parse_batches(batches, limits), _OUTCOME_SCHEMA)
-    if persist:
-        outcomes = outcomes.persist(StorageLevel.MEMORY_AND_DISK)
+def parse_outcomes(spark: SparkSession, files: list[InputFile], limits: ParseLimits) -> DataFrame:
+    """Every input's outcomes (records and rejects before exact duplicates are found)."""
+    jsonl, tables, arrays = (_by_format(files, "jsonl"), _by_format(files, "parquet", "delta"),
+                             _by_format(files, "json"))
+    text_units = _union([df for df in (_jsonl_units(spark, jsonl, limits) if jsonl else None,
+                                       _table_units(spark, tables, limits) if tables else None)
+                         if df is not None])
+    parts = []
+    if text_units is not None:
+        parts.append(text_units.mapInArrow(lambda batches: parse_text_batches(batches, limits), _OUTCOME_SCHEMA))
+    if arrays:
+        parts.append(_json_files(spark, arrays).mapInArrow(
+            lambda batches: parse_json_file_batches(batches, limits), _OUTCOME_SCHEMA))
+    return _union(parts) if parts else spark.createDataFrame([], _OUTCOME_SCHEMA)
 
+
+def _count_json_batches(batches: Iterator[pa.RecordBatch], limits: ParseLimits) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        columns = batch.to_pydict()
+        counts = [count_units(source, limits.max_line_bytes, limits.raw_chars) for source in columns["source"]]
+        yield pa.RecordBatch.from_pydict({"file_index": columns["file_index"], "framed": counts},
+                                         schema=pa.schema([pa.field("file_index", pa.int32(), False),
+                                                           pa.field("framed", pa.int64(), False)]))
+
+
+def framed_counts(spark: SparkSession, files: list[InputFile], limits: ParseLimits) -> DataFrame:
+    """(file_index, framed) for every file with at least one unit, counted apart from parsing."""
+    jsonl, tables, arrays = (_by_format(files, "jsonl"), _by_format(files, "parquet", "delta"),
+                             _by_format(files, "json"))
+    counted = []
+    if jsonl:
+        counted.append(_jsonl_lines(spark, jsonl).filter(_is_unit_line(limits))
+                       .groupBy("file_index").agg(F.count(F.lit(1)).alias("framed")))
+    if tables:
+        rows = _union([spark.read.parquet(_spark_path(data_file)).select(F.lit(index).cast("int").alias("file_index"))
+                       for index, _, data_file, _, _ in _table_parts(tables)])
+        counted.append(rows.groupBy("file_index").agg(F.count(F.lit(1)).alias("framed")))
+    if arrays:
+        counted.append(_json_files(spark, arrays).mapInArrow(
+            lambda batches: _count_json_batches(batches, limits), _COUNT_SCHEMA))
+    return _union(counted) if counted else spark.createDataFrame([], _COUNT_SCHEMA)
+
+
+def input_files_table(spark: SparkSession, files: list[InputFile], limits: ParseLimits,
+                      outcomes: DataFrame, run_id: str) -> DataFrame:
+    """``input_files``: per file, the units it holds (framed + seed-task instances beyond the
+    first), its bytes and the run; see the module docstring."""
+    per_unit = (outcomes.filter(F.col("instances") > 1)
+                .groupBy("file_index", "line", "row").agg((F.max("instances") - 1).alias("more")))
+    extra = per_unit.groupBy("file_index").agg(F.sum("more").alias("more"))
+    meta = spark.createDataFrame(
+        [(i, f.path, f.format, input_bytes(f), run_id) for i, f in enumerate(files)],
+        "file_index int, source string, format string, bytes long, run_id string")
+    joined = (meta.join(framed_counts(spark, files, limits), "file_index", "left")
+              .join(extra, "file_index", "left"))
+    framed = F.coalesce(F.col("framed"), F.lit(0)).cast("long")
+    return joined.select(
+        "source", "format", (framed + F.coalesce(F.col("more"), F.lit(0))).cast("long").alias("units"),
+        F.col("bytes").cast("long"), "run_id", framed.alias("framed"))
+
+
+def split_outcomes(outcomes: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """(records, rejects): the first of each content id is the record, the rest are
+    ``exact_duplicate`` rejects (a window per id: partitioned, so it scales)."""
     parsed = outcomes.filter(F.col("reason").isNull())
     first = Window.partitionBy("id").orderBy("file_index", "line", "row", "sub")
     ranked = parsed.withColumn("_rank", F.row_number().over(first))
@@ -868,16 +336,52 @@ def ingest(spark: SparkSession, files: list[InputFile], settings: IngestSettings
     return records, rejects
 
 
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def ingest(spark: SparkSession, files: list[InputFile], settings: IngestSettings,
+           raw_chars: int = DEFAULT_RAW_CHARS, persist: bool = True, run_id: str | None = None) -> IngestTables:
+    """Read ``files`` into (records, rejects, input_files); see the module docstring for the rules.
+
+    The parsed outcomes are persisted (memory and disk) when ``persist`` so that writing the
+    tables parses the input once.
+    """
+    for item in files:
+        if item.format not in FORMATS:
+            raise InputError(f"{item.path}: unknown format {item.format!r}")
+    limits = ParseLimits.from_settings(settings, raw_chars)
+    outcomes = parse_outcomes(spark, files, limits)
+    if persist:
+        outcomes = outcomes.persist(StorageLevel.MEMORY_AND_DISK)
+    records, rejects = split_outcomes(outcomes)
+    return IngestTables(records, rejects, input_files_table(spark, files, limits, outcomes, run_id or new_run_id()))
+
+
+def check_input_counts(records: int, rejects: int, input_files: DataFrame) -> dict[str, int]:
+    """The ingest ledger: records + rejects must equal the units counted in ``input_files``.
+    Returns the numbers, or raises :class:`IngestCountError`."""
+    totals = input_files.agg(F.count(F.lit(1)).alias("files"), F.sum("units").alias("units"),
+                             F.sum("framed").alias("framed")).first()
+    numbers = {"input_files": int(totals["files"]), "input_rows": int(totals["units"] or 0),
+               "framed_units": int(totals["framed"] or 0), "records": int(records), "rejects": int(rejects)}
+    if numbers["records"] + numbers["rejects"] != numbers["input_rows"]:
+        raise IngestCountError(
+            f"records {records} + rejects {rejects} = {records + rejects} != {numbers['input_rows']} input units "
+            f"counted in {numbers['input_files']} input files: rows were lost or made up while parsing")
+    return numbers
+
+
 # --------------------------------------------------------------------------------------------
 # Stage
 # --------------------------------------------------------------------------------------------
 
 class Ingest(Stage):
-    """Read the input files into ``records`` and ``rejects``."""
+    """Read the input files into ``records``, ``rejects`` and ``input_files``."""
 
     name = "ingest"
     inputs = ()
-    outputs = ("records", "rejects")
+    outputs = ("records", "rejects", "input_files")
     settings_sections = ("input", "ingest")
 
     def __init__(self, files: list[InputFile]) -> None:
@@ -889,10 +393,16 @@ class Ingest(Stage):
         paths = list(settings.input.paths) or [SAMPLE_PATH]
         return cls(resolve_inputs(paths, settings.input.format))
 
-    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> dict[str, DataFrame]:
-        records, rejects = ingest(ctx.spark, self.files, ctx.settings.ingest,
-                                  raw_chars=ctx.settings.ingest.reject_raw_chars)
-        return {"records": records, "rejects": rejects}
+    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
+        run_id = new_run_id()
+        out = ingest(ctx.spark, self.files, ctx.settings.ingest,
+                     raw_chars=ctx.settings.ingest.reject_raw_chars, run_id=run_id)
+        return StageOutput(dict(out._asdict()), summary={"run_id": run_id, "input_files": len(self.files)})
+
+    def check(self, ctx: StageContext) -> dict[str, Any]:
+        """The run stops here unless records + rejects equal the units ingest counted."""
+        return check_input_counts(ctx.store.count("records"), ctx.store.count("rejects"),
+                                  ctx.store.read("input_files"))
 
     def extra_fingerprint(self, ctx: StageContext) -> str:
         return fingerprint_inputs(self.files)
