@@ -43,11 +43,12 @@ FILES = ["mergeit-6k.json", "gpteacher-roleplay.json", "gpteacher-toolformer.jso
 RECORDS_DDL = "id string, instruction string, input string, output string, source string, extra string"
 
 
-def load_records() -> list[dict]:
-    """Every row of the shared data as records (content-hash ids; exact repeats once)."""
+def load_records(data: Path = DATA) -> list[dict]:
+    """Every row of the shared data (or of the same files under ``data``) as records
+    (content-hash ids; exact repeats once)."""
     records, seen = [], set()
     for name in FILES:
-        path = DATA / name
+        path = data / name
         if name.endswith(".jsonl"):
             raw = []
             for line in path.read_text(encoding="utf-8").splitlines():

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import random
 
 import numpy as np
 import pytest
@@ -179,6 +181,36 @@ def test_cross_cluster_pairs_are_found_through_the_broadcast_centroids(spark, sh
     for r in with_check.values():
         if r["status"] == DUPLICATE:
             assert with_check[r["duplicate_of"]]["status"] == KEPT
+
+
+def test_first_pass_runs_once_so_every_consumer_sees_one_result(spark, shared_data, settings, tmp_path):
+    """The first pass feeds four consumers (kept rows, probes, direct, moved). Its input here is
+    drawn anew each time it is computed (a non-deterministic Python UDF, which also logs every
+    call to a file): read once, the result is consistent; recomputed per consumer, the consumers
+    would see different first passes and a duplicate could point at a row that is not kept."""
+    calls = tmp_path / "calls"
+    calls.mkdir()
+
+    def redrawn_distance(distance: float) -> float:
+        with open(calls / str(os.getpid()), "a") as log:  # executors here share this filesystem
+            log.write("1\n")
+        return random.random()
+
+    redraw = F.udf(redrawn_distance, "double").asNondeterministic()
+    topics, centroids = sample_topics(spark, shared_data, settings)
+    noisy = topics.withColumn("distance", redraw("distance"))
+    embeddings = sample_embeddings(spark, shared_data, settings.embed)
+    # Quantile 0: every row but each cluster's nearest is far, so nearly every kept row is a probe.
+    rows = {r["id"]: r for r in find_duplicates(embeddings, noisy, centroids,
+                                                dataclasses.replace(settings.dedup, cross_cluster_quantile=0.0)
+                                                ).collect()}
+    n = embeddings.count()
+    assert sum(len(p.read_text().splitlines()) for p in calls.iterdir()) == n  # computed once
+    assert len(rows) == n
+    for r in rows.values():
+        if r["status"] == DUPLICATE:
+            assert rows[r["duplicate_of"]]["status"] == KEPT
+    spark.catalog.clearCache()
 
 
 def test_stage_wrapper(spark, shared_data, settings, store):

@@ -9,8 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deltalake import DeltaTable
+from pyspark.ml.functions import array_to_vector
+
 from _filter_helpers import sample_embeddings, sample_topics
-from mergeit_spark.stages.topics import Topics, assign_topics, cluster_count, components_for_variance
+from mergeit_spark.stages import StageContext
+from mergeit_spark.stages.topics import (DISTANCE_QUANTILES, Topics, assign_to_topics, assign_topics, cluster_count,
+                                         components_for_variance, fit_topics, kmeans_partitions, load_topic_model,
+                                         topic_model_path)
 
 STAGES = Path(__file__).resolve().parents[1] / "mergeit_spark" / "stages"
 
@@ -96,6 +102,21 @@ def test_clusters_sizes_and_distances(spark, shared_data, settings):
             mean = projected[[index[i] for i in ids]].mean(axis=0)
             np.testing.assert_allclose(np.abs(c["center"]), np.abs(mean), atol=2e-3)
 
+    # Each centre carries its members' distance statistics (the yardstick for later rows).
+    distance = {t["id"]: t["distance"] for t in topics}
+    for c in centroids:
+        mine = np.array([distance[i] for i in members.get(c["cluster"], [])])
+        if mine.size == 0:
+            assert (c["distance_mean"], c["distance_max"], c["distance_quantiles"]) == (0.0, 0.0, [])
+            continue
+        assert c["distance_max"] == pytest.approx(mine.max(), abs=1e-12)
+        assert c["distance_mean"] == pytest.approx(mine.mean(), abs=1e-9)
+        quantiles = c["distance_quantiles"]
+        assert len(quantiles) == len(DISTANCE_QUANTILES) and quantiles == sorted(quantiles)
+        for q, value in zip(DISTANCE_QUANTILES, quantiles):
+            assert value in set(mine.tolist())  # approximate percentile: one of the members' values
+            assert np.mean(mine <= value) >= q - 1.0 / mine.size
+
 
 def test_single_cluster_when_k_is_one(spark, shared_data, settings):
     embeddings = sample_embeddings(spark, shared_data, settings.embed)
@@ -108,19 +129,100 @@ def test_single_cluster_when_k_is_one(spark, shared_data, settings):
     assert topics.filter("distance < 0 OR distance IS NULL").count() == 0
 
 
+def test_clusters_do_not_depend_on_shuffle_partitions_or_input_order(spark, shared_data, settings):
+    """k-means|| seeds partition by partition: the k-means input is partitioned by the row count
+    alone, so 2 or 16 shuffle partitions (and any input order) give the same clusters."""
+    embeddings = sample_embeddings(spark, shared_data, settings.embed)
+    n = embeddings.count()
+    topic_settings = dataclasses.replace(settings.topics, partition_rows=64)  # several partitions
+    before = spark.conf.get("spark.sql.shuffle.partitions")
+    runs = []
+    try:
+        for shuffle_partitions, input_partitions in ((2, 3), (16, 5)):
+            spark.conf.set("spark.sql.shuffle.partitions", str(shuffle_partitions))
+            result = fit_topics(embeddings.repartition(input_partitions), topic_settings)
+            runs.append(({r["id"]: (r["cluster"], r["distance"]) for r in result.topics.collect()}, result.summary))
+            spark.catalog.clearCache()
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", before)
+    (first, first_summary), (second, second_summary) = runs
+    assert first_summary["kmeans_partitions"] == second_summary["kmeans_partitions"] == kmeans_partitions(n, 64) > 2
+    assert {i: c for i, (c, _) in first.items()} == {i: c for i, (c, _) in second.items()}
+    for i, (_, distance) in first.items():
+        assert second[i][1] == pytest.approx(distance, abs=1e-9)
+
+
+def test_saved_model_reloads_and_assigns_rows_as_the_stage_did(spark, shared_data, settings, store):
+    embeddings = sample_embeddings(spark, shared_data, settings.embed)
+    out = Topics().run(StageContext(spark, store, settings), {"embeddings": embeddings})
+    for table in ("topics", "centroids"):
+        store.write(out[table], table)
+    spark.catalog.clearCache()
+    assert out.summary["k"] == cluster_count(embeddings.count()) and out.summary["cost"] > 0
+    # Read back by an independent reader (delta-rs), not by Spark.
+    written = DeltaTable(store.path("topics")).to_pandas().set_index("id")
+    centroids = DeltaTable(store.path("centroids")).to_pandas().sort_values("cluster")
+
+    model = load_topic_model(store.root)
+    assert topic_model_path(store.root).parent.parent == store.root
+    assert [type(s).__name__ for s in model.pipeline.stages] == ["PCAModel", "VectorSlicer", "KMeansModel"]
+    assert model.k == len(centroids) and model.components == centroids["pca_components"].iloc[0]
+    np.testing.assert_array_equal(model.centers, np.stack(centroids["center"].to_numpy()))
+    again = assign_to_topics(embeddings, model).toPandas().set_index("id")  # test-only: a few hundred rows
+    assert sorted(again.index) == sorted(written.index)
+    assert (again["cluster"] == written.loc[again.index, "cluster"]).all()
+    np.testing.assert_allclose(again["distance"], written.loc[again.index, "distance"], rtol=0, atol=1e-12)
+
+    # The saved MLlib pipeline alone (no project code) predicts the same topics.
+    features = embeddings.select("id", array_to_vector("embedding").alias("features"))
+    mllib = model.pipeline.transform(features).select("id", "cluster").toPandas().set_index("id")
+    assert (mllib["cluster"] == written.loc[mllib.index, "cluster"]).all()
+
+
+def test_new_rows_go_to_their_nearest_saved_centre_without_refit(spark, shared_data, settings, store):
+    embeddings = sample_embeddings(spark, shared_data, settings.embed)
+    Topics().run(StageContext(spark, store, settings), {"embeddings": embeddings})
+    spark.catalog.clearCache()
+    model = load_topic_model(store.root)
+    # New rows: real embeddings nudged off their place (test-only, a few dozen rows).
+    rng = np.random.default_rng(5)
+    rows = []
+    for r in embeddings.limit(40).collect():
+        v = np.asarray(r["embedding"], dtype=np.float64) + rng.normal(scale=0.05, size=len(r["embedding"]))
+        rows.append((f"new-{r['id']}", (v / np.linalg.norm(v)).astype(np.float32).tolist()))
+    new = spark.createDataFrame(rows, "id string, embedding array<float>")
+    got = {r["id"]: r for r in assign_to_topics(new, model).collect()}
+    assert len(got) == len(rows)
+    centers, basis = model.centers, model.basis
+    for rid, vector in rows:
+        x = np.asarray(vector, dtype=np.float64) @ basis
+        distances = np.linalg.norm(centers - x, axis=1)
+        assert got[rid]["cluster"] == int(np.argmin(distances))
+        assert got[rid]["distance"] == pytest.approx(distances.min(), abs=1e-9)
+
+
+def test_no_rows_no_model(spark, settings, store):
+    empty = spark.createDataFrame([], "id string, embedding array<float>")
+    out = Topics().run(StageContext(spark, store, settings), {"embeddings": empty})
+    assert out["topics"].count() == 0 and out["centroids"].count() == 0
+    with pytest.raises(FileNotFoundError):
+        load_topic_model(store.root)
+
+
 # --- engine rule: no row-scale data on the driver ---------------------------------------------
 # Every driver-side fetch in the filtering stages, with why it is small. Anything else fails.
 DRIVER_FETCHES = {
     "embed.py": [],
     "topics.py": [
-        ("count", "vectors"),                                           # one number
+        ("count", "embeddings"),                                        # one number
         ("first", 'embeddings.select(F.size("embedding")'),             # one row: the dimension
-        ("first", 'projected.agg(Summarizer.mean(F.col("pca"))'),       # one row (k = 1 only)
-        ("collect", 'assigned.groupBy("cluster").agg('),                # k rows: sizes and means
+        ("first", "projected.agg(Summarizer.mean("),                    # one row (k = 1 only)
+        ("collect", 'topics.join(embeddings.select("id", "embedding"), "id")'),  # k rows: per-cluster stats
     ],
     "dedup.py": [
         ("take", 'batch.column("id")'),  # pyarrow take inside the executor-side probe router
         ("take", "embedding"),           # same
+        ("count", "first"),              # one number: materialises the cached first pass
         ("collect", 'centroids.filter(F.col("size") > 0)'),  # k rows: the centroid matrix
     ],
     "select.py": [],
@@ -137,6 +239,8 @@ def test_stages_fetch_only_small_things_to_the_driver(module):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in FETCH_METHODS:
             receiver = ast.get_source_segment(source, node.func.value) or ""
             if receiver == "F":  # pyspark.sql.functions.count & co.: aggregates, not fetches
+                continue
+            if receiver.startswith("pa."):  # a pyarrow array built in place (Array.take): executor-side
                 continue
             calls.append((node.lineno, node.col_offset, node.func.attr, receiver))
     found = [(method, receiver) for _, _, method, receiver in sorted(calls)]

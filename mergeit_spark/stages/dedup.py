@@ -37,6 +37,12 @@ probe's target, with their similarity to that target recomputed (it can be below
 they are duplicates of a duplicate of it). Pairs where both rows are far are not compared across
 clusters; that is the price of a result without chains and without a global graph pass.
 
+Computed once: four consumers read the first pass (the kept rows, the probes, the direct and the
+re-pointed results). It is cached (no vectors: some 100 bytes a row) and materialised before any
+of them runs, so they all see one result and its Python pass runs once; the probe matches (two
+consumers) are cached too. The pipeline clears both caches once ``dedup`` is written. The rows to
+re-point are few, so they are broadcast and the embeddings are scanned, not shuffled, for them.
+
 Table ``dedup``: ``id``, ``cluster`` (the row's own topic), ``status`` (``kept``/``duplicate``),
 ``duplicate_of`` (the kept row's id; null when kept), ``similarity`` (cosine to it; null when
 kept). Every embedding row appears exactly once: kept + duplicate = rows.
@@ -49,13 +55,14 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from pyspark import StorageLevel
 from pyspark.broadcast import Broadcast
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import DedupSettings
-from . import Stage, StageContext
+from . import Stage, StageContext, StageOutput
 
 KEPT = "kept"
 DUPLICATE = "duplicate"
@@ -253,8 +260,12 @@ def find_duplicates(embeddings: DataFrame, topics: DataFrame, centroids: DataFra
     columns = [f.name for f in DEDUP_SCHEMA.fields]
     if not settings.cross_cluster or settings.cross_cluster_neighbours == 0:
         return first.select(*columns)
+    # Four consumers read the first pass (kept rows, probes, direct, moved): computed once here
+    # and cached (small: no vectors), so they all see one result and the Python pass runs once.
+    first = first.persist(StorageLevel.MEMORY_AND_DISK)
+    first.count()  # materialise now; the pipeline clears the cache once the table is written
 
-    # Small: one row per cluster. The only collect of this stage.
+    # Small: one row per cluster.
     center_rows = centroids.filter(F.col("size") > 0).select("cluster", "embedding_center").orderBy("cluster").collect()
     if len(center_rows) < 2:
         return first.select(*columns)
@@ -273,7 +284,8 @@ def find_duplicates(embeddings: DataFrame, topics: DataFrame, centroids: DataFra
     matches = (probes.unionByName(targets).groupBy("target_cluster")
                .applyInPandas(lambda frame: match_probes(frame), _MATCH_SCHEMA))
     best = Window.partitionBy("probe_id").orderBy(F.col("match_similarity").desc(), F.col("target_id"))
-    matches = matches.withColumn("n", F.row_number().over(best)).filter("n = 1").drop("n")
+    # Two consumers (direct, moved): cached too, so the probe pass also runs once.
+    matches = matches.withColumn("n", F.row_number().over(best)).filter("n = 1").drop("n").persist()
 
     # Probes that matched become duplicates of their target.
     direct = (first.join(matches, first["id"] == matches["probe_id"], "left")
@@ -281,13 +293,16 @@ def find_duplicates(embeddings: DataFrame, topics: DataFrame, centroids: DataFra
                       F.when(F.col("target_id").isNotNull(), F.lit(DUPLICATE)).otherwise(F.col("status")).alias("status"),
                       F.coalesce("target_id", "duplicate_of").alias("duplicate_of"),
                       F.coalesce("match_similarity", "similarity").alias("similarity")))
-    # Rows that pointed at such a probe now point at the probe's target.
+    # Rows that pointed at such a probe now point at the probe's target. They are few (followers
+    # of the far rows that matched), so they are broadcast and the embeddings are only scanned,
+    # never shuffled, to fetch the two vectors of each.
     vectors = embeddings.select("id", "embedding")
-    moved = (first.filter(F.col("status") == DUPLICATE)
-             .join(matches, F.col("duplicate_of") == F.col("probe_id"))
-             .select("id", "target_id")
-             .join(vectors.withColumnRenamed("embedding", "own"), "id")
-             .join(vectors.select(F.col("id").alias("target_id"), F.col("embedding").alias("theirs")), "target_id")
+    followers = (first.filter(F.col("status") == DUPLICATE)
+                 .join(matches, F.col("duplicate_of") == F.col("probe_id"))
+                 .select("id", "target_id"))
+    with_own = vectors.withColumnRenamed("embedding", "own").join(F.broadcast(followers), "id")
+    moved = (vectors.select(F.col("id").alias("target_id"), F.col("embedding").alias("theirs"))
+             .join(F.broadcast(with_own), "target_id")
              .select("id", F.col("target_id").alias("moved_to"), _dot(F.col("own"), F.col("theirs")).alias("moved_similarity")))
     return (direct.join(moved, "id", "left")
             .select("id", "cluster", "status",
@@ -303,6 +318,6 @@ class Dedup(Stage):
     outputs = ("dedup",)
     settings_sections = ("dedup",)
 
-    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> dict[str, DataFrame]:
-        return {"dedup": find_duplicates(tables["embeddings"], tables["topics"], tables["centroids"],
-                                         ctx.settings.dedup)}
+    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
+        return StageOutput({"dedup": find_duplicates(tables["embeddings"], tables["topics"],
+                                                     tables["centroids"], ctx.settings.dedup)})

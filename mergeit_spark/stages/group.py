@@ -28,7 +28,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
 from ..ids import group_id
-from . import Stage, StageContext
+from . import Stage, StageContext, StageOutput
 
 
 def group_cluster(ids: list[str], vectors: np.ndarray, threshold: float, size: int
@@ -131,7 +131,7 @@ class Group(Stage):
     outputs = ("merge_groups",)
     settings_sections = ("group",)
 
-    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> dict[str, DataFrame]:
+    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
         cfg = ctx.settings.group
         groups = build_merge_groups(tables["selected"], tables["embeddings"], cfg.threshold, cfg.size)
-        return {"merge_groups": groups}
+        return StageOutput({"merge_groups": groups})

@@ -35,7 +35,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import SelectSettings
-from . import Stage, StageContext
+from . import Stage, StageContext, StageOutput
 from .dedup import KEPT, embedding_matrix
 
 DEFAULT_BLOCK_SIZE = SelectSettings().block_size
@@ -125,5 +125,6 @@ class Select(Stage):
     outputs = ("selected",)
     settings_sections = ("select",)
 
-    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> dict[str, DataFrame]:
-        return {"selected": select_representatives(tables["embeddings"], tables["dedup"], ctx.settings.select)}
+    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
+        return StageOutput({"selected": select_representatives(tables["embeddings"], tables["dedup"],
+                                                              ctx.settings.select)})

@@ -1,0 +1,316 @@
+"""Benchmark: MergeIT's filtering, the pipeline (ingest → select) against a single-process reference.
+
+In ONE run, on every row of ../shared/data, side by side:
+
+(a) the reference, one plain Python process written here: the files parsed, sentence-transformers
+    ``encode(batch_size=32)`` (unit vectors), sklearn ``PCA(n_components=0.95)``, sklearn
+    ``KMeans(k=int(sqrt(n/2)))``, facility location (submodlib, lazy greedy, cosine) with budget 75
+    per cluster on the raw embeddings, as MergeIT's code does;
+(b) the pipeline as a user runs it: ``mergeit run --conf conf/local.yaml --until select`` in a
+    fresh process (JVM start, every Delta write and the near-duplicate removal (a) does not do,
+    included). Per-stage seconds come from the run's ``_state`` files; "start and bookkeeping" is
+    the rest of the wall time.
+
+Then at ``--scale-rows`` rows (100,000 by default): the embeddings (b) wrote, repeated with small
+noise (each copy a new unit vector at cosine ~0.93 of its original) and staged as a Delta
+``embeddings`` table; (a') sklearn PCA + KMeans + facility location on those vectors in this
+process against (b') the pipeline's topics → dedup → select on that table in a fresh process (the
+executor of ``mergeit run``, JVM start included). The same sub-steps are compared at the full
+data's size, so the two ratios show whether Spark's share grows with n.
+
+Writes the ``stage1`` section of BENCHMARKS.md. Usage (quietly, nothing else running):
+
+    .venv/bin/python bench/bench_stage1.py [--conf conf/local.yaml] [--scale-rows 100000] [--set k=v ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+import numpy as np  # noqa: E402
+
+from bench._common import write_section  # noqa: E402
+from bench.bench_filter import DATA, FILES, load_records  # noqa: E402
+
+BUDGET = 75
+SEED = 42
+FILTER_STAGES = ("topics", "dedup", "select")
+# k-means cost (sum of squared distances to the centroids, PCA space) of the topics stage before
+# issue 10, on these 17,149 records with the default settings (8 shuffle partitions), measured
+# side by side with the new code on 2026-11-25; the new stage must stay within 1% of it.
+COST_BEFORE_ISSUE_10 = {17149: 7197.97}
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+# --- (a) the single-process reference ------------------------------------------------------
+def reference_select(embeddings: np.ndarray, labels: np.ndarray) -> int:
+    """Facility location per cluster (submodlib, as MergeIT): rows picked."""
+    from submodlib import FacilityLocationFunction
+    picked = 0
+    for cluster in np.unique(labels):
+        members = embeddings[labels == cluster]
+        if len(members) <= BUDGET:
+            picked += len(members)
+            continue
+        function = FacilityLocationFunction(n=len(members), mode="dense", data=members, metric="cosine")
+        picked += len(function.maximize(budget=BUDGET, optimizer="LazyGreedy", stopIfZeroGain=False,
+                                        stopIfNegativeGain=False, verbose=False, show_progress=False))
+    return picked
+
+
+def reference_cluster(embeddings: np.ndarray, times: dict[str, float]) -> dict:
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+    reduced, times["pca"] = timed(lambda: PCA(n_components=0.95).fit_transform(embeddings))
+    k = int(math.sqrt(len(embeddings) / 2))
+    kmeans, times["kmeans"] = timed(lambda: KMeans(n_clusters=k, random_state=SEED).fit(reduced))
+    picked, times["select"] = timed(lambda: reference_select(embeddings, kmeans.labels_))
+    return {"k": k, "components": reduced.shape[1], "inertia": float(kmeans.inertia_), "selected": picked}
+
+
+def run_reference(data: Path) -> tuple[dict[str, float], dict]:
+    from sentence_transformers import SentenceTransformer
+
+    from mergeit_spark.stages.embed import resolve_model_path
+    times: dict[str, float] = {}
+    records, times["read"] = timed(lambda: load_records(data))
+    texts = [f"{r['instruction']} {r['input']}".strip() for r in records]
+
+    def embed():
+        model = SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu")
+        return model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
+    embeddings, times["embed"] = timed(embed)
+    facts = reference_cluster(np.asarray(embeddings, dtype=np.float32), times)
+    return times, dict(facts, rows=len(records))
+
+
+# --- (b) the pipeline, in a fresh process ------------------------------------------------------
+def run_pipeline(command: list[str], root: Path) -> tuple[dict[str, float], float, dict]:
+    """Run ``command`` (a fresh process); per-stage seconds, wall time, and the stages' state."""
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    states = {p.stem: json.loads(p.read_text()) for p in sorted((root / "_state").glob("*.json"))}
+    return {name: float(state["seconds"]) for name, state in states.items()}, wall, states
+
+
+def cli_command(args: argparse.Namespace, data: Path, root: Path) -> list[str]:
+    paths = ",".join(str(data / name) for name in FILES)
+    command = [str(REPO / ".venv" / "bin" / "mergeit"), "run", "--until", "select",
+               "--set", f"input.paths=[{paths}]", "--set", f"output.root={root}"]
+    for conf in args.conf:
+        command += ["--conf", conf]
+    for override in args.overrides:
+        command += ["--set", override]
+    return command
+
+
+def filter_stages_main(root: str, confs: list[str], overrides: list[str]) -> None:
+    """(b') entry point: topics → dedup → select on the embeddings table under ``root``."""
+    from mergeit_spark.config import load_settings
+    from mergeit_spark.pipeline import Pipeline
+    from mergeit_spark.stages.dedup import Dedup
+    from mergeit_spark.stages.select import Select
+    from mergeit_spark.stages.topics import Topics
+    settings = load_settings([Path(c) for c in confs], overrides=[*overrides, f"output.root={root}"])
+    pipeline = Pipeline(settings, stages=[Topics(), Dedup(), Select()])
+    pipeline.run()
+    pipeline.spark.stop()
+
+
+def truncated_copy(folder: Path, rows: int) -> Path:
+    """Smoke runs: the first ``rows`` raw rows (seed tasks: lines) of each file, same formats."""
+    folder.mkdir(parents=True)
+    for name in FILES:
+        source = DATA / name
+        if name.endswith(".jsonl"):
+            lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+            (folder / name).write_text("\n".join(lines[:rows]) + "\n", encoding="utf-8")
+        else:
+            (folder / name).write_text(json.dumps(json.loads(source.read_text(encoding="utf-8"))[:rows]),
+                                       encoding="utf-8")
+    return folder
+
+
+# --- scale: the full data's embeddings repeated with noise ------------------------------------
+def scaled_embeddings(source: Path, rows: int) -> tuple[list[str], np.ndarray]:
+    """``rows`` unit vectors: the pipeline's embeddings, then noisy copies of them (cos ~0.93)."""
+    from deltalake import DeltaTable
+    table = DeltaTable(str(source)).to_pyarrow_table(columns=["id", "embedding"])  # bench only: 17k rows
+    base = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    ids = table.column("id").to_pylist()
+    rng = np.random.default_rng(SEED)
+    out_ids, blocks = list(ids), [base]
+    copy = 0
+    while sum(len(b) for b in blocks) < rows:
+        copy += 1
+        noisy = base + rng.normal(scale=0.02, size=base.shape).astype(np.float32)
+        blocks.append(noisy / np.linalg.norm(noisy, axis=1, keepdims=True))
+        out_ids += [f"{i}-copy{copy}" for i in ids]
+    return out_ids[:rows], np.concatenate(blocks)[:rows]
+
+
+def stage_scaled(root: Path, ids: list[str], vectors: np.ndarray) -> None:
+    import pyarrow as pa
+    from deltalake import write_deltalake
+    dim = vectors.shape[1]
+    embedding = pa.ListArray.from_arrays(pa.array(np.arange(0, vectors.size + 1, dim, dtype=np.int32)),
+                                         pa.array(vectors.ravel()))
+    table = pa.table({"id": pa.array(ids), "embedding": embedding,
+                      "model": pa.array(["all-MiniLM-L6-v2"] * len(ids))})
+    write_deltalake(str(root / "embeddings"), table)
+
+
+def run_scaled(args: argparse.Namespace, work: Path, source: Path) -> dict:
+    """(a') and (b') at ``args.scale_rows`` rows; seconds per sub-step and a few facts."""
+    ids, vectors = scaled_embeddings(source, args.scale_rows)
+    root = work / "scaled"
+    stage_scaled(root, ids, vectors)
+    times: dict[str, float] = {}
+    facts = reference_cluster(vectors, times)
+    command = [sys.executable, str(Path(__file__).resolve()), "--filter-stages", str(root)]
+    for conf in args.conf:
+        command += ["--conf", conf]
+    for override in args.overrides:
+        command += ["--set", override]
+    stages, wall, states = run_pipeline(command, root)
+    return {"rows": len(ids), "reference": times, "reference_facts": facts, "stages": stages, "wall": wall,
+            "states": states}
+
+
+def _row(label: str, a: float | None, b: float | None, note: str = "") -> str:
+    cell = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
+    return f"| {label} | {cell(a)} | {cell(b)} | {note} |"
+
+
+def full_table(ref: dict[str, float], ref_facts: dict, stages: dict[str, float], wall: float,
+               states: dict) -> list[str]:
+    ref_total = sum(ref.values())
+    start = wall - sum(stages.values())
+    summary = states["topics"].get("summary", {})
+    counts = {name: state.get("counts", {}) for name, state in states.items()}
+    dedup_rows = counts.get("dedup", {}).get("dedup", 0)
+    cost_before = COST_BEFORE_ISSUE_10.get(ref_facts["rows"])
+    cost_note = (f"; k-means cost {summary.get('cost', 0):.2f} "
+                 + (f"({summary.get('cost', 0) / cost_before - 1:+.2%} against {cost_before} before issue 10)"
+                    if cost_before else ""))
+    return [
+        "| step | (a) reference (s) | (b) pipeline (s) | notes |",
+        "| --- | ---: | ---: | --- |",
+        _row("start (JVM, session) and bookkeeping", None, start, "(b): wall time less the stages' own seconds"),
+        _row("read the files / ingest", ref["read"], stages.get("ingest"),
+             f"{ref_facts['rows']} rows / {counts.get('ingest', {}).get('records', 0)} records"),
+        _row("embed", ref["embed"], stages.get("embed"), "(a) encode(batch_size=32), torch threads default"),
+        _row("PCA + k-means / topics", ref["pca"] + ref["kmeans"], stages.get("topics"),
+             f"(a) {ref_facts['components']} components, k = {ref_facts['k']}, inertia "
+             f"{ref_facts['inertia']:.2f}; (b) {summary.get('pca_components')} components, k = "
+             f"{summary.get('k')}, {summary.get('kmeans_iterations')} iterations{cost_note}"),
+        _row("near-duplicates / dedup", None, stages.get("dedup"), f"(b) only; {dedup_rows} rows judged"),
+        _row("facility location / select", ref["select"], stages.get("select"),
+             f"(a) {ref_facts['selected']} picked; (b) {counts.get('select', {}).get('selected', 0)} picked "
+             "(after dedup)"),
+        f"| **total** | **{ref_total:.1f}** | **{wall:.1f}** | **(b) / (a) = {wall / ref_total:.2f}** (goal <= 0.60) |",
+    ]
+
+
+def filter_ratio(ref: dict[str, float], stages: dict[str, float], start: float) -> tuple[float, float, float]:
+    a = ref["pca"] + ref["kmeans"] + ref["select"]
+    b = sum(stages.get(s, 0.0) for s in FILTER_STAGES) + start
+    return a, b, b / a
+
+
+def scaled_table(full_ref: dict[str, float], full_stages: dict[str, float], scaled: dict) -> list[str]:
+    ref, stages = scaled["reference"], scaled["stages"]
+    start = scaled["wall"] - sum(stages.values())
+    a_full, b_full, ratio_full = filter_ratio(full_ref, full_stages, 0.0)
+    a, b, ratio = filter_ratio(ref, stages, start)
+    facts = scaled["reference_facts"]
+    summary = scaled["states"]["topics"].get("summary", {})
+    return [
+        f"At {scaled['rows']} rows (the embeddings above repeated with noise, cosine ~0.93 to their "
+        "originals), clustering and selection alone:",
+        "",
+        "| step | (a') reference (s) | (b') pipeline (s) | notes |",
+        "| --- | ---: | ---: | --- |",
+        _row("start (JVM, session) and bookkeeping", None, start, "(b') a fresh process: the pipeline's executor"),
+        _row("PCA + k-means / topics", ref["pca"] + ref["kmeans"], stages.get("topics"),
+             f"(a') {facts['components']} components, k = {facts['k']}; (b') {summary.get('pca_components')} "
+             f"components, k = {summary.get('k')}, {summary.get('kmeans_iterations')} iterations"),
+        _row("near-duplicates / dedup", None, stages.get("dedup"), "(b') only"),
+        _row("facility location / select", ref["select"], stages.get("select"), ""),
+        f"| **total** | **{a:.1f}** | **{b:.1f}** | **(b') / (a') = {ratio:.2f}** |",
+        "",
+        f"The same sub-steps at the full data's size (stage seconds, start excluded): (a) {a_full:.1f} s, "
+        f"(b) {b_full:.1f} s, ratio {ratio_full:.2f}; at {scaled['rows']} rows with the start excluded: "
+        f"{(b - start) / a:.2f}.",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conf", action="append", default=[], help="settings profile(s) for (b)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value for (b)")
+    parser.add_argument("--scale-rows", type=int, default=100_000, help="rows for the scale run (0 = skip)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="smoke runs only: the first N raw rows of each file (0 = all; published numbers use all)")
+    parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
+    parser.add_argument("--filter-stages", metavar="ROOT", help=argparse.SUPPRESS)  # (b') entry point
+    args = parser.parse_args()
+    args.conf = args.conf or [str(REPO / "conf" / "local.yaml")]
+    if args.filter_stages:
+        filter_stages_main(args.filter_stages, args.conf, args.overrides)
+        return
+    work = Path(tempfile.mkdtemp(prefix="bench-stage1-"))
+    load_before = os.getloadavg()
+    try:
+        data = truncated_copy(work / "data", args.limit) if args.limit else DATA
+        ref, ref_facts = run_reference(data)
+        print(f"(a) seconds {json.dumps(ref)}; {json.dumps(ref_facts)}", flush=True)  # partial results, as they come
+        root = work / "run"
+        stages, wall, states = run_pipeline(cli_command(args, data, root), root)
+        print(f"(b) wall {wall:.1f} s; stage seconds {json.dumps(stages)}", flush=True)
+        scaled = run_scaled(args, work, root / "embeddings") if args.scale_rows > 0 else None
+        load_after = os.getloadavg()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [
+        f"Input: all of ../shared/data ({', '.join(FILES)}; seed tasks one row per instance). (a) one "
+        "Python process: sentence-transformers encode(batch_size=32), sklearn PCA(0.95) and "
+        "KMeans(int(sqrt(n/2)), random_state 42), submodlib facility location (budget 75, lazy greedy) per "
+        f"cluster. (b) `mergeit run --until select` with {', '.join(Path(c).name for c in args.conf)}"
+        f"{' and ' + ', '.join(args.overrides) if args.overrides else ''}, a fresh process.",
+        "",
+        f"Load average (1 minute) {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end: "
+        "on a shared machine absolute seconds are pessimistic; (a) and (b) ran one after the other.",
+        "",
+        *full_table(ref, ref_facts, stages, wall, states),
+    ]
+    if scaled:
+        lines += ["", *scaled_table(ref, stages, scaled)]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write and not args.limit:  # smoke runs never replace the published numbers
+        write_section("stage1", body)
+
+
+if __name__ == "__main__":
+    main()
