@@ -17,3 +17,12 @@ def group_id(member_ids: Iterable[str], length: int = 32) -> str:
     """Hash of the sorted member ids: the same members always make the same group."""
     digest = hashlib.sha256(_SEP.join(sorted(member_ids)).encode("utf-8")).hexdigest()
     return digest[:length]
+
+
+def merged_id(group_id: str, instruction: str, input: str, output: str,  # noqa: A002
+              length: int = 32) -> str:
+    """Id of an accepted merge: SHA-256 of ``"merge"``, its group id and the merged fields. The
+    group id makes it unique per group (two groups answered with the same text, or a merge equal
+    to a record, still get distinct ids), and the extra field keeps it apart from any record id."""
+    digest = hashlib.sha256(_SEP.join(("merge", group_id, instruction, input, output)).encode("utf-8"))
+    return digest.hexdigest()[:length]

@@ -67,3 +67,24 @@ def make_inputs(spark: SparkSession, rows: list[dict], embed: EmbedSettings, thr
         [{"group_id": group_id(m), "cluster": 0, "member_ids": m, "similarity": s} for m, s in found],
         GROUPS_SCHEMA)
     return records, embeddings, groups, [m for m, _ in found]
+
+
+REJECTS_SCHEMA = T.StructType([
+    T.StructField("source", T.StringType()), T.StructField("line", T.LongType()),
+    T.StructField("row", T.LongType()), T.StructField("raw", T.StringType()),
+    T.StructField("reason", T.StringType()), T.StructField("detail", T.StringType())])
+
+
+def finalize_merges(spark: SparkSession, records: DataFrame, groups: DataFrame, merges: DataFrame):
+    """``final`` and ``lineage`` for merge-test inputs, every record selected and kept by dedup (no
+    rejects), and the ledger check of finalize on them (raises when it does not balance)."""
+    from pyspark.sql import functions as F
+
+    from mergeit_spark.stages.finalize import build_lineage_and_final, check_ledger
+    rejects = spark.createDataFrame([], REJECTS_SCHEMA)
+    dedup = records.select("id", F.lit(0).alias("cluster"), F.lit("kept").alias("status"),
+                           F.lit(None).cast("string").alias("duplicate_of"))
+    selected = records.select("id")
+    final, lineage = build_lineage_and_final(records, rejects, dedup, selected, groups, merges)
+    numbers = check_ledger(records, rejects, lineage, final, input_rows=records.count())
+    return final, lineage, numbers

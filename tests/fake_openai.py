@@ -20,11 +20,15 @@ json_schema response_format with llama-cpp-python's refusal: HTTP 500 naming res
 Counters: ``requests`` (list of ``(n, key, kind)``), ``per_group`` (requests per key),
 ``served_ok`` (200 merge/content replies per key), ``times`` (arrival, monotonic),
 ``response_formats`` (type asked per request), ``max_in_flight``, ``last_messages``.
+
+``Faults`` is a script that injects a mix of faults into a share of the requests (fault
+injection for tests and the merge benchmark).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import threading
 import time
 from collections import Counter
@@ -65,6 +69,43 @@ def merged_content(examples: Sequence[Mapping[str, Any]]) -> str:
         "output": "\n\n".join(outputs) + "\n\nTogether these answers cover every part of the task.",
     }
     return json.dumps(merged)
+
+
+FAULT_KINDS = ("429", "500", "503", "hang", "non_json", "missing_key", "refusal")
+REFUSAL = "I'm sorry, but I can't help with merging these examples."
+
+
+class Faults:
+    """Script: each request fails with probability ``rate``, with one of ``FAULT_KINDS`` (429 with
+    Retry-After, 500, 503, a hang past the client's timeout, a body that is not JSON, JSON missing
+    the ``output`` key, a refusal). The draw depends only on (seed, group, the group's attempt
+    number), so a rerun meets the same faults on the same attempts. ``injected`` counts each kind.
+    """
+
+    def __init__(self, rate: float = 0.3, seed: int = 11, hang_s: float = 1.5,
+                 retry_after: str = "0.2") -> None:
+        self.rate, self.seed, self.hang_s, self.retry_after = rate, seed, hang_s, retry_after
+        self.attempts: Counter[str] = Counter()
+        self.injected: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, n: int, key: str, request: dict) -> Reply:
+        with self._lock:
+            self.attempts[key] += 1
+            draw = random.Random(f"{self.seed}:{key}:{self.attempts[key]}")
+            if draw.random() >= self.rate:
+                return Reply()
+            kind = FAULT_KINDS[draw.randrange(len(FAULT_KINDS))]
+            self.injected[kind] += 1
+        return {
+            "429": Reply(kind="status", status=429, headers={"Retry-After": self.retry_after}),
+            "500": Reply(kind="status", status=500),
+            "503": Reply(kind="status", status=503),
+            "hang": Reply(kind="hang", delay_s=self.hang_s),
+            "non_json": Reply(kind="malformed"),
+            "missing_key": Reply(kind="content", content=json.dumps({"instruction": "Do both.", "input": ""})),
+            "refusal": Reply(kind="content", content=REFUSAL),
+        }[kind]
 
 
 class FakeOpenAI:
@@ -120,11 +161,16 @@ class FakeOpenAI:
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     self._send(404, {"error": {"message": "not found"}})
                     return
+                try:
+                    request = json.loads(raw)
+                except ValueError:  # what is left of a connection the client gave up on
+                    self.close_connection = True
+                    return
                 with fake.lock:
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                 try:
-                    fake._handle_chat(self, json.loads(raw))
+                    fake._handle_chat(self, request)
                 except (BrokenPipeError, ConnectionResetError, OSError):
                     pass
                 finally:
@@ -143,7 +189,7 @@ class FakeOpenAI:
                 self.wfile.write(data)
                 self.wfile.flush()
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -218,6 +264,15 @@ class FakeOpenAI:
                       "total_tokens": max(1, prompt_chars // 4) + max(1, len(content) // 4)},
         }
         handler._send(200, body, reply.headers)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that times out closes its connection under a hanging reply: not worth a traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 def _group_turn(messages: Sequence[Mapping[str, Any]]) -> str:

@@ -1,4 +1,5 @@
-"""Merge stage on local Spark against the scripted loopback server: balance, ledger, budget."""
+"""Merge stage on local Spark against the scripted loopback server (real sockets, the real openai
+client): balance, ledger, budget, fault injection, reruns, merged ids that finalize accepts."""
 from __future__ import annotations
 
 import json
@@ -10,13 +11,15 @@ from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
 from mergeit_spark.config import load_settings
+from mergeit_spark.ids import group_id
 from mergeit_spark.llm import client as client_mod
 from mergeit_spark.stages import StageContext
-from mergeit_spark.stages.merge import (LEDGER_DIR, MERGES_SCHEMA, Merge, ledger_bucket, merge_runs,
-                                        read_bucket, run_merge, split_budget)
+from mergeit_spark.stages.merge import (LEDGER_DIR, MERGES_SCHEMA, Merge, gate_rejections,
+                                        ledger_bucket, merge_runs, read_bucket, read_ledger,
+                                        run_merge, split_budget)
 
-from _merge_helpers import load_rows, make_inputs
-from fake_openai import FakeOpenAI, Reply, group_key
+from _merge_helpers import finalize_merges, load_rows, make_inputs
+from fake_openai import REFUSAL, FakeOpenAI, Faults, Reply, group_key
 
 STATUSES = {"merged", "gate_failed", "failed"}
 
@@ -169,20 +172,20 @@ def test_invalid_replies_and_missing_members_end_failed_not_lost(spark, store, i
     assert summary.errors == {"invalid_output": n_groups, "missing_member": 1}
 
 
-def test_ledger_reader_skips_torn_lines_and_keeps_latest_terminal(tmp_path):
+def test_ledger_reader_skips_torn_lines_and_keeps_the_latest_by_sequence(tmp_path):
     gid = "ab" * 16
     folder = tmp_path / f"bucket={ledger_bucket(gid)}"
     folder.mkdir()
-    lines = [
-        {"group_id": gid, "request_hash": "h", "status": "gate_failed", "finished_ns": 1},
-        {"group_id": gid, "request_hash": "h", "status": "merged", "finished_ns": 3},
-        {"group_id": gid, "request_hash": "h", "status": "failed", "finished_ns": 9},
-        {"group_id": gid, "request_hash": "old", "status": "merged", "finished_ns": 5},
+    lines = [  # finished_ns (executor clocks) disagree with seq on purpose: seq decides
+        {"group_id": gid, "request_hash": "h", "status": "gate_failed", "seq": 1, "finished_ns": 9},
+        {"group_id": gid, "request_hash": "h", "status": "merged", "seq": 3, "finished_ns": 1},
+        {"group_id": gid, "request_hash": "old", "status": "merged", "seq": 2, "finished_ns": 5},
     ]
-    (folder / "t1.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"group_id": "ab')
-    hits = read_bucket(str(tmp_path), ledger_bucket(gid))
-    assert hits[(gid, "h")]["status"] == "merged" and hits[(gid, "h")]["finished_ns"] == 3
-    assert set(hits) == {(gid, "h"), (gid, "old")}
+    (folder / "t1.jsonl").write_text("\n".join(json.dumps(x) for x in lines[:2]) + '\n{"group_id": "ab')
+    (folder / "t2.jsonl").write_text(json.dumps(lines[2]) + "\n")
+    state = read_bucket(str(tmp_path), ledger_bucket(gid))
+    assert state.latest[(gid, "h")]["status"] == "merged" and state.max_seq == 3
+    assert set(state.latest) == {(gid, "h"), (gid, "old")}
 
 
 def test_split_budget_is_proportional_and_exact():
@@ -195,15 +198,16 @@ def test_split_budget_is_proportional_and_exact():
 
 def test_merge_stage_class_writes_itself(spark, store, inputs):
     records, embeddings, groups = inputs[:3]
-    assert Merge.writes_itself and Merge.inputs == ("merge_groups", "records", "embeddings")
+    assert Merge.inputs == ("merge_groups", "records", "embeddings")
     with FakeOpenAI() as fake:
         ctx = StageContext(spark, store, stage_settings(fake.base_url))
         stage = Merge()
         out = stage.run(ctx, {"merge_groups": groups, "records": records, "embeddings": embeddings})
-    assert out["merges"].count() == len(inputs[3]) == stage.summary.groups
-    assert store.exists("merges")
+    assert not out.tables  # written through the store as results landed, not by the executor
+    merges = store.read("merges")
+    assert merges.count() == len(inputs[3]) == out.summary["groups"]
     assert any(Path(store.root, LEDGER_DIR).glob("bucket=*/*.jsonl"))
-    assert out["merges"].where(F.col("status").isNull()).count() == 0
+    assert merges.where(F.col("status").isNull()).count() == 0
 
 
 def test_no_groups_gives_an_empty_merges_table(spark, store, inputs):
@@ -213,3 +217,134 @@ def test_no_groups_gives_an_empty_merges_table(spark, store, inputs):
                             groups.limit(0), records, embeddings)
     assert summary.groups == 0 and summary.requests == 0 and fake.count == 0
     assert store.exists("merges") and store.read("merges").count() == 0
+
+
+# -- faults, reruns, merged ids -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def many(spark, shared_data):
+    """About forty groups of real records (for fault injection)."""
+    embed = load_settings().embed
+    rows = load_rows(shared_data, 160, offset=400)
+    records, embeddings, groups, member_lists = make_inputs(spark, rows, embed, threshold=0.5,
+                                                            max_groups=40)
+    by_id = {r["id"]: r for r in rows}
+    keys = {group_key([by_id[m] for m in members]): members for members in member_lists}
+    assert len(member_lists) >= 30
+    return records, embeddings, groups, member_lists, keys
+
+
+TRANSPORT = ("http_", "timeout", "connection", "malformed_response")
+
+
+def test_thirty_percent_faults_every_group_ends_with_a_reason_and_a_rerun_pays_only_failures(
+        spark, store, many):
+    records, embeddings, groups, member_lists, keys = many
+    n = len(member_lists)
+    faults = Faults(rate=0.3, hang_s=1.5)
+    with FakeOpenAI(faults) as fake:
+        settings = stage_settings(fake.base_url, "llm.max_retries=1", "merge.regenerations=0",
+                                  "llm.request_timeout_s=0.5", "llm.backoff_max_s=0.5")
+        first = run(spark, store, settings, many)
+        assert set(faults.injected) >= {"429", "500", "503", "hang", "non_json", "missing_key", "refusal"}
+        rows = merges_rows(store)
+        by_gid = {r["group_id"]: r for r in rows}
+        assert len(rows) == n == len(by_gid) == first.groups       # one row per group, none lost
+        assert sum(first.by_status.values()) == n and first.requests == fake.count
+        for r in rows:
+            assert r["status"] in STATUSES
+            if r["status"] == "failed":
+                assert r["error"] and r["output"] is None          # a reason, no text
+            else:
+                assert json.loads(r["gate"])["passed"] == (r["status"] == "merged")
+        failed = {r["group_id"]: r["error"] for r in rows if r["status"] == "failed"}
+        retryable = {g for g, e in failed.items() if e.startswith(TRANSPORT)}
+        assert retryable and set(failed) - retryable    # both kinds of failure happened
+        assert all(failed[g].startswith("invalid_output") for g in set(failed) - retryable)
+
+        # No group twice in final, and finalize's ledger balances on these merges.
+        final, lineage, numbers = finalize_merges(spark, records, groups, store.read("merges"))
+        assert numbers["final_rows"] == numbers["final_distinct_ids"]
+        assert numbers["final_merged"] == first.by_status.get("merged", 0)
+
+        # The rerun pays only for the groups that failed on the way (not invalid replies).
+        sent_before = Counter(k for _, k, _ in fake.requests)
+        second = run(spark, store, settings, many)
+        sent_again = Counter(k for _, k, _ in fake.requests) - sent_before
+    gid_of = {key: group_id(members) for key, members in keys.items()}
+    assert {gid_of[k] for k in sent_again} == retryable
+    assert second.requests == sum(sent_again.values())
+    assert second.by_source.get("ledger", 0) == n - len(retryable)
+    assert len(merges_rows(store)) == n
+
+
+def test_invalid_replies_are_not_repaid_unless_asked_or_the_request_changes(spark, store, inputs):
+    refused = sorted(inputs[4])[:3]
+    script = lambda n, k, r: Reply(kind="content", content=REFUSAL) if k in refused else Reply()  # noqa: E731
+    with FakeOpenAI(script) as fake:
+        base = stage_settings(fake.base_url, "merge.regenerations=1")
+        first = run(spark, store, base, inputs)
+        assert first.errors == {"invalid_output": 3} and fake.count == len(inputs[3]) + 3
+        again = run(spark, store, base, inputs)                          # plain rerun
+        assert again.requests == 0 and again.by_status == first.by_status
+        retried = run(spark, store, stage_settings(fake.base_url, "merge.regenerations=1",
+                                                   "merge.retry_failed=true"), inputs)
+        assert retried.requests == 3 * 2 and retried.by_source["llm"] == 3
+        more = run(spark, store, stage_settings(fake.base_url, "merge.regenerations=2"), inputs)
+        assert more.requests == 3 * 3                                    # a larger allowance
+        before = fake.count
+        changed = run(spark, store, stage_settings(fake.base_url, "merge.regenerations=2",
+                                                   "llm.temperature=0.3"), inputs)
+    assert changed.requests == fake.count - before == len(inputs[3]) + 3 * 2  # a new request for all
+    assert {r["status"] for r in merges_rows(store) if r["error"]} == {"failed"}
+
+
+RELAXED_GATE = ("gate.min_source_similarity=-1", "gate.min_request_coverage=-2",  # accept anything
+                "gate.min_output_coverage=0", "gate.require_complete_output=false",
+                "gate.min_output_ratio=0", "gate.max_copy_similarity=1")
+
+
+def test_identical_merges_and_a_merge_equal_to_a_kept_record_do_not_break_finalize(spark, store, inputs):
+    records, embeddings, groups, member_lists = inputs[:4]
+    grouped = {m for members in member_lists for m in members}
+    kept = next(r for r in records.collect() if r["id"] not in grouped)   # test-sized: 48 rows
+    as_record = json.dumps({"instruction": kept["instruction"], "input": kept["input"],
+                            "output": kept["output"]})
+    same = json.dumps({"instruction": "Do both tasks.", "input": "", "output": "Both are done."})
+    first_key = sorted(inputs[4])[0]
+    script = lambda n, k, r: Reply(kind="content", content=as_record if k == first_key else same)  # noqa: E731
+    with FakeOpenAI(script) as fake:
+        summary = run(spark, store, stage_settings(fake.base_url, *RELAXED_GATE), inputs)
+    assert summary.by_status == {"merged": len(member_lists)}
+    final, lineage, numbers = finalize_merges(spark, records, groups, store.read("merges"))
+    assert numbers["final_rows"] == numbers["final_distinct_ids"]
+    assert numbers["final_merged"] == len(member_lists)
+    texts = final.where(F.col("origin") == "merged").groupBy("output").count()
+    assert texts.where(F.col("output") == "Both are done.").first()["count"] == len(member_lists) - 1
+    twins = final.where(F.col("output") == kept["output"]).select("id", "origin").collect()
+    assert sorted(r["origin"] for r in twins) == ["merged", "original"]
+    assert kept["id"] in {r["id"] for r in twins}
+
+
+def test_gate_rejections_are_counted_per_check(spark, store, inputs):
+    only_first = lambda n, k, r: Reply(kind="content", content=json.dumps({  # noqa: E731
+        "instruction": "Answer the first example.", "input": "", "output": "Only the first part."}))
+    with FakeOpenAI(only_first) as fake:
+        summary = run(spark, store, stage_settings(fake.base_url), inputs)
+    n = len(inputs[3])
+    assert summary.by_status == {"gate_failed": n}
+    counted = gate_rejections(store.read("merges"))
+    assert counted == summary.gate_rejections and counted["output_coverage"] == n
+    assert set(counted) <= {"source_similarity", "request_coverage", "output_coverage",
+                            "output_complete", "output_length", "copy"}
+
+
+def test_ledger_lines_carry_a_sequence_and_the_merges_row_is_the_latest(spark, store, inputs):
+    with FakeOpenAI() as fake:
+        run(spark, store, stage_settings(fake.base_url), inputs)
+        run(spark, store, stage_settings(fake.base_url, "gate.min_source_similarity=0.999"), inputs)
+    ledger = read_ledger(spark, str(Path(store.root) / LEDGER_DIR))
+    per_group = ledger.groupBy("group_id").agg(F.count("*").alias("lines"), F.max("seq").alias("seq"))
+    assert {r["lines"] for r in per_group.collect()} == {2}      # the result, then its re-judging
+    latest = per_group.join(ledger, ["group_id", "seq"]).select("group_id", "status")
+    assert {r["status"] for r in latest.collect()} == {"gate_failed"}
+    assert {r["status"] for r in merges_rows(store)} == {"gate_failed"}

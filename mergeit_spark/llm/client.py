@@ -9,10 +9,15 @@ Per HTTP request:
     servers that trickle bytes);
   * at most ``llm.concurrency`` requests in flight (an ``asyncio.Semaphore``, held only while a
     request is on the wire, not during backoff);
+  * at most this loop's share of ``llm.requests_per_minute`` and ``llm.tokens_per_minute``
+    (``RateLimits``: ``aiolimiter`` leaky buckets; a request counts its prompt estimate plus
+    ``llm.max_tokens``, as hosted APIs count it);
   * retried up to ``llm.max_retries`` times on 408, 409, 429, 5xx, timeouts, connection errors and
     bodies that are not valid JSON, with exponential backoff and jitter (``backoff_initial_s``
     doubling, times a random factor in [0.5, 1]); a ``Retry-After`` (seconds or HTTP date) or
-    ``retry-after-ms`` header replaces the backoff, capped by ``llm.backoff_max_s``;
+    ``retry-after-ms`` header replaces the backoff, capped by ``llm.backoff_max_s``, and holds back
+    every request of the loop until it has passed (the server asked the client, not one request,
+    to wait);
   * other 4xx (bad request, auth, not found) fail at once: retrying cannot help.
 
 Structured output (``llm.json_mode``): ``schema`` sends ``response_format`` json_schema (OpenAI,
@@ -50,8 +55,10 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
 import openai
+from aiolimiter import AsyncLimiter
 
 from ..config import LLMSettings, MergeSettings
+from ..redact import register_secret
 from .prompt import FIELDS, MERGED_SCHEMA, build_messages
 
 log = logging.getLogger(__name__)
@@ -78,13 +85,13 @@ def resolve_api_key(llm: LLMSettings, env: Mapping[str, str] | None = None) -> s
     env = os.environ if env is None else env
     value = env.get(llm.api_key_env, "").strip() if llm.api_key_env else ""
     if value:
-        return value
+        return register_secret(value)  # masked in every log record of this process from now on
     if llm.api_key_file:
         path = Path(llm.api_key_file).expanduser()
         if path.is_file():
             value = path.read_text().strip()
             if value:
-                return value
+                return register_secret(value)
     return PLACEHOLDER_KEY
 
 
@@ -221,6 +228,38 @@ class Budget:
         self.tokens += used_tokens
 
 
+# -- rate limits --------------------------------------------------------------------------------
+class RateLimits:
+    """Requests and tokens per minute for one event loop; 0 = no limit.
+
+    A Spark job has several loops at once (one per running task); ``share`` gives each its part of
+    the job's ``llm.requests_per_minute`` / ``llm.tokens_per_minute``. Create it inside the loop
+    that uses it.
+    """
+
+    def __init__(self, requests_per_minute: float = 0.0, tokens_per_minute: float = 0.0,
+                 period_s: float = 60.0) -> None:
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
+        # period_s is a minute; tests shorten it to see the limits act within a second.
+        self._requests = AsyncLimiter(requests_per_minute, period_s) if requests_per_minute > 0 else None
+        self._tokens = AsyncLimiter(tokens_per_minute, period_s) if tokens_per_minute > 0 else None
+
+    @classmethod
+    def share(cls, llm: LLMSettings, loops: int = 1) -> "RateLimits":
+        """This loop's part of the job's limits when ``loops`` loops run at once."""
+        loops = max(1, loops)
+        return cls(llm.requests_per_minute / loops, llm.tokens_per_minute / loops)
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait until one request of ``tokens`` tokens fits both limits. A request larger than a
+        whole minute's allowance waits for the whole allowance (it could never fit otherwise)."""
+        if self._requests is not None:
+            await self._requests.acquire(min(1.0, self._requests.max_rate))
+        if self._tokens is not None:
+            await self._tokens.acquire(min(float(tokens), self._tokens.max_rate))
+
+
 # -- results ------------------------------------------------------------------------------------
 @dataclass
 class ChatResult:
@@ -289,10 +328,14 @@ class MergeClient:
     """
 
     def __init__(self, llm: LLMSettings, merge: MergeSettings, budget: Budget | None = None,
-                 *, api_key: str | None = None, rng: random.Random | None = None) -> None:
+                 *, api_key: str | None = None, rng: random.Random | None = None,
+                 loops: int = 1) -> None:
         self.llm = llm
         self.merge_settings = merge
         self.budget = budget or Budget()
+        self._loops = loops  # event loops sharing the job's rate limits (RateLimits.share)
+        self._limits: RateLimits | None = None
+        self._paused_until = 0.0  # loop time before which no request is sent (Retry-After)
         self._api_key = api_key if api_key is not None else resolve_api_key(llm)
         self._rng = rng or random.Random()
         self._client: openai.AsyncOpenAI | None = None
@@ -304,6 +347,7 @@ class MergeClient:
         self._client = openai.AsyncOpenAI(base_url=self.llm.base_url, api_key=self._api_key,
                                           max_retries=0, timeout=self.llm.request_timeout_s)
         self._semaphore = asyncio.Semaphore(self.llm.concurrency)
+        self._limits = RateLimits.share(self.llm, self._loops)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -345,16 +389,14 @@ class MergeClient:
     async def chat(self, messages: list[dict[str, str]]) -> ChatResult:
         """Send one chat request, retrying transient failures; never raises for server trouble."""
         assert self._client is not None and self._semaphore is not None, "use `async with`"
+        assert self._limits is not None
         result = ChatResult()
         retries = 0
         estimate = Budget.estimate_prompt_tokens(messages)
         while True:
-            mode, response_format = self._response_format()
-            kwargs: dict[str, Any] = {"model": self.llm.model, "messages": messages,
-                                      "temperature": self.llm.temperature,
-                                      "max_tokens": self.llm.max_tokens}
-            if response_format is not None:
-                kwargs["response_format"] = response_format
+            await self._respect_pause()
+            await self._limits.acquire(estimate + self.llm.max_tokens)
+            mode, kwargs = self._request(messages)
             retry_after: float | None = None
             async with self._semaphore:
                 reservation = self.budget.reserve(estimate, self.llm.max_tokens)
@@ -368,17 +410,8 @@ class MergeClient:
                     response = await asyncio.wait_for(
                         self._client.chat.completions.create(**kwargs),
                         timeout=self.llm.request_timeout_s)
-                    usage = getattr(response, "usage", None)
-                    p_tok = int(getattr(usage, "prompt_tokens", 0) or 0)
-                    c_tok = int(getattr(usage, "completion_tokens", 0) or 0)
-                    used = p_tok + c_tok
-                    result.prompt_tokens += p_tok
-                    result.completion_tokens += c_tok
-                    choices = getattr(response, "choices", None)
-                    if not choices or getattr(choices[0], "message", None) is None:
-                        raise _Malformed("reply has no choices")
-                    result.content = choices[0].message.content or ""
-                    result.error = None
+                    used = _count_usage(response, result)
+                    _read_content(response, result)
                     return result
                 except openai.APIStatusError as exc:
                     message = _error_message(exc)
@@ -402,12 +435,33 @@ class MergeClient:
                     result.latency_ms += (time.perf_counter() - started) * 1000.0
                     self.budget.settle(reservation, used)
             result.error = error
+            if retry_after is not None:
+                self._pause(min(retry_after, self.llm.backoff_max_s))
             if retries >= self.llm.max_retries:
                 return result
             delay = backoff_delay(retries, self.llm, retry_after, self._rng)
             retries += 1
             log.debug("retry %d in %.2f s after %s", retries, delay, error.split(":")[0])
             await asyncio.sleep(delay)
+
+    def _request(self, messages: list[dict[str, str]]) -> tuple[str, dict[str, Any]]:
+        """The json-mode rung in use and the arguments of one chat completion request."""
+        mode, response_format = self._response_format()
+        kwargs: dict[str, Any] = {"model": self.llm.model, "messages": messages,
+                                  "temperature": self.llm.temperature, "max_tokens": self.llm.max_tokens}
+        if response_format is not None:
+            kwargs["response_format"] = response_format
+        return mode, kwargs
+
+    def _pause(self, seconds: float) -> None:
+        """Hold back every request of this loop for ``seconds`` (a server's Retry-After)."""
+        loop = asyncio.get_running_loop()
+        self._paused_until = max(self._paused_until, loop.time() + seconds)
+
+    async def _respect_pause(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (wait := self._paused_until - loop.time()) > 0:
+            await asyncio.sleep(wait)
 
     # -- one merge ------------------------------------------------------------------------------
     async def merge(self, examples: Sequence[Mapping[str, Any]], gate: GateFn | None = None,
@@ -454,6 +508,25 @@ class _Malformed(ValueError):
     """The server answered 200 with a body that is not a chat completion."""
 
 
+def _count_usage(response: Any, result: ChatResult) -> int:
+    """Add a completion's token usage to ``result``; returns the tokens it used."""
+    usage = getattr(response, "usage", None)
+    p_tok = int(getattr(usage, "prompt_tokens", 0) or 0)
+    c_tok = int(getattr(usage, "completion_tokens", 0) or 0)
+    result.prompt_tokens += p_tok
+    result.completion_tokens += c_tok
+    return p_tok + c_tok
+
+
+def _read_content(response: Any, result: ChatResult) -> None:
+    """Put a completion's text into ``result``; ``_Malformed`` when the body has no message."""
+    choices = getattr(response, "choices", None)
+    if not choices or getattr(choices[0], "message", None) is None:
+        raise _Malformed("reply has no choices")
+    result.content = choices[0].message.content or ""
+    result.error = None
+
+
 def _error_message(exc: openai.APIStatusError) -> str:
     body = exc.body
     if isinstance(body, dict):
@@ -485,7 +558,7 @@ def utc_now() -> str:
 
 
 __all__ = [
-    "Budget", "ChatResult", "MergeClient", "MergeResult", "resolve_api_key", "retry_after_seconds",
+    "Budget", "ChatResult", "MergeClient", "MergeResult", "RateLimits", "resolve_api_key", "retry_after_seconds",
     "backoff_delay", "extract_json_object", "validate_merged", "STATUS_MERGED", "STATUS_GATE_FAILED",
     "STATUS_FAILED", "ERROR_BUDGET", "utc_now",
 ]

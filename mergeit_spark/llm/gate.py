@@ -1,47 +1,92 @@
 """Quality gate for merges, without an LLM scorer (the paper says "no LLM scoring"; the reference
 code used Deita anyway).
 
-A merged example is accepted only if all three checks pass:
+A merged example is accepted only if every check passes. ``m`` is the embedding of the merged
+instruction text (``instruction + " " + input``, the text the embed stage embeds, encoded by the
+embed stage's own ``encode_texts``: same model, same precision), ``s_i`` the embedding of source
+``i``'s instruction text (read from the ``embeddings`` table, never recomputed).
 
-(a) ``source_similarity``: the embedding of the merged instruction text (``instruction + " " +
-    input``, stripped, the same text the embed stage embeds) has cosine similarity at least
-    ``gate.min_source_similarity`` to EVERY source's embedding. A merge that drops one source's
-    task fails here.
-(b) ``output_length``: ``len(merged output) >= gate.min_output_ratio * len(longest source
-    output)`` in characters. A merge that answers less than its sources did fails here.
-(c) ``copy``: the merge is a near-copy of one source ``s`` when BOTH
-    ``cos(merged, s) >= gate.max_copy_similarity`` AND
-    ``len(merged output) <= copy_length_ratio * len(s's output)`` (default 1.1, i.e. the output
-    grew by at most 10 %). Such a "merge" just returned one of its inputs; the others are lost.
+``source_similarity``
+    ``cos(m, s_i) >= gate.min_source_similarity`` for every source: the merge is about its sources
+    at all (unrelated text fails here).
+``request_coverage``
+    For every source ``i``: the share of its *distinctive* request words (content words of its
+    instruction + input that no other source of the group has) that the merged instruction + input
+    keeps, minus how much less similar the merge is to ``s_i`` than to the closest source
+    (``max_j cos(m, s_j) - cos(m, s_i)``), at least ``gate.min_request_coverage``. A merge that asks
+    for one source's task only keeps none of the other's distinctive words and leans towards the
+    source it kept; a real merge keeps some words of each and sits between them. Similarity alone
+    cannot catch it: groups are built from pairs above 0.55, so a text close to one source is close
+    to the other too.
+``output_coverage``
+    For every source: the share of the words only its output has (not the other sources' outputs)
+    that the merged output carries, at least ``gate.min_output_coverage``. A merge that answers one
+    source only, a copy of one source, or an output cut before the second answer carries ~none.
+    Lexical on purpose: on the labelled set an embedding of the outputs separated good merges from
+    one-answer merges worse (see ``tests/test_gate.py``), and outputs are long: embedding them costs
+    about 6x the instruction text per merge on a CPU.
+``output_complete`` (``gate.require_complete_output``)
+    The output ends where a sentence or a block ends (punctuation, a closing bracket/quote/tag, a
+    digit, a hashtag, an emoji), not mid-sentence: a cut-off output fails here.
+``output_length``
+    ``len(merged output) >= gate.min_output_ratio * len(longest source output)``.
+``copy``
+    ``cos(m, s) >= gate.max_copy_similarity`` for one source ``s`` AND the merged output is at most
+    ``copy_length_ratio`` times as long as ``s``'s output: the merge just returned one input.
 
-All three are computed every time; ``GateResult.failed`` lists the checks that failed, in the
-order a, b, c, and ``describe()`` gives the numbers as JSON (stored in ``merges.gate``).
+Every check is computed every time; ``GateResult.failed`` lists the failing ones in the order
+above, and ``describe()`` gives the numbers as JSON (the ``merges.gate`` column), from which the
+stage counts rejections per check.
 
-Embeddings of merged texts are computed on the executor with the embed stage's ``encode_texts``
-(model loaded once per worker process). ``BatchEncoder`` collects the texts of the groups that
-finish at about the same time into one forward pass, off the event loop's thread.
+``BatchGate`` judges merges in batches: verdicts asked for while a batch is judged wait and go
+together into the next one, on a worker thread (one ``encode_texts`` call per batch), so the event
+loop keeps requests flowing while the model runs.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
 
 import numpy as np
 
 from ..config import EmbedSettings, GateSettings
 
 CHECK_SOURCE_SIMILARITY = "source_similarity"
+CHECK_REQUEST_COVERAGE = "request_coverage"
+CHECK_OUTPUT_COVERAGE = "output_coverage"
+CHECK_OUTPUT_COMPLETE = "output_complete"
 CHECK_OUTPUT_LENGTH = "output_length"
 CHECK_COPY = "copy"
+CHECKS = (CHECK_SOURCE_SIMILARITY, CHECK_REQUEST_COVERAGE, CHECK_OUTPUT_COVERAGE,
+          CHECK_OUTPUT_COMPLETE, CHECK_OUTPUT_LENGTH, CHECK_COPY)
 DEFAULT_COPY_LENGTH_RATIO = GateSettings().copy_length_ratio
 
 _FEEDBACK = {
-    CHECK_SOURCE_SIMILARITY: "the merged instruction leaves out part of what some example asks",
+    CHECK_SOURCE_SIMILARITY: "the merged instruction is not about the given examples",
+    CHECK_REQUEST_COVERAGE: "the merged instruction leaves out what one of the examples asks",
+    CHECK_OUTPUT_COVERAGE: "the merged output leaves out the answer to one of the examples",
+    CHECK_OUTPUT_COMPLETE: "the merged output stops in the middle of a sentence",
     CHECK_OUTPUT_LENGTH: "the merged output is much shorter than the outputs it replaces",
     CHECK_COPY: "it repeats one example instead of combining all of them",
 }
+
+# Function words carry no content: a merge need not keep them. Short and fixed, so verdicts do not
+# depend on a library's list.
+_STOP_WORDS = frozenset("""
+a an the and or of to in on for with by at from as is are was were be been being it its this that
+these those which who whom what when where why how you he she we they them their his her our your
+my me us do does did done can could should would will shall may might must not no nor so than then
+there here also such each both any all some other into over under about after before between
+through during up down out off again further once only own same too very just but if because while
+until whether
+""".split())
+_WORD = re.compile(r"[^\W_]+")
+# Where a finished output can end: sentence or clause punctuation, a closing bracket, quote, tag or
+# code fence, a digit, a hashtag, an emoji.
+_COMPLETE_END = re.compile(r"""([.!?…"'”’)\]}>`*;:]|\d|#\w+|[\U0001F000-\U0001FFFF\u2600-\u27BF])\s*$""")
 
 
 def embedding_text(instruction: str | None, input: str | None) -> str:  # noqa: A002
@@ -50,11 +95,43 @@ def embedding_text(instruction: str | None, input: str | None) -> str:  # noqa: 
     return f"{instruction or ''} {input or ''}".strip()
 
 
+def content_words(text: str | None) -> frozenset[str]:
+    """Lower-cased words of ``text`` without function words, words under 3 letters (numbers are
+    kept whole) and a plural ``s``: what a merge must keep of an example."""
+    words = set()
+    for word in _WORD.findall((text or "").lower()):
+        if word in _STOP_WORDS or (len(word) < 3 and not word.isdigit()):
+            continue
+        if len(word) > 4 and word.endswith("s") and not word.endswith("ss"):
+            word = word[:-1]
+        words.add(word)
+    return frozenset(words)
+
+
+def distinctive_recall(merged: frozenset[str], sources: Sequence[frozenset[str]]) -> np.ndarray:
+    """Per source: the share of its words that no other source has which ``merged`` carries
+    (1.0 when it has none of its own)."""
+    out = np.ones(len(sources))
+    for i, words in enumerate(sources):
+        others = frozenset().union(*(sources[j] for j in range(len(sources)) if j != i))
+        own = words - others
+        if own:
+            out[i] = len(own & merged) / len(own)
+    return out
+
+
+def complete_ending(text: str | None) -> bool:
+    """Whether ``text`` ends where a sentence or block ends."""
+    return bool(_COMPLETE_END.search((text or "").rstrip()))
+
+
 @dataclass
 class GateResult:
     passed: bool
     failed: list[str] = field(default_factory=list)
     min_source_similarity: float = 0.0
+    request_coverage: float = 0.0
+    output_coverage: float = 0.0
     output_ratio: float = 0.0
     max_copy_similarity: float = 0.0
     copy_of: int | None = None
@@ -64,6 +141,8 @@ class GateResult:
         return json.dumps({
             "passed": self.passed, "failed": self.failed,
             "min_source_similarity": round(self.min_source_similarity, 4),
+            "request_coverage": round(self.request_coverage, 4),
+            "output_coverage": round(self.output_coverage, 4),
             "output_ratio": round(self.output_ratio, 4),
             "max_copy_similarity": round(self.max_copy_similarity, 4),
             "copy_of": self.copy_of,
@@ -74,56 +153,91 @@ class GateResult:
         return "; ".join(_FEEDBACK[name] for name in self.failed) or "it failed the quality check"
 
 
+class GroupSources:
+    """What the gate needs of one group's sources, computed once per group: their instruction
+    embeddings, their request and output words, their output lengths."""
+
+    def __init__(self, sources: Sequence[Mapping[str, Any]], vectors: np.ndarray) -> None:
+        v = np.asarray(vectors, dtype=np.float64).reshape(len(sources), -1)
+        norms = np.linalg.norm(v, axis=1, keepdims=True)
+        self.vectors = v / np.where(norms > 0, norms, 1.0)
+        self.request_words = [content_words(embedding_text(s.get("instruction"), s.get("input")))
+                              for s in sources]
+        self.output_words = [content_words(s.get("output")) for s in sources]
+        self.output_lengths = np.asarray([len(str(s.get("output") or "")) for s in sources])
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    v = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.where(norms > 0, norms, 1.0)
+
+
+def judge(merged: Sequence[Mapping[str, str]], groups: Sequence[GroupSources],
+          merged_vectors: np.ndarray, settings: GateSettings,
+          copy_length_ratio: float = DEFAULT_COPY_LENGTH_RATIO) -> list[GateResult]:
+    """Verdicts for a batch of merges: ``merged[k]`` of the sources in ``groups[k]``, its
+    instruction text embedded as ``merged_vectors[k]`` (any scale: vectors are re-normalised)."""
+    m = _unit(np.asarray(merged_vectors).reshape(len(merged), -1))
+    return [_verdict(merged[k], groups[k], groups[k].vectors @ m[k], settings, copy_length_ratio)
+            for k in range(len(merged))]
+
+
+def _verdict(merged: Mapping[str, str], group: GroupSources, sims: np.ndarray,
+             settings: GateSettings, copy_length_ratio: float) -> GateResult:
+    output = merged.get("output") or ""
+    request = distinctive_recall(content_words(embedding_text(merged.get("instruction"),
+                                                              merged.get("input"))),
+                                 group.request_words) - (sims.max() - sims)
+    carried = distinctive_recall(content_words(output), group.output_words)
+    longest = int(group.output_lengths.max())
+    copies = np.nonzero((sims >= settings.max_copy_similarity)
+                        & (len(output) <= copy_length_ratio * group.output_lengths))[0]
+    failing = {
+        CHECK_SOURCE_SIMILARITY: float(sims.min()) < settings.min_source_similarity,
+        CHECK_REQUEST_COVERAGE: float(request.min()) < settings.min_request_coverage,
+        CHECK_OUTPUT_COVERAGE: float(carried.min()) < settings.min_output_coverage,
+        CHECK_OUTPUT_COMPLETE: settings.require_complete_output and not complete_ending(output),
+        CHECK_OUTPUT_LENGTH: len(output) < settings.min_output_ratio * longest,
+        CHECK_COPY: copies.size > 0,
+    }
+    failed = [name for name in CHECKS if failing[name]]
+    ratio = len(output) / longest if longest else (1e6 if output else 1.0)
+    return GateResult(passed=not failed, failed=failed, min_source_similarity=float(sims.min()),
+                      request_coverage=float(request.min()), output_coverage=float(carried.min()),
+                      output_ratio=float(min(ratio, 1e6)), max_copy_similarity=float(sims.max()),
+                      copy_of=int(copies[0]) if copies.size else None)
+
+
 def check_merge(merged: Mapping[str, str], sources: Sequence[Mapping[str, Any]],
                 merged_vector: np.ndarray, source_vectors: np.ndarray, settings: GateSettings,
                 copy_length_ratio: float = DEFAULT_COPY_LENGTH_RATIO) -> GateResult:
-    """Apply checks (a), (b), (c) to one merge. Vectors are re-normalised, so any scale works."""
-    m = np.asarray(merged_vector, dtype=np.float64).ravel()
-    s = np.asarray(source_vectors, dtype=np.float64).reshape(len(sources), -1)
-    m = m / (np.linalg.norm(m) or 1.0)
-    s = s / np.where((n := np.linalg.norm(s, axis=1, keepdims=True)) > 0, n, 1.0)
-    sims = s @ m
-    out_len = len(merged.get("output") or "")
-    source_out = [len(str(src.get("output") or "")) for src in sources]
-    longest = max(source_out) if source_out else 0
-    ratio = out_len / longest if longest else float("inf") if out_len else 1.0
-
-    failed = []
-    if sims.size and float(sims.min()) < settings.min_source_similarity:
-        failed.append(CHECK_SOURCE_SIMILARITY)
-    if out_len < settings.min_output_ratio * longest:
-        failed.append(CHECK_OUTPUT_LENGTH)
-    copy_of = None
-    for i, (sim, length) in enumerate(zip(sims, source_out)):
-        if sim >= settings.max_copy_similarity and out_len <= copy_length_ratio * length:
-            copy_of = i
-            failed.append(CHECK_COPY)
-            break
-    return GateResult(passed=not failed, failed=failed,
-                      min_source_similarity=float(sims.min()) if sims.size else 1.0,
-                      output_ratio=float(min(ratio, 1e6)),
-                      max_copy_similarity=float(sims.max()) if sims.size else 0.0,
-                      copy_of=copy_of)
+    """The verdict for one merge (``judge`` on a batch of one)."""
+    return judge([merged], [GroupSources(sources, source_vectors)],
+                 np.asarray(merged_vector)[None, :], settings, copy_length_ratio)[0]
 
 
-class BatchEncoder:
-    """Async front of a blocking ``encode(texts) -> (n, dim) array``.
+T = TypeVar("T")
+R = TypeVar("R")
 
-    Texts asked for while a forward pass runs are queued and go together into the next one, so a
-    partition with many merges in flight embeds them in batches, on a worker thread, without
-    blocking the event loop (requests keep flowing while the model runs).
+
+class Batcher(Generic[T, R]):
+    """Async front of a blocking ``fn(items) -> results`` (one result per item, in order).
+
+    Items submitted while ``fn`` runs queue up and go together into the next call, on a worker
+    thread: with many merges in flight the gate embeds them in batches without blocking the loop.
     """
 
-    def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch: int = 64) -> None:
-        self._encode = encode
+    def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch: int = 256) -> None:
+        self._fn = fn
         self._max_batch = max_batch
-        self._pending: list[tuple[str, asyncio.Future]] = []
+        self._pending: list[tuple[T, asyncio.Future]] = []
         self._draining = False
 
-    async def encode(self, text: str) -> np.ndarray:
+    async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        self._pending.append((text, future))
+        self._pending.append((item, future))
         if not self._draining:
             self._draining = True
             loop.create_task(self._drain())
@@ -135,21 +249,21 @@ class BatchEncoder:
                 batch = self._pending[:self._max_batch]
                 self._pending = self._pending[self._max_batch:]
                 try:
-                    vectors = await asyncio.to_thread(self._encode, [t for t, _ in batch])
+                    results = await asyncio.to_thread(self._fn, [item for item, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - handed to every waiter
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
                     continue
-                for (_, fut), vec in zip(batch, vectors):
+                for (_, fut), result in zip(batch, results):
                     if not fut.done():
-                        fut.set_result(vec)
+                        fut.set_result(result)
         finally:
             self._draining = False
 
 
 def model_encoder(settings: EmbedSettings) -> Callable[[list[str]], np.ndarray]:
-    """``encode(texts)`` with the embed stage's model (loaded once per worker process)."""
+    """``encode(texts)`` with the embed stage's model and precision (loaded once per process)."""
     from ..stages.embed import encode_texts
 
     def encode(texts: list[str]) -> np.ndarray:
@@ -158,19 +272,22 @@ def model_encoder(settings: EmbedSettings) -> Callable[[list[str]], np.ndarray]:
     return encode
 
 
-class EmbeddingGate:
-    """The gate for one group: ``await gate(merged)`` embeds the merge and runs ``check_merge``."""
+class BatchGate:
+    """The gate of one event loop: ``await gate.judge(merged, group)`` embeds the merged
+    instruction text together with the others waiting and runs ``judge`` on the batch."""
 
-    def __init__(self, sources: Sequence[Mapping[str, Any]], source_vectors: np.ndarray,
-                 settings: GateSettings, encoder: BatchEncoder,
-                 copy_length_ratio: float = DEFAULT_COPY_LENGTH_RATIO) -> None:
-        self.sources = sources
-        self.source_vectors = source_vectors
+    def __init__(self, encode: Callable[[list[str]], np.ndarray], settings: GateSettings,
+                 copy_length_ratio: float = DEFAULT_COPY_LENGTH_RATIO, max_batch: int = 256) -> None:
+        self._encode = encode
         self.settings = settings
-        self.encoder = encoder
         self.copy_length_ratio = copy_length_ratio
+        self._batcher: Batcher[tuple[Mapping[str, str], GroupSources], GateResult] = Batcher(
+            self._judge_batch, max_batch)
 
-    async def __call__(self, merged: Mapping[str, str]) -> GateResult:
-        vector = await self.encoder.encode(embedding_text(merged.get("instruction"), merged.get("input")))
-        return check_merge(merged, self.sources, vector, self.source_vectors, self.settings,
-                           self.copy_length_ratio)
+    def _judge_batch(self, items: list[tuple[Mapping[str, str], GroupSources]]) -> list[GateResult]:
+        vectors = self._encode([embedding_text(m.get("instruction"), m.get("input")) for m, _ in items])
+        return judge([m for m, _ in items], [g for _, g in items], vectors, self.settings,
+                     self.copy_length_ratio)
+
+    async def judge(self, merged: Mapping[str, str], group: GroupSources) -> GateResult:
+        return await self._batcher.submit((merged, group))

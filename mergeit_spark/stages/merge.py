@@ -3,88 +3,107 @@ a ledger so that no merge is ever paid for twice.
 
 How it runs on Spark
   1. ``build_jobs``: explode each group's ``member_ids``, join ``records`` (texts) and
-     ``embeddings`` (Spark joins), ``collect_list`` the members back per group; a small Arrow pass
+     ``embeddings`` (Spark joins), gather the members back per group sorted by id; an Arrow pass
      adds the ledger ``bucket`` and the ``request_hash`` (hash of the exact prompt, model and
-     request settings, see ``llm.prompt.prompt_hash``). The jobs are persisted on the executors:
-     the request pass and the compaction both read them.
-  2. ``execute_jobs``: ``repartition(P, "bucket")`` (P = ``merge.partitions`` or Spark's default
-     parallelism), sorted by bucket inside each partition, then ``mapInArrow`` runs one asyncio
-     loop per Arrow batch with one ``MergeClient`` (``llm.concurrency`` requests in flight per
-     partition). Only a handful of aggregate rows (counts, tokens) come back to the driver.
-  3. ``compact_ledger``: ``spark.read.json`` of the ledger, joined to the current
-     ``(group_id, request_hash)`` keys, one row per group: its latest terminal result (``merged``
-     or ``gate_failed``), else its latest failure. Written with ``ctx.store.write(df, "merges")``.
+     request settings, see ``llm.prompt.prompt_hash``), reading only the texts (embeddings stay in
+     Arrow).
+  2. ``request_pass``: ``repartition(P, "bucket")`` (P = ``merge.partitions`` or Spark's default
+     parallelism), sorted by bucket inside each partition, then ``mapInArrow``. Each task runs ONE
+     event loop for its whole partition (``llm.pump.LoopPump``): its thread reads the Arrow
+     batches, answers from the ledger what the ledger already holds, and feeds the rest into a
+     bounded queue (2 x ``llm.concurrency``) that ``llm.concurrency`` workers drain, one group at a
+     time each, with no barrier between batches. Member embeddings go from Arrow to numpy
+     directly. Results stream back as Arrow batches of a few hundred rows.
+  3. The pass returns one row per group (its merges row and what this run paid for it); it is
+     persisted, summed into the run's summary (a few aggregate rows reach the driver) and written
+     as ``merges`` with ``ctx.store.write``. A group's row is its latest ledger line.
 
-The ledger (``<run root>/_ledger/merges/bucket=<b>/<task attempt uuid>.jsonl``)
-  * Every finished group is appended at once, from the executor, as one JSON line, flushed and
-    fsynced before the next group's line: a task killed at any moment loses at most the requests
-    in flight at that moment.
-  * Before calling the LLM, a task reads the ledger files of the buckets it holds and skips every
-    group whose ``(group_id, request_hash)`` already has a terminal line; ``failed`` groups are
-    retried. A rerun of the stage therefore sends 0 requests for finished work, and a Spark task
-    retry after a crash resumes where the dead attempt stopped.
-  * ``bucket = sha256(group_id)[:8] % LEDGER_BUCKETS``: a fixed number of buckets, independent
-    of P, so a rerun with other partitions (a laptop run continued on a cluster) still finds its
-    ledger. A partition holds whole buckets (hash partitioning on the bucket).
-  * The run root must be a filesystem path that every executor can write and read (local disk
-    in local mode; on a cluster a shared mount such as NFS, EFS or a DBFS/HDFS fuse mount). Object
+Per group (one worker): request, validate, regenerate, gate (``llm.gate.BatchGate``: merged texts
+of the groups finishing together are embedded in one ``encode_texts`` call on a worker thread,
+with the embed stage's model and precision), then the result goes to the ledger.
+
+The ledger (``llm.ledger``; ``<run root>/_ledger/merges/bucket=<b>/<task attempt>.jsonl``)
+  * Group commit: a writer thread writes every waiting line, flushes and fsyncs, then releases
+    them; a worker reports its group (and takes the next one) only once its line is fsynced. So a
+    task killed at any moment never re-pays a recorded result and loses at most the requests in
+    flight; the event loop never waits on the disk. A ledger that cannot be written fails the task.
+  * Before calling the LLM, a task reads the ledger buckets it holds. A group whose latest line
+    for its ``(group_id, request_hash)`` is terminal (``merged``/``gate_failed``) is answered from
+    the ledger; judged under other gate settings (``gate.*``, ``merge.max_output_chars``, the
+    embedding model), it is re-judged with no request. A group whose reply stayed invalid after
+    every regeneration (``invalid_output``) is not re-paid either, unless ``merge.retry_failed``
+    (``mergeit run --retry-failed``), a larger ``merge.regenerations``, or a changed request (other
+    prompt, model or request settings: another ``request_hash``). Other failures (transport,
+    server, ``budget_exhausted``, a crash) are retried by the next run.
+  * ``bucket = sha256(group_id)[:8] % 256``: fixed, independent of P, so a rerun with other
+    partitions (a laptop run continued on a cluster) still finds its ledger. A partition holds
+    whole buckets (hash partitioning on the bucket).
+  * "Latest" is the per-bucket sequence ``seq`` (a writer numbers its lines after the highest
+    ``seq`` in the bucket), never an executor's clock.
+  * The run root must be a filesystem path that every executor can write and read (local disk in
+    local mode; on a cluster a shared mount such as NFS, EFS or a DBFS/HDFS fuse mount). Object
     stores without append (``s3://``) are not supported for the ledger.
   * Speculative execution (``spark.speculation``, off by default) must stay off for this stage:
     two live attempts of one task would both pay.
-  * If the gate settings change (``gate.*``, ``merge.max_output_chars``, the embedding model), a
-    terminal line from the ledger is re-judged against the new gate with no new request.
 
-Budget (``merge.max_requests`` / ``merge.max_total_tokens``, 0 = no cap)
+Budget and rate (``merge.max_requests`` / ``merge.max_total_tokens``, 0 = no cap;
+``llm.requests_per_minute`` / ``llm.tokens_per_minute``, 0 = no limit)
   The caps are split across ledger buckets in proportion to their number of groups. A task adds
   a bucket's share to its own allowance when it reaches that bucket (partitions are sorted by
-  bucket), so no task spends another task's share and unspent share carries on within the task.
-  Requests (retries included) never exceed ``max_requests``; tokens never exceed
-  ``max_total_tokens`` unless a server counts more prompt tokens than the client's estimate
-  (one token per two characters), since a request is only sent if its worst case
-  (estimate + ``llm.max_tokens``) fits. Groups left when the allowance runs out are recorded
-  ``failed`` with error ``budget_exhausted`` and are retried by a later run.
+  bucket), so no task spends another task's share. Requests (retries included) never exceed
+  ``max_requests``; tokens never exceed ``max_total_tokens`` unless a server counts more prompt
+  tokens than the client's estimate (one token per two characters), since a request is only sent
+  if its worst case (estimate + ``llm.max_tokens``) fits. Groups left when the allowance runs out
+  are recorded ``failed`` with error ``budget_exhausted``. The per-minute limits are split evenly
+  across the tasks that run at once (min(P, Spark's default parallelism)); 429s and Retry-After
+  are honoured on top (``llm.client``).
 
 Statuses: ``merged`` (valid and passed the gate), ``gate_failed`` (valid reply that failed the
 gate: its text is KEPT in instruction/input/output so the report can show it; finalize uses only
 ``merged`` rows), ``failed`` (no valid reply: HTTP errors after retries, invalid output after
 regenerations, budget, a group with a member missing from ``records``/``embeddings``; text null).
 ``attempts`` counts HTTP requests sent for the result (retries and regenerations included),
-``latency_ms`` the time spent waiting on them.
+``latency_ms`` the time spent waiting on them. ``gate`` is the verdict as JSON, including the
+checks that failed: ``gate_rejections(merges)`` counts them per check.
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import EmbedSettings, GateSettings, LLMSettings, MergeSettings, Settings
 from ..llm.client import (ERROR_BUDGET, STATUS_FAILED, STATUS_GATE_FAILED, STATUS_MERGED, Budget,
                           MergeClient, MergeResult, validate_merged)
-from ..llm.gate import BatchEncoder, EmbeddingGate, model_encoder
+from ..llm.gate import BatchGate, GroupSources, model_encoder
+from ..llm.ledger import LEDGER_BUCKETS, BucketState, LedgerWriter, ledger_bucket, read_bucket
 from ..llm.prompt import build_messages, prompt_hash
-from . import Stage, StageContext
+from ..llm.pump import LoopPump
+from . import Stage, StageContext, StageOutput
 
 log = logging.getLogger(__name__)
 
-LEDGER_BUCKETS = 256          # fixed forever for a run root: bucket dirs must not move between runs
 LEDGER_DIR = "_ledger/merges"
 RUNS_FILE = "_ledger/merge_runs.jsonl"
 TERMINAL = (STATUS_MERGED, STATUS_GATE_FAILED)
 MISSING_HASH = ""             # request_hash of a group that cannot be requested (member missing)
+ERROR_INVALID = "invalid_output"
+PASS_ROWS = 256               # result rows per Arrow batch a task streams back
 
 MERGES_SCHEMA = T.StructType([
     T.StructField("group_id", T.StringType(), False),
@@ -104,10 +123,13 @@ MERGES_SCHEMA = T.StructType([
 # A ledger line: a merges row plus what the ledger itself needs.
 LEDGER_SCHEMA = T.StructType(list(MERGES_SCHEMA.fields) + [
     T.StructField("acceptance", T.StringType()),   # hash of the gate settings that judged it
-    T.StructField("finished_ns", T.LongType()),    # wall clock, orders lines of one group
+    T.StructField("regenerations", T.IntegerType()),  # merge.regenerations the result had
+    T.StructField("seq", T.LongType()),            # per-bucket sequence: orders the lines of a group
+    T.StructField("finished_ns", T.LongType()),    # writer's wall clock, for people only
     T.StructField("task", T.StringType()),         # task attempt that wrote it
 ])
 MEMBER_FIELDS = ("id", "instruction", "input", "output", "embedding")
+TEXT_FIELDS = ("id", "instruction", "input", "output")
 JOB_SCHEMA = T.StructType([
     T.StructField("group_id", T.StringType(), False),
     T.StructField("bucket", T.IntegerType(), False),
@@ -121,21 +143,15 @@ JOB_SCHEMA = T.StructType([
         T.StructField("embedding", T.ArrayType(T.FloatType())),
     ]))),
 ])
-# What each task reports back per group: small, aggregated before it reaches the driver.
-REPORT_SCHEMA = T.StructType([
-    T.StructField("group_id", T.StringType()),
-    T.StructField("status", T.StringType()),
+# What the request pass returns per group: its merges row, plus what THIS run paid for it and
+# where the result came from (aggregated for the summary; never collected per group).
+PASS_SCHEMA = T.StructType(list(MERGES_SCHEMA.fields) + [
     T.StructField("source", T.StringType()),       # llm | ledger | rejudged | missing
-    T.StructField("error_kind", T.StringType()),
-    T.StructField("requests", T.LongType()),
-    T.StructField("prompt_tokens", T.LongType()),
-    T.StructField("completion_tokens", T.LongType()),
+    T.StructField("gate_failed", T.StringType()),  # comma-separated checks a gate_failed merge failed
+    T.StructField("paid_requests", T.LongType()),
+    T.StructField("paid_prompt_tokens", T.LongType()),
+    T.StructField("paid_completion_tokens", T.LongType()),
 ])
-
-
-def ledger_bucket(group_id: str) -> int:
-    """Ledger bucket of a group: a deterministic function of its id only (any string works)."""
-    return int(hashlib.sha256(group_id.encode("utf-8")).hexdigest()[:8], 16) % LEDGER_BUCKETS
 
 
 def request_settings(llm: LLMSettings) -> dict[str, Any]:
@@ -153,27 +169,56 @@ def acceptance_key(gate: GateSettings, merge: MergeSettings, embed: EmbedSetting
 
 
 # -- 1. jobs ------------------------------------------------------------------------------------
+def _member_texts(members: pa.ListArray) -> tuple[np.ndarray, dict[str, list]]:
+    """Per-row member offsets and the members' text fields as Python lists (no embeddings)."""
+    lengths = pc.list_value_length(members).fill_null(0).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = members.flatten()
+    return offsets, {f: flat.field(f).to_pylist() for f in TEXT_FIELDS}
+
+
+def _member_vectors(members: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """All members' embeddings as one ``(members, dim)`` float32 array (zeros where missing) and
+    a mask of the members that have one; straight from Arrow, never through Python lists."""
+    emb = members.flatten().field("embedding")
+    lengths = pc.list_value_length(emb).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    dim = int(lengths.max()) if lengths.size else 0
+    values = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    has = lengths == dim if dim else np.zeros(len(lengths), dtype=bool)
+    if has.all():
+        return values.reshape(len(lengths), dim), has
+    vectors = np.zeros((len(lengths), dim), dtype=np.float32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    rows = np.nonzero(has)[0]
+    vectors[rows] = values[starts[rows, None] + np.arange(dim)]
+    return vectors, has
+
+
 @dataclass(frozen=True)
 class _AddRequestHash:
     llm: LLMSettings
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        schema = _arrow_schema(JOB_SCHEMA)
         settings = request_settings(self.llm)
         for batch in batches:
-            rows = []
-            for row in batch.to_pylist():
-                members = sorted(row["members"] or [], key=lambda m: m["id"] or "")
-                missing = [m["id"] for m in members
-                           if m["instruction"] is None or m["embedding"] is None]
-                if missing or len(members) < 2:
-                    rh = MISSING_HASH
-                else:
-                    rh = prompt_hash(build_messages(members), self.llm.model, settings)
-                rows.append({"group_id": row["group_id"], "bucket": ledger_bucket(row["group_id"]),
-                             "request_hash": rh, "missing": ",".join(missing) or None,
-                             "members": members})
-            yield pa.RecordBatch.from_pylist(rows, schema=schema)
+            members = batch.column("members")
+            offsets, texts = _member_texts(members)
+            _, has_vector = _member_vectors(members)
+            gids = batch.column("group_id").to_pylist()
+            hashes, missing = [], []
+            for row in range(batch.num_rows):
+                lo, hi = int(offsets[row]), int(offsets[row + 1])
+                group = [{f: texts[f][i] for f in TEXT_FIELDS} for i in range(lo, hi)]
+                absent = [texts["id"][i] for i in range(lo, hi)
+                          if texts["instruction"][i] is None or not has_vector[i]]
+                missing.append(",".join(absent) or None)
+                usable = not absent and len(group) >= 2
+                hashes.append(prompt_hash(build_messages(group), self.llm.model, settings)
+                              if usable else MISSING_HASH)
+            yield pa.RecordBatch.from_arrays(
+                [batch.column("group_id"), pa.array([ledger_bucket(g) for g in gids], pa.int32()),
+                 pa.array(hashes, pa.string()), pa.array(missing, pa.string()), members],
+                names=[f.name for f in JOB_SCHEMA.fields])
 
 
 def build_jobs(groups: DataFrame, records: DataFrame, embeddings: DataFrame,
@@ -185,63 +230,41 @@ def build_jobs(groups: DataFrame, records: DataFrame, embeddings: DataFrame,
     members = (exploded
                .join(records.select("id", "instruction", "input", "output"), on="id", how="left")
                .join(embeddings.select("id", "embedding"), on="id", how="left"))
+    # Sorted by member id (the struct's first field) in Spark: the prompt lists them in this order.
     gathered = (members.groupBy("group_id")
-                .agg(F.collect_list(F.struct(*[F.col(c) for c in MEMBER_FIELDS])).alias("members")))
+                .agg(F.sort_array(F.collect_list(F.struct(*[F.col(c) for c in MEMBER_FIELDS])))
+                     .alias("members")))
     return gathered.mapInArrow(_AddRequestHash(llm), JOB_SCHEMA)
 
 
+@dataclass
+class Job:
+    """One group on its way through a task."""
+    group_id: str
+    bucket: int
+    request_hash: str
+    missing: str | None
+    members: list[dict[str, Any]]
+    vectors: np.ndarray
+    hit: dict[str, Any] | None = None   # a terminal ledger line to re-judge instead of requesting
+
+
+def decode_jobs(batch: pa.RecordBatch) -> list[Job]:
+    """The jobs of one Arrow batch of ``JOB_SCHEMA``."""
+    members = batch.column("members")
+    offsets, texts = _member_texts(members)
+    vectors, _ = _member_vectors(members)
+    jobs = []
+    for row, (gid, bucket, rh, missing) in enumerate(zip(
+            batch.column("group_id").to_pylist(), batch.column("bucket").to_pylist(),
+            batch.column("request_hash").to_pylist(), batch.column("missing").to_pylist())):
+        lo, hi = int(offsets[row]), int(offsets[row + 1])
+        group = [{f: texts[f][i] for f in TEXT_FIELDS} for i in range(lo, hi)]
+        jobs.append(Job(gid, int(bucket), rh, missing, group, vectors[lo:hi]))
+    return jobs
+
+
 # -- 2. the request pass ------------------------------------------------------------------------
-class LedgerWriter:
-    """Append-only JSON lines, one file per (bucket, task attempt); each line fsynced."""
-
-    def __init__(self, root: str, task: str) -> None:
-        self.root = Path(root)
-        self.task = task
-        self._files: dict[int, Any] = {}
-
-    def append(self, bucket: int, line: dict[str, Any]) -> None:
-        handle = self._files.get(bucket)
-        if handle is None:
-            folder = self.root / f"bucket={bucket}"
-            folder.mkdir(parents=True, exist_ok=True)
-            handle = open(folder / f"{self.task}.jsonl", "a", encoding="utf-8")
-            self._files[bucket] = handle
-        handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-    def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
-
-
-def read_bucket(root: str, bucket: int) -> dict[tuple[str, str], dict[str, Any]]:
-    """Latest terminal line per ``(group_id, request_hash)`` in one bucket of the ledger.
-
-    Lines that do not parse (a task killed mid-write) are skipped: their group is simply retried.
-    """
-    best: dict[tuple[str, str], dict[str, Any]] = {}
-    folder = Path(root) / f"bucket={bucket}"
-    if not folder.is_dir():
-        return best
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith((".", "_")) or not path.is_file():
-            continue
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for text in handle:
-                try:
-                    line = json.loads(text)
-                except json.JSONDecodeError:
-                    continue
-                if not isinstance(line, dict) or line.get("status") not in TERMINAL:
-                    continue
-                key = (line.get("group_id"), line.get("request_hash"))
-                if key not in best or line.get("finished_ns", 0) > best[key].get("finished_ns", 0):
-                    best[key] = line
-    return best
-
-
 @dataclass(frozen=True)
 class BudgetShares:
     """Per-bucket shares of the run's request and token caps (0 = no cap)."""
@@ -265,6 +288,24 @@ def split_budget(total: int, counts: dict[int, int]) -> dict[int, int]:
     return shares
 
 
+def settled_failure(line: dict[str, Any], merge: MergeSettings) -> bool:
+    """A failed result that a plain rerun does not pay for again: the reply stayed invalid after
+    at least as many regenerations as today's settings allow."""
+    return (line.get("status") == STATUS_FAILED
+            and str(line.get("error") or "").startswith(ERROR_INVALID)
+            and int(line.get("regenerations") or 0) >= merge.regenerations
+            and not merge.retry_failed)
+
+
+@dataclass
+class _TaskState:
+    """What one task knows: the ledger buckets read so far, its budget, its ledger writer."""
+    writer: LedgerWriter
+    budget: Budget
+    buckets: dict[int, BucketState] = field(default_factory=dict)
+    groups: int = 0
+
+
 @dataclass(frozen=True)
 class _MergePartition:
     """Per-partition request pass, shipped to executors (settings and paths only)."""
@@ -275,111 +316,144 @@ class _MergePartition:
     ledger_root: str
     shares: BudgetShares
     copy_length_ratio: float
+    loops: int = 1   # tasks running at once: they share the per-minute rate limits
+
+    @cached_property
+    def acceptance(self) -> str:
+        return acceptance_key(self.gate, self.merge, self.embed, self.copy_length_ratio)
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         _worker_logging()
         task = _task_attempt_id()
-        writer = LedgerWriter(self.ledger_root, task)
-        budget = Budget(0 if self.shares.cap_requests else None,
-                        0 if self.shares.cap_tokens else None)
-        state: dict[str, Any] = {"hits": {}, "seen": set(), "done": 0}
-        acceptance = acceptance_key(self.gate, self.merge, self.embed, self.copy_length_ratio)
-        schema = _arrow_schema(REPORT_SCHEMA)
+        state = _TaskState(LedgerWriter(self.ledger_root, task),
+                           Budget(0 if self.shares.cap_requests else None,
+                                  0 if self.shares.cap_tokens else None))
+        workers = self.llm.concurrency
         try:
-            for batch in batches:
-                jobs = batch.to_pylist()
-                if not jobs:
-                    continue
-                for b in sorted({j["bucket"] for j in jobs} - state["seen"]):
-                    state["seen"].add(b)
-                    state["hits"].update(read_bucket(self.ledger_root, b))
-                    budget.grant(self.shares.requests.get(b, 0), self.shares.tokens.get(b, 0))
-                reports = asyncio.run(self._run_batch(jobs, state, writer, task, acceptance, budget))
-                state["done"] += len(jobs)
-                log.info("merge task %s: %d groups done (budget: %d requests, %d tokens used)",
-                         task[:8], state["done"], budget.requests, budget.tokens)
-                yield pa.RecordBatch.from_pylist(reports, schema=schema)
+            with LoopPump(lambda: self._session(state, task), workers, 2 * workers) as pump:
+                for batch in batches:
+                    rows, todo = self._triage(decode_jobs(batch), state)
+                    for start in range(0, len(todo), pump.queue_size):
+                        pump.put(todo[start:start + pump.queue_size])
+                        rows.extend(pump.take())
+                        if len(rows) >= PASS_ROWS:
+                            yield _pass_batch(rows)
+                            rows = []
+                    if rows:
+                        yield _pass_batch(rows)
+                for rows in pump.finish(PASS_ROWS):
+                    yield _pass_batch(rows)
         finally:
-            writer.close()
+            state.writer.close()
+        log.info("merge task %s: %d groups, %d ledger commits for %d lines (budget: %d requests, "
+                 "%d tokens used)", task[:8], state.groups, state.writer.commits, state.writer.lines,
+                 state.budget.requests, state.budget.tokens)
 
-    async def _run_batch(self, jobs: list[dict], state: dict, writer: LedgerWriter, task: str,
-                         acceptance: str, budget: Budget) -> list[dict]:
-        encoder = BatchEncoder(model_encoder(self.embed), max_batch=self.embed.batch_size)
-        total = len(jobs)
-        progress = {"done": 0, "next_log": max(1, total // 10)}
-        async with MergeClient(self.llm, self.merge, budget) as client:
+    def _triage(self, jobs: list[Job], state: _TaskState) -> tuple[list[dict], list[Job]]:
+        """Split jobs into results the ledger already holds and jobs for the loop."""
+        rows, todo = [], []
+        for job in jobs:
+            state.groups += 1
+            bucket = self._open_bucket(job.bucket, state)
+            line = bucket.latest.get((job.group_id, job.request_hash))
+            if line is not None and job.request_hash == MISSING_HASH:
+                rows.append(_pass_row(line, "missing"))
+            elif line is not None and line.get("status") in TERMINAL:
+                if line.get("acceptance") == self.acceptance:
+                    rows.append(_pass_row(line, "ledger"))
+                else:
+                    job.hit = line
+                    todo.append(job)
+            elif line is not None and settled_failure(line, self.merge):
+                rows.append(_pass_row(line, "ledger"))
+            else:
+                todo.append(job)
+        return rows, todo
 
-            async def one(job: dict) -> dict:
-                try:
-                    line, report = await self._one_group(job, state["hits"], client, encoder,
-                                                         acceptance)
-                except Exception as exc:  # noqa: BLE001 - one group must not sink the partition
-                    log.exception("merge of group %s crashed", job["group_id"])
-                    result = MergeResult(status=STATUS_FAILED, error=f"internal: {type(exc).__name__}")
-                    line = self._line(job, result, acceptance)
-                    report = _report(job["group_id"], result, "llm")
-                if line is not None:
-                    line["finished_ns"] = time.time_ns()
-                    line["task"] = task
-                    writer.append(job["bucket"], line)
-                progress["done"] += 1
-                if progress["done"] >= progress["next_log"]:
-                    progress["next_log"] += max(1, total // 10)
-                    log.info("merge task %s: batch %d/%d groups", task[:8], progress["done"], total)
-                return report
+    def _open_bucket(self, bucket: int, state: _TaskState) -> BucketState:
+        known = state.buckets.get(bucket)
+        if known is None:
+            known = state.buckets[bucket] = read_bucket(self.ledger_root, bucket)
+            state.writer.open_bucket(bucket, known.max_seq)
+            state.budget.grant(self.shares.requests.get(bucket, 0), self.shares.tokens.get(bucket, 0))
+        return known
 
-            return list(await asyncio.gather(*(one(job) for job in jobs)))
+    @asynccontextmanager
+    async def _session(self, state: _TaskState, task: str) -> AsyncIterator[Callable]:
+        """The loop side of a task: one client, one batching gate; ``handle`` per job."""
+        async with MergeClient(self.llm, self.merge, state.budget, loops=self.loops) as client:
+            gate = BatchGate(model_encoder(self.embed), self.gate, self.copy_length_ratio,
+                             max_batch=max(self.embed.batch_size, 4 * self.llm.concurrency))
 
-    async def _one_group(self, job: dict, hits: dict, client: MergeClient, encoder: BatchEncoder,
-                         acceptance: str) -> tuple[dict | None, dict]:
-        gid, rh = job["group_id"], job["request_hash"]
-        members = job["members"] or []
-        if rh == MISSING_HASH:
-            result = MergeResult(status=STATUS_FAILED,
-                                 error=f"missing_member: {job['missing'] or 'fewer than 2 members'}")
-            return self._line(job, result, acceptance), _report(gid, result, "missing")
-        vectors = np.asarray([m["embedding"] for m in members], dtype=np.float32)
-        gate = EmbeddingGate(members, vectors, self.gate, encoder, self.copy_length_ratio)
-        hit = hits.get((gid, rh))
-        if hit is not None and hit.get("acceptance") == acceptance:
-            return None, {"group_id": gid, "status": hit["status"], "source": "ledger",
-                          "error_kind": None, "requests": 0, "prompt_tokens": 0,
-                          "completion_tokens": 0}
-        if hit is not None:
-            result = await _rejudge(hit, gate, self.merge.max_output_chars)
-            return self._line(job, result, acceptance), _report(gid, result, "rejudged", paid=False)
-        result = await client.merge(members, gate=gate, messages=build_messages(members))
-        return self._line(job, result, acceptance), _report(gid, result, "llm")
+            async def handle(job: Job) -> dict[str, Any]:
+                result, source = await self._outcome(job, client, gate)
+                line = self._line(job, result, task)
+                await state.writer.commit(job.bucket, line)   # durable before it is reported
+                return _pass_row(line, source, paid=result if source == "llm" else None)
 
-    def _line(self, job: dict, result: MergeResult, acceptance: str) -> dict[str, Any]:
-        line = {"group_id": job["group_id"], "request_hash": job["request_hash"],
-                "model": self.llm.model, "acceptance": acceptance}
+            yield handle
+
+    async def _outcome(self, job: Job, client: MergeClient, gate: BatchGate) -> tuple[MergeResult, str]:
+        if job.request_hash == MISSING_HASH:
+            return MergeResult(status=STATUS_FAILED, error="missing_member: "
+                               + (job.missing or "fewer than 2 members")), "missing"
+        try:
+            sources = GroupSources(job.members, job.vectors)
+            if job.hit is not None:
+                return await _rejudge(job.hit, sources, gate, self.merge.max_output_chars), "rejudged"
+            judge = lambda merged: gate.judge(merged, sources)  # noqa: E731
+            return await client.merge(job.members, gate=judge, messages=build_messages(job.members)), "llm"
+        except Exception as exc:  # noqa: BLE001 - one group must not sink the partition
+            log.exception("merge of group %s crashed", job.group_id)
+            return MergeResult(status=STATUS_FAILED, error=f"internal: {type(exc).__name__}"), "llm"
+
+    def _line(self, job: Job, result: MergeResult, task: str) -> dict[str, Any]:
+        line = {"group_id": job.group_id, "request_hash": job.request_hash,
+                "model": self.llm.model, "acceptance": self.acceptance,
+                "regenerations": self.merge.regenerations}
         line.update(result.as_dict())
         if result.status == STATUS_FAILED:
             line.update(instruction=None, input=None, output=None)
+        line.update(finished_ns=time.time_ns(), task=task)
         return line
 
 
-async def _rejudge(hit: dict, gate: EmbeddingGate, max_chars: int) -> MergeResult:
+async def _rejudge(hit: dict, sources: GroupSources, gate: BatchGate, max_chars: int) -> MergeResult:
     """A terminal ledger result judged again under the current gate (no request)."""
     paid = {k: hit.get(k) or 0 for k in ("attempts", "prompt_tokens", "completion_tokens", "latency_ms")}
     candidate = {k: hit.get(k) for k in ("instruction", "input", "output")}
     merged, why = validate_merged(json.dumps(candidate), max_chars)
     if merged is None:
-        return MergeResult(status=STATUS_FAILED, error=f"invalid_output: {why}", **paid)
-    verdict = await gate(merged)
+        return MergeResult(status=STATUS_FAILED, error=f"{ERROR_INVALID}: {why}", **paid)
+    verdict = await gate.judge(merged, sources)
     if verdict.passed:
         return MergeResult(status=STATUS_MERGED, gate=verdict.describe(), **merged, **paid)
     return MergeResult(status=STATUS_GATE_FAILED, gate=verdict.describe(),
                        error="gate: " + ",".join(verdict.failed), **merged, **paid)
 
 
-def _report(gid: str, result: MergeResult, source: str, paid: bool = True) -> dict[str, Any]:
-    kind = (result.error or "").split(":", 1)[0] or None
-    return {"group_id": gid, "status": result.status, "source": source, "error_kind": kind,
-            "requests": result.attempts if paid else 0,
-            "prompt_tokens": result.prompt_tokens if paid else 0,
-            "completion_tokens": result.completion_tokens if paid else 0}
+def _gate_failed(status: str | None, gate: str | None) -> str | None:
+    if status != STATUS_GATE_FAILED or not gate:
+        return None
+    try:
+        return ",".join(json.loads(gate).get("failed") or []) or None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _pass_row(line: dict[str, Any], source: str, paid: MergeResult | None = None) -> dict[str, Any]:
+    """The pass output of one group: its ledger line as a merges row, and what this run paid
+    (nothing when the ledger answered)."""
+    row = {f.name: line.get(f.name) for f in MERGES_SCHEMA.fields}
+    row.update(source=source, gate_failed=_gate_failed(line.get("status"), line.get("gate")),
+               paid_requests=paid.attempts if paid else 0,
+               paid_prompt_tokens=paid.prompt_tokens if paid else 0,
+               paid_completion_tokens=paid.completion_tokens if paid else 0)
+    return row
+
+
+def _pass_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist(rows, schema=_arrow_schema(PASS_SCHEMA))
 
 
 def _worker_logging() -> None:
@@ -417,7 +491,8 @@ class MergeRunSummary:
     completion_tokens: int = 0
     by_status: dict[str, int] = field(default_factory=dict)      # status of each group after this run
     by_source: dict[str, int] = field(default_factory=dict)      # llm / ledger / rejudged / missing
-    errors: dict[str, int] = field(default_factory=dict)         # error kind -> groups, this run
+    errors: dict[str, int] = field(default_factory=dict)         # error kind -> failed groups
+    gate_rejections: dict[str, int] = field(default_factory=dict)  # check -> gate_failed groups
     budget_exhausted: int = 0
     partitions: int = 0
     seconds: float = 0.0
@@ -432,48 +507,74 @@ class MergeRunSummary:
         out["total_tokens"] = self.total_tokens
         return out
 
+    def add(self, row: Any) -> None:
+        """Fold in one aggregate row of the request pass."""
+        n = int(row["groups"])
+        self.groups += n
+        self.requests += int(row["requests"] or 0)
+        self.prompt_tokens += int(row["prompt_tokens"] or 0)
+        self.completion_tokens += int(row["completion_tokens"] or 0)
+        self.by_status[row["status"]] = self.by_status.get(row["status"], 0) + n
+        self.by_source[row["source"]] = self.by_source.get(row["source"], 0) + n
+        if row["error_kind"]:
+            self.errors[row["error_kind"]] = self.errors.get(row["error_kind"], 0) + n
+        if row["error_kind"] == ERROR_BUDGET:
+            self.budget_exhausted += n
+        for check in (row["gate_failed"] or "").split(","):
+            if check:
+                self.gate_rejections[check] = self.gate_rejections.get(check, 0) + n
 
-def execute_jobs(jobs: DataFrame, settings: Settings, ledger_root: str,
-                 partitions: int | None = None) -> MergeRunSummary:
-    """Run the request pass over ``jobs`` (from ``build_jobs``); returns this run's totals."""
-    spark = jobs.sparkSession
-    p = partitions or settings.merge.partitions or spark.sparkContext.defaultParallelism
-    Path(ledger_root).mkdir(parents=True, exist_ok=True)
+
+def _budget_shares(jobs: DataFrame, merge: MergeSettings) -> BudgetShares:
+    if merge.max_requests <= 0 and merge.max_total_tokens <= 0:
+        return BudgetShares()  # no caps: no need to count groups per bucket
     counts = {int(r["bucket"]): int(r["count"])
               for r in jobs.groupBy("bucket").count().collect()}  # <= LEDGER_BUCKETS small rows
-    cfg = settings.merge
-    shares = BudgetShares(requests=split_budget(cfg.max_requests, counts),
-                          tokens=split_budget(cfg.max_total_tokens, counts),
-                          cap_requests=cfg.max_requests > 0, cap_tokens=cfg.max_total_tokens > 0)
+    return BudgetShares(requests=split_budget(merge.max_requests, counts),
+                        tokens=split_budget(merge.max_total_tokens, counts),
+                        cap_requests=merge.max_requests > 0, cap_tokens=merge.max_total_tokens > 0)
+
+
+def request_pass(jobs: DataFrame, settings: Settings, ledger_root: str,
+                 partitions: int | None = None) -> tuple[DataFrame, int]:
+    """The request pass over ``jobs`` (from ``build_jobs``), lazily: one ``PASS_SCHEMA`` row per
+    group, and the number of partitions it runs in."""
+    spark = jobs.sparkSession
+    slots = spark.sparkContext.defaultParallelism
+    p = min(partitions or settings.merge.partitions or slots, LEDGER_BUCKETS)
+    Path(ledger_root).mkdir(parents=True, exist_ok=True)
     fn = _MergePartition(llm=settings.llm, merge=settings.merge, gate=settings.gate,
-                         embed=settings.embed, ledger_root=ledger_root, shares=shares,
-                         copy_length_ratio=settings.gate.copy_length_ratio)
-    reports = (jobs.repartition(p, "bucket").sortWithinPartitions("bucket")
-               .mapInArrow(fn, REPORT_SCHEMA))
-    rows = (reports.groupBy("status", "source", "error_kind")
-            .agg(F.count("*").alias("groups"), F.sum("requests").alias("requests"),
-                 F.sum("prompt_tokens").alias("prompt_tokens"),
-                 F.sum("completion_tokens").alias("completion_tokens"))
-            .collect())  # a few aggregate rows, never per-group data
-    summary = MergeRunSummary(partitions=p)
-    for r in rows:
-        n = int(r["groups"])
-        summary.groups += n
-        summary.requests += int(r["requests"] or 0)
-        summary.prompt_tokens += int(r["prompt_tokens"] or 0)
-        summary.completion_tokens += int(r["completion_tokens"] or 0)
-        summary.by_status[r["status"]] = summary.by_status.get(r["status"], 0) + n
-        summary.by_source[r["source"]] = summary.by_source.get(r["source"], 0) + n
-        if r["error_kind"]:
-            summary.errors[r["error_kind"]] = summary.errors.get(r["error_kind"], 0) + n
-        if r["error_kind"] == ERROR_BUDGET:
-            summary.budget_exhausted += n
+                         embed=settings.embed, ledger_root=ledger_root,
+                         shares=_budget_shares(jobs, settings.merge),
+                         copy_length_ratio=settings.gate.copy_length_ratio, loops=min(p, slots))
+    return jobs.repartition(p, "bucket").sortWithinPartitions("bucket").mapInArrow(fn, PASS_SCHEMA), p
+
+
+def summarise(passed: DataFrame, partitions: int) -> MergeRunSummary:
+    """This run's totals from the pass output: a Spark aggregation, a few rows to the driver."""
+    error_kind = F.when(F.col("status") == STATUS_FAILED,
+                        F.nullif(F.split(F.col("error"), ":").getItem(0), F.lit("")))
+    rows = (passed.groupBy("status", "source", error_kind.alias("error_kind"), "gate_failed")
+            .agg(F.count("*").alias("groups"), F.sum("paid_requests").alias("requests"),
+                 F.sum("paid_prompt_tokens").alias("prompt_tokens"),
+                 F.sum("paid_completion_tokens").alias("completion_tokens"))
+            .collect())
+    summary = MergeRunSummary(partitions=partitions)
+    for row in rows:
+        summary.add(row)
     return summary
 
 
-# -- 3. compaction ------------------------------------------------------------------------------
+def execute_jobs(jobs: DataFrame, settings: Settings, ledger_root: str,
+                 partitions: int | None = None) -> MergeRunSummary:
+    """Run the request pass over ``jobs`` for its side effects (the ledger) and totals only."""
+    passed, p = request_pass(jobs, settings, ledger_root, partitions)
+    return summarise(passed, p)
+
+
 def read_ledger(spark: SparkSession, ledger_root: str) -> DataFrame:
-    """Every ledger line as a DataFrame (``LEDGER_SCHEMA`` plus the ``bucket`` folder column)."""
+    """Every ledger line as a DataFrame (``LEDGER_SCHEMA`` plus the ``bucket`` folder column), for
+    inspection: the stage itself reads the ledger bucket by bucket inside its tasks."""
     root = Path(ledger_root)
     if not any(root.glob("bucket=*/*")):
         return spark.createDataFrame([], LEDGER_SCHEMA)
@@ -481,43 +582,40 @@ def read_ledger(spark: SparkSession, ledger_root: str) -> DataFrame:
             .json(str(root)).where(F.col("group_id").isNotNull() & F.col("status").isNotNull()))
 
 
-def compact_ledger(spark: SparkSession, ledger_root: str, keys: DataFrame, model: str) -> DataFrame:
-    """One ``merges`` row per ``(group_id, request_hash)`` in ``keys``: the latest terminal
-    ledger line, else the latest failure, else a ``failed``/``no_result`` row (never lost)."""
-    ledger = read_ledger(spark, ledger_root).drop("bucket")
-    keyed = keys.select("group_id", "request_hash").join(
-        ledger, on=["group_id", "request_hash"], how="left")
-    terminal = F.when(F.col("status").isin(*TERMINAL), 1).otherwise(0)
-    w = Window.partitionBy("group_id").orderBy(terminal.desc(), F.col("finished_ns").desc_nulls_last())
-    best = keyed.withColumn("_rank", F.row_number().over(w)).where(F.col("_rank") == 1)
-    filled = (best
-              .withColumn("error", F.when(F.col("status").isNull(), F.lit("no_result"))
-                          .otherwise(F.col("error")))
-              .withColumn("model", F.coalesce(F.col("model"), F.lit(model)))
-              .withColumn("status", F.coalesce(F.col("status"), F.lit(STATUS_FAILED)))
-              .fillna({"attempts": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": 0.0}))
-    return filled.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in MERGES_SCHEMA.fields])
+def gate_rejections(merges: DataFrame) -> dict[str, int]:
+    """Per gate check, how many groups of ``merges`` ended ``gate_failed`` with that check failing
+    (a merge failing two checks counts under both). A Spark aggregation: a few rows to the driver."""
+    failed = F.from_json("gate", "struct<failed:array<string>>").getField("failed")
+    rows = (merges.where(F.col("status") == STATUS_GATE_FAILED)
+            .select(F.explode(failed).alias("check")).groupBy("check").count().collect())
+    return {r["check"]: int(r["count"]) for r in sorted(rows, key=lambda r: r["check"])}
 
 
 # -- the stage ----------------------------------------------------------------------------------
 def run_merge(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddings: DataFrame,
               partitions: int | None = None) -> MergeRunSummary:
-    """Build jobs, run the request pass, compact the ledger into the ``merges`` table.
+    """Build jobs, run the request pass, write its rows as the ``merges`` table.
 
+    The pass output is persisted between the summary and the write; should Spark recompute a
+    piece of it, the ledger answers every group already recorded, so nothing is paid twice.
     Returns this run's summary (also appended to ``<run root>/_ledger/merge_runs.jsonl``).
     """
     started = time.perf_counter()
     settings = ctx.settings
     ledger_root = str(Path(ctx.store.root) / LEDGER_DIR)
-    jobs = build_jobs(groups, records, embeddings, settings.llm).persist(StorageLevel.MEMORY_AND_DISK)
+    jobs = build_jobs(groups, records, embeddings, settings.llm)
+    passed, p = request_pass(jobs, settings, ledger_root, partitions)
+    passed = passed.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        summary = execute_jobs(jobs, settings, ledger_root, partitions)
-        log.info("merge: %d groups, %d requests sent, %d tokens; statuses %s", summary.groups,
-                 summary.requests, summary.total_tokens, summary.by_status)
-        merges = compact_ledger(ctx.spark, ledger_root, jobs, settings.llm.model)
+        summary = summarise(passed, p)
+        log.info("merge: %d groups, %d requests sent, %d tokens; statuses %s; gate rejections %s",
+                 summary.groups, summary.requests, summary.total_tokens, summary.by_status,
+                 summary.gate_rejections)
+        merges = passed.select(*[F.col(f.name).cast(f.dataType).alias(f.name)
+                                 for f in MERGES_SCHEMA.fields])
         summary.table_version = ctx.store.write(merges, "merges")
     finally:
-        jobs.unpersist()
+        passed.unpersist()
     summary.seconds = round(time.perf_counter() - started, 3)
     runs = Path(ctx.store.root) / RUNS_FILE
     runs.parent.mkdir(parents=True, exist_ok=True)
@@ -542,11 +640,9 @@ class Merge(Stage):
     inputs = ("merge_groups", "records", "embeddings")
     outputs = ("merges",)
     settings_sections = ("llm", "merge", "gate", "embed")
-    writes_itself = True
 
-    def __init__(self) -> None:
-        self.summary: MergeRunSummary | None = None
-
-    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> dict[str, DataFrame]:
-        self.summary = run_merge(ctx, tables["merge_groups"], tables["records"], tables["embeddings"])
-        return {"merges": ctx.store.read("merges")}
+    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
+        # run_merge writes `merges` itself (paid calls are durable as they land), so no table
+        # goes back to the executor: only what this run paid.
+        summary = run_merge(ctx, tables["merge_groups"], tables["records"], tables["embeddings"])
+        return StageOutput(summary=summary.as_dict())
