@@ -1,2 +1,8 @@
 """mergeit-spark: MergeIT instruction-data curation (topic-aware filtering + LLM merging) on Spark."""
 __version__ = "0.1.0"
+
+# Every process that imports the library (the driver, each Python worker) masks registered
+# secrets and URL credentials in every log record, tracebacks included.
+from .redact import install_log_scrubbing as _install_log_scrubbing  # noqa: E402
+
+_install_log_scrubbing()

@@ -8,9 +8,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from .config import SettingsError, describe, dump_yaml, load_settings
+from .config import Settings, SettingsError, describe, dump_yaml, load_settings
 
 log = logging.getLogger("mergeit")
 
@@ -30,9 +30,16 @@ def _parser() -> argparse.ArgumentParser:
     _settings_args(run)
     run.add_argument("--stage", help="run only this stage (its inputs must exist)")
     run.add_argument("--force", metavar="STAGE", help="recompute from this stage on, whatever the state")
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. --until select: filtering only)")
     run.add_argument("--serve-llm", action="store_true",
                      help="start the bundled local LLM server for the run (server.*), point llm.base_url at it")
     run.add_argument("--report", action="store_true", help="write the report after the run")
+    run.add_argument("--retry-failed", dest="overrides", action="append_const", const="merge.retry_failed=true",
+                     help="also re-request merge groups whose reply stayed invalid after every regeneration")
+    run.add_argument("--incremental", action="store_true",
+                     help="add the inputs not yet ingested to a finished run root, without recomputing it")
+    run.add_argument("--recluster", action="store_true",
+                     help="with --incremental: after adding the new rows, refit topics and rerun every stage below")
     run.add_argument("--export", choices=("alpaca-json", "jsonl", "parquet"),
                      help="export `final` after the run to <root>/export")
 
@@ -96,86 +103,128 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"mergeit: bad settings: {exc}", file=sys.stderr)
         return 2
-    root = Path(settings.output.root).absolute()
+    command = f"llm_{args.llm_command}" if args.command == "llm" else args.command
+    return _COMMANDS[command](args, settings)
 
-    if args.command == "config":
-        if args.what == "describe":
-            for key, default, doc in describe():
-                print(f"{key} = {default!r}\n    {doc}")
-        else:
-            print(dump_yaml(settings), end="")
-        return 0
 
-    if args.command == "llm":
-        from .llm.server import serve_forever
-        _setup_logging(None)
-        serve_forever(settings.server)
-        return 0
+def _config(args: argparse.Namespace, settings: Settings) -> int:
+    if args.what == "describe":
+        for key, default, doc in describe():
+            print(f"{key} = {default!r}\n    {doc}")
+    else:
+        print(dump_yaml(settings), end="")  # credentials masked
+    return 0
 
-    log_path = _setup_logging(root if args.command == "run" else None)
-    if log_path:
-        log.info("log file: %s", log_path)
 
+def _llm_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from .llm.server import serve_forever
+    _setup_logging(None)
+    serve_forever(settings.server)
+    return 0
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     from .pipeline import Pipeline, PipelineError
 
-    if args.command == "run":
-        server = None
-        if args.serve_llm:
-            from .llm.server import LocalLLMServer
-            server = LocalLLMServer(settings.server)
-            server.start()
-            settings.llm.base_url = server.base_url
-            log.info("local LLM server up at %s", server.base_url)
-        try:
-            pipeline = Pipeline(settings)
-            results = pipeline.run(only=args.stage, force=args.force)
-        except (PipelineError, ValueError, FileNotFoundError) as exc:
-            log.error("run failed: %s", exc)
-            return 1
-        finally:
-            if server is not None:
-                server.stop()
-        for r in results:
-            state = "skipped" if r.skipped else f"{r.seconds:.1f}s"
-            counts = ", ".join(f"{t}={n}" for t, n in r.counts.items())
-            print(f"{r.name:<9} {state:>8}  {counts}")
-        print(f"tables under {root}")
-        if args.report:
-            print(f"report: {_write_report(pipeline)}")
-        if args.export:
-            from .export import export_final
-            path = export_final(pipeline.store, _export_path(root, args.export, None), args.export)
-            print(f"export: {path}")
-        return 0
-
-    pipeline = Pipeline(settings)
-    if args.command == "status":
-        rows = pipeline.status()
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        else:
-            for row in rows:
-                mark = "current" if row["current"] else ("stale" if row["done"] else "not run")
-                counts = ", ".join(f"{t}={n}" for t, n in row["counts"].items())
-                versions = ", ".join(f"{t}@v{v}" for t, v in row["versions"].items() if v is not None)
-                print(f"{row['stage']:<9} {mark:<8} {counts:<40} {versions}")
-        return 0
-    if args.command == "report":
+    root = Path(settings.output.root).absolute()
+    log_path = _setup_logging(root)
+    log.info("log file: %s", log_path)
+    server = None
+    if args.serve_llm:
+        from .llm.server import LocalLLMServer
+        server = LocalLLMServer(settings.server)
+        server.start()
+        settings.llm.base_url = server.base_url
+        log.info("local LLM server up at %s", server.base_url)
+    try:
+        pipeline = Pipeline(settings)
+        if args.incremental:
+            return _run_incremental(pipeline, args)
+        results = pipeline.run(only=args.stage, force=args.force, until=args.until)
+    except (PipelineError, ValueError, FileNotFoundError, RuntimeError) as exc:  # LedgerError is a ValueError
+        log.error("run failed: %s", exc)
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+    for r in results:
+        state = "skipped" if r.skipped else f"{r.seconds:.1f}s"
+        counts = ", ".join(f"{t}={n}" for t, n in r.counts.items())
+        print(f"{r.name:<9} {state:>8}  {counts}")
+    print(f"tables under {root}")
+    if args.report:
         print(f"report: {_write_report(pipeline)}")
+    if args.export:
+        _export_final(pipeline, args.export, None)
+    return 0
+
+
+def _run_incremental(pipeline, args: argparse.Namespace) -> int:
+    from .pipeline import PipelineError
+    if args.stage or args.force or args.until:
+        raise PipelineError("--incremental takes no --stage, --force or --until")
+    result = pipeline.run_incremental(recluster=args.recluster)
+    if not result.changed:
+        print("no new input: nothing changed")
         return 0
-    if args.command == "export":
-        from .export import export_final
-        path = export_final(pipeline.store, _export_path(root, args.format, args.out), args.format)
-        print(f"export: {path}")
+    counts = ", ".join(f"{k}={v}" for k, v in result.counts.items())
+    print(f"increment {result.run_id}: {len(result.new_inputs)} new input(s); {counts}")
+    if result.drift:
+        print(f"drift: {result.drift['far']}/{result.drift['rows']} new rows beyond p{100 * result.drift['quantile']:g}"
+              f" ({100 * result.drift['share']:.1f}%)" + ("; full re-cluster advised (--recluster)"
+                                                          if result.drift["recluster_advised"] else ""))
+    print(f"tables under {pipeline.root}")
+    return 0
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    rows = _pipeline(settings).status()
+    if args.json:
+        print(json.dumps(rows, indent=2))
         return 0
-    return 2
+    for row in rows:
+        mark = "current" if row["current"] else ("stale" if row["done"] else "not run")
+        counts = ", ".join(f"{t}={n}" for t, n in row["counts"].items())
+        versions = ", ".join(f"{t}@v{v}" for t, v in row["versions"].items() if v is not None)
+        print(f"{row['stage']:<9} {mark:<8} {counts:<40} {versions}")
+    return 0
+
+
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    print(f"report: {_write_report(_pipeline(settings))}")
+    return 0
+
+
+def _export(args: argparse.Namespace, settings: Settings) -> int:
+    _export_final(_pipeline(settings), args.format, args.out)
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "config": _config, "llm_serve": _llm_serve, "run": _run, "status": _status, "report": _report,
+    "export": _export,
+}
+
+
+def _pipeline(settings: Settings):
+    from .pipeline import Pipeline
+    _setup_logging(None)
+    return Pipeline(settings)
+
+
+def _export_final(pipeline, fmt: str, out: str | None) -> None:
+    from .export import export_final
+    path = export_final(pipeline.store, _export_path(pipeline.root, fmt, out), fmt)
+    print(f"export: {path}")
 
 
 def _write_report(pipeline) -> Path:
     from .report import build_report
     summaries = {name: (pipeline.state(name) or {}).get("summary", {}) for name in pipeline.stage_names()}
+    checks = {name: (pipeline.state(name) or {}).get("checks", {}) for name in pipeline.stage_names()}
     return build_report(pipeline.store, pipeline.root / "report", pipeline.settings,
-                        timings=pipeline.timings(), extra={"stage_summaries": summaries})
+                        timings=pipeline.timings(),
+                        extra={"stage_summaries": summaries, "stage_checks": {k: v for k, v in checks.items() if v}})
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 ``build_report`` reads the stage tables under a run root and writes into ``out_dir``:
 
-* ``report.json``: counts per stage and per fate, input rows, rejects by reason, k, PCA
-  components, cluster sizes, merge outcomes, tokens, latency, the ledger check, timings;
+* ``report.json``: counts per stage and per fate, input rows (ingest's own count of the input
+  files' units, from ``input_files``), rejects by reason, embedding precision, k, PCA components,
+  cluster sizes, merge outcomes, rejections per gate check, tokens, latency, the ledger check,
+  timings, the settings (credentials masked);
 * ``funnel.png``, ``cluster_sizes.png``, ``topic_map.png``, ``merge_examples.png``;
 * ``report.html``: one self-contained page (CSS inline, the PNGs inlined as data URIs).
 
@@ -32,13 +34,15 @@ from pyspark.sql import DataFrame  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from .config import Settings  # noqa: E402
-from .stages.finalize import FATES, LedgerError, check_ledger  # noqa: E402
+from .redact import redact_settings  # noqa: E402
+from .stages.finalize import FATES, INPUT_FILES, LedgerError, check_store_ledger  # noqa: E402
 from .tables import TableStore  # noqa: E402
 
-STAGE_TABLES = ("records", "rejects", "embeddings", "topics", "centroids", "dedup", "selected",
-                "merge_groups", "merges", "final", "lineage")
+STAGE_TABLES = (INPUT_FILES, "records", "rejects", "embeddings", "topics", "centroids", "dedup",
+                "selected", "merge_groups", "merges", "final", "lineage")
 PICTURES = ("funnel", "cluster_sizes", "topic_map", "merge_examples")
 TOP_ERRORS = 5          # distinct merge error messages listed in the report
+INPUT_FILES_LISTED = 50  # input sources listed one by one (the totals cover all of them)
 EXAMPLE_FIELD_CHARS = 600  # characters of one field shown in a merge example
 
 _COLOURS = {"input": "#9aa5b1", "records": "#5b8def", "dedup": "#3fa796", "selected": "#e0a030",
@@ -74,39 +78,56 @@ def collect_report_data(store: TableStore, settings: Settings, timings: dict | N
         "tables": {name: {"rows": store.count(name), "version": store.version(name)} for name in sorted(have)},
     }
     rows = {name: info["rows"] for name, info in data["tables"].items()}
-    extra = dict(extra or {})
-
-    records, rejects = rows.get("records"), rows.get("rejects")
-    if "input_rows" in extra:
-        data["input_rows"] = int(extra["input_rows"])
-    elif records is not None and rejects is not None:
-        data["input_rows"] = records + rejects
-    if "records" in have:
-        data["records_by_source"] = _counts_by(t["records"], "source")
-    if "rejects" in have:
-        data["rejects_by_reason"] = _counts_by(t["rejects"], "reason")
-    if "dedup" in have:
-        data["dedup"] = _counts_by(t["dedup"], "status")
-    if "lineage" in have:
-        data["fates"] = {f: 0 for f in FATES} | _counts_by(t["lineage"], "fate")
-        reasons = (t["lineage"].filter(F.col("reason").isNotNull() & (F.col("fate") != "rejected"))
-                   .groupBy("fate", "reason").count().collect())
-        data["fate_reasons"] = {f"{r['fate']}/{r['reason']}": int(r["count"]) for r in reasons}
-    if "final" in have:
-        data["final"] = {"original": 0, "merged": 0} | _counts_by(t["final"], "origin")
-
+    data.update(_input_numbers(t))
+    data.update(_row_numbers(t))
     data["topics"] = _topic_numbers(t, rows)
     data["merging"] = _merge_numbers(t)
     data["funnel"] = _funnel(data, rows)
     if {"records", "rejects", "lineage", "final"} <= have:
         try:
-            data["ledger"] = {"balanced": True, **check_ledger(t["records"], t["rejects"], t["lineage"],
-                                                                 t["final"], data.get("input_rows"))}
+            data["ledger"] = {"balanced": True, **check_store_ledger(store)}
         except LedgerError as err:
             data["ledger"] = {"balanced": False, "problems": err.problems, **err.summary}
     data["timings"] = timings or {}
-    data["extra"] = extra
-    data["settings"] = settings.to_dict()
+    data["extra"] = dict(extra or {})
+    data["settings"] = redact_settings(settings.to_dict(), [settings.llm.api_key_env])
+    return data
+
+
+def _input_numbers(t: dict[str, DataFrame]) -> dict[str, Any]:
+    """The input as ingest counted it, independently of parsing: units (lines, array elements,
+    source rows) and bytes per input source, and their totals."""
+    if INPUT_FILES not in t:
+        return {}
+    files = t[INPUT_FILES]
+    total = files.agg(F.count(F.lit(1)).alias("files"), F.sum("units").alias("units"),
+                      F.sum("bytes").alias("bytes")).first()
+    listed = (files.groupBy("source", "format").agg(F.sum("units").alias("units"), F.sum("bytes").alias("bytes"))
+              .orderBy(F.desc("units"), "source").limit(INPUT_FILES_LISTED).collect())
+    return {"input_rows": int(total["units"] or 0),
+            "input": {"files": int(total["files"]), "bytes": int(total["bytes"] or 0),
+                      "sources": [{"source": r["source"], "format": r["format"], "units": int(r["units"] or 0),
+                                   "bytes": int(r["bytes"] or 0)} for r in listed]}}
+
+
+def _row_numbers(t: dict[str, DataFrame]) -> dict[str, Any]:
+    """Counts over a handful of keys: sources, reject reasons, precision, dedup, fates, origins."""
+    data: dict[str, Any] = {}
+    if "records" in t:
+        data["records_by_source"] = _counts_by(t["records"], "source")
+    if "rejects" in t:
+        data["rejects_by_reason"] = _counts_by(t["rejects"], "reason")
+    if "embeddings" in t and "precision" in t["embeddings"].columns:
+        data["embed_precision"] = _counts_by(t["embeddings"], "precision")
+    if "dedup" in t:
+        data["dedup"] = _counts_by(t["dedup"], "status")
+    if "lineage" in t:
+        data["fates"] = {f: 0 for f in FATES} | _counts_by(t["lineage"], "fate")
+        reasons = (t["lineage"].filter(F.col("reason").isNotNull() & (F.col("fate") != "rejected"))
+                   .groupBy("fate", "reason").count().collect())
+        data["fate_reasons"] = {f"{r['fate']}/{r['reason']}": int(r["count"]) for r in reasons}
+    if "final" in t:
+        data["final"] = {"original": 0, "merged": 0} | _counts_by(t["final"], "origin")
     return data
 
 
@@ -177,6 +198,9 @@ def _merge_numbers(t: dict[str, DataFrame]) -> dict[str, Any]:
             out[key] = None if value is None else _num(round(float(value), 3))
     out["total_tokens"] = (out.get("prompt_tokens") or 0) + (out.get("completion_tokens") or 0)
     out["models"] = _counts_by(m.filter(F.col("model").isNotNull()), "model")
+    if "gate" in m.columns:
+        from .stages.merge import gate_rejections  # the merge stage owns the gate column's format
+        out["gate_rejections"] = gate_rejections(m)
     errors = (m.filter(F.col("error").isNotNull()).groupBy("error").count()
               .orderBy(F.desc("count"), "error").limit(TOP_ERRORS).collect())
     out["top_errors"] = [{"error": r["error"], "count": int(r["count"])} for r in errors]
@@ -511,38 +535,38 @@ def _examples_html(examples: list[dict[str, Any]]) -> str:
     return f'<table class="examples"><tr><th>Sources</th><th>Merged</th></tr>{"".join(rows)}</table>'
 
 
-def render_html(data: dict[str, Any], pictures: dict[str, Path], examples: list[dict[str, Any]]) -> str:
-    """One self-contained page: inline CSS, PNGs as data URIs, no external assets."""
+def _cards_html(data: dict[str, Any]) -> str:
     funnel = {s["step"]: s["rows"] for s in data.get("funnel", [])}
-    final = data.get("final", {})
-    cards = [("input rows", data.get("input_rows")), ("records", data.get("tables", {}).get("records", {}).get("rows")),
-             ("rejects", data.get("tables", {}).get("rejects", {}).get("rows")),
+    tables = data.get("tables", {})
+    cards = [("input rows", data.get("input_rows")), ("records", tables.get("records", {}).get("rows")),
+             ("rejects", tables.get("rejects", {}).get("rows")),
              ("kept after dedup", funnel.get("kept after dedup")), ("selected", funnel.get("selected")),
-             ("final", funnel.get("final")), ("merged rows in final", final.get("merged"))]
+             ("final", funnel.get("final")), ("merged rows in final", data.get("final", {}).get("merged"))]
     if data.get("input_rows") and funnel.get("final") is not None:
         cards.append(("final / input", f"{100 * funnel['final'] / data['input_rows']:.1f}%"))
-    card_html = "".join(f'<div class="card"><b>{html.escape(v if isinstance(v, str) else _fmt(v))}</b>'
-                        f"<span>{html.escape(k)}</span></div>" for k, v in cards if v is not None)
+    return "".join(f'<div class="card"><b>{html.escape(v if isinstance(v, str) else _fmt(v))}</b>'
+                   f"<span>{html.escape(k)}</span></div>" for k, v in cards if v is not None)
 
-    ledger = data.get("ledger")
+
+def _ledger_html(ledger: dict[str, Any] | None) -> str:
     if ledger is None:
-        ledger_html = '<span class="muted">ledger not checked (finalize has not run)</span>'
-    elif ledger["balanced"]:
-        ledger_html = (f'<span class="ok">ledger balances</span>: {_fmt(ledger["lineage_rows"])} lineage rows = '
-                       f'{_fmt(ledger["records"])} records + {_fmt(ledger["rejects"])} rejects; '
-                       f"every record id appears once")
-    else:
-        ledger_html = ('<span class="bad">ledger does NOT balance</span><ul>'
-                       + "".join(f"<li>{html.escape(p)}</li>" for p in ledger["problems"]) + "</ul>")
+        return '<span class="muted">ledger not checked (finalize has not run)</span>'
+    if ledger["balanced"]:
+        return (f'<span class="ok">ledger balances</span>: {_fmt(ledger["input_rows"])} input rows '
+                f'(counted by ingest in {_fmt(ledger["input_files"])} input files) = '
+                f'{_fmt(ledger["records"])} records + {_fmt(ledger["rejects"])} rejects = '
+                f'{_fmt(ledger["lineage_rows"])} lineage rows; every record id appears once')
+    return ('<span class="bad">ledger does NOT balance</span><ul>'
+            + "".join(f"<li>{html.escape(p)}</li>" for p in ledger["problems"]) + "</ul>")
 
-    parts = [f"<h1>MergeIT run report</h1><div class='muted'>run root {html.escape(data['run_root'])} · "
-             f"generated {html.escape(data['generated_at'])}</div><p>{ledger_html}</p>"
-             f"<div class='cards'>{card_html}</div>"]
 
-    parts.append("<h2>Stage funnel</h2>" + _img(pictures, "funnel", "stage funnel"))
-    if data.get("funnel"):
-        parts.append(_table(["step", "rows"], [[s["step"], s["rows"]] for s in data["funnel"]]))
-
+def _rows_html(data: dict[str, Any]) -> list[str]:
+    """The input, the funnel's table, fates, rejects: where every input row went."""
+    parts = []
+    if data.get("input"):
+        parts.append("<h2>Input</h2>")
+        parts.append(_table(["source", "format", "units (counted before parsing)", "bytes"],
+                            [[s["source"], s["format"], s["units"], s["bytes"]] for s in data["input"]["sources"]]))
     if "fates" in data:
         total = sum(data["fates"].values()) or 1
         parts.append("<h2>Fate of every input row</h2>")
@@ -554,8 +578,15 @@ def render_html(data: dict[str, Any], pictures: dict[str, Path], examples: list[
         parts.append("<h2>Rejects by reason</h2>")
         parts.append(_table(["reason", "rows"], [[k, v] for k, v in data["rejects_by_reason"].items()])
                      if data["rejects_by_reason"] else '<p class="muted">No rejects.</p>')
+    return parts
 
+
+def _topics_html(data: dict[str, Any], pictures: dict[str, Path]) -> list[str]:
     topics = data.get("topics", {})
+    parts = []
+    if data.get("embed_precision"):
+        parts.append("<h2>Embeddings</h2>")
+        parts.append(_table(["precision", "rows"], [[k, v] for k, v in data["embed_precision"].items()]))
     if topics:
         parts.append("<h2>Topics</h2>")
         size = topics.get("cluster_size", {})
@@ -564,28 +595,48 @@ def render_html(data: dict[str, Any], pictures: dict[str, Path], examples: list[
                               size.get("median"), size.get("max")]]))
         parts.append(_img(pictures, "cluster_sizes", "cluster sizes"))
         parts.append(_img(pictures, "topic_map", "topic map"))
+    return parts
 
-    merging = data.get("merging", {})
-    if merging:
-        parts.append("<h2>Merging</h2>")
-        parts.append(_table(["groups", "grouped rows", "mean group similarity", "requests", "prompt tokens",
-                             "completion tokens", "latency p50 ms", "latency p95 ms"],
-                            [[merging.get("groups"), merging.get("grouped_rows"),
-                              merging.get("mean_group_similarity"), merging.get("rows"),
-                              merging.get("prompt_tokens"), merging.get("completion_tokens"),
-                              merging.get("latency_ms_p50"), merging.get("latency_ms_p95")]]))
-        if merging.get("requests_by_status"):
-            parts.append(_table(["merge status", "rows"], [[k, v] for k, v in merging["requests_by_status"].items()]))
-        if merging.get("models"):
-            parts.append(_table(["model", "rows"], [[k, v] for k, v in merging["models"].items()]))
-        if merging.get("top_errors"):
-            parts.append(_table(["most frequent errors", "rows"],
-                                [[e["error"], e["count"]] for e in merging["top_errors"]]))
+
+def _merging_html(merging: dict[str, Any]) -> list[str]:
+    if not merging:
+        return []
+    parts = ["<h2>Merging</h2>",
+             _table(["groups", "grouped rows", "mean group similarity", "requests", "prompt tokens",
+                     "completion tokens", "latency p50 ms", "latency p95 ms"],
+                    [[merging.get("groups"), merging.get("grouped_rows"), merging.get("mean_group_similarity"),
+                      merging.get("rows"), merging.get("prompt_tokens"), merging.get("completion_tokens"),
+                      merging.get("latency_ms_p50"), merging.get("latency_ms_p95")]])]
+    listings = (("requests_by_status", "merge status"), ("gate_rejections", "gate check failed"),
+                ("models", "model"))
+    for key, header in listings:
+        if merging.get(key):
+            parts.append(_table([header, "rows"], [[k, v] for k, v in merging[key].items()]))
+    if merging.get("top_errors"):
+        parts.append(_table(["most frequent errors", "rows"], [[e["error"], e["count"]] for e in merging["top_errors"]]))
+    return parts
+
+
+def _details(summary: str, value: Any) -> str:
+    return (f"<details><summary>{html.escape(summary)}</summary><pre>"
+            + html.escape(json.dumps(value, indent=2, default=str)) + "</pre></details>")
+
+
+def render_html(data: dict[str, Any], pictures: dict[str, Path], examples: list[dict[str, Any]]) -> str:
+    """One self-contained page: inline CSS, PNGs as data URIs, no external assets."""
+    parts = [f"<h1>MergeIT run report</h1><div class='muted'>run root {html.escape(data['run_root'])} · "
+             f"generated {html.escape(data['generated_at'])}</div><p>{_ledger_html(data.get('ledger'))}</p>"
+             f"<div class='cards'>{_cards_html(data)}</div>"]
+    parts.append("<h2>Stage funnel</h2>" + _img(pictures, "funnel", "stage funnel"))
+    if data.get("funnel"):
+        parts.append(_table(["step", "rows"], [[s["step"], s["rows"]] for s in data["funnel"]]))
+    parts += _rows_html(data)
+    parts += _topics_html(data, pictures)
+    parts += _merging_html(data.get("merging", {}))
     parts.append("<h2>Merge examples</h2>" + _examples_html(examples))
     if "merge_examples" in pictures:
         parts.append("<details><summary>The same examples as a picture (merge_examples.png)</summary>"
                      + _img(pictures, "merge_examples", "merge examples") + "</details>")
-
     if data.get("timings"):
         parts.append("<h2>Timings</h2>")
         parts.append(_table(["stage", "seconds"], [[k, v] for k, v in data["timings"].items()]))
@@ -593,10 +644,8 @@ def render_html(data: dict[str, Any], pictures: dict[str, Path], examples: list[
     parts.append(_table(["table", "rows", "Delta version"],
                         [[k, v["rows"], v["version"]] for k, v in data.get("tables", {}).items()]))
     if data.get("extra"):
-        parts.append("<details><summary>Extra</summary><pre>"
-                     + html.escape(json.dumps(data["extra"], indent=2, default=str)) + "</pre></details>")
-    parts.append("<details><summary>Settings</summary><pre>"
-                 + html.escape(json.dumps(data.get("settings", {}), indent=2, default=str)) + "</pre></details>")
+        parts.append(_details("Extra", data["extra"]))
+    parts.append(_details("Settings", data.get("settings", {})))
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>MergeIT run report</title>"
             f"<style>{_CSS}</style></head><body><main>{''.join(parts)}</main></body></html>")
 

@@ -1,14 +1,17 @@
 """Finalize: final + lineage from a small consistent set of stage tables, and the ledger check."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from pyspark.sql import functions as F
 
-from mergeit_spark.ids import content_id
-from mergeit_spark.stages.finalize import (FATES, Finalize, LedgerError, build_lineage_and_final,
+from mergeit_spark.ids import content_id, merged_id
+from mergeit_spark.stages.finalize import (FATES, INPUT_FILES, Finalize, LedgerError, build_lineage_and_final,
                                            check_ledger, check_store_ledger, content_id_col)
+from mergeit_spark.tables import TableStore
 
-from _pipeline_tables import finalized_run
+from _pipeline_tables import finalized_run, run_finalize
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,8 @@ def test_counts_balance_and_ledger_passes(finalized):
     assert lineage.count() == exp.records + exp.rejects
     origins = {r["origin"]: r["count"] for r in _small(final.groupBy("origin").count())}
     assert origins == {"original": exp.final_original, "merged": exp.final_merged}
-    summary = check_store_ledger(store, input_rows=exp.records + exp.rejects)
+    summary = check_store_ledger(store)
+    assert (summary["input_rows"], summary["input_files"]) == (exp.records + exp.rejects, 2)
     assert summary["lineage_rows"] == exp.records + exp.rejects
     assert summary["final_rows"] == exp.final
     assert all(summary[f"fate_{f}"] == exp.fates[f] for f in FATES)
@@ -61,7 +65,7 @@ def test_merged_members_point_at_their_merge(finalized):
     assert set(merged) == set(exp.merged_ids.values())
     for gid, mid in exp.merged_ids.items():
         row = merged[mid]
-        assert content_id(row["instruction"], row["input"], row["output"]) == mid
+        assert merged_id(gid, row["instruction"], row["input"], row["output"]) == mid
         assert row["source_ids"] == sorted(m for m, g in exp.merged_members.items() if g == gid)
 
 
@@ -166,5 +170,63 @@ def test_content_id_col_matches_python(spark):
 
 def test_check_ledger_takes_a_store(finalized):
     store, exp = finalized
-    assert check_ledger(store)["lineage_rows"] == exp.records + exp.rejects
+    numbers = check_ledger(store)
+    assert numbers["lineage_rows"] == numbers["input_rows"] == exp.records + exp.rejects
     assert issubclass(LedgerError, ValueError)  # the CLI reports it as a failed run, not a crash
+
+
+def test_the_stage_check_ran_through_the_executor_and_was_recorded(finalized):
+    store, exp = finalized
+    assert exp.checks["input_rows"] == exp.checks["lineage_rows"] == exp.records + exp.rejects
+    state = json.loads((store.root / "_state" / "finalize.json").read_text())
+    assert state["checks"] == exp.checks
+    assert state["versions"] == {"final": store.version("final"), "lineage": store.version("lineage")}
+
+
+def _copy_tables(source: TableStore, target: TableStore, names) -> None:
+    for name in names:
+        target.write(source.read(name), name)
+
+
+def test_empty_tables_do_not_balance_against_the_input_count(finalized, store):
+    """Tables that all came out empty agree with each other; only ingest's own count of the
+    input catches them."""
+    full, exp = finalized
+    for name in ("records", "rejects", "lineage", "final"):
+        store.write(full.read(name).limit(0), name)
+    empty = _tables(store)
+    assert check_ledger(empty["records"], empty["rejects"], empty["lineage"], empty["final"])["lineage_rows"] == 0
+    _copy_tables(full, store, [INPUT_FILES])
+    with pytest.raises(LedgerError, match=f"records 0 \\+ rejects 0 = 0 != input rows {exp.records + exp.rejects}"):
+        check_store_ledger(store)
+
+
+def test_a_record_lost_consistently_is_caught_by_the_input_count(finalized, store):
+    """A parser that silently drops a row leaves records, lineage and final consistent."""
+    full, exp = finalized
+    t = _tables(full)
+    lost = sorted(exp.not_selected)[0]
+    store.write(t["records"].filter(F.col("id") != lost), "records")
+    store.write(t["lineage"].filter(~F.col("id").eqNullSafe(lost)), "lineage")
+    _copy_tables(full, store, ["rejects", "final", INPUT_FILES])
+    with pytest.raises(LedgerError) as err:
+        check_store_ledger(store)
+    assert err.value.problems == [f"records {exp.records - 1} + rejects {exp.rejects} = "
+                                  f"{exp.records + exp.rejects - 1} != input rows {exp.records + exp.rejects}"]
+
+
+def test_no_input_count_fails_the_check(finalized, store):
+    full, _ = finalized
+    _copy_tables(full, store, ["records", "rejects", "lineage", "final"])
+    with pytest.raises(LedgerError, match="no independent input count: table 'input_files' is missing"):
+        check_store_ledger(store)
+
+
+def test_a_failed_check_fails_the_stage_and_records_no_state(finalized, store, settings):
+    full, exp = finalized
+    _copy_tables(full, store, [*Finalize.inputs])
+    more = full.read(INPUT_FILES).withColumn("units", F.col("units") + F.lit(1))
+    store.write(more, INPUT_FILES)
+    with pytest.raises(LedgerError, match=f"!= input rows {exp.records + exp.rejects + 2}"):
+        run_finalize(store.spark, store, settings)
+    assert store.exists("final") and not (store.root / "_state" / "finalize.json").exists()

@@ -59,6 +59,9 @@ def test_ledger_balances_and_ids_trace(finished_run):
     assert set(lineage_ids) == set(record_ids) and set(lineage_ids.values()) == {1}
     assert sum(1 for r in lineage if r["fate"] == "rejected") == len(rejects)
     assert len(lineage) == n_input
+    # finalize's check compared the tables with ingest's own count of the input lines
+    checks = pipeline.state("finalize")["checks"]
+    assert checks["input_rows"] == checks["lineage_rows"] == n_input and checks["input_files"] == 1
 
     fates = Counter(r["fate"] for r in lineage)
     dedup = read(root, "dedup")
@@ -108,6 +111,7 @@ def test_a_changed_setting_reruns_from_the_first_stage_it_touches(spark, finishe
     assert len(read(work / "run", "selected")) < len(read(work / "run", "dedup"))
 
 
+@pytest.mark.slow
 def test_driver_killed_during_merge_then_rerun_gives_the_same_final(spark, shared_data, tmp_path, finished_run):
     """Kill the driver process (SIGKILL) while merges are in flight; the rerun finishes the job,
     pays again only for what had not finished, and `final` equals the uninterrupted run's."""
@@ -167,7 +171,7 @@ def test_cli_status_stage_export_and_config(finished_run, fake_llm, capsys, tmp_
     status = json.loads(capsys.readouterr().out)
     assert [row["stage"] for row in status] == list(STAGE_ORDER)
     assert all(row["done"] and row["current"] for row in status)
-    assert status[0]["counts"] == {"records": 200, "rejects": 6}
+    assert {t: status[0]["counts"][t] for t in ("records", "rejects")} == {"records": 200, "rejects": 6}
 
     assert main(["run", "--stage", "finalize", *args]) == 0
     assert "finalize" in capsys.readouterr().out
@@ -181,3 +185,18 @@ def test_cli_status_stage_export_and_config(finished_run, fake_llm, capsys, tmp_
     assert "base_url: " + fake_llm.base_url in capsys.readouterr().out
     assert main(["run", "--set", "topics.k=-3"]) == 2      # bad settings: a clear error, no run
     assert "topics.k" in capsys.readouterr().err
+
+
+def test_a_forced_rerun_of_topics_reruns_dedup_and_everything_below(finished_run, fake_llm):
+    """`run --stage topics --force topics`, then `run`: the stages below topics computed from the
+    topics table it replaced, so they rerun; with the same clusters nothing is paid twice."""
+    pipeline, _, _, work = finished_run
+    pipeline.run()  # bring the root back to these settings after the tests that changed them
+    sent = len(fake_llm.requests)
+    assert [r.name for r in pipeline.run(only="topics", force="topics") if not r.skipped] == ["topics"]
+    current = {row["stage"]: row["current"] for row in pipeline.status()}
+    assert current == {"ingest": True, "embed": True, "topics": True, "dedup": False, "select": False,
+                       "group": False, "merge": False, "finalize": False}
+    assert [r.name for r in pipeline.run() if not r.skipped] == ["dedup", "select", "group", "merge", "finalize"]
+    assert len(fake_llm.requests) == sent
+    assert final_content(work / "run") == pipeline.reference_final

@@ -17,6 +17,8 @@ from _pipeline_tables import finalized_run
 
 TOPIC_SAMPLE = 20   # fewer than the fixture's 36 embeddings: the sample cap must hold
 EXAMPLES = 2
+URL_PASSWORD = "url-password-canary-5acd"
+CONF_SECRET = "conf-secret-canary-91be"
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +26,14 @@ def report(spark, settings, shared_data, tmp_path_factory):
     store, expected = finalized_run(spark, settings, shared_data, tmp_path_factory)
     report_settings = load_settings(overrides=["spark.master=local[2]", "spark.shuffle_partitions=4",
                                                f"report.topic_map_sample={TOPIC_SAMPLE}",
-                                               f"report.examples={EXAMPLES}"])
+                                               f"report.examples={EXAMPLES}",
+                                               f"llm.base_url=https://reporter:{URL_PASSWORD}@llm.example/v1",
+                                               "spark.conf={'spark.executorEnv.MERGEIT_LLM_API_KEY': "
+                                               f"'{CONF_SECRET}', 'spark.eventLog.enabled': 'false'}}"],
+                                    env={})
     out = tmp_path_factory.mktemp("report")
     page = build_report(store, out, report_settings, timings={"ingest": 1.25, "embed": 30.5},
-                        extra={"input_rows": expected.records + expected.rejects, "run": "fixture"})
+                        extra={"run": "fixture"})
     return page, json.loads((out / "report.json").read_text()), store, expected
 
 
@@ -43,8 +49,11 @@ def test_json_numbers_equal_the_tables(report):
     for name, info in data["tables"].items():
         assert info["rows"] == store.read(name).count(), name
         assert info["version"] == store.version(name)
-    assert data["input_rows"] == exp.records + exp.rejects
+    assert data["input_rows"] == exp.records + exp.rejects      # ingest's count, from input_files
+    assert data["input"]["files"] == 2
+    assert sum(s["units"] for s in data["input"]["sources"]) == data["input_rows"]
     assert data["rejects_by_reason"] == exp.rejects_by_reason
+    assert data["embed_precision"] == {"fp32": exp.records}
     assert data["fates"] == exp.fates
     assert data["final"] == {"original": exp.final_original, "merged": exp.final_merged}
     assert data["dedup"] == {"kept": exp.records - exp.fates["duplicate"], "duplicate": exp.fates["duplicate"]}
@@ -55,6 +64,8 @@ def test_json_numbers_equal_the_tables(report):
     assert data["topics"]["topic_map_sample"] == TOPIC_SAMPLE
     merging = data["merging"]
     assert merging["requests_by_status"] == exp.merge_statuses
+    gate_failed = exp.merge_statuses["gate_failed"]
+    assert merging["gate_rejections"] == {"source_similarity": gate_failed, "copy": gate_failed}
     assert merging["prompt_tokens"] == exp.prompt_tokens
     assert merging["completion_tokens"] == exp.completion_tokens
     assert merging["total_tokens"] == exp.prompt_tokens + exp.completion_tokens
@@ -63,6 +74,7 @@ def test_json_numbers_equal_the_tables(report):
         exp.records + exp.rejects, exp.records, exp.records - exp.fates["duplicate"],
         data["tables"]["selected"]["rows"], exp.final]
     assert data["ledger"]["balanced"] is True
+    assert data["ledger"]["input_rows"] == exp.records + exp.rejects
     assert data["timings"] == {"ingest": 1.25, "embed": 30.5}
     assert data["extra"]["run"] == "fixture"
     assert len(data["merge_examples"]) == EXAMPLES
@@ -93,12 +105,29 @@ def test_html_is_self_contained_with_inlined_images(report):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", text)
     assert "<script" not in text and "<link" not in text
     assert "ledger balances" in text
+    assert f"{exp_input(report):,} input rows" in text
+    assert "gate check failed" in text and "fp32" in text
+
+
+def exp_input(report) -> int:
+    _, _, _, exp = report
+    return exp.records + exp.rejects
+
+
+def test_settings_are_shown_with_credentials_masked(report):
+    page, data, _, _ = report
+    assert data["settings"]["llm"]["base_url"] == "https://***@llm.example/v1"
+    assert data["settings"]["spark"]["conf"] == {"spark.executorEnv.MERGEIT_LLM_API_KEY": "*********(redacted)",
+                                                 "spark.eventLog.enabled": "false"}
+    for path in page.parent.iterdir():
+        content = path.read_bytes()
+        assert URL_PASSWORD.encode() not in content and CONF_SECRET.encode() not in content, path.name
 
 
 def test_report_of_a_partial_run(spark, settings, shared_data, tmp_path_factory, store, tmp_path):
     """A run that stopped after ingest still gets a report, with the missing sections left out."""
     full, exp = finalized_run(spark, settings, shared_data, tmp_path_factory)
-    for name in ("records", "rejects"):
+    for name in ("input_files", "records", "rejects"):
         store.write(full.read(name), name)
     page = build_report(store, tmp_path / "report", settings)
     data = json.loads((page.parent / "report.json").read_text())

@@ -1,14 +1,26 @@
 """Pipeline stages. Each stage is a small class with one job: DataFrames in, DataFrames out.
 
-The pipeline (``mergeit_spark.pipeline``) reads a stage's input tables, calls ``run`` and writes
-what it returns under the run root; stages never touch the engine wiring themselves. A stage
-whose result must be durable while it runs (merge: paid LLM calls) sets ``writes_itself`` and
-writes through ``ctx.store`` as it goes.
+The executor (``mergeit_spark.pipeline``) knows no stage by name; it drives every stage through
+the same hooks, in this order:
+
+1. ``run(ctx, tables)`` gets the stage's input tables and returns a :class:`StageOutput`: the
+   tables for the executor to write (any of ``outputs``) and a small JSON-ready ``summary``.
+   A stage whose result must be durable while it runs (merge: paid LLM calls) writes that table
+   through ``ctx.store`` itself and leaves it out of ``StageOutput.tables``; the executor then
+   checks that the table did get a new version.
+2. The executor writes the returned tables.
+3. ``check(ctx)`` runs once every output table is written: it verifies what the stage promises
+   (finalize: the ledger balances) and returns numbers for the stage's state and the report, or
+   raises to fail the run. A stage whose check fails records no state, so a rerun redoes it.
+
+``extra_fingerprint`` adds what beyond input tables and settings decides the output (ingest:
+the input files' sizes and times).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 from pyspark.sql import DataFrame, SparkSession
 
@@ -23,15 +35,39 @@ class StageContext:
     settings: Settings
 
 
+@dataclass
+class StageOutput(Mapping[str, DataFrame]):
+    """What one run of a stage hands the executor; reads as the mapping of its tables."""
+    tables: dict[str, DataFrame] = field(default_factory=dict)  # to be written under the run root
+    summary: dict[str, Any] = field(default_factory=dict)       # small, JSON-ready: kept in state
+
+    def __getitem__(self, name: str) -> DataFrame:
+        return self.tables[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tables)
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+
 class Stage:
     name: ClassVar[str]
     inputs: ClassVar[tuple[str, ...]] = ()        # tables read from the run root
     outputs: ClassVar[tuple[str, ...]] = ()       # tables written to the run root
     settings_sections: ClassVar[tuple[str, ...]] = ()  # sections whose change forces a rerun
-    writes_itself: ClassVar[bool] = False
 
-    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> dict[str, DataFrame]:
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Stage":
+        """The stage for these settings (most stages need none until they run)."""
+        return cls()
+
+    def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
         raise NotImplementedError
+
+    def check(self, ctx: StageContext) -> dict[str, Any]:
+        """After the outputs are written: verify them, return numbers, or raise to fail the run."""
+        return {}
 
     def extra_fingerprint(self, ctx: StageContext) -> str:
         """Anything beyond input tables and settings that decides the output (ingest: the files)."""

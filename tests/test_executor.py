@@ -1,0 +1,78 @@
+"""The executor drives any stage through the Stage hooks (run -> tables + summary, write, check),
+knowing none by name; real Spark, real Delta, read back with delta-rs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from deltalake import DeltaTable
+
+from _toy_stages import ROWS, Double, Ledgered, Source, Total, toy_stages
+from mergeit_spark.config import load_settings
+from mergeit_spark.pipeline import Pipeline, PipelineError
+from mergeit_spark.stages import StageOutput
+
+
+def _pipeline(spark, root, stages, *overrides):
+    settings = load_settings(overrides=[f"output.root={root}", *overrides], env={})
+    return Pipeline(settings, spark=spark, stages=stages)
+
+
+def _state(root, name):
+    return json.loads((root / "_state" / f"{name}.json").read_text())
+
+
+def test_returned_tables_are_written_and_summary_and_checks_recorded(spark, tmp_path):
+    root = tmp_path / "run"
+    results = _pipeline(spark, root, toy_stages()).run()
+    assert [(r.name, r.skipped) for r in results] == [("source", False), ("double", False), ("total", False)]
+    assert DeltaTable(str(root / "doubled")).to_pandas()["n"].sort_values().tolist() == [2 * i for i in range(ROWS)]
+    assert results[0].summary == {"made": ROWS} == _state(root, "source")["summary"]
+    assert results[2].checks == {"total": Total.expected} == _state(root, "total")["checks"]
+    assert _state(root, "total")["counts"] == {"total": 1}
+
+
+def test_a_stage_that_writes_itself_needs_no_executor_help(spark, tmp_path):
+    root = tmp_path / "run"
+    result = _pipeline(spark, root, [Source(), Ledgered()]).run()[1]
+    assert result.versions == {"ledger": result.summary["written_version"]}
+    assert len(DeltaTable(str(root / "ledger")).to_pandas()) == ROWS // 2
+
+
+def test_a_failed_check_fails_the_run_and_leaves_no_state(spark, tmp_path):
+    class WrongTotal(Total):
+        expected = -1
+
+    root = tmp_path / "run"
+    with pytest.raises(ValueError, match="total 90 != -1"):
+        _pipeline(spark, root, [Source(), Double(), WrongTotal()]).run()
+    assert (root / "_state" / "double.json").is_file()
+    assert not (root / "_state" / "total.json").exists()   # so the rerun redoes it
+    assert [r.name for r in _pipeline(spark, root, toy_stages()).run() if not r.skipped] == ["total"]
+
+
+def test_outputs_must_be_declared_and_produced(spark, tmp_path):
+    class Undeclared(Source):
+        def run(self, ctx, tables):
+            return StageOutput({"numbers": ctx.spark.range(1), "other": ctx.spark.range(1)})
+
+    class Forgetful(Source):
+        def run(self, ctx, tables):
+            return StageOutput(summary={"forgot": "numbers"})
+
+    with pytest.raises(PipelineError, match=r"returned table\(s\) it does not declare: \['other'\]"):
+        _pipeline(spark, tmp_path / "a", [Undeclared()]).run()
+    with pytest.raises(PipelineError, match="neither returned nor wrote table 'numbers'"):
+        _pipeline(spark, tmp_path / "b", [Forgetful()]).run()
+    # An old table from an earlier run does not count as written by this one.
+    _pipeline(spark, tmp_path / "c", [Source()]).run()
+    with pytest.raises(PipelineError, match="neither returned nor wrote"):
+        _pipeline(spark, tmp_path / "c", [Forgetful()]).run(force="source")
+
+
+def test_until_stops_after_a_stage_and_missing_inputs_are_named(spark, tmp_path):
+    root = tmp_path / "run"
+    assert [r.name for r in _pipeline(spark, root, toy_stages()).run(until="double")] == ["source", "double"]
+    assert not (root / "total").exists()
+    with pytest.raises(PipelineError, match="stage double needs table"):
+        _pipeline(spark, tmp_path / "empty", toy_stages()).run(only="double")
