@@ -1,0 +1,109 @@
+"""Benchmark: an incremental run of 20% new rows against a full rerun on the same 100%.
+
+Takes the first ``--rows`` records of ../shared/data/mergeit-6k.json, writes 80% to one JSON Lines
+file and 20% to another, and in ONE process (one Spark session, the same scripted loopback LLM
+server for both, answering after ``--llm-latency`` seconds):
+
+1. full run on the 80% (setup, not timed),
+2. ``Pipeline.run_incremental()`` with both files (timed: the increment),
+3. a full run on both files in a fresh run root (timed: the full rerun).
+
+Writes the ``incremental`` section of BENCHMARKS.md with both wall times, per-step seconds and
+the ratio. Goal: the increment costs <= 30% of the full rerun. Usage:
+
+    .venv/bin/python bench/bench_incremental.py [--rows 2000] [--llm-latency 0.05] [--no-write]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+from bench._common import write_section  # noqa: E402
+from fake_openai import FakeOpenAI  # noqa: E402
+from mergeit_spark.config import load_settings  # noqa: E402
+from mergeit_spark.pipeline import Pipeline  # noqa: E402
+from mergeit_spark.session import build_session  # noqa: E402
+
+DATA = (REPO / ".." / "shared" / "data").resolve()
+
+
+def write_split(work: Path, rows: int, share: float) -> tuple[Path, Path]:
+    records = json.loads((DATA / "mergeit-6k.json").read_text())[:rows]
+    cut = int(round(len(records) * (1 - share)))
+    old, new = work / "old.jsonl", work / "new.jsonl"
+    for path, part in ((old, records[:cut]), (new, records[cut:])):
+        path.write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n"
+                                for r in part))
+    return old, new
+
+
+def settings_for(root: Path, paths: list[Path], base_url: str, extra: list[str]):
+    return load_settings(overrides=[
+        "spark.master=local[2]", "spark.shuffle_partitions=4", "spark.driver_memory=2g",
+        f"input.paths=[{','.join(map(str, paths))}]", f"output.root={root}",
+        f"llm.base_url={base_url}", "llm.model=fake-model", "llm.concurrency=8", "merge.partitions=2",
+        *extra], env={})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--share", type=float, default=0.2, help="share of the rows that arrive later")
+    parser.add_argument("--llm-latency", type=float, default=0.05, help="seconds the fake LLM takes per reply")
+    parser.add_argument("--set", action="append", default=[], dest="extra", metavar="KEY=VALUE")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
+    try:
+        old, new = write_split(work, args.rows, args.share)
+        with FakeOpenAI(latency_s=args.llm_latency) as llm:
+            spark = build_session(settings_for(work / "inc", [old], llm.base_url, args.extra).spark)
+            Pipeline(settings_for(work / "inc", [old], llm.base_url, args.extra), spark=spark).run()
+            inc = Pipeline(settings_for(work / "inc", [old, new], llm.base_url, args.extra), spark=spark)
+            sent = len(llm.requests)
+            started = time.perf_counter()
+            result = inc.run_incremental()
+            inc_seconds = time.perf_counter() - started
+            inc_requests = len(llm.requests) - sent
+            full = Pipeline(settings_for(work / "full", [old, new], llm.base_url, args.extra), spark=spark)
+            sent = len(llm.requests)
+            started = time.perf_counter()
+            full.run()
+            full_seconds = time.perf_counter() - started
+            full_requests = len(llm.requests) - sent
+            full_steps = {name: round(s, 1) for name, s in full.timings().items()}
+            spark.stop()
+        ratio = inc_seconds / full_seconds
+        body = (
+            f"{args.rows} rows of mergeit-6k.json, {int(args.share * 100)}% of them new "
+            f"({result.counts.get('new_records')} new records), `local[2]`, fake LLM answering in "
+            f"{args.llm_latency} s; one process, one Spark session, increment first.\n\n"
+            "| run | wall s | LLM requests | per step (s) |\n| --- | ---: | ---: | --- |\n"
+            f"| increment (`run_incremental`) | {inc_seconds:.1f} | {inc_requests} | "
+            f"{', '.join(f'{k} {v:.1f}' for k, v in result.seconds.items())} |\n"
+            f"| full rerun on 100% | {full_seconds:.1f} | {full_requests} | "
+            f"{', '.join(f'{k} {v}' for k, v in full_steps.items())} |\n\n"
+            f"Increment / full = **{ratio:.2f}** (goal <= 0.30). Drift: {result.drift.get('far')}/"
+            f"{result.drift.get('rows')} new rows beyond their cluster's p{100 * result.drift.get('quantile', 0):g}.\n")
+        print(body)
+        if not args.no_write:
+            write_section("incremental", body)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

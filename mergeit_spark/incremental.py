@@ -1,0 +1,666 @@
+"""Incremental runs: new input rows join a curated run root without recomputing it.
+
+``mergeit run --incremental`` (``Pipeline.run_incremental``) against a run root whose stages are
+all done and current. The rules, step by step:
+
+1. **Which rows are new.** Each input of ``input.paths`` whose ``source`` is not yet in
+   ``input_files`` is read (the usual ingest: same parser, reason codes, unit counts). An input
+   already listed there with the same ``bytes`` is not read again; one whose size changed stops
+   the run (``IncrementalError``): batches arrive as new files (or a new folder of files), and a
+   file rewritten in place needs a full run. A Delta source table that gained versions counts as
+   changed (reading only its later versions is not supported yet). Of the new inputs, a parsed
+   row whose content id is already in ``records`` (or earlier in the new inputs) is an
+   ``exact_duplicate`` reject with ``detail`` = that id, exactly as in a full run; bad rows are
+   rejects with their reason codes. ``input_files`` gains one row per new input with this run's
+   ``run_id``, so ``sum(input_files.units) == records + rejects`` still holds over every row ever
+   ingested (checked before anything is written, and again by finalize).
+2. **Embed** only the new records; append to ``embeddings``.
+3. **Topics**: the saved topic model (``<root>/_models/topics``) assigns the new rows, no refit;
+   ``topics`` gains their rows, ``centroids`` stays as fitted. **Drift**: the share of new rows
+   whose distance to their (nearest) centre exceeds that cluster's ``incremental.drift_quantile``
+   of the fitted rows' distances (``centroids.distance_quantiles``). With no drift that share is
+   about ``1 - drift_quantile``; above ``incremental.drift_alarm_share`` the run logs a warning
+   that a full re-cluster is advised (``mergeit run --incremental --recluster`` does it: the new
+   rows are ingested and embedded, then topics and every stage below rerun in full).
+4. **Dedup** (same threshold, same space): each new row is compared with the kept rows of its
+   own cluster and, when ``dedup.cross_cluster``, of its ``dedup.cross_cluster_neighbours``
+   nearest other clusters (by ``centroids.embedding_center``); at or above the threshold it is a
+   duplicate of the most similar of them. Kept rows stay kept (an earlier decision is never
+   revisited), so the existing kept rows win over new ones. The new rows left are deduplicated
+   among themselves per cluster by the full run's keep rule (nearest to the centre first).
+5. **Selection**: the existing selection stays; each cluster with new kept rows is extended by
+   lazy greedy facility location whose gains count the existing selection (the same objective
+   over all the cluster's kept rows, old and new). Budget rule: a cluster keeps its selection
+   rate, and never falls under the budget: ``target = min(kept, max(budget, ceil(selected_before
+   x kept / kept_before)))`` (``kept`` after the increment); a cluster kept whole stays whole.
+   New picks continue ``rank`` after the existing ones.
+6. **Group and merge**: the selected rows not in any existing group, in the clusters that gained
+   selected rows, are grouped by the group stage's rule; only groups holding at least one new
+   row are kept, appended to ``merge_groups`` and sent to the LLM. Merges paid before stay (the
+   merge ledger answers any group already recorded without a request).
+7. **Finalize**: ``final`` and ``lineage`` are recomputed from the tables (Spark joins, no model
+   or LLM work) and written once each: one new version per incremental run. ``lineage.run_id``
+   says in which ingest run each row arrived. The ledger check runs as in a full run.
+8. **Idempotent**: when no input is new, nothing is read, written or requested.
+
+Each touched table gets exactly one new version per increment (an append; final and lineage an
+overwrite). Afterwards every stage's state records the new versions, so ``mergeit status`` shows
+the run current and a plain ``mergeit run`` with the same settings recomputes nothing.
+
+Crash safety: before writing, the run records the version of every table and every stage state
+in ``<root>/_state/incremental.json``. A run that finds that file unfinished restores each table
+to its recorded version (Delta RESTORE through delta-rs, a new version) and the states, then
+starts over; merges already paid come back from the ledger without a request.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from deltalake import DeltaTable
+from pyspark import StorageLevel
+from pyspark.broadcast import Broadcast
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from .stages import StageContext
+from .stages.dedup import DEDUP_SCHEMA, DUPLICATE, KEPT, embedding_matrix, keep_order, leader_dedup
+from .stages.ingest import (RECORD_SCHEMA, IngestCountError, input_files_table, new_run_id,
+                            parse_outcomes)
+from .stages.topics import DISTANCE_QUANTILES, assign_to_topics, load_topic_model
+from .tables import TableStore
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+log = logging.getLogger("mergeit.incremental")
+
+MARKER = "incremental.json"  # under <root>/_state
+# Every table an increment may write, in the order the steps write them.
+TOUCHED = ("records", "rejects", "input_files", "embeddings", "topics", "dedup", "selected",
+           "merge_groups", "merges", "final", "lineage")
+STAGES_BEFORE_FINALIZE = ("ingest", "embed", "topics", "dedup", "select", "group", "merge")
+
+_MATCH_SCHEMA = T.StructType([
+    T.StructField("id", T.StringType(), False),
+    T.StructField("target_id", T.StringType(), False),
+    T.StructField("similarity", T.DoubleType(), False),
+])
+_PICK_SCHEMA = T.StructType([
+    T.StructField("id", T.StringType(), False),
+    T.StructField("cluster", T.IntegerType(), False),
+    T.StructField("rank", T.IntegerType(), False),
+    T.StructField("gain", T.DoubleType(), False),
+])
+
+
+class IncrementalError(RuntimeError):
+    """An increment cannot run: no finished run to extend, a changed input, a count mismatch."""
+
+
+@dataclass
+class Increment:
+    """What one incremental run did (small, JSON-ready through ``as_dict``)."""
+
+    run_id: str
+    new_inputs: list[str]
+    counts: dict[str, int]
+    drift: dict[str, Any]
+    merge: dict[str, Any]
+    seconds: dict[str, float]
+    recluster: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.new_inputs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "new_inputs": self.new_inputs, "counts": self.counts,
+                "drift": self.drift, "merge": self.merge, "seconds": self.seconds,
+                "recluster": self.recluster}
+
+
+# ------------------------------------------------------------------------------------------
+# Step 1: which rows are new
+# ------------------------------------------------------------------------------------------
+
+def new_inputs(store: TableStore, files: list) -> list:
+    """The inputs not yet in ``input_files``; fails on an input whose size changed since."""
+    from .inputs import input_bytes
+    seen: dict[str, int] = {}
+    for row in store.read("input_files").groupBy("source").agg(F.sum("bytes").alias("bytes")).collect():
+        seen[row["source"]] = int(row["bytes"])  # one row per input file: small
+    fresh = []
+    for item in files:
+        if item.path not in seen:
+            fresh.append(item)
+        elif input_bytes(item) != seen[item.path]:
+            raise IncrementalError(
+                f"input {item.path} changed since it was ingested ({seen[item.path]} -> {input_bytes(item)} "
+                "bytes): an increment takes new files; run a full run (mergeit run --force ingest)")
+    return fresh
+
+
+def split_against(outcomes: DataFrame, existing_ids: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """(new records, new rejects) of ``outcomes``: ingest's rule (the first of each content id is
+    the record), with every id already in ``existing_ids`` an ``exact_duplicate`` as well."""
+    parsed = outcomes.filter(F.col("reason").isNull())
+    first = Window.partitionBy("id").orderBy("file_index", "line", "row", "sub")
+    ranked = (parsed.withColumn("_rank", F.row_number().over(first))
+              .join(existing_ids.select("id", F.lit(True).alias("_known")), "id", "left"))
+    is_record = (F.col("_rank") == 1) & F.col("_known").isNull()
+    records = ranked.filter(is_record).select(
+        *[F.col(f.name).cast(f.dataType).alias(f.name) for f in RECORD_SCHEMA.fields])
+    duplicates = ranked.filter(~is_record).select(
+        "source", "line", "row", "raw", F.lit("exact_duplicate").alias("reason"), F.col("id").alias("detail"))
+    rejects = outcomes.filter(F.col("reason").isNotNull()).select(
+        "source", "line", "row", "raw", "reason", "detail").unionByName(duplicates)
+    return records, rejects
+
+
+def ingest_increment(ctx: StageContext, files: list, run_id: str, records_version: int) -> dict[str, int]:
+    """Parse the new inputs and append their records, rejects and input_files rows; the counts
+    must balance before anything is written. ``records`` is read at ``records_version``: a read
+    that is not pinned would see the records this step appends and call them duplicates."""
+    from .parsing import ParseLimits
+    settings = ctx.settings.ingest
+    limits = ParseLimits.from_settings(settings, settings.reject_raw_chars)
+    outcomes = parse_outcomes(ctx.spark, files, limits).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        records, rejects = split_against(outcomes, ctx.store.read("records", version=records_version))
+        input_rows = input_files_table(ctx.spark, files, limits, outcomes, run_id).persist()
+        counts = {"new_records": records.count(), "new_rejects": rejects.count(),
+                  "new_input_rows": int(input_rows.agg(F.sum("units")).first()[0] or 0)}
+        if counts["new_records"] + counts["new_rejects"] != counts["new_input_rows"]:
+            raise IngestCountError(f"new inputs: records {counts['new_records']} + rejects "
+                                   f"{counts['new_rejects']} != {counts['new_input_rows']} input units")
+        append(ctx.store, records, "records", counts["new_records"])
+        append(ctx.store, rejects, "rejects", counts["new_rejects"])
+        append(ctx.store, input_rows, "input_files", len(files))
+    finally:
+        outcomes.unpersist()
+    return counts
+
+
+# ------------------------------------------------------------------------------------------
+# Table helpers
+# ------------------------------------------------------------------------------------------
+
+def append(store: TableStore, df: DataFrame, table: str, rows: int | None = None) -> int | None:
+    """Append ``df`` to ``table`` in the table's own column order and types; nothing (no new
+    version) when ``rows`` says it is empty. Returns the new version or None."""
+    if rows == 0:
+        return None
+    target = store.read(table).schema
+    aligned = df.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in target.fields])
+    return store.write(aligned, table, mode="append")
+
+
+def added_rows(store: TableStore, table: str, before: int | None, key: str = "id") -> DataFrame:
+    """Rows of ``table`` now that were not in it at version ``before`` (by ``key``)."""
+    now = store.read(table)
+    if before is None:
+        return now
+    return now.join(store.read(table, version=before).select(key), key, "left_anti")
+
+
+# ------------------------------------------------------------------------------------------
+# Step 3: topics and drift
+# ------------------------------------------------------------------------------------------
+
+def drift_of(assigned: DataFrame, centroids: DataFrame, quantile: float) -> dict[str, Any]:
+    """Share of ``assigned`` rows (id, cluster, distance) beyond their cluster's ``quantile`` of
+    the fitted rows' distances (a Spark aggregate; one row to the driver)."""
+    slot = DISTANCE_QUANTILES.index(quantile) + 1
+    bounds = centroids.select("cluster", F.element_at("distance_quantiles", slot).alias("bound"))
+    row = (assigned.join(F.broadcast(bounds), "cluster", "left")
+           .agg(F.count(F.lit(1)).alias("rows"),
+                F.sum(F.when(F.col("distance") > F.coalesce("bound", F.lit(0.0)), 1).otherwise(0)).alias("far"))
+           .first())
+    rows, far = int(row["rows"]), int(row["far"] or 0)
+    return {"rows": rows, "far": far, "quantile": quantile, "share": far / rows if rows else 0.0,
+            "expected_share": round(1.0 - quantile, 6)}
+
+
+# ------------------------------------------------------------------------------------------
+# Step 4: dedup of new rows against kept rows
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _RouteNew:
+    """mapInArrow: each new row to its home cluster and its nearest other clusters."""
+
+    centers: Broadcast  # (cluster ids, k x d embedding centres)
+    neighbours: int
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        clusters, matrix = self.centers.value
+        norms = (matrix.astype(np.float64) ** 2).sum(axis=1)
+        take = min(self.neighbours, max(0, clusters.size - 1))
+        for batch in batches:
+            n = batch.num_rows
+            if n == 0:
+                continue
+            vectors = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+            home = batch.column("cluster").to_numpy(zero_copy_only=False).astype(np.int32)
+            targets = [home[:, None]]
+            if take:
+                dist = norms[None, :] - 2.0 * (vectors.astype(np.float64) @ matrix.T.astype(np.float64))
+                dist[clusters[None, :] == home[:, None]] = np.inf
+                targets.append(clusters[np.argsort(dist, axis=1, kind="stable")[:, :take]].astype(np.int32))
+            routed = np.concatenate(targets, axis=1)
+            rows = pa.array(np.repeat(np.arange(n), routed.shape[1]))
+            yield pa.RecordBatch.from_pydict({
+                "target_cluster": pa.array(routed.reshape(-1)),
+                "role": pa.array(["new"] * len(rows), pa.string()),
+                "id": batch.column("id").take(rows),
+                "embedding": batch.column("embedding").take(rows),
+            })
+
+
+@dataclass(frozen=True)
+class _BestKept:
+    """In one cluster: each new row's most similar kept row, when at or above the threshold."""
+
+    threshold: float
+    block_size: int
+
+    def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
+        new = frame[frame["role"] == "new"]
+        kept = frame[frame["role"] == "kept"].sort_values("id", kind="stable")
+        if new.empty or kept.empty:
+            return pd.DataFrame({c: pd.Series([], dtype=object) for c in ("id", "target_id")}
+                                ).assign(similarity=pd.Series([], dtype=np.float64))
+        p, t = embedding_matrix(new["embedding"]), embedding_matrix(kept["embedding"])
+        best = np.full(len(p), -np.inf)
+        where = np.zeros(len(p), dtype=np.int64)
+        for start in range(0, len(t), self.block_size):
+            sims = p @ t[start:start + self.block_size].T
+            arg = sims.argmax(axis=1)
+            top = sims[np.arange(len(p)), arg].astype(np.float64)
+            better = top > best  # strict: ties keep the smaller id
+            best[better], where[better] = top[better], start + arg[better]
+        hit = best >= self.threshold
+        return pd.DataFrame({"id": new["id"].to_numpy(dtype=object)[hit],
+                             "target_id": kept["id"].to_numpy(dtype=object)[where[hit]],
+                             "similarity": best[hit]})
+
+
+@dataclass(frozen=True)
+class _DedupNew:
+    """One cluster's unmatched new rows: the full run's keep rule among themselves."""
+
+    threshold: float
+    block_size: int
+
+    def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
+        ids = frame["id"].to_numpy(dtype=object)
+        order = keep_order(frame["distance"].to_numpy(dtype=np.float64), ids)
+        ids = ids[order]
+        kept, target, similarity = leader_dedup(embedding_matrix(frame["embedding"])[order],
+                                                self.threshold, self.block_size)
+        return pd.DataFrame({
+            "id": ids, "cluster": np.full(len(ids), frame["cluster"].iloc[0], dtype=np.int32),
+            "status": np.where(kept, KEPT, DUPLICATE),
+            "duplicate_of": np.where(kept, None, ids[np.maximum(target, 0)]),
+            "similarity": similarity})
+
+
+def dedup_new_rows(new_topics: DataFrame, embeddings: DataFrame, dedup: DataFrame,
+                   centroids: DataFrame, settings) -> DataFrame:
+    """``dedup`` rows for ``new_topics`` (id, cluster, distance); see the module doc, step 4."""
+    spark = new_topics.sparkSession
+    center_rows = (centroids.filter(F.col("size") > 0).select("cluster", "embedding_center")
+                   .orderBy("cluster").collect())  # k rows
+    neighbours = settings.cross_cluster_neighbours if settings.cross_cluster else 0
+    centers = spark.sparkContext.broadcast((
+        np.array([r["cluster"] for r in center_rows], dtype=np.int32),
+        np.array([r["embedding_center"] for r in center_rows], dtype=np.float32).reshape(len(center_rows), -1)))
+    vectors = embeddings.select("id", "embedding")
+    new = new_topics.select("id", "cluster", "distance").join(vectors, "id").persist()
+    routed = new.select("id", "cluster", "embedding").mapInArrow(
+        _RouteNew(centers, neighbours), "target_cluster int, role string, id string, embedding array<float>")
+    kept = (dedup.filter(F.col("status") == KEPT).select("id", F.col("cluster").alias("target_cluster"))
+            .join(routed.select("target_cluster").distinct(), "target_cluster", "left_semi")
+            .join(vectors, "id").select("target_cluster", F.lit("kept").alias("role"), "id", "embedding"))
+    best_kept = _BestKept(settings.threshold, settings.block_size)
+    matches = (routed.unionByName(kept).groupBy("target_cluster")
+               .applyInPandas(lambda frame: best_kept(frame), _MATCH_SCHEMA))
+    first = Window.partitionBy("id").orderBy(F.col("similarity").desc(), F.col("target_id"))
+    matched = matches.withColumn("_n", F.row_number().over(first)).filter("_n = 1").drop("_n")
+    dedup_new = _DedupNew(settings.threshold, settings.block_size)
+    rest = (new.join(matched.select("id"), "id", "left_anti").groupBy("cluster")
+            .applyInPandas(lambda frame: dedup_new(frame), DEDUP_SCHEMA))
+    duplicates = new.join(matched, "id").select(
+        "id", "cluster", F.lit(DUPLICATE).alias("status"), F.col("target_id").alias("duplicate_of"), "similarity")
+    return duplicates.unionByName(rest)
+
+
+# ------------------------------------------------------------------------------------------
+# Step 5: selection extended by facility location
+# ------------------------------------------------------------------------------------------
+
+def selection_target(budget: int, kept: int, kept_before: int, selected_before: int) -> int:
+    """The cluster's selection size after an increment (module doc, step 5)."""
+    if kept_before <= 0:
+        return min(kept, budget)
+    return min(kept, max(budget, math.ceil(selected_before * kept / kept_before)))
+
+
+def extend_facility_location(vectors: np.ndarray, chosen: np.ndarray, candidates: np.ndarray,
+                             picks: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lazy greedy facility location over all ``vectors`` (unit rows) that starts from the rows
+    ``chosen`` and may pick only ``candidates``: (positions picked in order, their gains)."""
+    n = vectors.shape[0]
+    nearest = np.zeros(n, dtype=np.float64)  # max(0, best similarity to the selection so far)
+    for start in range(0, len(chosen), block_size):
+        sims = vectors @ vectors[chosen[start:start + block_size]].T
+        nearest = np.maximum(nearest, sims.max(axis=1))
+    picks = min(picks, len(candidates))
+    if picks <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+
+    def gain(j: int) -> float:
+        return float(np.maximum(vectors @ vectors[j] - nearest, 0.0).sum(dtype=np.float64))
+
+    heap = [(-gain(int(j)), int(j), 0) for j in candidates]
+    heapq.heapify(heap)  # ties: the smaller position (id order)
+    chosen_now: list[int] = []
+    gains: list[float] = []
+    while len(chosen_now) < picks:
+        neg, j, stamp = heapq.heappop(heap)
+        if stamp == len(chosen_now):
+            chosen_now.append(j)
+            gains.append(-neg)
+            nearest = np.maximum(nearest, vectors @ vectors[j])
+        else:
+            heapq.heappush(heap, (-gain(j), j, len(chosen_now)))
+    return np.asarray(chosen_now, dtype=np.int64), np.asarray(gains, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class _ExtendCluster:
+    """One cluster's kept rows (id, cluster, embedding, is_new, rank) → its new picks."""
+
+    budget: int
+    block_size: int
+
+    def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.sort_values("id", kind="stable").reset_index(drop=True)
+        vectors = embedding_matrix(frame["embedding"])
+        is_new = frame["is_new"].to_numpy(dtype=bool)
+        ranks = frame["rank"].to_numpy(dtype=np.float64)  # NaN: not selected
+        old_selected = np.flatnonzero(~np.isnan(ranks))
+        chosen = old_selected[np.argsort(ranks[old_selected], kind="stable")]
+        target = selection_target(self.budget, len(frame), int((~is_new).sum()), len(chosen))
+        picks, gains = extend_facility_location(vectors, chosen, np.flatnonzero(is_new),
+                                                target - len(chosen), self.block_size)
+        start = int(np.nanmax(ranks)) + 1 if len(chosen) else 0
+        return pd.DataFrame({
+            "id": frame["id"].to_numpy(dtype=object)[picks],
+            "cluster": np.full(len(picks), frame["cluster"].iloc[0], dtype=np.int32),
+            "rank": np.arange(start, start + len(picks), dtype=np.int32), "gain": gains})
+
+
+def extend_selection(new_dedup: DataFrame, dedup: DataFrame, selected: DataFrame, embeddings: DataFrame,
+                     settings) -> DataFrame:
+    """New ``selected`` rows: the clusters of ``new_dedup``'s kept rows, extended (step 5).
+    ``dedup`` is the table with the new rows appended; ``selected`` the existing selection."""
+    new_kept = new_dedup.filter(F.col("status") == KEPT).select("id", F.lit(True).alias("is_new"))
+    clusters = new_dedup.filter(F.col("status") == KEPT).select("cluster").distinct()
+    rows = (dedup.filter(F.col("status") == KEPT).select("id", "cluster")
+            .join(clusters, "cluster", "left_semi")
+            .join(new_kept, "id", "left")
+            .join(selected.select("id", "rank"), "id", "left")
+            .join(embeddings.select("id", "embedding"), "id")
+            .select("id", "cluster", "embedding", F.coalesce("is_new", F.lit(False)).alias("is_new"),
+                    F.col("rank").cast("double").alias("rank")))
+    extend = _ExtendCluster(settings.budget, settings.block_size)
+    return rows.groupBy("cluster").applyInPandas(lambda frame: extend(frame), _PICK_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------
+# Step 6: groups holding a new row
+# ------------------------------------------------------------------------------------------
+
+def new_groups(new_ids: DataFrame, selected: DataFrame, merge_groups: DataFrame, embeddings: DataFrame,
+               settings) -> DataFrame:
+    """Groups of the not-yet-grouped selected rows, in clusters that gained selected rows, that
+    hold at least one of ``new_ids``."""
+    from .stages.group import build_merge_groups
+    grouped = merge_groups.select(F.explode("member_ids").alias("id"))
+    touched = selected.join(new_ids, "id", "left_semi").select("cluster").distinct()
+    free = (selected.join(touched, "cluster", "left_semi").join(grouped, "id", "left_anti")
+            .select("id", "cluster"))
+    found = build_merge_groups(free, embeddings, settings.threshold, settings.size)
+    with_new = (found.select("group_id", F.explode("member_ids").alias("id"))
+                .join(new_ids, "id", "left_semi").select("group_id").distinct())
+    return (found.join(with_new, "group_id", "left_semi")
+            .join(merge_groups.select("group_id"), "group_id", "left_anti"))
+
+
+def merge_new_groups(ctx: StageContext, groups: DataFrame, records: DataFrame,
+                     embeddings: DataFrame) -> dict[str, Any]:
+    """The merge stage's request pass over ``groups`` only; its rows are appended to ``merges``."""
+    from .stages.merge import LEDGER_DIR, MERGES_SCHEMA, build_jobs, request_pass, summarise
+    ledger_root = str(Path(ctx.store.root) / LEDGER_DIR)
+    jobs = build_jobs(groups, records, embeddings, ctx.settings.llm)
+    passed, partitions = request_pass(jobs, ctx.settings, ledger_root)
+    passed = passed.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        summary = summarise(passed, partitions)
+        merges = passed.select(*[F.col(f.name) for f in MERGES_SCHEMA.fields])
+        append(ctx.store, merges, "merges", summary.groups)
+    finally:
+        passed.unpersist()
+    return summary.as_dict()
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def step(self, name: str, started: float) -> None:
+        self.seconds[name] = round(time.monotonic() - started, 3)
+
+
+def _marker_path(pipeline: "Pipeline") -> Path:
+    return pipeline.root / "_state" / MARKER
+
+
+def _write_marker(pipeline: "Pipeline", marker: dict[str, Any]) -> None:
+    path = _marker_path(pipeline)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(marker, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def roll_back_unfinished(pipeline: "Pipeline") -> bool:
+    """Undo an increment that did not finish: each table back to its version before it (Delta
+    RESTORE, a new version), every stage state as it was. True when there was one."""
+    path = _marker_path(pipeline)
+    if not path.is_file():
+        return False
+    marker = json.loads(path.read_text())
+    if marker.get("status") != "running":
+        return False
+    log.warning("incremental run %s did not finish: restoring the tables and state before it", marker["run_id"])
+    for table, version in marker["versions"].items():
+        if version is not None and pipeline.store.version(table) != version:
+            DeltaTable(pipeline.store.path(table)).restore(version)
+    for stage, state in marker["states"].items():
+        pipeline.write_state(stage, state)
+    marker["status"] = "rolled_back"
+    _write_marker(pipeline, marker)
+    return True
+
+
+def _require_finished_run(pipeline: "Pipeline") -> None:
+    """Every stage done with its current settings and its tables as it left them."""
+    for stage in pipeline.stages:
+        state = pipeline.state(stage.name)
+        if state is None:
+            raise IncrementalError(f"stage {stage.name} has not run under {pipeline.root}: an increment "
+                                   "extends a finished run; run `mergeit run` first")
+        stale = any(pipeline.store.version(t) != v for t, v in state.get("versions", {}).items())
+        if stage.name != "ingest":  # ingest's fingerprint holds the input list, which grew
+            stale = stale or state.get("fingerprint") != pipeline.fingerprint(stage)
+        if stale:
+            raise IncrementalError(f"stage {stage.name} is not current (settings or tables changed since "
+                                   "the last run); run `mergeit run` before an increment")
+
+
+def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
+    """Bring the new inputs of ``pipeline``'s settings into its run root; see the module doc."""
+    roll_back_unfinished(pipeline)
+    _require_finished_run(pipeline)
+    ingest_stage = pipeline.stages[0]
+    fresh = new_inputs(pipeline.store, ingest_stage.files)
+    run_id = new_run_id()
+    if not fresh:
+        log.info("incremental: no new input; nothing to do")
+        return Increment(run_id, [], {}, {}, {}, {})
+    store, ctx = pipeline.store, pipeline.ctx
+    before = {t: store.version(t) for t in TOUCHED}
+    _write_marker(pipeline, {"run_id": run_id, "status": "running", "versions": before,
+                             "states": {s: pipeline.state(s) for s in pipeline.stage_names()}})
+    timer, counts = _Timer(), {}
+    started = time.monotonic()
+    counts.update(ingest_increment(ctx, fresh, run_id, before["records"]))
+    timer.step("ingest", started)
+
+    started = time.monotonic()
+    counts["embedded"] = _embed_new(ctx, before["records"])
+    timer.step("embed", started)
+    if recluster:
+        result = _finish(pipeline, run_id, fresh, counts, timer, ("ingest", "embed"), finalize=False)
+        pipeline.run(force="topics")
+        result.recluster = True
+        return result
+
+    drift = _assign_new(ctx, before["embeddings"], timer)
+    counts["assigned"] = drift["rows"]
+    started = time.monotonic()
+    new_topics = added_rows(store, "topics", before["topics"])
+    # Tables this step or a later one appends to are read at their versions before the increment.
+    new_dedup = dedup_new_rows(new_topics, store.read("embeddings"), store.read("dedup", version=before["dedup"]),
+                               store.read("centroids"), ctx.settings.dedup).persist()
+    counts["new_kept"] = new_dedup.filter(F.col("status") == KEPT).count()
+    counts["new_duplicates"] = new_dedup.count() - counts["new_kept"]
+    append(store, new_dedup, "dedup", counts["new_kept"] + counts["new_duplicates"])
+    timer.step("dedup", started)
+
+    started = time.monotonic()
+    picks = extend_selection(new_dedup, store.read("dedup"), store.read("selected", version=before["selected"]),
+                             store.read("embeddings"), ctx.settings.select).persist()
+    counts["new_selected"] = picks.count()
+    append(store, picks, "selected", counts["new_selected"])
+    new_dedup.unpersist()
+    picks.unpersist()
+    timer.step("select", started)
+
+    merge = _group_and_merge(ctx, before, counts, timer)
+    return _finish(pipeline, run_id, fresh, counts, timer, STAGES_BEFORE_FINALIZE, drift, merge)
+
+
+def _embed_new(ctx: StageContext, records_before: int) -> int:
+    """Embed the records added since ``records_before`` and append them; returns how many."""
+    from .stages.embed import embed_records
+    embed = embed_records
+    if ctx.settings.embed.backend == "spark-nlp":
+        from .stages.embed_sparknlp import embed_records as embed
+    new = added_rows(ctx.store, "records", records_before).persist()
+    try:
+        rows = new.count()
+        append(ctx.store, embed(new, ctx.settings.embed), "embeddings", rows)
+    finally:
+        new.unpersist()
+    return rows
+
+
+def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer) -> dict[str, Any]:
+    """Assign the new embeddings with the saved topic model; append them; return the drift."""
+    started = time.monotonic()
+    model = load_topic_model(ctx.store.root)
+    assigned = assign_to_topics(added_rows(ctx.store, "embeddings", embeddings_before), model).persist()
+    settings = ctx.settings.incremental
+    drift = drift_of(assigned, ctx.store.read("centroids"), settings.drift_quantile)
+    drift["alarm_share"] = settings.drift_alarm_share
+    drift["recluster_advised"] = drift["share"] > settings.drift_alarm_share
+    append(ctx.store, assigned, "topics", drift["rows"])
+    assigned.unpersist()
+    if drift["recluster_advised"]:
+        log.warning("incremental: %.1f%% of the new rows lie beyond their cluster's p%g distance "
+                    "(alarm at %.1f%%): full re-cluster advised (mergeit run --incremental --recluster)",
+                    100 * drift["share"], 100 * drift["quantile"], 100 * drift["alarm_share"])
+    timer.step("topics", started)
+    return drift
+
+
+def _group_and_merge(ctx: StageContext, before: dict[str, int | None], counts: dict[str, int],
+                     timer: _Timer) -> dict[str, Any]:
+    started = time.monotonic()
+    store = ctx.store
+    new_ids = added_rows(store, "records", before["records"]).select("id").persist()
+    groups = new_groups(new_ids, store.read("selected"), store.read("merge_groups", version=before["merge_groups"]),
+                        store.read("embeddings"), ctx.settings.group).persist()
+    counts["new_groups"] = groups.count()
+    append(store, groups, "merge_groups", counts["new_groups"])
+    timer.step("group", started)
+    started = time.monotonic()
+    merge: dict[str, Any] = {"groups": 0, "requests": 0}
+    if counts["new_groups"]:
+        merge = merge_new_groups(ctx, groups, store.read("records"), store.read("embeddings"))
+    groups.unpersist()
+    new_ids.unpersist()
+    timer.step("merge", started)
+    return merge
+
+
+def _finish(pipeline: "Pipeline", run_id: str, fresh: list, counts: dict[str, int], timer: _Timer,
+            stages: tuple[str, ...], drift: dict[str, Any] | None = None,
+            merge: dict[str, Any] | None = None, finalize: bool = True) -> Increment:
+    """Record the states of ``stages`` at their new versions, then finalize (unless a re-cluster
+    follows), and close the marker."""
+    result = Increment(run_id, [f.path for f in fresh], counts, drift or {}, merge or {}, timer.seconds)
+    pipeline.spark.catalog.clearCache()  # the steps' cached rows: every table they fed is written
+    for name in stages:
+        pipeline.mark_current(name, {"incremental_run": run_id, **_stage_summary(name, result)})
+    if finalize:
+        started = time.monotonic()
+        pipeline.run_stage(pipeline.stages[pipeline.stage_names().index("finalize")])
+        timer.step("finalize", started)
+    marker = json.loads(_marker_path(pipeline).read_text())
+    marker.update(status="done", result=result.as_dict())
+    _write_marker(pipeline, marker)
+    log.info("incremental run %s: %s", run_id, json.dumps(result.as_dict()))
+    return result
+
+
+def _stage_summary(name: str, result: Increment) -> dict[str, Any]:
+    c = result.counts
+    return {
+        "ingest": {"run_id": result.run_id, "input_files": len(result.new_inputs),
+                   "new_records": c.get("new_records"), "new_rejects": c.get("new_rejects")},
+        "embed": {"embedded": c.get("embedded")},
+        "topics": {"assigned": c.get("assigned"), "drift": result.drift},
+        "dedup": {"new_kept": c.get("new_kept"), "new_duplicates": c.get("new_duplicates")},
+        "select": {"new_selected": c.get("new_selected")},
+        "group": {"new_groups": c.get("new_groups")},
+        "merge": result.merge,
+    }.get(name, {})
