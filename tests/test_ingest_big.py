@@ -34,7 +34,7 @@ def test_one_gigabyte_json_array(spark, shared_data, tmp_path):
         shortest = records.agg(F.min(F.length("output"))).first()[0]
     seconds = time.monotonic() - started
     print(f"\n1 GB array: {big.bytes / GB:.2f} GiB, {big.rows} elements, {seconds:.0f} s, "
-          f"peak Python worker RSS {memory.peak / 2**20:.0f} MiB ({memory.samples} samples)")
+          f"peak Python worker memory taken {memory.peak / 2**20:.0f} MiB ({memory.samples} samples)")
 
     assert n_records == big.records
     assert rejected == big.rejected
