@@ -54,7 +54,6 @@ starts over; merges already paid come back from the ledger without a request.
 """
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import math
@@ -77,6 +76,7 @@ from .stages import StageContext
 from .stages.dedup import DEDUP_SCHEMA, DUPLICATE, KEPT, embedding_matrix, keep_order, leader_dedup
 from .stages.ingest import (RECORD_SCHEMA, IngestCountError, input_files_table, new_run_id,
                             parse_outcomes)
+from .stages.select import extend_facility_location
 from .stages.topics import DISTANCE_QUANTILES, assign_to_topics, load_topic_model
 from .tables import TableStore
 
@@ -355,37 +355,6 @@ def selection_target(budget: int, kept: int, kept_before: int, selected_before: 
     if kept_before <= 0:
         return min(kept, budget)
     return min(kept, max(budget, math.ceil(selected_before * kept / kept_before)))
-
-
-def extend_facility_location(vectors: np.ndarray, chosen: np.ndarray, candidates: np.ndarray,
-                             picks: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lazy greedy facility location over all ``vectors`` (unit rows) that starts from the rows
-    ``chosen`` and may pick only ``candidates``: (positions picked in order, their gains)."""
-    n = vectors.shape[0]
-    nearest = np.zeros(n, dtype=np.float64)  # max(0, best similarity to the selection so far)
-    for start in range(0, len(chosen), block_size):
-        sims = vectors @ vectors[chosen[start:start + block_size]].T
-        nearest = np.maximum(nearest, sims.max(axis=1))
-    picks = min(picks, len(candidates))
-    if picks <= 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
-
-    def gain(j: int) -> float:
-        return float(np.maximum(vectors @ vectors[j] - nearest, 0.0).sum(dtype=np.float64))
-
-    heap = [(-gain(int(j)), int(j), 0) for j in candidates]
-    heapq.heapify(heap)  # ties: the smaller position (id order)
-    chosen_now: list[int] = []
-    gains: list[float] = []
-    while len(chosen_now) < picks:
-        neg, j, stamp = heapq.heappop(heap)
-        if stamp == len(chosen_now):
-            chosen_now.append(j)
-            gains.append(-neg)
-            nearest = np.maximum(nearest, vectors @ vectors[j])
-        else:
-            heapq.heappush(heap, (-gain(j), j, len(chosen_now)))
-    return np.asarray(chosen_now, dtype=np.int64), np.asarray(gains, dtype=np.float64)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from deltalake import DeltaTable
 
 from _pipeline_run import BROKEN_LINES, pipeline_settings, read
 from fake_openai import FakeOpenAI
-from mergeit_spark.incremental import TOUCHED, extend_facility_location, selection_target
+from mergeit_spark.incremental import TOUCHED, selection_target
 from mergeit_spark.pipeline import Pipeline
-from mergeit_spark.stages.select import lazy_greedy_facility_location
+from mergeit_spark.stages.select import extend_facility_location, lazy_greedy_facility_location
 
 OLD_ROWS, NEW_ROWS = 160, 40
 

@@ -73,8 +73,37 @@ def lazy_greedy_facility_location(vectors: np.ndarray, budget: int, block_size: 
 
     # Heap entries: (-bound, position, selection size the bound was computed at).
     heap = [(-g, j, 0) for j, g in enumerate(singleton.tolist())]
-    heapq.heapify(heap)
+    return _lazy_greedy(vectors, np.zeros(n, dtype=np.float64), heap, picks_wanted)
+
+
+def extend_facility_location(vectors: np.ndarray, chosen: np.ndarray, candidates: np.ndarray,
+                             picks: int, block_size: int = DEFAULT_BLOCK_SIZE
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """Lazy greedy facility location over all ``vectors`` (unit rows) that starts from the rows
+    ``chosen`` and may pick only ``candidates``: (positions picked in order, their gains). The
+    selection an incremental run extends; from an empty ``chosen`` it is the plain greedy."""
+    n = vectors.shape[0]
     nearest = np.zeros(n, dtype=np.float64)  # max(0, best similarity to the selection so far)
+    for start in range(0, len(chosen), block_size):
+        sims = vectors @ vectors[chosen[start:start + block_size]].T
+        nearest = np.maximum(nearest, sims.max(axis=1))
+    picks = min(picks, len(candidates))
+    if picks <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    # Exact gains given the existing selection; ties: the smaller position (id order).
+    heap = [(-_gain(vectors, nearest, int(j)), int(j), 0) for j in candidates]
+    return _lazy_greedy(vectors, nearest, heap, picks)
+
+
+def _gain(vectors: np.ndarray, nearest: np.ndarray, j: int) -> float:
+    return float(np.maximum(vectors @ vectors[j] - nearest, 0.0).sum(dtype=np.float64))
+
+
+def _lazy_greedy(vectors: np.ndarray, nearest: np.ndarray, heap: list[tuple[float, int, int]],
+                 picks_wanted: int) -> tuple[np.ndarray, np.ndarray]:
+    """The lazy greedy loop: ``heap`` holds (-upper bound on the gain, position, selection size
+    the bound was computed at); a bound computed at the current size is exact, so it is picked."""
+    heapq.heapify(heap)
     picks: list[int] = []
     gains: list[float] = []
     while len(picks) < picks_wanted:
@@ -84,8 +113,7 @@ def lazy_greedy_facility_location(vectors: np.ndarray, budget: int, block_size: 
             gains.append(-neg_bound)
             nearest = np.maximum(nearest, vectors @ vectors[j])
             continue
-        gain = float(np.maximum(vectors @ vectors[j] - nearest, 0.0).sum(dtype=np.float64))
-        heapq.heappush(heap, (-gain, j, len(picks)))
+        heapq.heappush(heap, (-_gain(vectors, nearest, j), j, len(picks)))
     return np.asarray(picks, dtype=np.int64), np.asarray(gains, dtype=np.float64)
 
 
