@@ -32,11 +32,12 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}, {platform.system()}"
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or add) the section ``name`` of BENCHMARKS.md."""
-    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+def write_section(name: str, body: str, ran_on: str | None = None, command: str | None = None) -> None:
+    """Replace (or add) the section ``name`` of BENCHMARKS.md. ``ran_on`` and ``command`` name
+    another machine and its command where the numbers were taken elsewhere (a lent device)."""
+    command = command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     stamp = _dt.date.today().isoformat()
-    section = (f"<!-- bench:{name} -->\n## {name}\n\n- machine: {machine()}\n- command: `{command}`\n"
+    section = (f"<!-- bench:{name} -->\n## {name}\n\n- machine: {ran_on or machine()}\n- command: `{command}`\n"
                f"- date: {stamp}\n\n{body.strip()}\n<!-- /bench:{name} -->\n")
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S)

@@ -13,11 +13,14 @@ pads little (ordering by characters, as ``SentenceTransformer.encode`` does, pad
 tokens on this data). The vectors go back in row order. Texts, token ids and embeddings move as
 Arrow/numpy/torch arrays: there is no per-row Python loop in the hot path.
 
-Precision (``embed.precision``): ``bf16`` runs the forward pass under ``torch.autocast`` (matrix
-products in bfloat16, normalisation and softmax in fp32; vectors come out fp32). It pays only
-where the hardware multiplies bf16 natively (AVX-512 BF16, AMX, recent GPUs); without it (AVX2)
-bf16 is emulated and several times slower than fp32, so ``auto`` picks it only there. Each worker
-resolves ``auto`` for its own CPU, logs the choice once, and writes it in the ``precision`` column.
+Precision (``embed.precision``): on a CPU, ``bf16`` runs the forward pass under
+``torch.autocast`` (matrix products in bfloat16, normalisation and softmax in fp32; vectors come
+out fp32). It pays only where the hardware multiplies bf16 natively (AVX-512 BF16, AMX): 2.8x
+fp32 there; without it (AVX2) bf16 is emulated and several times slower, so ``auto`` picks it
+only there. On a GPU, ``bf16`` casts the model's weights to bfloat16 once instead: autocast
+re-casts operands on every operation, which made this small model 4-5x slower than fp32 at batch
+32 on an H200 (BENCHMARKS.md, embed on a device). Each worker resolves ``auto`` for its own
+device, logs the choice once, and writes it in the ``precision`` column.
 """
 from __future__ import annotations
 
@@ -64,11 +67,12 @@ WORKER_STATS_FIELDS = [
 # AVX-512 BF16 and AMX, Arm's BF16 extension. Plain AVX-512 is not enough: oneDNN then emulates.
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
-ModelKey = tuple[str, str, int]
+ModelKey = tuple[str, str, int, str]
 
-# One model per (model, device, max_seq_length) per Python process; Spark reuses worker processes
-# (spark.python.worker.reuse), so this survives across tasks, not only across batches. Precision
-# is applied per forward pass (autocast), so one loaded model serves both precisions.
+# One model per (model, device, max_seq_length, weight dtype) per Python process; Spark reuses
+# worker processes (spark.python.worker.reuse), so this survives across tasks, not only across
+# batches. On a CPU precision is applied per forward pass (autocast), so one fp32 model serves
+# both precisions; on a GPU bf16 has its own bf16-weight copy.
 _MODELS: dict[ModelKey, "SentenceTransformer"] = {}
 _LOADS: dict[ModelKey, int] = {}
 _PRECISIONS: dict[tuple[str, str], str] = {}
@@ -76,7 +80,14 @@ _LOCK = threading.Lock()
 
 
 def model_key(settings: EmbedSettings) -> ModelKey:
-    return (settings.model, settings.device, settings.max_seq_length)
+    return (settings.model, settings.device, settings.max_seq_length, _weight_dtype(settings))
+
+
+def _weight_dtype(settings: EmbedSettings) -> str:
+    """bf16 weights for bf16 on a GPU (see the module doc), fp32 weights everywhere else."""
+    if settings.device.startswith("cuda") and worker_precision(settings) == "bf16":
+        return "bf16"
+    return "fp32"
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -170,6 +181,8 @@ def load_model(settings: EmbedSettings) -> "SentenceTransformer":
             if settings.torch_threads > 0:
                 torch.set_num_threads(settings.torch_threads)
             model = SentenceTransformer(path, device=settings.device)
+            if key[3] == "bf16":
+                model.to(torch.bfloat16)
             model.max_seq_length = settings.max_seq_length
             model.eval()
             _MODELS[key] = model
@@ -242,7 +255,7 @@ def _rows_and_width(tensor: Any, rows: Any, full_width: int, width: int) -> Any:
 
 
 def _autocast(device_type: str, precision: str) -> Any:
-    if precision == "bf16":
+    if precision == "bf16" and device_type == "cpu":  # a GPU's bf16 is in the weights (load_model)
         import torch
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
