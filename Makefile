@@ -66,12 +66,14 @@ demo: $(STAMP)
 		$(if $(DATA),--set 'input.paths=$(DATA)') --serve-llm --report --export alpaca-json
 
 # The whole suite, as CI runs it.
+# tests/test_sparknlp.py runs in the Spark NLP venv only: in the main venv it can only skip, once
+# Ivy has failed to resolve a jar that does not exist for its Spark (up to 80 s here, under load).
 test: $(STAMP) jars $(SNLP_STAMP) sparknlp-prep
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/test_sparknlp.py
 	MERGEIT_SPARKNLP_REFERENCE=$(SNLP_REF) $(SNLP_VENV)/bin/python -m pytest -q tests/test_sparknlp.py
 
 # Everyday subset: everything but the tests marked slow (a standalone cluster, the real local LLM,
-# a killed driver, whole-pipeline subprocess runs, 1 GB inputs); the slowest are listed at the end.
+# a killed driver, whole-pipeline subprocess runs, a big JSON array); the slowest are listed at the end.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --durations=10
 

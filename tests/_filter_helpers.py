@@ -8,7 +8,10 @@ these small tables to check them; the stages themselves never do.
 """
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,13 +123,18 @@ def filter_sample(spark: SparkSession, shared_data: Path) -> FilterSample:
 
 
 def sample_embeddings(spark: SparkSession, shared_data: Path, embed_settings) -> DataFrame:
-    """The sample's ``embeddings`` table, computed once by the real stage and kept cached."""
+    """The sample's ``embeddings`` table, computed once by the real stage.
+
+    Kept as Parquet in a temporary folder (removed at exit), not as a cached plan: a test that
+    clears Spark's cache (to read its own tables back) must not make every later test embed the
+    sample again with the real model."""
     key = ("embeddings", id(spark))
     if key not in _CACHE:
         from mergeit_spark.stages.embed import embed_records
-        frame = embed_records(filter_sample(spark, shared_data).frame, embed_settings).cache()
-        frame.count()
-        _CACHE[key] = frame
+        folder = Path(tempfile.mkdtemp(prefix="filter-sample-"))
+        atexit.register(shutil.rmtree, folder, True)
+        embed_records(filter_sample(spark, shared_data).frame, embed_settings).write.parquet(str(folder / "embeddings"))
+        _CACHE[key] = spark.read.parquet(str(folder / "embeddings"))
     return _CACHE[key]  # type: ignore[return-value]
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltalake import DeltaTable
@@ -58,3 +60,42 @@ def read(root: Path, table: str) -> list[dict]:
 def final_content(root: Path) -> set[tuple]:
     return {(r["id"], r["instruction"], r["input"], r["output"], r["origin"], tuple(sorted(r["source_ids"])))
             for r in read(root, "final")}
+
+
+@dataclass
+class WholeRun:
+    """One uninterrupted run of every stage (default tables engine, scripted LLM), shared by the
+    tests that only read its tables; a test that reruns or changes anything works on ``copy_to``."""
+    root: Path
+    data: Path
+    n_input: int
+    base_url: str
+    results: list
+    final: set[tuple]                       # final_content(root), taken right after the run
+    outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)   # stage -> tables it writes
+
+    def copy_to(self, dest: Path, until: str | None = None) -> Path:
+        """A copy of the run root at ``dest``; with ``until``, only what the stages up to that
+        one wrote (their tables and state), so a run there starts at the stage after it.
+        Delta logs name their files relative to the table, so a copied table is a whole table."""
+        shutil.copytree(self.root, dest)
+        if until is not None:
+            names = list(self.outputs)
+            for stage in names[names.index(until) + 1:]:
+                for table in self.outputs[stage]:
+                    shutil.rmtree(dest / table, ignore_errors=True)
+                (dest / "_state" / f"{stage}.json").unlink(missing_ok=True)
+            if "merge" in names[names.index(until) + 1:]:
+                shutil.rmtree(dest / "_ledger", ignore_errors=True)   # the merge stage's ledger
+        return dest
+
+
+def run_whole_pipeline(spark, shared_data: Path, work: Path, base_url: str) -> WholeRun:
+    """Every stage on ``write_input``'s 200 real rows in the given session."""
+    from mergeit_spark.pipeline import Pipeline
+
+    data, n_input = write_input(shared_data, work / "in.jsonl")
+    pipeline = Pipeline(pipeline_settings(work / "run", data, base_url), spark=spark)
+    results = pipeline.run()
+    return WholeRun(root=work / "run", data=data, n_input=n_input, base_url=base_url, results=results,
+                    final=final_content(work / "run"), outputs={s.name: tuple(s.outputs) for s in pipeline.stages})

@@ -46,3 +46,20 @@ def spark(settings):
 def store(spark, tmp_path):
     from mergeit_spark.tables import TableStore
     return TableStore(spark, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def pipeline_llm():
+    """The scripted OpenAI-protocol server of the shared whole-pipeline run (``pipeline_run``);
+    tests that rerun a copy of that run against it find the merge stage current."""
+    from fake_openai import FakeOpenAI
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(spark, shared_data, tmp_path_factory, pipeline_llm):
+    """Every stage once on 200 real rows in the shared session, for the whole test run: the
+    pipeline, engine and resume tests read it (never write to it) or work on ``copy_to`` copies."""
+    from _pipeline_run import run_whole_pipeline
+    return run_whole_pipeline(spark, shared_data, tmp_path_factory.mktemp("shared-run"), pipeline_llm.base_url)

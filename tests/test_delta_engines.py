@@ -15,12 +15,11 @@ import duckdb
 import pytest
 from deltalake import DeltaTable
 
-from _pipeline_run import final_content, pipeline_settings, write_input
-from fake_openai import FakeOpenAI
+from _pipeline_run import final_content, pipeline_settings
 from mergeit_spark.pipeline import STAGE_ORDER, Pipeline
 from mergeit_spark.tables import TableStore
 
-pytestmark = pytest.mark.slow  # two whole-pipeline runs: not in `make test-fast`
+pytestmark = pytest.mark.slow  # a whole-pipeline run of its own (delta-rs): not in `make test-fast`
 ENGINES = ("delta-spark", "delta-rs")
 OTHER = {"delta-spark": "delta-rs", "delta-rs": "delta-spark"}
 TABLES = ("records", "rejects", "embeddings", "topics", "centroids", "dedup", "selected",
@@ -30,21 +29,22 @@ ENGINE_INFO = {"delta-spark": "Delta-Lake/", "delta-rs": "delta-rs"}
 
 
 @pytest.fixture(scope="module")
-def runs(spark, shared_data, tmp_path_factory):
-    """The same input through the whole pipeline once per engine, in one session."""
-    work = tmp_path_factory.mktemp("engines")
-    data, n_input = write_input(shared_data, work / "in.jsonl", rows=80, offset=300)
-    roots = {}
-    with FakeOpenAI() as llm:
-        for engine in ENGINES:
-            root = work / engine
-            settings = pipeline_settings(root, data, llm.base_url, f"tables.engine={engine}")
-            pipeline = Pipeline(settings, spark=spark)
-            assert pipeline.store.engine == engine
-            results = pipeline.run()
-            assert [r.name for r in results] == list(STAGE_ORDER) and not any(r.skipped for r in results)
-            roots[engine] = root
-    return roots, n_input
+def runs(spark, pipeline_run, pipeline_llm, tmp_path_factory):
+    """The same input through the whole pipeline once per engine, in one session: delta-spark is
+    the session's default engine, so its run is the shared one (conftest ``pipeline_run``, read
+    here, never written); delta-rs runs it again here, against the same scripted server."""
+    roots = {"delta-spark": pipeline_run.root}
+    assert TableStore(spark, pipeline_run.root).engine == "delta-spark"   # what "auto" chose there
+    assert [r.name for r in pipeline_run.results] == list(STAGE_ORDER)
+    assert not any(r.skipped for r in pipeline_run.results)
+    root = tmp_path_factory.mktemp("engines") / "delta-rs"
+    settings = pipeline_settings(root, pipeline_run.data, pipeline_llm.base_url, "tables.engine=delta-rs")
+    pipeline = Pipeline(settings, spark=spark)
+    assert pipeline.store.engine == "delta-rs"
+    results = pipeline.run()
+    assert [r.name for r in results] == list(STAGE_ORDER) and not any(r.skipped for r in results)
+    roots["delta-rs"] = root
+    return roots, pipeline_run.n_input
 
 
 def canonical(rows) -> Counter:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -22,12 +23,26 @@ def _texts(records: list[dict]) -> list[str]:
     return [(r["instruction"] + " " + r["input"]).strip() for r in records]
 
 
-def _reference(settings, texts: list[str]) -> np.ndarray:
-    """fp32 ``SentenceTransformer.encode``, the way a user would call it."""
+@functools.lru_cache(maxsize=2)
+def _reference_model(model: str, max_seq_length: int):
     from sentence_transformers import SentenceTransformer
-    reference = SentenceTransformer(resolve_model_path(settings.embed.model), device="cpu")
-    reference.max_seq_length = settings.embed.max_seq_length
-    return reference.encode(texts, batch_size=32, normalize_embeddings=True)
+    reference = SentenceTransformer(resolve_model_path(model), device="cpu")
+    reference.max_seq_length = max_seq_length
+    return reference
+
+
+_REFERENCE_VECTORS: dict[tuple[str, int, str], np.ndarray] = {}
+
+
+def _reference(settings, texts: list[str]) -> np.ndarray:
+    """fp32 ``SentenceTransformer.encode``, the way a user would call it; loaded once per test
+    process, and each text encoded once (the tests below compare overlapping samples with it)."""
+    key = (settings.embed.model, settings.embed.max_seq_length)
+    missing = list(dict.fromkeys(t for t in texts if (*key, t) not in _REFERENCE_VECTORS))
+    if missing:
+        vectors = _reference_model(*key).encode(missing, batch_size=32, normalize_embeddings=True)
+        _REFERENCE_VECTORS.update({(*key, t): v for t, v in zip(missing, vectors)})
+    return np.stack([_REFERENCE_VECTORS[(*key, t)] for t in texts])
 
 
 def _chosen(records: list[dict]) -> list[dict]:
@@ -116,6 +131,18 @@ def test_auto_precision_on_other_devices():
     assert resolve_precision("auto", "mps", flags={"avx512_bf16"}) == "fp32"
     with pytest.raises(ValueError, match="fp16"):
         resolve_precision("fp16", "cpu")
+
+
+def test_bf16_casts_the_weights_on_a_gpu_and_uses_autocast_on_a_cpu():
+    # Autocast re-casts operands every operation: 4-5x slower than fp32 on an H200 at batch 32
+    # (BENCHMARKS.md, embed-device), so a GPU's bf16 lives in a bf16 copy of the weights.
+    from mergeit_spark.config import EmbedSettings
+    assert embed_module.model_key(EmbedSettings(device="cuda", precision="bf16"))[3] == "bf16"
+    assert embed_module.model_key(EmbedSettings(device="cuda", precision="fp32"))[3] == "fp32"
+    assert embed_module.model_key(EmbedSettings(device="cpu", precision="bf16"))[3] == "fp32"
+    assert type(embed_module._autocast("cuda", "bf16")).__name__ == "nullcontext"
+    assert type(embed_module._autocast("cpu", "bf16")).__name__ == "autocast"
+    assert type(embed_module._autocast("cpu", "fp32")).__name__ == "nullcontext"
 
 
 def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):

@@ -1,6 +1,10 @@
-"""A JSON array over 1 GB: streamed by one Python worker in flat memory, every element counted.
+"""A JSON array over 1 GB (issue 13 asks for >= 1 GB): streamed by one Python worker in flat
+memory, every element counted.
 
-Slow (several minutes on 2 cores: about a million elements parsed by one task, counted again by
+A reader that holds the file whole in one worker needs its bytes and the decoded text at once
+(``bench/bench_ingest.py`` measured the old whole-file reader at 1.75 GiB for 256 MiB) and fails
+the 512 MiB bound on the worker's peak; the streamed reader takes a fraction of it.
+Slow (about two minutes on 2 cores: about a million elements parsed by one task, counted again by
 ijson); ``make test-fast`` leaves it out. The worker's peak RSS is printed (``-s``) for the record.
 """
 from __future__ import annotations
@@ -17,13 +21,15 @@ from mergeit_spark.stages.ingest import ingest
 from _ingest_helpers import write_big_array
 from _worker_memory import WorkerMemory
 
-GB = 1 << 30
+MiB = 1 << 20
+MEMORY_BOUND = 512 * MiB    # what one Python worker may take while the array streams through it
+ARRAY_BYTES = 1024 * MiB + 16 * MiB  # over 1 GiB, as the issue asks
 
 
 @pytest.mark.slow
-def test_one_gigabyte_json_array(spark, shared_data, tmp_path):
-    big = write_big_array(shared_data, tmp_path / "big.json", target_bytes=GB + (16 << 20))
-    assert big.bytes > GB
+def test_one_gigabyte_json_array_streams_within_a_memory_bound(spark, shared_data, tmp_path):
+    big = write_big_array(shared_data, tmp_path / "big.json", target_bytes=ARRAY_BYTES)
+    assert big.bytes > 1 << 30
     started = time.monotonic()
     with WorkerMemory(spark) as memory:
         records, rejects, input_files = ingest(spark, resolve_inputs([str(big.path)], "auto"), IngestSettings())
@@ -33,13 +39,14 @@ def test_one_gigabyte_json_array(spark, shared_data, tmp_path):
         [counted] = input_files.collect()
         shortest = records.agg(F.min(F.length("output"))).first()[0]
     seconds = time.monotonic() - started
-    print(f"\n1 GB array: {big.bytes / GB:.2f} GiB, {big.rows} elements, {seconds:.0f} s, "
-          f"peak Python worker memory taken {memory.peak / 2**20:.0f} MiB ({memory.samples} samples)")
+    print(f"\n{big.bytes / MiB:.0f} MiB array: {big.rows} elements, {seconds:.0f} s, "
+          f"peak Python worker memory taken {memory.peak / MiB:.0f} MiB ({memory.samples} samples)")
 
     assert n_records == big.records
+    assert {"malformed_json", "missing_output", "exact_duplicate"} <= set(big.rejected.values())
     assert rejected == big.rejected
     assert (counted["units"], counted["framed"], counted["bytes"]) == (big.rows, big.rows, big.bytes)
     assert n_records + len(rejected) == counted["units"]
     assert shortest > 0
     # Bounded: the old reader decoded the whole file in one worker (several times its size).
-    assert memory.samples > 10 and 0 < memory.peak < 512 << 20
+    assert memory.samples > 10 and 0 < memory.peak < MEMORY_BOUND

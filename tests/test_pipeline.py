@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from _pipeline_run import cli_args, final_content, pipeline_settings, read, write_input
+from _pipeline_run import cli_args, final_content, pipeline_settings, read
 from fake_openai import FakeOpenAI
 from mergeit_spark.pipeline import STAGE_ORDER, Pipeline
 
@@ -22,21 +22,21 @@ ALL_TABLES = ("records", "rejects", "embeddings", "topics", "centroids", "dedup"
 
 
 @pytest.fixture(scope="module")
-def fake_llm():
-    with FakeOpenAI() as server:
-        yield server
+def fake_llm(pipeline_llm):
+    """The server the shared run merged against: a copy of that run finds its merges current."""
+    return pipeline_llm
 
 
 @pytest.fixture(scope="module")
-def finished_run(spark, shared_data, tmp_path_factory, fake_llm):
+def finished_run(spark, pipeline_run, tmp_path_factory):
+    """The session's whole-pipeline run (conftest ``pipeline_run``), copied: the tests below rerun
+    it, change its settings and force stages, which the shared run itself must never see."""
     work = tmp_path_factory.mktemp("pipeline")
-    data, n_input = write_input(shared_data, work / "in.jsonl")
-    settings = pipeline_settings(work / "run", data, fake_llm.base_url)
-    pipeline = Pipeline(settings, spark=spark)
-    results = pipeline.run()
-    # The reference for the resume test, taken before later tests change settings in this root.
-    pipeline.reference_final = final_content(work / "run")
-    return pipeline, results, n_input, work
+    root = pipeline_run.copy_to(work / "run")
+    pipeline = Pipeline(pipeline_settings(root, pipeline_run.data, pipeline_run.base_url), spark=spark)
+    # The reference for the resume tests: final as the uninterrupted run left it.
+    pipeline.reference_final = pipeline_run.final
+    return pipeline, pipeline_run.results, pipeline_run.n_input, work
 
 
 def test_every_stage_runs_and_every_table_is_delta(finished_run):
@@ -102,22 +102,24 @@ def test_rerun_skips_everything_and_force_recomputes_from_a_stage(finished_run, 
     assert final_content(work / "run") == before
 
 
-def test_a_changed_setting_reruns_from_the_first_stage_it_touches(spark, finished_run, fake_llm):
-    pipeline, _, _, work = finished_run
-    changed = pipeline_settings(work / "run", Path(pipeline.settings.input.paths[0]), fake_llm.base_url,
-                                "select.budget=8")
+def test_a_changed_setting_reruns_from_the_first_stage_it_touches(spark, pipeline_run, fake_llm, tmp_path):
+    root = pipeline_run.copy_to(tmp_path / "run")   # its own copy: the other tests keep the settings
+    changed = pipeline_settings(root, pipeline_run.data, fake_llm.base_url, "select.budget=8")
     results = Pipeline(changed, spark=spark).run()
     assert [r.name for r in results if not r.skipped] == ["select", "group", "merge", "finalize"]
-    assert len(read(work / "run", "selected")) < len(read(work / "run", "dedup"))
+    assert len(read(root, "selected")) < len(read(pipeline_run.root, "selected")) < len(read(root, "dedup"))
 
 
 @pytest.mark.slow
-def test_driver_killed_during_merge_then_rerun_gives_the_same_final(spark, shared_data, tmp_path, finished_run):
+def test_driver_killed_during_merge_then_rerun_gives_the_same_final(spark, tmp_path, pipeline_run):
     """Kill the driver process (SIGKILL) while merges are in flight; the rerun finishes the job,
-    pays again only for what had not finished, and `final` equals the uninterrupted run's."""
-    reference = finished_run[0].reference_final
-    data = Path(finished_run[0].settings.input.paths[0])
-    root = tmp_path / "run"
+    pays again only for what had not finished, and `final` equals the uninterrupted run's.
+
+    The run root starts with the shared run's tables and state up to the group stage (what a
+    driver killed during merge had already written), so the killed driver starts at merge."""
+    reference = pipeline_run.final
+    data = pipeline_run.data
+    root = pipeline_run.copy_to(tmp_path / "run", until="group")
     with FakeOpenAI(latency_s=0.4) as slow:
         settings_args = cli_args(root, data, slow.base_url, "llm.concurrency=1")
         env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1")
@@ -125,7 +127,7 @@ def test_driver_killed_during_merge_then_rerun_gives_the_same_final(spark, share
                                   cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
         ledger = root / "_ledger"
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900   # a guard against a hang (a loaded machine is slow), not a speed bound
         try:
             while time.monotonic() < deadline and driver.poll() is None:
                 if len(slow.requests) >= 3:
@@ -165,7 +167,7 @@ def test_cli_status_stage_export_and_config(finished_run, fake_llm, capsys, tmp_
 
     pipeline, _, _, work = finished_run
     args = cli_args(work / "run", Path(pipeline.settings.input.paths[0]), fake_llm.base_url)
-    pipeline.run()  # bring the root back to these settings after the test that changed them
+    assert not [r.name for r in pipeline.run() if not r.skipped]   # the root is at these settings
 
     assert main(["status", "--json", *args]) == 0
     status = json.loads(capsys.readouterr().out)
@@ -191,7 +193,7 @@ def test_a_forced_rerun_of_topics_reruns_dedup_and_everything_below(finished_run
     """`run --stage topics --force topics`, then `run`: the stages below topics computed from the
     topics table it replaced, so they rerun; with the same clusters nothing is paid twice."""
     pipeline, _, _, work = finished_run
-    pipeline.run()  # bring the root back to these settings after the tests that changed them
+    assert not [r.name for r in pipeline.run() if not r.skipped]   # the root is at these settings
     sent = len(fake_llm.requests)
     assert [r.name for r in pipeline.run(only="topics", force="topics") if not r.skipped] == ["topics"]
     current = {row["stage"]: row["current"] for row in pipeline.status()}

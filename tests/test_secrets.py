@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from deltalake import DeltaTable
 
-from _pipeline_run import cli_args, write_input
+from _pipeline_run import cli_args
 from fake_openai import FakeOpenAI, Reply
 from mergeit_spark.redact import REDACTED, SPARK_REDACTION_REGEX, redact_settings, redaction_regex, scrub
 
@@ -119,9 +119,14 @@ def _table_text(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_a_canary_key_appears_nowhere(shared_data, tmp_path):
-    data, _ = write_input(shared_data, tmp_path / "in.jsonl", rows=40)
-    root, events = tmp_path / "run", tmp_path / "events"
+def test_a_canary_key_appears_nowhere(pipeline_run, tmp_path):
+    """A real `mergeit run --report --export` in a fresh process with the key in its environment
+    and Spark conf. Its root starts with the shared run's tables and state up to the group stage
+    (stages that take no LLM setting), so the process starts its session, finds them current and
+    runs what talks to the LLM and writes what users read: merge, finalize, the report and the
+    export; everything under the root is searched, the copied tables included."""
+    data = pipeline_run.data
+    root, events = pipeline_run.copy_to(tmp_path / "run", until="group"), tmp_path / "events"
     events.mkdir()
     conf = {"spark.eventLog.enabled": "true", "spark.eventLog.dir": events.as_uri(),
             "spark.eventLog.compress": "false", EXECUTOR_ENV: KEY}   # the key as YARN/K8s runs pass it
@@ -134,6 +139,9 @@ def test_a_canary_key_appears_nowhere(shared_data, tmp_path):
         show = subprocess.run([sys.executable, "-m", "mergeit_spark.cli", "config", "show", *args], cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
+    ran = {stage: json.loads((root / "_state" / f"{stage}.json").read_text())["finished_at"]
+           for stage in ("group", "merge", "finalize")}
+    assert ran["group"] < ran["merge"] <= ran["finalize"]     # merge and finalize ran in this process
     assert show.returncode == 0 and "base_url: http://***@127.0.0.1" in show.stdout
     # The path was taken: the server quoted the key back, and Spark did get the conf entry.
     assert {kind for _, _, kind in fake.requests} >= {"status", "merge"}

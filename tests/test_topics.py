@@ -14,6 +14,7 @@ from pyspark.ml.functions import array_to_vector
 
 from _filter_helpers import sample_embeddings, sample_topics
 from mergeit_spark.stages import StageContext
+from mergeit_spark.tables import TableStore
 from mergeit_spark.stages.topics import (DISTANCE_QUANTILES, Topics, assign_to_topics, assign_topics, cluster_count,
                                          components_for_variance, fit_topics, kmeans_partitions, load_topic_model,
                                          topic_model_path)
@@ -152,12 +153,22 @@ def test_clusters_do_not_depend_on_shuffle_partitions_or_input_order(spark, shar
         assert second[i][1] == pytest.approx(distance, abs=1e-9)
 
 
-def test_saved_model_reloads_and_assigns_rows_as_the_stage_did(spark, shared_data, settings, store):
-    embeddings = sample_embeddings(spark, shared_data, settings.embed)
-    out = Topics().run(StageContext(spark, store, settings), {"embeddings": embeddings})
+@pytest.fixture(scope="module")
+def stage_run(spark, shared_data, settings, tmp_path_factory):
+    """The topics stage run once on the sample: its tables written, its model saved. The tests
+    below only read them (one k-means fit for the file instead of one per test)."""
+    store = TableStore(spark, tmp_path_factory.mktemp("topics") / "run")
+    out = Topics().run(StageContext(spark, store, settings), {"embeddings": sample_embeddings(spark, shared_data,
+                                                                                             settings.embed)})
     for table in ("topics", "centroids"):
         store.write(out[table], table)
     spark.catalog.clearCache()
+    return store, out
+
+
+def test_saved_model_reloads_and_assigns_rows_as_the_stage_did(spark, shared_data, settings, stage_run):
+    store, out = stage_run
+    embeddings = sample_embeddings(spark, shared_data, settings.embed)
     assert out.summary["k"] == cluster_count(embeddings.count()) and out.summary["cost"] > 0
     # Read back by an independent reader (delta-rs), not by Spark.
     written = DeltaTable(store.path("topics")).to_pandas().set_index("id")
@@ -179,10 +190,9 @@ def test_saved_model_reloads_and_assigns_rows_as_the_stage_did(spark, shared_dat
     assert (mllib["cluster"] == written.loc[mllib.index, "cluster"]).all()
 
 
-def test_new_rows_go_to_their_nearest_saved_centre_without_refit(spark, shared_data, settings, store):
+def test_new_rows_go_to_their_nearest_saved_centre_without_refit(spark, shared_data, settings, stage_run):
+    store, _ = stage_run
     embeddings = sample_embeddings(spark, shared_data, settings.embed)
-    Topics().run(StageContext(spark, store, settings), {"embeddings": embeddings})
-    spark.catalog.clearCache()
     model = load_topic_model(store.root)
     # New rows: real embeddings nudged off their place (test-only, a few dozen rows).
     rng = np.random.default_rng(5)
@@ -222,8 +232,8 @@ DRIVER_FETCHES = {
     "dedup.py": [
         ("take", 'batch.column("id")'),  # pyarrow take inside the executor-side probe router
         ("take", "embedding"),           # same
-        ("count", "first"),              # one number: materialises the cached first pass
         ("collect", 'centroids.filter(F.col("size") > 0)'),  # k rows: the centroid matrix
+        ("count", "first"),              # one number: materialises the cached first pass
     ],
     "select.py": [],
 }
