@@ -13,11 +13,21 @@ time and the peak RSS of any Python worker (sampled every 0.1 s from outside), a
 Writes the ``ingest`` section of BENCHMARKS.md. Usage:
 
     .venv/bin/python bench/bench_ingest.py [--mb 256] [--baseline bbf4de2] [--skip-baseline]
+
+With ``--stage``: the ingest stage as a user runs it (``mergeit run --stage ingest``, a fresh
+process each: JVM start, three Delta writes and the ledger check included) on all of
+../shared/data, the tree at ``--stage-baseline`` (a git commit, extracted with ``git archive``)
+against this working tree, alternating for ``--rounds`` rounds so that both see the same load.
+Reports the stage's own seconds (its ``_state`` file), the process wall time, and the Spark
+jobs and SQL executions its event log holds. Writes the ``ingest-stage`` section:
+
+    .venv/bin/python bench/bench_ingest.py --stage [--stage-baseline HEAD] [--rounds 2]
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -102,12 +112,88 @@ def report(big, results: list[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
+def extract_tree(ref: str, folder: Path) -> Path:
+    """The repository's files at ``ref`` (``git archive``), to run as they were."""
+    folder.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", ref], cwd=REPO, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def event_counts(folder: Path) -> tuple[int, int]:
+    """(Spark jobs, SQL executions) in the one event log under ``folder``."""
+    jobs = executions = 0
+    for log in folder.rglob("*"):
+        if log.is_file():
+            for line in log.read_text(errors="replace").splitlines():
+                event = json.loads(line).get("Event", "") if line.startswith("{") else ""
+                jobs += event == "SparkListenerJobStart"
+                executions += event.endswith("SparkListenerSQLExecutionStart")
+    return jobs, executions
+
+
+def run_stage(tree: Path, work: Path) -> dict:
+    """``mergeit run --stage ingest`` from ``tree`` (driver and Python workers import its code)."""
+    work.mkdir(parents=True)
+    paths = ",".join(str(p) for p in sorted(SHARED_DATA.iterdir()) if p.suffix in (".json", ".jsonl"))
+    events = work / "events"
+    events.mkdir()
+    spark_conf = {"spark.eventLog.enabled": "true", "spark.eventLog.dir": str(events),
+                  "spark.eventLog.compress": "false"}
+    command = [sys.executable, "-m", "mergeit_spark.cli", "run", "--conf", str(tree / "conf" / "local.yaml"),
+               "--stage", "ingest", "--set", f"input.paths=[{paths}]", "--set", f"output.root={work / 'run'}",
+               "--set", f"spark.conf={json.dumps(spark_conf)}"]
+    env = dict(os.environ, PYTHONPATH=str(tree), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    started, load = time.monotonic(), os.getloadavg()[0]
+    subprocess.run(command, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.monotonic() - started
+    state = json.loads((work / "run" / "_state" / "ingest.json").read_text())
+    jobs, executions = event_counts(events)
+    result = {"stage_s": float(state["seconds"]), "wall_s": wall, "jobs": jobs, "sql": executions,
+              "counts": state["counts"], "checks": state["checks"], "load": load}
+    print(result, flush=True)
+    return result
+
+
+def stage_main(baseline: str, rounds: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-stage-") as tmp:
+        trees = {f"before ({baseline})": extract_tree(baseline, Path(tmp) / "base"), "now (working tree)": REPO}
+        results: dict[str, list[dict]] = {label: [] for label in trees}
+        for i in range(rounds):
+            for label, tree in trees.items():
+                results[label].append(run_stage(tree, Path(tmp) / f"{i}-{len(results[label])}-{label[:3]}"))
+    lines = ["`mergeit run --conf conf/local.yaml --stage ingest` on all of ../shared/data (4 files, 17,153 "
+             "units), a fresh process each, the two trees alternating. Stage seconds from `_state/ingest.json`; "
+             "wall includes the JVM start.", "",
+             "| tree | round | stage s | wall s | Spark jobs | SQL executions | records / rejects / units | load |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for label, runs in results.items():
+        for i, r in enumerate(runs):
+            lines.append(f"| {label} | {i + 1} | {r['stage_s']:.1f} | {r['wall_s']:.1f} | {r['jobs']} | {r['sql']} | "
+                         f"{r['counts']['records']} / {r['counts']['rejects']} / {r['checks']['input_rows']} | "
+                         f"{r['load']:.1f} |")
+    mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+    old, new = results.values()
+    lines += ["", f"Mean stage seconds: before {mean(old, 'stage_s'):.1f}, now {mean(new, 'stage_s'):.1f} "
+                  f"(ratio {mean(new, 'stage_s') / mean(old, 'stage_s'):.2f}); wall {mean(old, 'wall_s'):.1f} vs "
+                  f"{mean(new, 'wall_s'):.1f}."]
+    body = "\n".join(lines)
+    print(body)
+    write_section("ingest-stage", body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=256, help="size of the generated array")
     parser.add_argument("--baseline", default="bbf4de2", help="git commit whose ingest reads arrays whole")
     parser.add_argument("--skip-baseline", action="store_true", help="only the current reader")
+    parser.add_argument("--stage", action="store_true", help="the ingest stage on the shared data, two trees")
+    parser.add_argument("--stage-baseline", default="HEAD", help="git commit of the 'before' tree (--stage)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (--stage)")
     args = parser.parse_args()
+    if args.stage:
+        stage_main(args.stage_baseline, args.rounds)
+        return
     settings = load_settings(overrides=["spark.master=local[2]", "spark.shuffle_partitions=4",
                                         "spark.driver_memory=4g", "spark.log_level=ERROR"])
     from mergeit_spark.stages.ingest import ingest

@@ -35,6 +35,11 @@ class InputFile:
     """One input: a file (json, jsonl, parquet) or a Delta table directory (delta)."""
     path: str     # absolute
     format: str   # one of FORMATS
+    # A Delta table read by an incremental run: only the data files added after ``after_version``
+    # up to ``version``, their rows numbered on from ``row_offset`` (the rows read before).
+    version: int | None = None
+    after_version: int | None = None
+    row_offset: int = 0
 
 
 def resolve_inputs(paths: list[str], fmt: str) -> list[InputFile]:
@@ -160,11 +165,16 @@ def _check_delta(path: str) -> None:
         raise InputError(f"{path}: Delta table has deletion vectors; rewrite it (OPTIMIZE/PURGE) first")
 
 
-def delta_data_files(path: str) -> list[tuple[str, int | None, dict[str, Any], int]]:
+def delta_data_files(path: str, version: int | None = None,
+                     after_version: int | None = None) -> list[tuple[str, int | None, dict[str, Any], int]]:
     """(absolute data file, row count if logged, partition values, bytes) for the table's live
-    files, sorted by path."""
+    files (at ``version``; only those not live at ``after_version`` when given), sorted by path."""
     from deltalake import DeltaTable
-    actions = pa.table(DeltaTable(path).get_add_actions(flatten=True)).to_pylist()
+    actions = pa.table(DeltaTable(path, version=version).get_add_actions(flatten=True)).to_pylist()
+    if after_version is not None:
+        seen = set(pa.table(DeltaTable(path, version=after_version).get_add_actions(flatten=True))
+                   .column("path").to_pylist())
+        actions = [a for a in actions if a["path"] not in seen]
     files = []
     for action in actions:
         rel = action["path"]
@@ -184,7 +194,7 @@ def delta_data_files(path: str) -> list[tuple[str, int | None, dict[str, Any], i
 def input_bytes(item: InputFile) -> int:
     """Bytes of an input: the file's size, or a Delta table's live data files."""
     if item.format == "delta":
-        return sum(size for *_, size in delta_data_files(item.path))
+        return sum(size for *_, size in delta_data_files(item.path, item.version, item.after_version))
     return os.path.getsize(item.path)
 
 

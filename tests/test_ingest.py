@@ -165,7 +165,7 @@ def test_ingest_stage_defaults_to_sample_and_writes_tables(spark, store, setting
     # the input count, taken apart from parsing: one row per file, the run it belongs to
     [counted] = input_files
     assert counted == {"source": SAMPLE_PATH, "format": "jsonl", "units": exp.rows, "framed": exp.rows,
-                       "bytes": Path(SAMPLE_PATH).stat().st_size, "run_id": out.summary["run_id"]}
+                       "bytes": Path(SAMPLE_PATH).stat().st_size, "run_id": out.summary["run_id"], "version": None}
     assert stage.check(ctx) == {"input_files": 1, "input_rows": exp.rows, "framed_units": exp.rows,
                                 "records": records.num_rows, "rejects": rejects.num_rows}
     # tables that came out short do not pass the stage's check
@@ -640,5 +640,5 @@ def test_no_inputs_gives_empty_tables_with_the_schema(spark):
     records, rejects, input_files = ingest(spark, [], DEFAULT)
     assert records.columns == ["id", "instruction", "input", "output", "source", "extra"]
     assert rejects.columns == ["source", "line", "row", "raw", "reason", "detail"]
-    assert input_files.columns == ["source", "format", "units", "bytes", "run_id", "framed"]
+    assert input_files.columns == ["source", "format", "units", "bytes", "run_id", "framed", "version"]
     assert records.count() == 0 and rejects.count() == 0 and input_files.count() == 0

@@ -31,23 +31,26 @@ so they change nothing in the count. Hence, exactly::
     units = framed + sum over seed tasks of (len(instances) - 1)
 
 ``input_files`` has one row per input file per run: ``source`` (as in records and rejects),
-``format``, ``units``, ``bytes``, ``run_id`` and ``framed``. ``framed`` is counted apart from the
-parser, by a separate Spark job over the readers' output: JSON Lines and Parquet/Delta on the
-JVM; a JSON array by ijson (yajl, C) when it reads the file as one clean array, else by the
-framer. The seed-task term needs the JSON parsed: each outcome of a seed task carries the length
-of its list as read (not the number of rows the parser made), so a lost instance still shows. A
-parser that drops a unit, or tables that come out short or empty, do not balance: this stage's
-check and finalize's ledger check both fail the run.
+``format``, ``units``, ``bytes``, ``run_id``, ``framed`` and ``version`` (a Delta source's table
+version read; null for files: an incremental run reads only the versions after it).
+``framed`` is counted apart from the parser, by one Spark job over the readers' output that runs
+before any parsing (:func:`frame_inputs`): JSON Lines and Parquet/Delta on the JVM; a JSON array by ijson (yajl, C)
+when it reads the file as one clean array, else by the framer. The seed-task term needs the JSON
+parsed: each outcome of a seed task carries the length of its list as read (not the number of
+rows the parser made), so a lost instance still shows. A parser that drops a unit, or tables that
+come out short or empty, do not balance: this stage's check and finalize's ledger check both fail
+the run.
 
 Exact duplicates: the first by (input file position, line/row, instance) is kept, the others are
 rejected as ``exact_duplicate`` with ``detail`` = the kept id.
 
 Engine: no row reaches the driver. JSON Lines are read with ``spark.read.text``; exact line numbers
-come from a per-block row count (the idea of ``RDD.zipWithIndex``, on the JVM): count the rows of
-each file block, sum the counts of the earlier blocks of the same file (a small self-join, no
-window over the whole data), and add each row's offset inside its block. Lines travel to Python
-as bytes (``cast("binary")``) so a strict UTF-8 decode in the worker catches bad bytes; a line
-over the size limit is cut on the JVM side before it is shipped. A JSON array file is streamed by
+come from a per-block row count (the idea of ``RDD.zipWithIndex``, on the JVM): the framing job
+counts the rows of each file block (one row per block comes back to the driver, with the framed
+counts: no window over the whole data, no self-join), the driver sums the counts of the earlier
+blocks of each file, and a broadcast join adds each row's offset inside its block. Lines travel to
+Python as bytes (``cast("binary")``) so a strict UTF-8 decode in the worker catches bad bytes; a
+line over the size limit is cut on the JVM side before it is shipped. A JSON array file is streamed by
 one task (the format has no split points) a chunk at a time, so a worker's memory stays flat
 whatever the file's size. Parquet and Delta rows become JSON text with ``to_json(struct(*))``.
 """
@@ -59,6 +62,7 @@ import uuid
 from typing import Any, Iterator, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -153,31 +157,18 @@ def _is_unit_line(limits: ParseLimits) -> Column:
     return (size > limits.max_line_bytes) | ~F.col("value").rlike(_BLANK_LINE)
 
 
-def _block_offsets(lines: DataFrame) -> DataFrame:
-    """Per (file, block): the smallest position id and the lines in the file's earlier blocks.
-
-    A self-join of the block counts (one row per file block, so small) instead of a running-sum
-    window: a window with a constant partition key would put every block through one task.
-    """
-    blocks = lines.groupBy("file_index", "block").agg(F.count(F.lit(1)).alias("n"), F.min("mid").alias("first"))
-    here, earlier = blocks.alias("here"), blocks.alias("earlier")
-    joined = here.join(earlier, (F.col("here.file_index") == F.col("earlier.file_index"))
-                       & (F.col("earlier.block") < F.col("here.block")), "left")
-    return joined.groupBy(F.col("here.file_index").alias("file_index"), F.col("here.block").alias("block"),
-                          F.col("here.first").alias("first")).agg(
-        F.coalesce(F.sum("earlier.n"), F.lit(0)).alias("before"))
-
-
-def _jsonl_units(spark: SparkSession, files: list[tuple[int, InputFile]], limits: ParseLimits) -> DataFrame:
+def _jsonl_units(spark: SparkSession, files: list[tuple[int, InputFile]], limits: ParseLimits,
+                 offsets: list[tuple[int, int, int, int]]) -> DataFrame:
     """JSON Lines units with exact 1-based line numbers, computed without leaving the JVM.
 
     Each file block (a split) is read by one task, in order, so a row's line number is
     (lines in earlier blocks of the file) + (its position in its block) + 1. The position comes
     from ``monotonically_increasing_id`` (consecutive inside a partition) minus the block's
-    smallest id. Blank lines count for the numbering but are not units.
+    smallest id; both per-block numbers come from ``offsets`` (:class:`Framing`). Blank lines
+    count for the numbering but are not units.
     """
-    lines = _jsonl_lines(spark, files)
-    numbered = lines.join(F.broadcast(_block_offsets(lines)), ["file_index", "block"])
+    blocks = spark.createDataFrame(offsets, "file_index int, block long, first long, before long")
+    numbered = _jsonl_lines(spark, files).join(F.broadcast(blocks), ["file_index", "block"])
     value = F.col("value").cast("binary")
     return numbered.filter(_is_unit_line(limits)).select(
         "file_index", "source",
@@ -193,8 +184,8 @@ def _table_parts(files: list[tuple[int, InputFile]]) -> Iterator[tuple[int, str,
         if item.format == "parquet":
             yield index, item.path, item.path, 0, {}
             continue
-        offset = 0
-        for data_file, count, partition, _ in delta_data_files(item.path):
+        offset = item.row_offset
+        for data_file, count, partition, _ in delta_data_files(item.path, item.version, item.after_version):
             yield index, item.path, data_file, offset, partition
             if count is None:
                 import pyarrow.parquet as pq
@@ -260,11 +251,16 @@ def _by_format(files: list[InputFile], *formats: str) -> list[tuple[int, InputFi
 # Parsing and counting
 # --------------------------------------------------------------------------------------------
 
-def parse_outcomes(spark: SparkSession, files: list[InputFile], limits: ParseLimits) -> DataFrame:
-    """Every input's outcomes (records and rejects before exact duplicates are found)."""
+def parse_outcomes(spark: SparkSession, files: list[InputFile], limits: ParseLimits,
+                   framing: Framing | None = None) -> DataFrame:
+    """Every input's outcomes (records and rejects before exact duplicates are found).
+
+    JSON Lines need ``framing`` (their block offsets); it is counted here when not given."""
     jsonl, tables, arrays = (_by_format(files, "jsonl"), _by_format(files, "parquet", "delta"),
                              _by_format(files, "json"))
-    text_units = _union([df for df in (_jsonl_units(spark, jsonl, limits) if jsonl else None,
+    if jsonl and framing is None:
+        framing = frame_inputs(spark, files, limits)
+    text_units = _union([df for df in (_jsonl_units(spark, jsonl, limits, framing.offsets) if jsonl else None,
                                        _table_units(spark, tables, limits) if tables else None)
                          if df is not None])
     parts = []
@@ -285,40 +281,90 @@ def _count_json_batches(batches: Iterator[pa.RecordBatch], limits: ParseLimits) 
                                                            pa.field("framed", pa.int64(), False)]))
 
 
-def framed_counts(spark: SparkSession, files: list[InputFile], limits: ParseLimits) -> DataFrame:
-    """(file_index, framed) for every file with at least one unit, counted apart from parsing."""
+class Framing(NamedTuple):
+    """What the readers frame, counted before and apart from parsing (:func:`frame_inputs`).
+
+    ``offsets``: per JSON Lines file block, (file_index, block start, smallest position id, lines
+    in the file's earlier blocks); ``framed``: per file index, the units framed (files without
+    any are absent). Small: one entry per file block, data file or JSON file.
+    """
+
+    offsets: list[tuple[int, int, int, int]]
+    framed: dict[int, int]
+
+
+def _framing_rows(spark: SparkSession, files: list[InputFile], limits: ParseLimits) -> DataFrame:
+    """(file_index, block, lines, first, units): one row per JSON Lines block, per table, per
+    JSON file (block, lines and first are null but for JSON Lines)."""
     jsonl, tables, arrays = (_by_format(files, "jsonl"), _by_format(files, "parquet", "delta"),
                              _by_format(files, "json"))
-    counted = []
+    none = F.lit(None).cast("long")
+    parts = []
     if jsonl:
-        counted.append(_jsonl_lines(spark, jsonl).filter(_is_unit_line(limits))
-                       .groupBy("file_index").agg(F.count(F.lit(1)).alias("framed")))
+        parts.append(_jsonl_lines(spark, jsonl).groupBy("file_index", "block").agg(
+            F.count(F.lit(1)).alias("lines"), F.min("mid").alias("first"),
+            F.sum(_is_unit_line(limits).cast("long")).alias("units")))
     if tables:
         rows = _union([spark.read.parquet(_spark_path(data_file)).select(F.lit(index).cast("int").alias("file_index"))
                        for index, _, data_file, _, _ in _table_parts(tables)])
-        counted.append(rows.groupBy("file_index").agg(F.count(F.lit(1)).alias("framed")))
+        parts.append(rows.groupBy("file_index").agg(none.alias("block"), none.alias("lines"), none.alias("first"),
+                                                    F.count(F.lit(1)).alias("units")))
     if arrays:
-        counted.append(_json_files(spark, arrays).mapInArrow(
-            lambda batches: _count_json_batches(batches, limits), _COUNT_SCHEMA))
-    return _union(counted) if counted else spark.createDataFrame([], _COUNT_SCHEMA)
+        parts.append(_json_files(spark, arrays).mapInArrow(
+            lambda batches: _count_json_batches(batches, limits), _COUNT_SCHEMA).select(
+            "file_index", none.alias("block"), none.alias("lines"), none.alias("first"),
+            F.col("framed").alias("units")))
+    return _union(parts)
+
+
+def frame_inputs(spark: SparkSession, files: list[InputFile], limits: ParseLimits) -> Framing:
+    """Count what every input frames, in one Spark job before any parsing (see the module
+    docstring); the JSON Lines block counts also give each block its line offset."""
+    frame = _framing_rows(spark, files, limits)
+    # One row per JSON Lines block, table or JSON file: file-scale, not row-scale.
+    rows = frame.collect() if frame is not None else []
+    framed: dict[int, int] = {}
+    blocks = []
+    for row in rows:
+        framed[row["file_index"]] = framed.get(row["file_index"], 0) + int(row["units"] or 0)
+        if row["block"] is not None:
+            blocks.append((row["file_index"], row["block"], row["first"], row["lines"]))
+    offsets, before, last_file = [], 0, None
+    for file_index, block, first, lines in sorted(blocks):
+        before = 0 if file_index != last_file else before
+        offsets.append((file_index, block, first, before))
+        before, last_file = before + lines, file_index
+    return Framing(offsets, framed)
 
 
 def input_files_table(spark: SparkSession, files: list[InputFile], limits: ParseLimits,
-                      outcomes: DataFrame, run_id: str) -> DataFrame:
+                      outcomes: DataFrame, run_id: str, framing: Framing | None = None) -> DataFrame:
     """``input_files``: per file, the units it holds (framed + seed-task instances beyond the
-    first), its bytes and the run; see the module docstring."""
+    first), its bytes and the run; see the module docstring. ``framing`` is counted here when
+    not given."""
+    framing = framing if framing is not None else frame_inputs(spark, files, limits)
     per_unit = (outcomes.filter(F.col("instances") > 1)
                 .groupBy("file_index", "line", "row").agg((F.max("instances") - 1).alias("more")))
     extra = per_unit.groupBy("file_index").agg(F.sum("more").alias("more"))
     meta = spark.createDataFrame(
-        [(i, f.path, f.format, input_bytes(f), run_id) for i, f in enumerate(files)],
-        "file_index int, source string, format string, bytes long, run_id string")
-    joined = (meta.join(framed_counts(spark, files, limits), "file_index", "left")
-              .join(extra, "file_index", "left"))
-    framed = F.coalesce(F.col("framed"), F.lit(0)).cast("long")
-    return joined.select(
+        [(i, f.path, f.format, framing.framed.get(i, 0), input_bytes(f), run_id, delta_version(f))
+         for i, f in enumerate(files)],
+        "file_index int, source string, format string, framed long, bytes long, run_id string, version long")
+    framed = F.col("framed").cast("long")
+    return meta.join(extra, "file_index", "left").select(
         "source", "format", (framed + F.coalesce(F.col("more"), F.lit(0))).cast("long").alias("units"),
-        F.col("bytes").cast("long"), "run_id", framed.alias("framed"))
+        F.col("bytes").cast("long"), "run_id", framed.alias("framed"), "version")
+
+
+def delta_version(item: InputFile) -> int | None:
+    """The version of a Delta source that was read (``input_files.version``; null for files):
+    an incremental run reads only the data files added after it."""
+    if item.format != "delta":
+        return None
+    if item.version is not None:
+        return item.version
+    from deltalake import DeltaTable
+    return DeltaTable(item.path).version()
 
 
 def split_outcomes(outcomes: DataFrame) -> tuple[DataFrame, DataFrame]:
@@ -351,18 +397,25 @@ def ingest(spark: SparkSession, files: list[InputFile], settings: IngestSettings
         if item.format not in FORMATS:
             raise InputError(f"{item.path}: unknown format {item.format!r}")
     limits = ParseLimits.from_settings(settings, raw_chars)
-    outcomes = parse_outcomes(spark, files, limits)
+    framing = frame_inputs(spark, files, limits)  # one job, before parsing: counts and line offsets
+    outcomes = parse_outcomes(spark, files, limits, framing)
     if persist:
         outcomes = outcomes.persist(StorageLevel.MEMORY_AND_DISK)
     records, rejects = split_outcomes(outcomes)
-    return IngestTables(records, rejects, input_files_table(spark, files, limits, outcomes, run_id or new_run_id()))
+    return IngestTables(records, rejects,
+                        input_files_table(spark, files, limits, outcomes, run_id or new_run_id(), framing))
 
 
-def check_input_counts(records: int, rejects: int, input_files: DataFrame) -> dict[str, int]:
-    """The ingest ledger: records + rejects must equal the units counted in ``input_files``.
-    Returns the numbers, or raises :class:`IngestCountError`."""
-    totals = input_files.agg(F.count(F.lit(1)).alias("files"), F.sum("units").alias("units"),
-                             F.sum("framed").alias("framed")).first()
+def check_input_counts(records: int, rejects: int, input_files: DataFrame | pa.Table) -> dict[str, int]:
+    """The ingest ledger: records + rejects must equal the units counted in ``input_files`` (a
+    DataFrame, or the table as Arrow: one row per input file). Returns the numbers, or raises
+    :class:`IngestCountError`."""
+    if isinstance(input_files, pa.Table):
+        totals = {"files": input_files.num_rows, "units": pc.sum(input_files.column("units")).as_py(),
+                  "framed": pc.sum(input_files.column("framed")).as_py()}
+    else:
+        totals = input_files.agg(F.count(F.lit(1)).alias("files"), F.sum("units").alias("units"),
+                                 F.sum("framed").alias("framed")).first()
     numbers = {"input_files": int(totals["files"]), "input_rows": int(totals["units"] or 0),
                "framed_units": int(totals["framed"] or 0), "records": int(records), "rejects": int(rejects)}
     if numbers["records"] + numbers["rejects"] != numbers["input_rows"]:
@@ -400,9 +453,13 @@ class Ingest(Stage):
         return StageOutput(dict(out._asdict()), summary={"run_id": run_id, "input_files": len(self.files)})
 
     def check(self, ctx: StageContext) -> dict[str, Any]:
-        """The run stops here unless records + rejects equal the units ingest counted."""
-        return check_input_counts(ctx.store.count("records"), ctx.store.count("rejects"),
-                                  ctx.store.read("input_files"))
+        """The run stops here unless records + rejects equal the units ingest counted.
+
+        ``input_files`` (one row per input file) is read back with delta-rs: a Spark read of a
+        fresh Delta table costs seconds of snapshot jobs for a handful of rows."""
+        from deltalake import DeltaTable
+        written = pa.table(DeltaTable(ctx.store.path("input_files")).to_pyarrow_table(columns=["units", "framed"]))
+        return check_input_counts(ctx.store.count("records"), ctx.store.count("rejects"), written)
 
     def extra_fingerprint(self, ctx: StageContext) -> str:
         return fingerprint_inputs(self.files)
