@@ -12,6 +12,10 @@ Writes the ``incremental`` section of BENCHMARKS.md with both wall times, per-st
 the ratio. Goal: the increment costs <= 30% of the full rerun. Usage:
 
     .venv/bin/python bench/bench_incremental.py [--rows 2000] [--llm-latency 0.05] [--no-write]
+        [--profile increment.txt]
+
+``--profile`` records the increment's driver with pyinstrument (text report to that file); the
+table always lists the Spark jobs each step of the increment ran.
 """
 from __future__ import annotations
 
@@ -58,6 +62,13 @@ def settings_for(root: Path, paths: list[Path], base_url: str, extra: list[str])
         *extra], env={})
 
 
+def _profiler():
+    from pyinstrument import Profiler
+    profiler = Profiler(interval=0.01)
+    profiler.start()
+    return profiler
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000)
@@ -65,6 +76,7 @@ def main() -> None:
     parser.add_argument("--llm-latency", type=float, default=0.05, help="seconds the fake LLM takes per reply")
     parser.add_argument("--set", action="append", default=[], dest="extra", metavar="KEY=VALUE")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--profile", type=Path, help="pyinstrument text report of the increment's driver")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
     try:
@@ -74,9 +86,13 @@ def main() -> None:
             Pipeline(settings_for(work / "inc", [old], llm.base_url, args.extra), spark=spark).run()
             inc = Pipeline(settings_for(work / "inc", [old, new], llm.base_url, args.extra), spark=spark)
             sent = len(llm.requests)
+            profiler = _profiler() if args.profile else None
             started = time.perf_counter()
             result = inc.run_incremental()
             inc_seconds = time.perf_counter() - started
+            if profiler is not None:
+                profiler.stop()
+                args.profile.write_text(profiler.output_text(unicode=True, show_all=False))
             inc_requests = len(llm.requests) - sent
             full = Pipeline(settings_for(work / "full", [old, new], llm.base_url, args.extra), spark=spark)
             sent = len(llm.requests)
@@ -93,7 +109,8 @@ def main() -> None:
             f"{args.llm_latency} s; one process, one Spark session, increment first.\n\n"
             "| run | wall s | LLM requests | per step (s) |\n| --- | ---: | ---: | --- |\n"
             f"| increment (`run_incremental`) | {inc_seconds:.1f} | {inc_requests} | "
-            f"{', '.join(f'{k} {v:.1f}' for k, v in result.seconds.items())} |\n"
+            f"{', '.join(f'{k} {v:.1f}' for k, v in result.seconds.items())} "
+            f"(Spark jobs: {', '.join(f'{k} {v}' for k, v in (result.jobs or {}).items())}) |\n"
             f"| full rerun on 100% | {full_seconds:.1f} | {full_requests} | "
             f"{', '.join(f'{k} {v}' for k, v in full_steps.items())} |\n\n"
             f"Increment / full = **{ratio:.2f}** (goal <= 0.30). Drift: {result.drift.get('far')}/"

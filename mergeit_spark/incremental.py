@@ -5,10 +5,13 @@ all done and current. The rules, step by step:
 
 1. **Which rows are new.** Each input of ``input.paths`` whose ``source`` is not yet in
    ``input_files`` is read (the usual ingest: same parser, reason codes, unit counts). An input
-   already listed there with the same ``bytes`` is not read again; one whose size changed stops
-   the run (``IncrementalError``): batches arrive as new files (or a new folder of files), and a
-   file rewritten in place needs a full run. A Delta source table that gained versions counts as
-   changed (reading only its later versions is not supported yet). Of the new inputs, a parsed
+   already listed there with the same ``bytes`` is not read again; a file whose size changed
+   stops the run (``IncrementalError``): batches arrive as new files (or a new folder of files),
+   and a file rewritten in place needs a full run. A Delta source table records the version read
+   (``input_files.version``); when it has gained versions since, only the data files added after
+   that version are read (their rows numbered on after the rows read before), and the current
+   version is recorded; a file of the version read that is gone now (a delete, update or
+   compaction rather than an append) stops the run. Of the new inputs, a parsed
    row whose content id is already in ``records`` (or earlier in the new inputs) is an
    ``exact_duplicate`` reject with ``detail`` = that id, exactly as in a full run; bad rows are
    rejects with their reason codes. ``input_files`` gains one row per new input with this run's
@@ -16,7 +19,8 @@ all done and current. The rules, step by step:
    ingested (checked before anything is written, and again by finalize).
 2. **Embed** only the new records; append to ``embeddings``.
 3. **Topics**: the saved topic model (``<root>/_models/topics``) assigns the new rows, no refit;
-   ``topics`` gains their rows, ``centroids`` stays as fitted. **Drift**: the share of new rows
+   ``topics`` gains their rows; ``centroids`` keeps the fitted centres and statistics, its
+   ``size`` grows by the new rows of each cluster. **Drift**: the share of new rows
    whose distance to their (nearest) centre exceeds that cluster's ``incremental.drift_quantile``
    of the fitted rows' distances (``centroids.distance_quantiles``). With no drift that share is
    about ``1 - drift_quantile``; above ``incremental.drift_alarm_share`` the run logs a warning
@@ -37,20 +41,27 @@ all done and current. The rules, step by step:
 6. **Group and merge**: the selected rows not in any existing group, in the clusters that gained
    selected rows, are grouped by the group stage's rule; only groups holding at least one new
    row are kept, appended to ``merge_groups`` and sent to the LLM. Merges paid before stay (the
-   merge ledger answers any group already recorded without a request).
-7. **Finalize**: ``final`` and ``lineage`` are recomputed from the tables (Spark joins, no model
-   or LLM work) and written once each: one new version per incremental run. ``lineage.run_id``
-   says in which ingest run each row arrived. The ledger check runs as in a full run.
+   merge ledger answers any group already recorded without a request). The pass is one line of
+   ``_ledger/merge_runs.jsonl`` (with ``incremental_run``), like a full run's merge stage.
+7. **Finalize**: ``final`` and ``lineage`` are brought up to date by MERGE INTO
+   (``TableStore.merge``; Delta's MERGE on delta-spark, copy-on-write of the touched files
+   committed by delta-rs otherwise): the finalize stage's rows are compared with the tables
+   (Spark joins, no model or LLM work) and only new, changed and gone rows are written, one new
+   version per table. ``final`` is keyed by ``id``; ``lineage`` by all its columns (a changed row
+   is a delete plus an insert). ``lineage.run_id`` says in which run each row arrived: a row
+   already in lineage keeps its run, every other row gets this increment's. The ledger check
+   runs as in a full run.
 8. **Idempotent**: when no input is new, nothing is read, written or requested.
 
-Each touched table gets exactly one new version per increment (an append; final and lineage an
-overwrite). Afterwards every stage's state records the new versions, so ``mergeit status`` shows
+Each touched table gets exactly one new version per increment (an append; centroids, final
+and lineage a merge). Afterwards every stage's state records the new versions, so ``mergeit status`` shows
 the run current and a plain ``mergeit run`` with the same settings recomputes nothing.
 
 Crash safety: before writing, the run records the version of every table and every stage state
 in ``<root>/_state/incremental.json``. A run that finds that file unfinished restores each table
-to its recorded version (Delta RESTORE through delta-rs, a new version) and the states, then
-starts over; merges already paid come back from the ledger without a request.
+to its recorded version (Delta RESTORE through delta-rs, a new version with that content) and
+the states (pointed at the restored versions), then starts over; merges already paid come back
+from the ledger without a request.
 """
 from __future__ import annotations
 
@@ -60,21 +71,22 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from deltalake import DeltaTable
 from pyspark import StorageLevel
-from pyspark.broadcast import Broadcast
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from .stages import StageContext
-from .stages.dedup import DEDUP_SCHEMA, DUPLICATE, KEPT, embedding_matrix, keep_order, leader_dedup
-from .stages.ingest import (RECORD_SCHEMA, IngestCountError, input_files_table, new_run_id,
+from .stages.dedup import (DEDUP_SCHEMA, DUPLICATE, KEPT, ROUTED_SCHEMA, RouteProbes, best_matches,
+                           broadcast_centers, embedding_matrix, keep_order, leader_dedup)
+from .stages.finalize import keep_arrival_runs
+from .stages.ingest import (RECORD_SCHEMA, IngestCountError, frame_inputs, input_files_table, new_run_id,
                             parse_outcomes)
 from .stages.select import extend_facility_location
 from .stages.topics import DISTANCE_QUANTILES, assign_to_topics, load_topic_model
@@ -87,15 +99,10 @@ log = logging.getLogger("mergeit.incremental")
 
 MARKER = "incremental.json"  # under <root>/_state
 # Every table an increment may write, in the order the steps write them.
-TOUCHED = ("records", "rejects", "input_files", "embeddings", "topics", "dedup", "selected",
+TOUCHED = ("records", "rejects", "input_files", "embeddings", "topics", "centroids", "dedup", "selected",
            "merge_groups", "merges", "final", "lineage")
 STAGES_BEFORE_FINALIZE = ("ingest", "embed", "topics", "dedup", "select", "group", "merge")
 
-_MATCH_SCHEMA = T.StructType([
-    T.StructField("id", T.StringType(), False),
-    T.StructField("target_id", T.StringType(), False),
-    T.StructField("similarity", T.DoubleType(), False),
-])
 _PICK_SCHEMA = T.StructType([
     T.StructField("id", T.StringType(), False),
     T.StructField("cluster", T.IntegerType(), False),
@@ -119,6 +126,7 @@ class Increment:
     merge: dict[str, Any]
     seconds: dict[str, float]
     recluster: bool = False
+    jobs: dict[str, int] | None = None  # Spark jobs per step (for profiling)
 
     @property
     def changed(self) -> bool:
@@ -127,7 +135,7 @@ class Increment:
     def as_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "new_inputs": self.new_inputs, "counts": self.counts,
                 "drift": self.drift, "merge": self.merge, "seconds": self.seconds,
-                "recluster": self.recluster}
+                "recluster": self.recluster, "jobs": self.jobs}
 
 
 # ------------------------------------------------------------------------------------------
@@ -135,20 +143,47 @@ class Increment:
 # ------------------------------------------------------------------------------------------
 
 def new_inputs(store: TableStore, files: list) -> list:
-    """The inputs not yet in ``input_files``; fails on an input whose size changed since."""
+    """The inputs to read: those not yet in ``input_files``, and for a Delta source table that
+    gained versions since it was read, its data files added since (:func:`grown_delta_source`).
+    Fails on any other input whose size changed since."""
     from .inputs import input_bytes
-    seen: dict[str, int] = {}
-    for row in store.read("input_files").groupBy("source").agg(F.sum("bytes").alias("bytes")).collect():
-        seen[row["source"]] = int(row["bytes"])  # one row per input file: small
+    table = store.read("input_files")
+    version = F.max("version") if "version" in table.columns else F.lit(None).cast("long")
+    seen = {row["source"]: row for row in table.groupBy("source").agg(  # one row per input: small
+        F.sum("bytes").alias("bytes"), F.sum("framed").alias("framed"), version.alias("version")).collect()}
     fresh = []
     for item in files:
         if item.path not in seen:
             fresh.append(item)
-        elif input_bytes(item) != seen[item.path]:
-            raise IncrementalError(
-                f"input {item.path} changed since it was ingested ({seen[item.path]} -> {input_bytes(item)} "
-                "bytes): an increment takes new files; run a full run (mergeit run --force ingest)")
+            continue
+        before, now = int(seen[item.path]["bytes"]), input_bytes(item)
+        if now == before:
+            continue
+        if item.format == "delta" and seen[item.path]["version"] is not None:
+            fresh.append(grown_delta_source(item, int(seen[item.path]["version"]), int(seen[item.path]["framed"])))
+            continue
+        raise IncrementalError(
+            f"input {item.path} changed since it was ingested ({before} -> {now} bytes): an increment "
+            "takes new files or rows appended to a Delta table; run a full run (mergeit run --force ingest)")
     return fresh
+
+
+def grown_delta_source(item, read_version: int, rows_read: int):
+    """A Delta source table read at ``read_version`` that has newer versions: the input of its
+    data files added since (up to the current version), rows numbered on after the ``rows_read``.
+    Only appends qualify: a file live at ``read_version`` that is gone now (a delete, update,
+    merge or compaction) fails the run, which then needs a full run."""
+    from .inputs import InputFile
+    current = DeltaTable(item.path)
+    then = set(pa.table(DeltaTable(item.path, version=read_version).get_add_actions(flatten=True))
+               .column("path").to_pylist())
+    now = set(pa.table(current.get_add_actions(flatten=True)).column("path").to_pylist())
+    if not then <= now:
+        raise IncrementalError(
+            f"Delta source {item.path}: {len(then - now)} data file(s) read at version {read_version} are "
+            f"gone at version {current.version()} (rows deleted or rewritten, not only appended); "
+            "run a full run (mergeit run --force ingest)")
+    return InputFile(item.path, "delta", version=current.version(), after_version=read_version, row_offset=rows_read)
 
 
 def split_against(outcomes: DataFrame, existing_ids: DataFrame) -> tuple[DataFrame, DataFrame]:
@@ -175,10 +210,11 @@ def ingest_increment(ctx: StageContext, files: list, run_id: str, records_versio
     from .parsing import ParseLimits
     settings = ctx.settings.ingest
     limits = ParseLimits.from_settings(settings, settings.reject_raw_chars)
-    outcomes = parse_outcomes(ctx.spark, files, limits).persist(StorageLevel.MEMORY_AND_DISK)
+    framing = frame_inputs(ctx.spark, files, limits)  # counted once, for the parse and the count
+    outcomes = parse_outcomes(ctx.spark, files, limits, framing).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         records, rejects = split_against(outcomes, ctx.store.read("records", version=records_version))
-        input_rows = input_files_table(ctx.spark, files, limits, outcomes, run_id).persist()
+        input_rows = input_files_table(ctx.spark, files, limits, outcomes, run_id, framing).persist()
         counts = {"new_records": records.count(), "new_rejects": rejects.count(),
                   "new_input_rows": int(input_rows.agg(F.sum("units")).first()[0] or 0)}
         if counts["new_records"] + counts["new_rejects"] != counts["new_input_rows"]:
@@ -206,12 +242,12 @@ def append(store: TableStore, df: DataFrame, table: str, rows: int | None = None
     return store.write(aligned, table, mode="append")
 
 
-def added_rows(store: TableStore, table: str, before: int | None, key: str = "id") -> DataFrame:
-    """Rows of ``table`` now that were not in it at version ``before`` (by ``key``)."""
-    now = store.read(table)
+def added_rows(store: TableStore, table: str, before: int | None) -> DataFrame:
+    """Rows of ``table`` now that were not in it at version ``before``: an increment only appends
+    to the tables it reads this way, so these are the files added since (no join)."""
     if before is None:
-        return now
-    return now.join(store.read(table, version=before).select(key), key, "left_anti")
+        return store.read(table)
+    return store.read_added(table, before)
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,66 +273,6 @@ def drift_of(assigned: DataFrame, centroids: DataFrame, quantile: float) -> dict
 # ------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _RouteNew:
-    """mapInArrow: each new row to its home cluster and its nearest other clusters."""
-
-    centers: Broadcast  # (cluster ids, k x d embedding centres)
-    neighbours: int
-
-    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        clusters, matrix = self.centers.value
-        norms = (matrix.astype(np.float64) ** 2).sum(axis=1)
-        take = min(self.neighbours, max(0, clusters.size - 1))
-        for batch in batches:
-            n = batch.num_rows
-            if n == 0:
-                continue
-            vectors = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
-            home = batch.column("cluster").to_numpy(zero_copy_only=False).astype(np.int32)
-            targets = [home[:, None]]
-            if take:
-                dist = norms[None, :] - 2.0 * (vectors.astype(np.float64) @ matrix.T.astype(np.float64))
-                dist[clusters[None, :] == home[:, None]] = np.inf
-                targets.append(clusters[np.argsort(dist, axis=1, kind="stable")[:, :take]].astype(np.int32))
-            routed = np.concatenate(targets, axis=1)
-            rows = pa.array(np.repeat(np.arange(n), routed.shape[1]))
-            yield pa.RecordBatch.from_pydict({
-                "target_cluster": pa.array(routed.reshape(-1)),
-                "role": pa.array(["new"] * len(rows), pa.string()),
-                "id": batch.column("id").take(rows),
-                "embedding": batch.column("embedding").take(rows),
-            })
-
-
-@dataclass(frozen=True)
-class _BestKept:
-    """In one cluster: each new row's most similar kept row, when at or above the threshold."""
-
-    threshold: float
-    block_size: int
-
-    def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
-        new = frame[frame["role"] == "new"]
-        kept = frame[frame["role"] == "kept"].sort_values("id", kind="stable")
-        if new.empty or kept.empty:
-            return pd.DataFrame({c: pd.Series([], dtype=object) for c in ("id", "target_id")}
-                                ).assign(similarity=pd.Series([], dtype=np.float64))
-        p, t = embedding_matrix(new["embedding"]), embedding_matrix(kept["embedding"])
-        best = np.full(len(p), -np.inf)
-        where = np.zeros(len(p), dtype=np.int64)
-        for start in range(0, len(t), self.block_size):
-            sims = p @ t[start:start + self.block_size].T
-            arg = sims.argmax(axis=1)
-            top = sims[np.arange(len(p)), arg].astype(np.float64)
-            better = top > best  # strict: ties keep the smaller id
-            best[better], where[better] = top[better], start + arg[better]
-        hit = best >= self.threshold
-        return pd.DataFrame({"id": new["id"].to_numpy(dtype=object)[hit],
-                             "target_id": kept["id"].to_numpy(dtype=object)[where[hit]],
-                             "similarity": best[hit]})
-
-
-@dataclass(frozen=True)
 class _DedupNew:
     """One cluster's unmatched new rows: the full run's keep rule among themselves."""
 
@@ -319,25 +295,15 @@ class _DedupNew:
 def dedup_new_rows(new_topics: DataFrame, embeddings: DataFrame, dedup: DataFrame,
                    centroids: DataFrame, settings) -> DataFrame:
     """``dedup`` rows for ``new_topics`` (id, cluster, distance); see the module doc, step 4."""
-    spark = new_topics.sparkSession
-    center_rows = (centroids.filter(F.col("size") > 0).select("cluster", "embedding_center")
-                   .orderBy("cluster").collect())  # k rows
     neighbours = settings.cross_cluster_neighbours if settings.cross_cluster else 0
-    centers = spark.sparkContext.broadcast((
-        np.array([r["cluster"] for r in center_rows], dtype=np.int32),
-        np.array([r["embedding_center"] for r in center_rows], dtype=np.float32).reshape(len(center_rows), -1)))
     vectors = embeddings.select("id", "embedding")
     new = new_topics.select("id", "cluster", "distance").join(vectors, "id").persist()
-    routed = new.select("id", "cluster", "embedding").mapInArrow(
-        _RouteNew(centers, neighbours), "target_cluster int, role string, id string, embedding array<float>")
+    probes = new.select("id", "cluster", "embedding").mapInArrow(
+        RouteProbes(broadcast_centers(centroids), neighbours, home=True), ROUTED_SCHEMA)
     kept = (dedup.filter(F.col("status") == KEPT).select("id", F.col("cluster").alias("target_cluster"))
-            .join(routed.select("target_cluster").distinct(), "target_cluster", "left_semi")
-            .join(vectors, "id").select("target_cluster", F.lit("kept").alias("role"), "id", "embedding"))
-    best_kept = _BestKept(settings.threshold, settings.block_size)
-    matches = (routed.unionByName(kept).groupBy("target_cluster")
-               .applyInPandas(lambda frame: best_kept(frame), _MATCH_SCHEMA))
-    first = Window.partitionBy("id").orderBy(F.col("similarity").desc(), F.col("target_id"))
-    matched = matches.withColumn("_n", F.row_number().over(first)).filter("_n = 1").drop("_n")
+            .join(vectors, "id"))
+    matched = (best_matches(probes, kept, settings.threshold, settings.block_size)
+               .select(F.col("probe_id").alias("id"), "target_id", F.col("match_similarity").alias("similarity")))
     dedup_new = _DedupNew(settings.threshold, settings.block_size)
     rest = (new.join(matched.select("id"), "id", "left_anti").groupBy("cluster")
             .applyInPandas(lambda frame: dedup_new(frame), DEDUP_SCHEMA))
@@ -440,11 +406,23 @@ def merge_new_groups(ctx: StageContext, groups: DataFrame, records: DataFrame,
 # ------------------------------------------------------------------------------------------
 
 class _Timer:
-    def __init__(self) -> None:
+    """Seconds and Spark jobs per step (steps run one after another: the jobs since the last step
+    are this step's). Job ids come from the status tracker (``spark.ui.retainedJobs`` recent)."""
+
+    def __init__(self, spark) -> None:
+        self.tracker = spark.sparkContext.statusTracker()
         self.seconds: dict[str, float] = {}
+        self.jobs: dict[str, int] = {}
+        self._seen = self._job_ids()
+
+    def _job_ids(self) -> set[int]:
+        return set(self.tracker.getJobIdsForGroup())
 
     def step(self, name: str, started: float) -> None:
         self.seconds[name] = round(time.monotonic() - started, 3)
+        now = self._job_ids()
+        self.jobs[name] = len(now - self._seen)
+        self._seen = now
 
 
 def _marker_path(pipeline: "Pipeline") -> Path:
@@ -461,7 +439,8 @@ def _write_marker(pipeline: "Pipeline", marker: dict[str, Any]) -> None:
 
 def roll_back_unfinished(pipeline: "Pipeline") -> bool:
     """Undo an increment that did not finish: each table back to its version before it (Delta
-    RESTORE, a new version), every stage state as it was. True when there was one."""
+    RESTORE, a new version with that content), every stage state as it was, pointed at the
+    restored versions. True when there was one."""
     path = _marker_path(pipeline)
     if not path.is_file():
         return False
@@ -472,11 +451,25 @@ def roll_back_unfinished(pipeline: "Pipeline") -> bool:
     for table, version in marker["versions"].items():
         if version is not None and pipeline.store.version(table) != version:
             DeltaTable(pipeline.store.path(table)).restore(version)
-    for stage, state in marker["states"].items():
-        pipeline.write_state(stage, state)
+    _restore_states(pipeline, marker["states"])
     marker["status"] = "rolled_back"
     _write_marker(pipeline, marker)
     return True
+
+
+def _restore_states(pipeline: "Pipeline", states: dict[str, Any]) -> None:
+    """Each stage's state as recorded before the increment, at the versions RESTORE made (same
+    content, new numbers). Fingerprints chain on upstream versions, so every stage below ingest
+    gets its fingerprint again, in stage order; ingest keeps its own (its input list is the
+    increment's to read)."""
+    for name in pipeline.stage_names():
+        state = states.get(name)
+        if state is not None:
+            state = dict(state, versions={t: pipeline.store.version(t) for t in state.get("versions", {})})
+        pipeline.write_state(name, state)
+        if state is not None and name != "ingest":
+            state["fingerprint"] = pipeline.fingerprint(pipeline.stages[pipeline.stage_names().index(name)])
+            pipeline.write_state(name, state)
 
 
 def _require_finished_run(pipeline: "Pipeline") -> None:
@@ -508,7 +501,7 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
     before = {t: store.version(t) for t in TOUCHED}
     _write_marker(pipeline, {"run_id": run_id, "status": "running", "versions": before,
                              "states": {s: pipeline.state(s) for s in pipeline.stage_names()}})
-    timer, counts = _Timer(), {}
+    timer, counts = _Timer(pipeline.spark), {}
     started = time.monotonic()
     counts.update(ingest_increment(ctx, fresh, run_id, before["records"]))
     timer.step("ingest", started)
@@ -543,7 +536,7 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
     picks.unpersist()
     timer.step("select", started)
 
-    merge = _group_and_merge(ctx, before, counts, timer)
+    merge = _group_and_merge(ctx, run_id, before, counts, timer)
     return _finish(pipeline, run_id, fresh, counts, timer, STAGES_BEFORE_FINALIZE, drift, merge)
 
 
@@ -572,6 +565,7 @@ def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer) -> dic
     drift["alarm_share"] = settings.drift_alarm_share
     drift["recluster_advised"] = drift["share"] > settings.drift_alarm_share
     append(ctx.store, assigned, "topics", drift["rows"])
+    grow_centroids(ctx.store, assigned)
     assigned.unpersist()
     if drift["recluster_advised"]:
         log.warning("incremental: %.1f%% of the new rows lie beyond their cluster's p%g distance "
@@ -581,7 +575,7 @@ def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer) -> dic
     return drift
 
 
-def _group_and_merge(ctx: StageContext, before: dict[str, int | None], counts: dict[str, int],
+def _group_and_merge(ctx: StageContext, run_id: str, before: dict[str, int | None], counts: dict[str, int],
                      timer: _Timer) -> dict[str, Any]:
     started = time.monotonic()
     store = ctx.store
@@ -595,6 +589,7 @@ def _group_and_merge(ctx: StageContext, before: dict[str, int | None], counts: d
     merge: dict[str, Any] = {"groups": 0, "requests": 0}
     if counts["new_groups"]:
         merge = merge_new_groups(ctx, groups, store.read("records"), store.read("embeddings"))
+        record_merge_run(Path(store.root), run_id, merge)
     groups.unpersist()
     new_ids.unpersist()
     timer.step("merge", started)
@@ -606,19 +601,63 @@ def _finish(pipeline: "Pipeline", run_id: str, fresh: list, counts: dict[str, in
             merge: dict[str, Any] | None = None, finalize: bool = True) -> Increment:
     """Record the states of ``stages`` at their new versions, then finalize (unless a re-cluster
     follows), and close the marker."""
-    result = Increment(run_id, [f.path for f in fresh], counts, drift or {}, merge or {}, timer.seconds)
+    result = Increment(run_id, [f.path for f in fresh], counts, drift or {}, merge or {}, timer.seconds,
+                       jobs=timer.jobs)
     pipeline.spark.catalog.clearCache()  # the steps' cached rows: every table they fed is written
     for name in stages:
         pipeline.mark_current(name, {"incremental_run": run_id, **_stage_summary(name, result)})
     if finalize:
         started = time.monotonic()
-        pipeline.run_stage(pipeline.stages[pipeline.stage_names().index("finalize")])
+        finalize_by_merge(pipeline, result)
         timer.step("finalize", started)
     marker = json.loads(_marker_path(pipeline).read_text())
     marker.update(status="done", result=result.as_dict())
     _write_marker(pipeline, marker)
     log.info("incremental run %s: %s", run_id, json.dumps(result.as_dict()))
     return result
+
+
+# final: one row per id; lineage has no key unique enough for every row (a reject's key may
+# repeat), so every column is its key and a changed row is a delete plus an insert.
+MERGE_KEYS = {"final": ("id",), "lineage": None}
+
+
+def finalize_by_merge(pipeline: "Pipeline", result: Increment) -> dict[str, Any]:
+    """``final`` and ``lineage`` brought up to date by MERGE INTO (``TableStore.merge``): the
+    finalize stage's rows, of which only the new and changed ones are written, one new version
+    per table; then the stage's ledger check, and its state at the new versions."""
+    stage = pipeline.stages[pipeline.stage_names().index("finalize")]
+    ctx = pipeline.ctx
+    output = stage.run(ctx, {t: ctx.store.read(t) for t in stage.inputs})
+    output.tables["lineage"] = keep_arrival_runs(output.tables["lineage"], ctx.store.read("lineage"), result.run_id)
+    versions = {table: ctx.store.merge(output.tables[table], table, MERGE_KEYS[table]) for table in stage.outputs}
+    checks = stage.check(ctx) or {}
+    pipeline.mark_current(stage.name, {"incremental_run": result.run_id, "merged_versions": versions},
+                          checks=checks)
+    return checks
+
+
+def record_merge_run(root: Path, run_id: str, merge: dict[str, Any]) -> None:
+    """One line in ``_ledger/merge_runs.jsonl`` for the increment's merge pass, as a full run's
+    merge stage writes (with ``incremental_run``), so the report counts every pass."""
+    from .stages.merge import RUNS_FILE
+    runs = root / RUNS_FILE
+    runs.parent.mkdir(parents=True, exist_ok=True)
+    with open(runs, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                 "incremental_run": run_id, **merge}) + "\n")
+
+
+def grow_centroids(store: TableStore, assigned: DataFrame) -> int | None:
+    """``centroids.size`` plus the new rows assigned to each cluster (k rows; the fitted centres
+    and distance statistics stay). One new version of ``centroids``, by MERGE."""
+    added = assigned.groupBy("cluster").agg(F.count(F.lit(1)).alias("_added"))
+    centroids = store.read("centroids")
+    grown = (centroids.join(added, "cluster", "left")
+             .withColumn("size", (F.col("size") + F.coalesce("_added", F.lit(0))).cast(
+                 centroids.schema["size"].dataType))
+             .select(*centroids.columns))
+    return store.merge(grown, "centroids", ("cluster",))
 
 
 def _stage_summary(name: str, result: Increment) -> dict[str, Any]:

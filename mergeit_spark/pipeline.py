@@ -122,9 +122,10 @@ class Pipeline:
         else:
             self._write_state(name, state)
 
-    def mark_current(self, name: str, summary: dict[str, Any]) -> None:
+    def mark_current(self, name: str, summary: dict[str, Any], checks: dict[str, Any] | None = None) -> None:
         """Record stage ``name`` as done at its tables' current versions (an increment appended
-        to them), with today's fingerprint; its earlier state's timing and checks are kept."""
+        to them), with today's fingerprint; its earlier state's timing (and checks, unless
+        ``checks`` are given) are kept."""
         stage = self.stages[self._index(name)]
         state = dict(self.state(name) or {})
         state.update(fingerprint=self.fingerprint(stage),
@@ -132,6 +133,8 @@ class Pipeline:
                      counts={t: self.store.count(t) for t in stage.outputs},
                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      summary=summary)
+        if checks is not None:
+            state["checks"] = checks
         self._write_state(name, state)
 
     def run_incremental(self, recluster: bool = False):
@@ -244,6 +247,8 @@ class Pipeline:
         for table in stage.outputs:
             if table in output.tables:
                 self.store.write(output.tables[table], table)
+            elif table in output.unchanged and self.store.version(table) is not None:
+                continue
             elif self.store.version(table) in (None, before[table]):
                 raise PipelineError(f"stage {stage.name} neither returned nor wrote table {table!r}")
 

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable, Schema
 from deltalake.exceptions import TableNotFoundError
-from deltalake.transaction import AddAction, create_table_with_add_actions
+from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 from deltalake.writer import convert_to_deltalake
-from pyspark.sql import DataFrame, Observation, SparkSession
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
@@ -89,9 +92,86 @@ class TableStore:
             self._write_through_delta_rs(df, target, mode)
         return DeltaTable(target).version()
 
-    def _write_through_delta_rs(self, df: DataFrame, target: str, mode: Mode) -> None:
-        """Spark writes Parquet into ``<table>/<write id>/``; delta-rs commits exactly those files.
-        Overwrite removes the old files logically (remove actions) and replaces the schema."""
+    def merge(self, source: DataFrame, name: str, keys: Sequence[str] | None = None) -> int | None:
+        """MERGE INTO table ``name`` so that it equals ``source``: a row whose key is new is
+        inserted, a row whose other columns changed is updated, a row whose key left ``source``
+        is deleted; files holding only unchanged rows stay as they are. ``keys`` (default: every
+        column) match null-safely and must be unique in ``source``; with every column as the key
+        a changed row is a delete plus an insert. Returns the one new version, or None when
+        nothing changed (no commit).
+
+        Spark finds the rows that differ (a full outer join on the keys; nothing row-scale
+        reaches the driver). delta-spark then runs Delta's MERGE with only those rows as its
+        source, so Delta rewrites only the files they touch. delta-rs: Spark rewrites the files
+        holding a changed or deleted row (their other rows as they are) plus the inserts, and
+        delta-rs commits the new files and the removal of the old ones in one transaction
+        (copy-on-write, as Delta's MERGE does; only file names reach the driver)."""
+        columns = self.read(name).schema
+        aligned = source.select(*[F.col(f"`{f.name}`").cast(f.dataType).alias(f.name) for f in columns.fields])
+        keys = list(keys) if keys else [f.name for f in columns.fields]
+        values = [c for c in aligned.columns if c not in keys]
+        old = self.read(name).select(*[F.col(f"`{c}`").alias(f"_t_{c}") for c in aligned.columns],
+                                     F.col("_metadata.file_path").alias("_t_file"))
+        on = _all([F.col(f"`{k}`").eqNullSafe(F.col(f"_t_{k}")) for k in keys])
+        joined = (aligned.withColumn("_s", F.lit(True)).join(old.withColumn("_t", F.lit(True)), on, "full_outer")
+                  .persist(StorageLevel.MEMORY_AND_DISK))
+        differs = F.lit(False) if not values else ~_all([F.col(f"`{c}`").eqNullSafe(F.col(f"_t_{c}")) for c in values])
+        try:
+            inserted, removed = F.col("_t").isNull(), F.col("_s").isNull()
+            changed = joined.filter(inserted | removed | differs)
+            if changed.limit(1).count() == 0:
+                return None
+            if self.engine == "delta-spark":
+                self._merge_through_delta_spark(changed, name, aligned.columns, keys, values)
+            else:
+                touched = {row["_t_file"] for row in changed.filter(~inserted).select("_t_file").distinct().collect()}
+                rewrite = joined.filter(~removed & (inserted | F.col("_t_file").isin(sorted(touched))))
+                self._write_through_delta_rs(rewrite.select(*aligned.columns), self.path(name), "append",
+                                             self._remove_actions(self.path(name), touched))
+        finally:
+            joined.unpersist()
+        return self.version(name)
+
+    def _merge_through_delta_spark(self, changed: DataFrame, name: str, columns: list[str], keys: list[str],
+                                   values: list[str]) -> None:
+        """Delta's MERGE INTO (in SQL: the SQL extension finds Delta's classes wherever the session
+        loaded them) with the changed rows as source: deletes carry the old keys and ``_delete``."""
+        removed = F.col("_s").isNull()
+        rows = changed.filter(~removed).select(*columns, F.lit(False).alias("_delete")).unionByName(
+            changed.filter(removed).select(*[F.col(f"_t_{c}").alias(c) for c in columns],
+                                           F.lit(True).alias("_delete")).distinct())
+        view = f"_merge_source_{uuid.uuid4().hex}"
+        rows.createOrReplaceTempView(view)
+        listed = ", ".join(f"`{c}`" for c in columns)
+        update = ("WHEN MATCHED THEN UPDATE SET " + ", ".join(f"t.`{c}` = s.`{c}`" for c in values)) if values else ""
+        target = self.path(name).replace("`", "``")
+        try:
+            self.spark.sql(
+                f"MERGE INTO delta.`{target}` AS t USING {view} AS s "
+                f"ON {' AND '.join(f't.`{k}` <=> s.`{k}`' for k in keys)} "
+                f"WHEN MATCHED AND s._delete THEN DELETE {update} "
+                f"WHEN NOT MATCHED AND NOT s._delete THEN INSERT ({listed}) VALUES "
+                f"({', '.join(f's.`{c}`' for c in columns)})")
+        finally:
+            self.spark.catalog.dropTempView(view)
+
+    @staticmethod
+    def _remove_actions(target: str, file_uris: set[str]) -> list[RemoveAction]:
+        """Remove actions for the table's files that Spark named by URI (``_metadata.file_path``)."""
+        wanted = {str(Path(unquote(urlparse(uri).path))) for uri in file_uris}
+        now = int(time.time() * 1000)
+        actions = pa.table(DeltaTable(target).get_add_actions(flatten=True)).to_pylist()
+        removes = [RemoveAction(a["path"], True, now, a["size_bytes"]) for a in actions
+                   if str(Path(target) / unquote(a["path"])) in wanted]
+        if len(removes) != len(wanted):
+            raise TableWriteError(f"{target}: {len(wanted) - len(removes)} file(s) to rewrite are not in the table")
+        return removes
+
+    def _write_through_delta_rs(self, df: DataFrame, target: str, mode: Mode,
+                                removes: Sequence[RemoveAction] = ()) -> None:
+        """Spark writes Parquet into ``<table>/<write id>/``; delta-rs commits exactly those files
+        (with ``removes``, in the same append transaction). Overwrite removes the old files
+        logically (remove actions) and replaces the schema."""
         write_id = uuid.uuid4().hex
         folder = Path(target) / write_id
         written = Observation()
@@ -101,7 +181,7 @@ class TableStore:
             actions = self._add_actions(folder, write_id, rows)
             schema = Schema.from_json(df.schema.json())  # Delta's schema is Spark's, nullability and all
             if DeltaTable.is_deltatable(target):
-                DeltaTable(target).create_write_transaction(actions, mode, schema)
+                DeltaTable(target).create_write_transaction([*actions, *removes], mode, schema)
             else:
                 create_table_with_add_actions(target, schema, actions, mode="error")
         except BaseException:
@@ -146,6 +226,28 @@ class TableStore:
             return self.spark.createDataFrame([], schema)
         return self.spark.read.schema(schema).parquet(*files)
 
+    def read_added(self, name: str, since: int) -> DataFrame:
+        """The rows appended to table ``name`` after version ``since``: the data files added
+        since, read straight (no join against the older rows). Only for a table that was only
+        appended to in between; a file removed since fails."""
+        target = self.path(name)
+        now, then = DeltaTable(target), DeltaTable(target, version=since)
+        live, before = set(now.file_uris()), set(then.file_uris())
+        if not before <= live:
+            raise ValueError(f"table {name!r} lost files since version {since}: not an append")
+        schema = from_arrow_schema(pa.schema(now.schema().to_arrow()))
+        added = sorted(live - before)
+        if not added:
+            return self.spark.createDataFrame([], schema)
+        return self.spark.read.schema(schema).parquet(*added)
+
     def history(self, name: str) -> list[dict]:
         """Commit history, newest first (small: one entry per version)."""
         return DeltaTable(self.path(name)).history()
+
+
+def _all(conditions: list[Column]) -> Column:
+    result = conditions[0]
+    for condition in conditions[1:]:
+        result = result & condition
+    return result

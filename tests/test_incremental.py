@@ -3,12 +3,14 @@ on 100%; a second identical increment changes nothing; the facility-location ext
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 
 from _pipeline_run import BROKEN_LINES, pipeline_settings, read
 from fake_openai import FakeOpenAI
@@ -17,6 +19,8 @@ from mergeit_spark.pipeline import Pipeline
 from mergeit_spark.stages.select import extend_facility_location, lazy_greedy_facility_location
 
 OLD_ROWS, NEW_ROWS = 160, 40
+# A Delta source table (read by the full run), appended to before the increment.
+DELTA_OLD, DELTA_NEW = 20, 10
 
 
 def _line(record: dict) -> str:
@@ -36,22 +40,58 @@ def split_data(shared_data, tmp_path_factory):
     (work / "old.jsonl").write_text("\n".join([_line(r) for r in old] + BROKEN_LINES[:2]) + "\n")
     new_lines = [_line(r) for r in new] + [_line(old[3]), _line(near_copy), BROKEN_LINES[2]]
     (work / "new.jsonl").write_text("\n".join(new_lines) + "\n")
-    return work, near, near_copy, old[3]
+    more = json.loads((shared_data / "mergeit-6k.json").read_text())[OLD_ROWS + NEW_ROWS:][:DELTA_OLD + DELTA_NEW]
+    write_deltalake(str(work / "src"), _delta_rows(more[:DELTA_OLD]))
+    return work, near, near_copy, old[3], more[DELTA_OLD:]
+
+
+def _delta_rows(records: list[dict]) -> pa.Table:
+    return pa.table({k: [r[k] for r in records] for k in ("instruction", "input", "output")})
 
 
 def _versions(root: Path) -> dict[str, int]:
     return {t: DeltaTable(str(root / t)).version() for t in (*TOUCHED, "centroids")}
 
 
+def _crash_then_redo(spark, llm, work: Path, old: str, new: str) -> dict:
+    """On a copy of the run root before the increment: an increment that fails after its merge
+    requests were paid (before final and lineage are written), then the same increment again,
+    which rolls the first back and redoes it. A drift alarm at 0 (past the median distance) makes
+    the run advise a re-cluster."""
+    from mergeit_spark import incremental
+    settings = pipeline_settings(work / "crash", Path(f"{old},{new}"), llm.base_url,
+                                 "incremental.drift_quantile=0.5", "incremental.drift_alarm_share=0.0")
+    pipeline = Pipeline(settings, spark=spark)
+    before, requests = _versions(work / "crash"), len(llm.requests)
+
+    def killed(*_args, **_kwargs):
+        raise RuntimeError("killed before finalize")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(incremental, "finalize_by_merge", killed)
+        with pytest.raises(RuntimeError, match="killed before finalize"):
+            pipeline.run_incremental()
+    paid_crashed = len(llm.requests) - requests
+    crashed = _versions(work / "crash")
+    redone = pipeline.run_incremental()
+    return dict(before=before, crashed=crashed, paid_crashed=paid_crashed, redone=redone,
+                paid_redo=len(llm.requests) - requests - paid_crashed)
+
+
 @pytest.fixture(scope="module")
 def runs(spark, split_data):
     """A full run on old, then the increment with old + new (twice), and the ingest of a full run
-    on old + new, with what each did."""
-    work, *_ = split_data
-    old, new = str(work / "old.jsonl"), str(work / "new.jsonl")
+    on old + new, with what each did; on copies of the root before the increment: a crashed
+    increment redone, and an increment with --recluster."""
+    work, *_, appended = split_data
+    src = str(work / "src")
+    old, new = f"{work / 'old.jsonl'},{src}", str(work / "new.jsonl")
     with FakeOpenAI() as llm:
         base = Pipeline(pipeline_settings(work / "inc", Path(old), llm.base_url), spark=spark)
         base.run()
+        for copy in ("crash", "recluster"):
+            shutil.copytree(work / "inc", work / copy)
+        write_deltalake(src, _delta_rows(appended), mode="append")  # the source table gains rows
         before = _versions(work / "inc")
         first_run = base.state("ingest")["summary"]["run_id"]
         inc = Pipeline(pipeline_settings(work / "inc", Path(f"{old},{new}"), llm.base_url), spark=spark)
@@ -64,11 +104,14 @@ def runs(spark, split_data):
         after_again = _versions(work / "inc")
         rerun = inc.run()  # a plain run with the same settings: everything is current
         after_rerun = _versions(work / "inc")
+        crash = _crash_then_redo(spark, llm, work, old, new)
+        reclustered = Pipeline(pipeline_settings(work / "recluster", Path(f"{old},{new}"), llm.base_url),
+                               spark=spark).run_incremental(recluster=True)
         full = Pipeline(pipeline_settings(work / "full", Path(f"{old},{new}"), llm.base_url), spark=spark)
-        full.run(until="ingest")  # records and rejects are what a full run is compared on
+        full.run(until="topics")  # records, rejects and topics are what a full run is compared on
     return dict(work=work, inc=inc, full=full, increment=increment, paid=paid, before=before, after=after,
                 again=again, paid_again=paid_again, after_again=after_again, rerun=rerun,
-                after_rerun=after_rerun, first_run=first_run)
+                after_rerun=after_rerun, first_run=first_run, crash=crash, reclustered=reclustered)
 
 
 def test_records_and_ledger_match_a_full_run(runs):
@@ -77,7 +120,7 @@ def test_records_and_ledger_match_a_full_run(runs):
     assert (Counter(r["reason"] for r in read(inc_root, "rejects"))
             == Counter(r["reason"] for r in read(full_root, "rejects")))
     checks = runs["inc"].state("finalize")["checks"]
-    n_input = OLD_ROWS + 2 + NEW_ROWS + 3
+    n_input = OLD_ROWS + 2 + NEW_ROWS + 3 + DELTA_OLD + DELTA_NEW
     assert checks["input_rows"] == checks["lineage_rows"] == n_input
     assert checks["records"] + checks["rejects"] == n_input
     lineage = read(inc_root, "lineage")
@@ -87,7 +130,8 @@ def test_records_and_ledger_match_a_full_run(runs):
 def test_only_new_rows_are_embedded_and_each_table_gains_one_version(runs):
     inc_root, increment = runs["work"] / "inc", runs["increment"]
     new_records = increment.counts["new_records"]
-    assert new_records == NEW_ROWS + 1  # the near-duplicate is a new record; the exact duplicate is not
+    # the near-duplicate is a new record, the exact duplicate is not; the Delta source's appended rows
+    assert new_records == NEW_ROWS + 1 + DELTA_NEW
     assert increment.counts["embedded"] == new_records
     old_vectors = {r["id"]: r["embedding"] for r in
                    DeltaTable(str(inc_root / "embeddings"), version=runs["before"]["embeddings"]).to_pyarrow_table().to_pylist()}
@@ -96,13 +140,72 @@ def test_only_new_rows_are_embedded_and_each_table_gains_one_version(runs):
     assert all(now[i] == v for i, v in old_vectors.items())  # old rows not recomputed
     grown = {t for t in runs["after"] if runs["after"][t] != runs["before"][t]}
     assert all(runs["after"][t] - runs["before"][t] == 1 for t in grown)
-    assert "centroids" not in grown  # no refit
-    assert {"records", "rejects", "input_files", "embeddings", "topics", "dedup", "final", "lineage"} <= grown
+    assert {"records", "rejects", "input_files", "embeddings", "topics", "centroids", "dedup", "final",
+            "lineage"} <= grown
+    # No refit: the centres stay, the sizes count the new rows too.
+    centroids_before = {r["cluster"]: r for r in DeltaTable(
+        str(inc_root / "centroids"), version=runs["before"]["centroids"]).to_pyarrow_table().to_pylist()}
+    centroids = {r["cluster"]: r for r in read(inc_root, "centroids")}
+    assert all(centroids[c]["embedding_center"] == r["embedding_center"] for c, r in centroids_before.items())
+    assert Counter(r["cluster"] for r in read(inc_root, "topics")) == {
+        c: r["size"] for c, r in centroids.items() if r["size"]}
+
+
+def test_final_and_lineage_are_merged_not_rewritten(runs):
+    """One MERGE per table; the lineage rows of old rows that no new group took in are as they
+    were; the final rows before the increment are still there unless a new merge absorbed them."""
+    inc_root, before, increment = runs["work"] / "inc", runs["before"], runs["increment"]
+    engine = runs["inc"].store.engine
+    for table in ("final", "lineage"):
+        last = DeltaTable(str(inc_root / table)).history(1)[0]
+        assert last["operation"] == ("MERGE" if engine == "delta-spark" else "WRITE"), table
+    old_lineage = DeltaTable(str(inc_root / "lineage"), version=before["lineage"]).to_pyarrow_table().to_pylist()
+    now = Counter(tuple(sorted(r.items())) for r in read(inc_root, "lineage"))
+    groups = read(inc_root, "merge_groups")
+    old_groups = {r["group_id"] for r in DeltaTable(str(inc_root / "merge_groups"),
+                                                    version=before["merge_groups"]).to_pyarrow_table().to_pylist()}
+    regrouped = {i for g in groups if g["group_id"] not in old_groups for i in g["member_ids"]}
+    unchanged = [r for r in old_lineage if r["id"] not in regrouped]
+    assert unchanged and all(now[tuple(sorted(r.items()))] for r in unchanged)
+    assert {r["run_id"] for r in unchanged} == {runs["first_run"]}
+    old_final = DeltaTable(str(inc_root / "final"), version=before["final"]).to_pyarrow_table().to_pylist()
+    final_ids = {r["id"] for r in read(inc_root, "final")}
+    assert {r["id"] for r in old_final if not set(r["source_ids"]) & regrouped} <= final_ids
+    # the increment's merge pass is in the run's merge ledger, as a full run's is
+    from mergeit_spark.stages.merge import merge_runs
+    passes = [r for r in merge_runs(inc_root) if r.get("incremental_run") == increment.run_id]
+    assert len(passes) == 1 and passes[0]["requests"] == runs["paid"]
+
+
+def test_a_crashed_increment_is_rolled_back_and_redone_without_paying_twice(runs):
+    crash, work = runs["crash"], runs["work"]
+    assert crash["paid_crashed"] == runs["paid"] > 0  # the crash came after the merge requests
+    assert crash["paid_redo"] == 0  # the redo's merges come back from the ledger
+    assert any(crash["crashed"][t] != crash["before"][t] for t in crash["before"])
+    redo_id, clean_id = crash["redone"].run_id, runs["increment"].run_id
+    for table in ("records", "rejects", "dedup", "selected", "merge_groups", "merges", "final"):
+        assert _rows(work / "crash", table) == _rows(work / "inc", table), table
+    lineage = {r.replace(redo_id, clean_id) for r in _rows(work / "crash", "lineage")}
+    assert lineage == _rows(work / "inc", "lineage")
+    drift = crash["redone"].drift  # beyond the median, alarm at 0: a re-cluster is advised
+    assert drift["quantile"] == 0.5 and drift["share"] > 0 and drift["recluster_advised"]
+
+
+def test_recluster_gives_the_topics_of_a_full_run(runs):
+    work = runs["work"]
+    assert runs["reclustered"].recluster
+    def partition(root: Path) -> set[frozenset]:
+        clusters: dict[int, set] = {}
+        for r in read(root, "topics"):
+            clusters.setdefault(r["cluster"], set()).add(r["id"])
+        return {frozenset(ids) for ids in clusters.values()}
+    assert partition(work / "recluster") == partition(work / "full")
+    assert len(read(work / "recluster", "topics")) == len(read(work / "full", "records"))
 
 
 def test_cross_split_near_duplicate_and_rejects_of_new_rows(runs, split_data):
     from mergeit_spark.ids import content_id
-    _, near, near_copy, exact = split_data
+    _, near, near_copy, exact, _ = split_data
     inc_root = runs["work"] / "inc"
     records = {(r["instruction"], r["input"], r["output"]): r["id"] for r in read(inc_root, "records")}
     old_id = records[(near["instruction"], near["input"], near["output"])]
@@ -118,8 +221,25 @@ def test_cross_split_near_duplicate_and_rejects_of_new_rows(runs, split_data):
     assert next(r for r in rejects if r["reason"] == "exact_duplicate")["detail"] == exact_id
     lineage = read(inc_root, "lineage")
     arrived = Counter((r["source"], r["run_id"]) for r in lineage)
+    src = str(runs["work"] / "src")
     assert arrived == Counter({(str(runs["work"] / "old.jsonl"), runs["first_run"]): OLD_ROWS + 2,
-                               (new_source, runs["increment"].run_id): NEW_ROWS + 3})
+                               (new_source, runs["increment"].run_id): NEW_ROWS + 3,
+                               (src, runs["first_run"]): DELTA_OLD, (src, runs["increment"].run_id): DELTA_NEW})
+
+
+def test_a_delta_source_is_read_from_the_version_after_the_last_one_read(runs):
+    """The Delta source gained a version between the full run and the increment: the increment
+    reads only the rows added since (recorded with the version read), and a second increment
+    reads nothing more."""
+    inc_root, src = runs["work"] / "inc", str(runs["work"] / "src")
+    reads = sorted((r["version"], r["units"], r["run_id"]) for r in read(inc_root, "input_files")
+                   if r["source"] == src)
+    assert reads == [(0, DELTA_OLD, runs["first_run"]), (1, DELTA_NEW, runs["increment"].run_id)]
+    assert src in runs["increment"].new_inputs and not runs["again"].new_inputs
+    appended = {r["id"] for r in read(inc_root, "lineage") if r["source"] == src
+                and r["run_id"] == runs["increment"].run_id}
+    records = {r["id"]: r for r in read(inc_root, "records")}
+    assert len(appended) == DELTA_NEW and appended <= set(records)
 
 
 def test_selection_extends_and_only_new_groups_are_paid(runs):
@@ -150,6 +270,17 @@ def test_second_identical_increment_changes_nothing(runs):
     assert runs["after_again"] == runs["after"]
     assert all(r.skipped for r in runs["rerun"])  # the state says every stage is current
     assert runs["after_rerun"] == runs["after"]
+
+
+# merges: what a group's merge said; the rest of a row (timings, task, sequence) is bookkeeping.
+_COMPARED = {"merges": ("group_id", "status", "instruction", "input", "output")}
+
+
+def _rows(root: Path, table: str) -> set[str]:
+    """A table's rows as JSON text (for merges, the columns that say what the merge was)."""
+    keep = _COMPARED.get(table)
+    return {json.dumps({k: v for k, v in r.items() if keep is None or k in keep}, sort_keys=True, default=str)
+            for r in read(root, table)}
 
 
 def test_extension_continues_the_plain_greedy():

@@ -187,3 +187,39 @@ def test_delta_rs_fails_naming_output_root_when_the_driver_cannot_see_the_files(
         spark.conf.unset("fs.defaultFS")
     assert list(elsewhere.rglob("*.parquet")), "the executors did write"
     assert not store.exists("t") and store.version("t") is None
+
+
+def test_merge_updates_inserts_and_deletes_in_one_version(spark, engine_store):
+    """MERGE INTO: the table ends equal to the source; a file holding only unchanged rows is not
+    rewritten; the same merge again commits nothing. Read back by delta-rs straight from the path."""
+    store = engine_store
+    schema = "id string, note string, tags array<string>"
+    store.write(spark.createDataFrame([("a", "x", ["1"]), ("b", "y", None)], schema).coalesce(1), "t")
+    store.write(spark.createDataFrame([("c", "z", ["3"])], schema).coalesce(1), "t", mode="append")
+    store.write(spark.createDataFrame([("e", "w", [])], schema).coalesce(1), "t", mode="append")
+    c_file = {p for p in DeltaTable(store.path("t")).file_uris()}
+    assert sorted(r.id for r in store.read_added("t", 0).collect()) == ["c", "e"]  # appended since v0
+    # a as it is, b changed, c as it is, d new, e gone
+    source = spark.createDataFrame([("a", "x", ["1"]), ("b", "y2", None), ("c", "z", ["3"]), ("d", None, ["4"])],
+                                   schema)
+
+    assert store.merge(source, "t", keys=["id"]) == 3
+    table = DeltaTable(store.path("t"))
+    assert sorted((r["id"], r["note"], r["tags"]) for r in table.to_pyarrow_table().to_pylist()) == [
+        ("a", "x", ["1"]), ("b", "y2", None), ("c", "z", ["3"]), ("d", None, ["4"])]
+    assert table.history(1)[0]["operation"] in ("MERGE", "WRITE")
+    assert len(c_file & set(table.file_uris())) == 1  # only c's file holds no changed row: it stays
+    assert store.merge(source, "t", keys=["id"]) is None  # nothing changed: no new version
+    with pytest.raises(ValueError, match="not an append"):
+        store.read_added("t", 2)  # the merge removed files: no longer an append
+    assert DeltaTable(store.path("t")).version() == 3
+
+    # Every column as the key (no key unique enough): a changed row is a delete plus an insert,
+    # and the file of rows that did not change stays.
+    store.write(spark.createDataFrame([("a", "x", ["1"])], schema).coalesce(1), "u")
+    store.write(spark.createDataFrame([("b", "y", None)], schema).coalesce(1), "u", mode="append")
+    kept_file = {p for p in DeltaTable(store.path("u")).file_uris()}
+    assert store.merge(spark.createDataFrame([("a", "x", ["1"]), ("b", "y3", None)], schema), "u") == 2
+    after = DeltaTable(store.path("u"))
+    assert sorted((r["id"], r["note"]) for r in after.to_pyarrow_table().to_pylist()) == [("a", "x"), ("b", "y3")]
+    assert len(kept_file & set(after.file_uris())) == 1  # a's file is not rewritten

@@ -75,6 +75,7 @@ DEDUP_SCHEMA = T.StructType([
     T.StructField("similarity", T.DoubleType(), True),
 ])
 _FIRST_PASS_SCHEMA = T.StructType(list(DEDUP_SCHEMA.fields) + [T.StructField("far", T.BooleanType(), False)])
+ROUTED_SCHEMA = "target_cluster int, role string, id string, embedding array<float>"
 _MATCH_SCHEMA = T.StructType([
     T.StructField("probe_id", T.StringType(), False),
     T.StructField("target_id", T.StringType(), False),
@@ -179,35 +180,38 @@ class _DedupCluster:
 
 
 @dataclass(frozen=True)
-class _RouteProbes:
-    """Sends each probe row to its nearest other clusters, using the broadcast centroid matrix."""
+class RouteProbes:
+    """mapInArrow: each probe row (id, cluster, embedding) to its ``neighbours`` nearest other
+    clusters by the broadcast centroid matrix, and to its own cluster too when ``home``."""
 
     centers: Broadcast
     neighbours: int
+    home: bool = False
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         clusters, matrix = self.centers.value  # fetched once per executor, unpickled once per worker
         squared_norms = (matrix.astype(np.float64) ** 2).sum(axis=1)
+        take = min(self.neighbours, max(0, clusters.size - 1))
         for batch in batches:
-            if batch.num_rows == 0:
-                continue
             n = batch.num_rows
-            embedding = batch.column("embedding")
-            vectors = embedding.flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
-            home = batch.column("cluster").to_numpy(zero_copy_only=False)
-            # ||x - c||^2 up to the constant ||x||^2, which does not change the ranking.
-            dist = squared_norms[None, :] - 2.0 * (vectors.astype(np.float64) @ matrix.T.astype(np.float64))
-            dist[clusters[None, :] == home[:, None]] = np.inf
-            take = min(self.neighbours, max(0, clusters.size - 1))
-            if take == 0:
+            if n == 0 or (take == 0 and not self.home):
                 continue
-            nearest = np.argsort(dist, axis=1, kind="stable")[:, :take]
-            rows = np.repeat(np.arange(n), take)
+            embedding = batch.column("embedding")
+            home = batch.column("cluster").to_numpy(zero_copy_only=False).astype(np.int32)
+            routed = [home[:, None]] if self.home else []
+            if take:
+                vectors = embedding.flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+                # ||x - c||^2 up to the constant ||x||^2, which does not change the ranking.
+                dist = squared_norms[None, :] - 2.0 * (vectors.astype(np.float64) @ matrix.T.astype(np.float64))
+                dist[clusters[None, :] == home[:, None]] = np.inf
+                routed.append(clusters[np.argsort(dist, axis=1, kind="stable")[:, :take]].astype(np.int32))
+            targets = np.concatenate(routed, axis=1)
+            rows = pa.array(np.repeat(np.arange(n), targets.shape[1]))
             yield pa.RecordBatch.from_pydict({
-                "target_cluster": pa.array(clusters[nearest.reshape(-1)].astype(np.int32)),
-                "role": pa.array(np.full(rows.size, "probe", dtype=object), pa.string()),
-                "id": batch.column("id").take(pa.array(rows)),
-                "embedding": embedding.take(pa.array(rows)),
+                "target_cluster": pa.array(targets.reshape(-1)),
+                "role": pa.array(np.full(len(rows), "probe", dtype=object), pa.string()),
+                "id": batch.column("id").take(rows),
+                "embedding": embedding.take(rows),
             })
 
 
@@ -246,6 +250,32 @@ class _MatchProbes:
         })
 
 
+def broadcast_centers(centroids: DataFrame) -> Broadcast | None:
+    """(cluster ids, k x d centres) of the non-empty clusters, broadcast; None when there is
+    none. Collects k rows."""
+    rows = centroids.filter(F.col("size") > 0).select("cluster", "embedding_center").orderBy("cluster").collect()
+    if not rows:
+        return None
+    return centroids.sparkSession.sparkContext.broadcast((
+        np.array([r["cluster"] for r in rows], dtype=np.int32),
+        np.array([r["embedding_center"] for r in rows], dtype=np.float32).reshape(len(rows), -1)))
+
+
+def best_matches(probes: DataFrame, targets: DataFrame, threshold: float, block_size: int) -> DataFrame:
+    """Each probe's most similar target at or above ``threshold`` among the targets of the
+    clusters it was routed to: (probe_id, target_id, match_similarity), one row per matched
+    probe (ties: the smaller target id). ``probes`` come from :class:`RouteProbes`; ``targets``
+    are (target_cluster, id, embedding). The full run's cross-cluster pass and the incremental
+    run's new-rows-against-kept-rows pass both use it."""
+    targets = (targets.join(probes.select("target_cluster").distinct(), "target_cluster", "left_semi")
+               .select("target_cluster", F.lit("target").alias("role"), "id", "embedding"))
+    match_probes = _MatchProbes(threshold, block_size)
+    matches = (probes.unionByName(targets).groupBy("target_cluster")
+               .applyInPandas(lambda frame: match_probes(frame), _MATCH_SCHEMA))
+    best = Window.partitionBy("probe_id").orderBy(F.col("match_similarity").desc(), F.col("target_id"))
+    return matches.withColumn("n", F.row_number().over(best)).filter("n = 1").drop("n")
+
+
 def _dot(a: F.Column, b: F.Column) -> F.Column:
     return F.aggregate(F.zip_with(a, b, lambda x, y: (x * y).cast("double")), F.lit(0.0), lambda acc, v: acc + v)
 
@@ -265,27 +295,17 @@ def find_duplicates(embeddings: DataFrame, topics: DataFrame, centroids: DataFra
     first = first.persist(StorageLevel.MEMORY_AND_DISK)
     first.count()  # materialise now; the pipeline clears the cache once the table is written
 
-    # Small: one row per cluster.
-    center_rows = centroids.filter(F.col("size") > 0).select("cluster", "embedding_center").orderBy("cluster").collect()
-    if len(center_rows) < 2:
+    centers = broadcast_centers(centroids)
+    if centers is None or len(centers.value[0]) < 2:
         return first.select(*columns)
-    spark = embeddings.sparkSession
-    cluster_ids = np.array([r["cluster"] for r in center_rows], dtype=np.int32)
-    matrix = np.array([r["embedding_center"] for r in center_rows], dtype=np.float32)
-    centers = spark.sparkContext.broadcast((cluster_ids, matrix))
 
     kept = first.filter(F.col("status") == KEPT).join(embeddings.select("id", "embedding"), "id")
     probes = (kept.filter("far").select("id", "cluster", "embedding")
-              .mapInArrow(_RouteProbes(centers, settings.cross_cluster_neighbours),
-                          "target_cluster int, role string, id string, embedding array<float>"))
-    targets = kept.filter(~F.col("far")).select(
-        F.col("cluster").alias("target_cluster"), F.lit("target").alias("role"), "id", "embedding")
-    match_probes = _MatchProbes(settings.threshold, settings.block_size)
-    matches = (probes.unionByName(targets).groupBy("target_cluster")
-               .applyInPandas(lambda frame: match_probes(frame), _MATCH_SCHEMA))
-    best = Window.partitionBy("probe_id").orderBy(F.col("match_similarity").desc(), F.col("target_id"))
+              .mapInArrow(RouteProbes(centers, settings.cross_cluster_neighbours), ROUTED_SCHEMA))
+    targets = kept.filter(~F.col("far")).select(F.col("cluster").alias("target_cluster"), "id", "embedding")
+    matches = best_matches(probes, targets, settings.threshold, settings.block_size)
     # Two consumers (direct, moved): cached too, so the probe pass also runs once.
-    matches = matches.withColumn("n", F.row_number().over(best)).filter("n = 1").drop("n").persist()
+    matches = matches.persist()
 
     # Probes that matched become duplicates of their target.
     direct = (first.join(matches, first["id"] == matches["probe_id"], "left")
