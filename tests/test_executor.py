@@ -70,6 +70,18 @@ def test_outputs_must_be_declared_and_produced(spark, tmp_path):
         _pipeline(spark, tmp_path / "c", [Forgetful()]).run(force="source")
 
 
+def test_a_stage_may_keep_a_table_it_found_unchanged_but_not_a_missing_one(spark, tmp_path):
+    class AlreadyThere(Source):  # like merge when `merges` already holds exactly its rows
+        def run(self, ctx, tables):
+            return StageOutput(unchanged=("numbers",))
+
+    _pipeline(spark, tmp_path / "d", [Source()]).run()
+    [kept] = _pipeline(spark, tmp_path / "d", [AlreadyThere()]).run(force="source")
+    assert not kept.skipped and kept.versions == {"numbers": 0}
+    with pytest.raises(PipelineError, match="neither returned nor wrote table 'numbers'"):
+        _pipeline(spark, tmp_path / "e", [AlreadyThere()]).run()
+
+
 def test_until_stops_after_a_stage_and_missing_inputs_are_named(spark, tmp_path):
     root = tmp_path / "run"
     assert [r.name for r in _pipeline(spark, root, toy_stages()).run(until="double")] == ["source", "double"]

@@ -89,8 +89,19 @@ def test_every_group_gets_exactly_one_row_and_rerun_sends_nothing(spark, store, 
         assert second.by_source == {"ledger": n_groups}
         assert sorted(merges_rows(store), key=lambda r: r["group_id"]) == \
             sorted(rows, key=lambda r: r["group_id"])
+        # Same rows as the version the first run wrote: no new version of `merges`.
+        assert not second.rewritten and second.content == first.content
+        assert second.table_version == first.table_version == DeltaTable(store.path("merges")).version()
+
+        # Another writer changed `merges` since: the next rerun writes it again, whole.
+        store.write(store.read("merges").limit(2), "merges")
+        third = run(spark, store, settings, inputs)
+        assert third.requests == 0 and third.rewritten and third.content == first.content
+        assert third.table_version == first.table_version + 2
+        assert sorted(merges_rows(store), key=lambda r: r["group_id"]) == \
+            sorted(rows, key=lambda r: r["group_id"])
     runs = merge_runs(store.root)
-    assert [r["requests"] for r in runs] == [n_groups, 0]
+    assert [r["requests"] for r in runs] == [n_groups, 0, 0]
 
 
 def test_server_breaking_midway_then_rerun_pays_each_group_at_most_once_more(spark, store, inputs):
@@ -148,6 +159,7 @@ def test_changed_gate_rejudges_from_the_ledger_without_requests(spark, store, in
         summary = run(spark, store, strict, inputs)
     assert fake.count == sent and summary.requests == 0
     assert summary.by_source == {"rejudged": len(inputs[3])}
+    assert summary.rewritten  # other verdicts: other rows, a new version
     rows = merges_rows(store)
     assert {r["status"] for r in rows} == {"gate_failed"}
     assert all("source_similarity" in json.loads(r["gate"])["failed"] for r in rows)

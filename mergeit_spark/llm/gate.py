@@ -47,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
 
 import numpy as np
@@ -262,12 +262,24 @@ class Batcher(Generic[T, R]):
             self._draining = False
 
 
+# Texts per forward pass of the gate. A gate call holds the few dozen merges that finished
+# together, of mixed lengths (10-250 tokens); ``encode_texts`` orders them by token count and cuts
+# them into forward passes, each padded to its longest text. At the embed stage's 32 a call is one
+# pass padded to its longest text: on 300 merged texts in calls of 32 (2-core AVX2 CPU, one torch
+# thread) that cost 49 ms of CPU per text, against 26 ms in passes of 8 (little padding, matrices
+# still large enough). Only the padding changes: the vectors are the same to float rounding.
+GATE_FORWARD_ROWS = 8
+
+
 def model_encoder(settings: EmbedSettings) -> Callable[[list[str]], np.ndarray]:
-    """``encode(texts)`` with the embed stage's model and precision (loaded once per process)."""
+    """``encode(texts)`` with the embed stage's model and precision (loaded once per process),
+    in forward passes of at most ``GATE_FORWARD_ROWS`` texts of similar length."""
     from ..stages.embed import encode_texts
 
+    gate_settings = replace(settings, batch_size=min(settings.batch_size, GATE_FORWARD_ROWS))
+
     def encode(texts: list[str]) -> np.ndarray:
-        return encode_texts(texts, settings)
+        return encode_texts(texts, gate_settings)
 
     return encode
 

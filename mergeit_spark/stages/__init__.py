@@ -40,6 +40,8 @@ class StageOutput(Mapping[str, DataFrame]):
     """What one run of a stage hands the executor; reads as the mapping of its tables."""
     tables: dict[str, DataFrame] = field(default_factory=dict)  # to be written under the run root
     summary: dict[str, Any] = field(default_factory=dict)       # small, JSON-ready: kept in state
+    # Tables the stage found already holding exactly what it would write (no new version needed).
+    unchanged: tuple[str, ...] = ()
 
     def __getitem__(self, name: str) -> DataFrame:
         return self.tables[name]

@@ -16,7 +16,10 @@ How it runs on Spark
      directly. Results stream back as Arrow batches of a few hundred rows.
   3. The pass returns one row per group (its merges row and what this run paid for it); it is
      persisted, summed into the run's summary (a few aggregate rows reach the driver) and written
-     as ``merges`` with ``ctx.store.write``. A group's row is its latest ledger line.
+     as ``merges`` with ``ctx.store.write``. A group's row is its latest ledger line. The same
+     aggregation fingerprints the rows (``MergeRunSummary.content``); when they equal the rows of
+     the last run that wrote ``merges`` and no one has written it since, no new version is written
+     (a rerun that changed nothing pays no Delta commit).
 
 Per group (one worker): request, validate, regenerate, gate (``llm.gate.BatchGate``: merged texts
 of the groups finishing together are embedded in one ``encode_texts`` call on a worker thread,
@@ -497,6 +500,8 @@ class MergeRunSummary:
     partitions: int = 0
     seconds: float = 0.0
     table_version: int | None = None
+    content: str = ""            # fingerprint of the merges rows this run produced (see summarise)
+    rewritten: bool = True       # False: `merges` already held exactly these rows, no new version
 
     @property
     def total_tokens(self) -> int:
@@ -523,6 +528,9 @@ class MergeRunSummary:
         for check in (row["gate_failed"] or "").split(","):
             if check:
                 self.gate_rejections[check] = self.gate_rejections.get(check, 0) + n
+        xor, low = (int(row["content_xor"] or 0), int(row["content_sum"] or 0))
+        count, seen_xor, seen_low = (int(v, 16) for v in (self.content or "0:0:0").split(":"))
+        self.content = f"{count + n:x}:{(seen_xor ^ xor) & _MASK64:x}:{seen_low + low:x}"
 
 
 def _budget_shares(jobs: DataFrame, merge: MergeSettings) -> BudgetShares:
@@ -550,14 +558,27 @@ def request_pass(jobs: DataFrame, settings: Settings, ledger_root: str,
     return jobs.repartition(p, "bucket").sortWithinPartitions("bucket").mapInArrow(fn, PASS_SCHEMA), p
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _merges_columns() -> list:
+    """The pass output's columns as the ``merges`` table has them."""
+    return [F.col(f.name).cast(f.dataType).alias(f.name) for f in MERGES_SCHEMA.fields]
+
+
 def summarise(passed: DataFrame, partitions: int) -> MergeRunSummary:
     """This run's totals from the pass output: a Spark aggregation, a few rows to the driver."""
     error_kind = F.when(F.col("status") == STATUS_FAILED,
                         F.nullif(F.split(F.col("error"), ":").getItem(0), F.lit("")))
+    # An order-free fingerprint of the merges rows (xor and sum of a hash of each whole row as
+    # JSON, which names every non-null field): equal fingerprints, equal tables.
+    row_hash = F.xxhash64(F.to_json(F.struct(*_merges_columns())))
     rows = (passed.groupBy("status", "source", error_kind.alias("error_kind"), "gate_failed")
             .agg(F.count("*").alias("groups"), F.sum("paid_requests").alias("requests"),
                  F.sum("paid_prompt_tokens").alias("prompt_tokens"),
-                 F.sum("paid_completion_tokens").alias("completion_tokens"))
+                 F.sum("paid_completion_tokens").alias("completion_tokens"),
+                 F.bit_xor(row_hash).alias("content_xor"),
+                 F.sum(row_hash.bitwiseAND(F.lit(0xFFFFFFFF))).alias("content_sum"))
             .collect())
     summary = MergeRunSummary(partitions=partitions)
     for row in rows:
@@ -611,9 +632,13 @@ def run_merge(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddin
         log.info("merge: %d groups, %d requests sent, %d tokens; statuses %s; gate rejections %s",
                  summary.groups, summary.requests, summary.total_tokens, summary.by_status,
                  summary.gate_rejections)
-        merges = passed.select(*[F.col(f.name).cast(f.dataType).alias(f.name)
-                                 for f in MERGES_SCHEMA.fields])
-        summary.table_version = ctx.store.write(merges, "merges")
+        summary.table_version = _unchanged_version(ctx, summary.content)
+        if summary.table_version is None:
+            summary.table_version = ctx.store.write(passed.select(*_merges_columns()), "merges")
+        else:
+            summary.rewritten = False
+            log.info("merge: `merges` version %d already holds these rows; not rewritten",
+                     summary.table_version)
     finally:
         passed.unpersist()
     summary.seconds = round(time.perf_counter() - started, 3)
@@ -623,6 +648,17 @@ def run_merge(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddin
         handle.write(json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                  **summary.as_dict()}) + "\n")
     return summary
+
+
+def _unchanged_version(ctx: StageContext, content: str) -> int | None:
+    """The current version of ``merges`` when the last merge run wrote it (no other writer
+    since) from rows with fingerprint ``content``, else None: a rerun that changed nothing (every
+    group answered by the ledger as before) writes no new version."""
+    written = [r for r in merge_runs(ctx.store.root) if r.get("content") and r.get("table_version") is not None]
+    if not content or not written or written[-1]["content"] != content:
+        return None
+    version = ctx.store.version("merges")
+    return version if version == written[-1]["table_version"] else None
 
 
 def merge_runs(run_root: str | Path) -> list[dict[str, Any]]:
@@ -645,4 +681,4 @@ class Merge(Stage):
         # run_merge writes `merges` itself (paid calls are durable as they land), so no table
         # goes back to the executor: only what this run paid.
         summary = run_merge(ctx, tables["merge_groups"], tables["records"], tables["embeddings"])
-        return StageOutput(summary=summary.as_dict())
+        return StageOutput(summary=summary.as_dict(), unchanged=() if summary.rewritten else ("merges",))
