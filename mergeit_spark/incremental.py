@@ -588,8 +588,9 @@ def _group_and_merge(ctx: StageContext, run_id: str, before: dict[str, int | Non
     started = time.monotonic()
     merge: dict[str, Any] = {"groups": 0, "requests": 0}
     if counts["new_groups"]:
+        from .stages.merge import record_merge_run
         merge = merge_new_groups(ctx, groups, store.read("records"), store.read("embeddings"))
-        record_merge_run(Path(store.root), run_id, merge)
+        record_merge_run(store.root, {"incremental_run": run_id, **merge})
     groups.unpersist()
     new_ids.unpersist()
     timer.step("merge", started)
@@ -635,17 +636,6 @@ def finalize_by_merge(pipeline: "Pipeline", result: Increment) -> dict[str, Any]
     pipeline.mark_current(stage.name, {"incremental_run": result.run_id, "merged_versions": versions},
                           checks=checks)
     return checks
-
-
-def record_merge_run(root: Path, run_id: str, merge: dict[str, Any]) -> None:
-    """One line in ``_ledger/merge_runs.jsonl`` for the increment's merge pass, as a full run's
-    merge stage writes (with ``incremental_run``), so the report counts every pass."""
-    from .stages.merge import RUNS_FILE
-    runs = root / RUNS_FILE
-    runs.parent.mkdir(parents=True, exist_ok=True)
-    with open(runs, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 "incremental_run": run_id, **merge}) + "\n")
 
 
 def grow_centroids(store: TableStore, assigned: DataFrame) -> int | None:

@@ -642,12 +642,18 @@ def run_merge(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddin
     finally:
         passed.unpersist()
     summary.seconds = round(time.perf_counter() - started, 3)
-    runs = Path(ctx.store.root) / RUNS_FILE
+    record_merge_run(ctx.store.root, summary.as_dict())
+    return summary
+
+
+def record_merge_run(run_root: str | Path, entry: dict[str, Any]) -> None:
+    """One line of ``_ledger/merge_runs.jsonl`` for a merge pass (the stage's or an increment's),
+    stamped with when it finished; :func:`merge_runs` reads them back."""
+    runs = Path(run_root) / RUNS_FILE
     runs.parent.mkdir(parents=True, exist_ok=True)
     with open(runs, "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 **summary.as_dict()}) + "\n")
-    return summary
+                                 **entry}) + "\n")
 
 
 def _unchanged_version(ctx: StageContext, content: str) -> int | None:
