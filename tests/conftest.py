@@ -63,3 +63,15 @@ def pipeline_run(spark, shared_data, tmp_path_factory, pipeline_llm):
     pipeline, engine and resume tests read it (never write to it) or work on ``copy_to`` copies."""
     from _pipeline_run import run_whole_pipeline
     return run_whole_pipeline(spark, shared_data, tmp_path_factory.mktemp("shared-run"), pipeline_llm.base_url)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_cache_across_modules():
+    """Rows a module cached (a stage's persist called outside the pipeline, which clears its
+    caches) are dropped before the next module: one test's 750 MB of parsed outcomes left in
+    the shared session's storage memory once starved a later module's sort of execution memory."""
+    yield
+    from pyspark.sql import SparkSession
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.catalog.clearCache()
