@@ -1,7 +1,9 @@
 """Benchmark: an incremental run of 20% new rows against a full rerun on the same 100%.
 
-Takes the first ``--rows`` records of ../shared/data/mergeit-6k.json, writes 80% to one JSON Lines
-file and 20% to another, and in ONE process (one Spark session, the same scripted loopback LLM
+Takes the first ``--rows`` records of the ``--data`` files of ../shared/data (default
+mergeit-6k.json; ``--data all`` is its three Alpaca-layout JSON sets, 16,978 rows), deals them
+80/20 at random (seed 0: the new batch is like the old, as weekly appends are) into two JSON Lines
+files, and in ONE process (one Spark session, the same scripted loopback LLM
 server for both, answering after ``--llm-latency`` seconds):
 
 1. full run on the 80% (setup, not timed),
@@ -11,8 +13,8 @@ server for both, answering after ``--llm-latency`` seconds):
 Writes the ``incremental`` section of BENCHMARKS.md with both wall times, per-step seconds and
 the ratio. Goal: the increment costs <= 30% of the full rerun. Usage:
 
-    .venv/bin/python bench/bench_incremental.py [--rows 2000] [--llm-latency 0.05] [--no-write]
-        [--profile increment.txt]
+    .venv/bin/python bench/bench_incremental.py [--rows 2000] [--data all | FILE ...]
+        [--llm-latency 0.05] [--no-write] [--profile increment.txt]
 
 ``--profile`` records the increment's driver with pyinstrument (text report to that file); the
 table always lists the Spark jobs each step of the increment ran.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -44,11 +47,16 @@ from mergeit_spark.session import build_session  # noqa: E402
 DATA = (REPO / ".." / "shared" / "data").resolve()
 
 
-def write_split(work: Path, rows: int, share: float) -> tuple[Path, Path]:
-    records = json.loads((DATA / "mergeit-6k.json").read_text())[:rows]
-    cut = int(round(len(records) * (1 - share)))
+ALL_DATA = ("mergeit-6k.json", "gpteacher-roleplay.json", "gpteacher-toolformer.json")
+
+
+def write_split(work: Path, rows: int | None, share: float,
+                files: tuple[str, ...] | list[str] = ("mergeit-6k.json",)) -> tuple[Path, Path]:
+    records = [r for name in files for r in json.loads((DATA / name).read_text())][:rows]
+    later = set(random.Random(0).sample(range(len(records)), int(round(len(records) * share))))
     old, new = work / "old.jsonl", work / "new.jsonl"
-    for path, part in ((old, records[:cut]), (new, records[cut:])):
+    parts = ([r for i, r in enumerate(records) if i not in later], [r for i, r in enumerate(records) if i in later])
+    for path, part in zip((old, new), parts):
         path.write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n"
                                 for r in part))
     return old, new
@@ -71,7 +79,9 @@ def _profiler():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--rows", type=int, default=2000, help="first rows of --data (0: all)")
+    parser.add_argument("--data", nargs="+", default=["mergeit-6k.json"],
+                        help="files of ../shared/data, or 'all' (the three JSON sets)")
     parser.add_argument("--share", type=float, default=0.2, help="share of the rows that arrive later")
     parser.add_argument("--llm-latency", type=float, default=0.05, help="seconds the fake LLM takes per reply")
     parser.add_argument("--set", action="append", default=[], dest="extra", metavar="KEY=VALUE")
@@ -80,7 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
     try:
-        old, new = write_split(work, args.rows, args.share)
+        files = list(ALL_DATA) if args.data == ["all"] else args.data
+        old, new = write_split(work, args.rows or None, args.share, files)
         with FakeOpenAI(latency_s=args.llm_latency) as llm:
             spark = build_session(settings_for(work / "inc", [old], llm.base_url, args.extra).spark)
             Pipeline(settings_for(work / "inc", [old], llm.base_url, args.extra), spark=spark).run()
@@ -104,7 +115,8 @@ def main() -> None:
             spark.stop()
         ratio = inc_seconds / full_seconds
         body = (
-            f"{args.rows} rows of mergeit-6k.json, {int(args.share * 100)}% of them new "
+            f"{sum(1 for _ in open(old)) + sum(1 for _ in open(new))} rows of {', '.join(files)}, "
+            f"{int(args.share * 100)}% of them new at random "
             f"({result.counts.get('new_records')} new records), `local[2]`, fake LLM answering in "
             f"{args.llm_latency} s; one process, one Spark session, increment first.\n\n"
             "| run | wall s | LLM requests | per step (s) |\n| --- | ---: | ---: | --- |\n"

@@ -254,16 +254,23 @@ def added_rows(store: TableStore, table: str, before: int | None) -> DataFrame:
 # Step 3: topics and drift
 # ------------------------------------------------------------------------------------------
 
-def drift_of(assigned: DataFrame, centroids: DataFrame, quantile: float) -> dict[str, Any]:
-    """Share of ``assigned`` rows (id, cluster, distance) beyond their cluster's ``quantile`` of
-    the fitted rows' distances (a Spark aggregate; one row to the driver)."""
+def arrivals_by_cluster(assigned: DataFrame, centroids: DataFrame, quantile: float) -> dict[int, tuple[int, int]]:
+    """Per cluster: how many ``assigned`` rows (id, cluster, distance) it gained, and how many of
+    them lie beyond its ``quantile`` of the fitted rows' distances (one aggregate; k rows to the
+    driver)."""
     slot = DISTANCE_QUANTILES.index(quantile) + 1
     bounds = centroids.select("cluster", F.element_at("distance_quantiles", slot).alias("bound"))
-    row = (assigned.join(F.broadcast(bounds), "cluster", "left")
-           .agg(F.count(F.lit(1)).alias("rows"),
-                F.sum(F.when(F.col("distance") > F.coalesce("bound", F.lit(0.0)), 1).otherwise(0)).alias("far"))
-           .first())
-    rows, far = int(row["rows"]), int(row["far"] or 0)
+    rows = (assigned.join(F.broadcast(bounds), "cluster", "left").groupBy("cluster")
+            .agg(F.count(F.lit(1)).alias("rows"),
+                 F.sum(F.when(F.col("distance") > F.coalesce("bound", F.lit(0.0)), 1).otherwise(0)).alias("far"))
+            .collect())
+    return {int(r["cluster"]): (int(r["rows"]), int(r["far"] or 0)) for r in rows}
+
+
+def drift_of(arrivals: dict[int, tuple[int, int]], quantile: float) -> dict[str, Any]:
+    """The share of new rows beyond their cluster's ``quantile`` (``arrivals_by_cluster``)."""
+    rows = sum(n for n, _ in arrivals.values())
+    far = sum(f for _, f in arrivals.values())
     return {"rows": rows, "far": far, "quantile": quantile, "share": far / rows if rows else 0.0,
             "expected_share": round(1.0 - quantile, 6)}
 
@@ -561,11 +568,12 @@ def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer) -> dic
     model = load_topic_model(ctx.store.root)
     assigned = assign_to_topics(added_rows(ctx.store, "embeddings", embeddings_before), model).persist()
     settings = ctx.settings.incremental
-    drift = drift_of(assigned, ctx.store.read("centroids"), settings.drift_quantile)
+    arrivals = arrivals_by_cluster(assigned, ctx.store.read("centroids"), settings.drift_quantile)
+    drift = drift_of(arrivals, settings.drift_quantile)
     drift["alarm_share"] = settings.drift_alarm_share
     drift["recluster_advised"] = drift["share"] > settings.drift_alarm_share
     append(ctx.store, assigned, "topics", drift["rows"])
-    grow_centroids(ctx.store, assigned)
+    grow_centroids(ctx.store, {cluster: n for cluster, (n, _) in arrivals.items()})
     assigned.unpersist()
     if drift["recluster_advised"]:
         log.warning("incremental: %.1f%% of the new rows lie beyond their cluster's p%g distance "
@@ -638,16 +646,15 @@ def finalize_by_merge(pipeline: "Pipeline", result: Increment) -> dict[str, Any]
     return checks
 
 
-def grow_centroids(store: TableStore, assigned: DataFrame) -> int | None:
-    """``centroids.size`` plus the new rows assigned to each cluster (k rows; the fitted centres
-    and distance statistics stay). One new version of ``centroids``, by MERGE."""
-    added = assigned.groupBy("cluster").agg(F.count(F.lit(1)).alias("_added"))
+def grow_centroids(store: TableStore, added: dict[int, int]) -> int | None:
+    """``centroids.size`` plus the rows ``added`` to each cluster (the fitted centres and
+    distance statistics stay): the k rows rewritten, one new version (an overwrite costs a
+    fraction of a MERGE, and every row changes anyway). None when nothing was added."""
+    if not any(added.values()):
+        return None
     centroids = store.read("centroids")
-    grown = (centroids.join(added, "cluster", "left")
-             .withColumn("size", (F.col("size") + F.coalesce("_added", F.lit(0))).cast(
-                 centroids.schema["size"].dataType))
-             .select(*centroids.columns))
-    return store.merge(grown, "centroids", ("cluster",))
+    rows = [{**r.asDict(), "size": r["size"] + added.get(r["cluster"], 0)} for r in centroids.collect()]
+    return store.write(store.spark.createDataFrame(rows, centroids.schema), "centroids")
 
 
 def _stage_summary(name: str, result: Increment) -> dict[str, Any]:
