@@ -207,9 +207,11 @@ def ingest_increment(ctx: StageContext, files: list, run_id: str, records_versio
     """Parse the new inputs and append their records, rejects and input_files rows; the counts
     must balance before anything is written. ``records`` is read at ``records_version``: a read
     that is not pinned would see the records this step appends and call them duplicates."""
+    from .inputs import pinned
     from .parsing import ParseLimits
     settings = ctx.settings.ingest
     limits = ParseLimits.from_settings(settings, settings.reject_raw_chars)
+    files = [pinned(item) for item in files]  # a new Delta source: one version for every read
     framing = frame_inputs(ctx.spark, files, limits)  # counted once, for the parse and the count
     outcomes = parse_outcomes(ctx.spark, files, limits, framing).persist(StorageLevel.MEMORY_AND_DISK)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import unquote, urlparse
@@ -40,6 +40,17 @@ class InputFile:
     version: int | None = None
     after_version: int | None = None
     row_offset: int = 0
+
+
+def pinned(item: InputFile) -> InputFile:
+    """``item`` with a Delta source's version fixed at its current one (files as they are): one
+    ingest reads a Delta source several times (framing, parsing, bytes, ``input_files.version``),
+    and a writer appending between those reads must not make them see different versions (rows
+    framed but not parsed, or a recorded version past the rows read)."""
+    if item.format != "delta" or item.version is not None:
+        return item
+    from deltalake import DeltaTable
+    return replace(item, version=DeltaTable(item.path).version())
 
 
 def resolve_inputs(paths: list[str], fmt: str) -> list[InputFile]:

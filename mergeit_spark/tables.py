@@ -106,12 +106,13 @@ class TableStore:
         holding a changed or deleted row (their other rows as they are) plus the inserts, and
         delta-rs commits the new files and the removal of the old ones in one transaction
         (copy-on-write, as Delta's MERGE does; only file names reach the driver)."""
-        columns = self.read(name).schema
-        aligned = source.select(*[F.col(f"`{f.name}`").cast(f.dataType).alias(f.name) for f in columns.fields])
-        keys = list(keys) if keys else [f.name for f in columns.fields]
+        current = self.read(name)
+        fields = current.schema.fields
+        aligned = source.select(*[F.col(f"`{f.name}`").cast(f.dataType).alias(f.name) for f in fields])
+        keys = list(keys) if keys else [f.name for f in fields]
         values = [c for c in aligned.columns if c not in keys]
-        old = self.read(name).select(*[F.col(f"`{c}`").alias(f"_t_{c}") for c in aligned.columns],
-                                     F.col("_metadata.file_path").alias("_t_file"))
+        old = current.select(*[F.col(f"`{c}`").alias(f"_t_{c}") for c in aligned.columns],
+                             F.col("_metadata.file_path").alias("_t_file"))
         on = _all([F.col(f"`{k}`").eqNullSafe(F.col(f"_t_{k}")) for k in keys])
         joined = (aligned.withColumn("_s", F.lit(True)).join(old.withColumn("_t", F.lit(True)), on, "full_outer")
                   .persist(StorageLevel.MEMORY_AND_DISK))

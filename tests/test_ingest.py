@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from mergeit_spark.config import IngestSettings
 from mergeit_spark.ids import content_id
-from mergeit_spark.inputs import SAMPLE_PATH, InputError, InputFile, fingerprint_inputs, resolve_inputs
+from mergeit_spark.inputs import SAMPLE_PATH, InputError, InputFile, fingerprint_inputs, pinned, resolve_inputs
 from mergeit_spark.parsing import REASONS, ParseLimits, Position, parse_document, parse_text
 from mergeit_spark.stages import StageContext
 from mergeit_spark.stages.ingest import (RECORD_SCHEMA, Ingest, IngestCountError, check_input_counts, ingest,
@@ -616,6 +616,23 @@ def test_delta_input_with_partitions(spark, tmp_path):
     rows = sorted(r["row"] for r in rejects)
     assert len(set(rows)) == 2 and all(0 <= n < 4 for n in rows)
     assert len(records) + len(rejects) == DeltaTable(str(table_path)).to_pyarrow_table().num_rows
+
+
+def test_a_delta_source_is_read_at_one_version_while_a_writer_appends(spark, tmp_path):
+    """Every read of one ingest (framing, parsing, bytes, input_files.version) sees the version
+    pinned at its start, not rows a writer appended meanwhile."""
+    table_path = tmp_path / "growing"
+    write_deltalake(str(table_path), pa.table({"instruction": ["One.", "Two."], "output": ["1", "2"]}))
+    [item] = resolve_inputs([str(table_path)], "auto")
+    at_start = pinned(item)
+    assert at_start.version == 0 and pinned(at_start) == at_start
+    write_deltalake(str(table_path), pa.table({"instruction": ["Three."], "output": ["3"]}), mode="append")
+    records, rejects, input_files = ingest(spark, [at_start], DEFAULT)
+    [row] = input_files.collect()
+    assert (records.count(), rejects.count(), row["units"], row["version"]) == (2, 0, 2, 0)
+    records, _, input_files = ingest(spark, [item], DEFAULT)  # unpinned: the version current now
+    [row] = input_files.collect()
+    assert (records.count(), row["units"], row["version"]) == (3, 3, 1)
 
 
 def test_gzip_and_glob_characters_in_names(spark, tmp_path):

@@ -72,7 +72,7 @@ from pyspark.sql.types import (DoubleType, FloatType, IntegerType, LongType, Str
 
 from ..config import IngestSettings, Settings
 from ..inputs import (FORMATS, SAMPLE_PATH, InputError, InputFile, delta_data_files, fingerprint_inputs,
-                      input_bytes, resolve_inputs)
+                      input_bytes, pinned, resolve_inputs)
 from ..jsonstream import count_units
 from ..parsing import (DEFAULT_RAW_CHARS, OUTCOME_ARROW, REASONS, ParseLimits, parse_json_file_batches,
                        parse_text_batches)
@@ -359,12 +359,7 @@ def input_files_table(spark: SparkSession, files: list[InputFile], limits: Parse
 def delta_version(item: InputFile) -> int | None:
     """The version of a Delta source that was read (``input_files.version``; null for files):
     an incremental run reads only the data files added after it."""
-    if item.format != "delta":
-        return None
-    if item.version is not None:
-        return item.version
-    from deltalake import DeltaTable
-    return DeltaTable(item.path).version()
+    return pinned(item).version if item.format == "delta" else None
 
 
 def split_outcomes(outcomes: DataFrame) -> tuple[DataFrame, DataFrame]:
@@ -397,6 +392,7 @@ def ingest(spark: SparkSession, files: list[InputFile], settings: IngestSettings
         if item.format not in FORMATS:
             raise InputError(f"{item.path}: unknown format {item.format!r}")
     limits = ParseLimits.from_settings(settings, raw_chars)
+    files = [pinned(item) for item in files]
     framing = frame_inputs(spark, files, limits)  # one job, before parsing: counts and line offsets
     outcomes = parse_outcomes(spark, files, limits, framing)
     if persist:
