@@ -210,22 +210,22 @@ class TableStore:
                 for a in adds]
 
     def read(self, name: str, version: int | None = None) -> DataFrame:
-        """Table ``name`` as a DataFrame, at ``version`` when given (time travel)."""
+        """Table ``name`` as a DataFrame, at ``version`` when given (time travel).
+
+        An older version is read as the Parquet files live at that version (from the Delta log,
+        through delta-rs) whenever the table's reader protocol is 1 (no deletion vectors, no column
+        mapping: those files are exactly its rows; the session's table defaults keep it so): Delta's
+        own time travel rebuilds the snapshot with Spark jobs on every read (about a second here;
+        an increment reads four tables at the version before it)."""
         target = self.path(name)
         if not self.exists(name):
             raise FileNotFoundError(f"no Delta table {name!r} at {target}")
-        if self.engine == "delta-spark":
-            reader = self.spark.read.format("delta")
-            if version is not None:
-                reader = reader.option("versionAsOf", version)
-            return reader.load(target)
+        if self.engine == "delta-spark" and version is None:
+            return self.spark.read.format("delta").load(target)
         table = DeltaTable(target, version=version)
-        # delta-rs hands back an arro3 schema; pyarrow takes it through the C data interface.
-        schema = from_arrow_schema(pa.schema(table.schema().to_arrow()))
-        files = table.file_uris()
-        if not files:
-            return self.spark.createDataFrame([], schema)
-        return self.spark.read.schema(schema).parquet(*files)
+        if self.engine == "delta-spark" and table.protocol().min_reader_version > 1:
+            return self.spark.read.format("delta").option("versionAsOf", version).load(target)
+        return self._read_files(table, table.file_uris())
 
     def read_added(self, name: str, since: int) -> DataFrame:
         """The rows appended to table ``name`` after version ``since``: the data files added
@@ -236,11 +236,15 @@ class TableStore:
         live, before = set(now.file_uris()), set(then.file_uris())
         if not before <= live:
             raise ValueError(f"table {name!r} lost files since version {since}: not an append")
-        schema = from_arrow_schema(pa.schema(now.schema().to_arrow()))
-        added = sorted(live - before)
-        if not added:
+        return self._read_files(now, sorted(live - before))
+
+    def _read_files(self, table: DeltaTable, files: list[str]) -> DataFrame:
+        """``files`` of ``table`` read as Parquet with the table's schema."""
+        # delta-rs hands back an arro3 schema; pyarrow takes it through the C data interface.
+        schema = from_arrow_schema(pa.schema(table.schema().to_arrow()))
+        if not files:
             return self.spark.createDataFrame([], schema)
-        return self.spark.read.schema(schema).parquet(*added)
+        return self.spark.read.schema(schema).parquet(*files)
 
     def history(self, name: str) -> list[dict]:
         """Commit history, newest first (small: one entry per version)."""

@@ -223,3 +223,36 @@ def test_merge_updates_inserts_and_deletes_in_one_version(spark, engine_store):
     after = DeltaTable(store.path("u"))
     assert sorted((r["id"], r["note"]) for r in after.to_pyarrow_table().to_pylist()) == [("a", "x"), ("b", "y3")]
     assert len(kept_file & set(after.file_uris())) == 1  # a's file is not rewritten
+
+
+def test_an_older_version_with_deletion_vectors_is_read_through_delta(spark, tmp_path):
+    """A pinned version is read as its Parquet files only where those files are its rows (reader
+    protocol 1). A table someone gave deletion vectors keeps a deleted row in its file, so the
+    delta-spark store reads such a version through Delta's time travel: the deleted row stays
+    deleted."""
+    store = TableStore(spark, tmp_path / "run", engine="delta-spark")
+    path = store.path("t").replace("`", "``")
+    spark.sql(f"CREATE TABLE delta.`{path}` (id string) USING delta "
+              "TBLPROPERTIES ('delta.enableDeletionVectors' = 'true')")
+    store.write(spark.createDataFrame([("a",), ("b",), ("c",)], "id string").coalesce(1), "t", mode="append")
+    spark.sql(f"DELETE FROM delta.`{path}` WHERE id = 'b'")
+    deleted_at = store.version("t")
+    store.write(spark.createDataFrame([("d",)], "id string"), "t", mode="append")
+    assert DeltaTable(store.path("t")).protocol().min_reader_version > 1
+    assert any(a.get("add", {}).get("deletionVector") for a in log_actions(Path(store.path("t"))))
+    assert sorted(r.id for r in store.read("t", version=deleted_at).collect()) == ["a", "c"]
+    assert sorted(r.id for r in store.read("t").collect()) == ["a", "c", "d"]
+
+
+def test_an_older_version_of_a_plain_table_is_its_files_at_that_version(spark, engine_store):
+    """Reader protocol 1 (our tables): a pinned version reads the files live at that version, the
+    rows a writer appended and the rows an overwrite replaced included or not as at that version."""
+    store = engine_store
+    store.write(spark.createDataFrame([("a",), ("b",)], "id string"), "t")
+    store.write(spark.createDataFrame([("c",)], "id string"), "t", mode="append")
+    store.write(spark.createDataFrame([("z",)], "id string"), "t")
+    assert DeltaTable(store.path("t")).protocol().min_reader_version == 1
+    expected = {0: ["a", "b"], 1: ["a", "b", "c"], 2: ["z"]}
+    for version, ids in expected.items():
+        assert sorted(r.id for r in store.read("t", version=version).collect()) == ids
+        assert sorted(DeltaTable(store.path("t"), version=version).to_pyarrow_table().column("id").to_pylist()) == ids
