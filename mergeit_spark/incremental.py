@@ -85,7 +85,7 @@ from pyspark.sql import types as T
 from .stages import StageContext
 from .stages.dedup import (DEDUP_SCHEMA, DUPLICATE, KEPT, ROUTED_SCHEMA, RouteProbes, best_matches,
                            broadcast_centers, embedding_matrix, keep_order, leader_dedup)
-from .stages.finalize import keep_arrival_runs
+from .stages.finalize import build_lineage_and_final, keep_arrival_runs
 from .stages.ingest import (RECORD_SCHEMA, IngestCountError, frame_inputs, input_files_table, new_run_id,
                             parse_outcomes)
 from .stages.select import extend_facility_location
@@ -215,7 +215,9 @@ def ingest_increment(ctx: StageContext, files: list, run_id: str, records_versio
     framing = frame_inputs(ctx.spark, files, limits)  # counted once, for the parse and the count
     outcomes = parse_outcomes(ctx.spark, files, limits, framing).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        records, rejects = split_against(outcomes, ctx.store.read("records", version=records_version))
+        # Counted, then appended: the split (a window and a join against records) runs once.
+        records, rejects = (part.persist(StorageLevel.MEMORY_AND_DISK) for part in
+                            split_against(outcomes, ctx.store.read("records", version=records_version)))
         input_rows = input_files_table(ctx.spark, files, limits, outcomes, run_id, framing).persist()
         counts = {"new_records": records.count(), "new_rejects": rejects.count(),
                   "new_input_rows": int(input_rows.agg(F.sum("units")).first()[0] or 0)}
@@ -226,7 +228,7 @@ def ingest_increment(ctx: StageContext, files: list, run_id: str, records_versio
         append(ctx.store, rejects, "rejects", counts["new_rejects"])
         append(ctx.store, input_rows, "input_files", len(files))
     finally:
-        outcomes.unpersist()
+        ctx.spark.catalog.clearCache()  # outcomes, the split and input_rows: all written now
     return counts
 
 
@@ -311,8 +313,10 @@ def dedup_new_rows(new_topics: DataFrame, embeddings: DataFrame, dedup: DataFram
         RouteProbes(broadcast_centers(centroids), neighbours, home=True), ROUTED_SCHEMA)
     kept = (dedup.filter(F.col("status") == KEPT).select("id", F.col("cluster").alias("target_cluster"))
             .join(vectors, "id"))
+    # Two consumers (the matched rows, and the rest): cached, so the comparison runs once.
     matched = (best_matches(probes, kept, settings.threshold, settings.block_size)
-               .select(F.col("probe_id").alias("id"), "target_id", F.col("match_similarity").alias("similarity")))
+               .select(F.col("probe_id").alias("id"), "target_id", F.col("match_similarity").alias("similarity"))
+               .persist())
     dedup_new = _DedupNew(settings.threshold, settings.block_size)
     rest = (new.join(matched.select("id"), "id", "left_anti").groupBy("cluster")
             .applyInPandas(lambda frame: dedup_new(frame), DEDUP_SCHEMA))
@@ -386,7 +390,8 @@ def new_groups(new_ids: DataFrame, selected: DataFrame, merge_groups: DataFrame,
     touched = selected.join(new_ids, "id", "left_semi").select("cluster").distinct()
     free = (selected.join(touched, "cluster", "left_semi").join(grouped, "id", "left_anti")
             .select("id", "cluster"))
-    found = build_merge_groups(free, embeddings, settings.threshold, settings.size)
+    # Read twice (which groups hold a new row, then those groups): cached, grouped once.
+    found = build_merge_groups(free, embeddings, settings.threshold, settings.size).persist()
     with_new = (found.select("group_id", F.explode("member_ids").alias("id"))
                 .join(new_ids, "id", "left_semi").select("group_id").distinct())
     return (found.join(with_new, "group_id", "left_semi")
@@ -639,9 +644,15 @@ def finalize_by_merge(pipeline: "Pipeline", result: Increment) -> dict[str, Any]
     per table; then the stage's ledger check, and its state at the new versions."""
     stage = pipeline.stages[pipeline.stage_names().index("finalize")]
     ctx = pipeline.ctx
-    output = stage.run(ctx, {t: ctx.store.read(t) for t in stage.inputs})
-    output.tables["lineage"] = keep_arrival_runs(output.tables["lineage"], ctx.store.read("lineage"), result.run_id)
-    versions = {table: ctx.store.merge(output.tables[table], table, MERGE_KEYS[table]) for table in stage.outputs}
+    # The stage's own rows, but the arrival run from lineage itself (keep_arrival_runs) rather
+    # than from input_files by source, which a Delta source read in several runs cannot tell.
+    final, lineage = build_lineage_and_final(**{t: ctx.store.read(t) for t in stage.inputs},
+                                             id_length=ctx.settings.ingest.id_length)
+    rows = {"final": final, "lineage": keep_arrival_runs(lineage, ctx.store.read("lineage"), result.run_id)}
+    try:
+        versions = {table: ctx.store.merge(rows[table], table, MERGE_KEYS[table]) for table in stage.outputs}
+    finally:
+        ctx.spark.catalog.clearCache()  # the stage's cached joins (build_lineage_and_final)
     checks = stage.check(ctx) or {}
     pipeline.mark_current(stage.name, {"incremental_run": result.run_id, "merged_versions": versions},
                           checks=checks)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar
 
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -106,8 +107,12 @@ def choose_merges(merges: DataFrame, merge_groups: DataFrame, id_length: int = 3
 def build_lineage_and_final(records: DataFrame, rejects: DataFrame, dedup: DataFrame,
                             selected: DataFrame, merge_groups: DataFrame, merges: DataFrame,
                             id_length: int = 32) -> tuple[DataFrame, DataFrame]:
-    """Return ``(final, lineage)``; see the module docstring for their shape and meaning."""
-    outcomes = choose_merges(merges, merge_groups, id_length)
+    """Return ``(final, lineage)``; see the module docstring for their shape and meaning.
+
+    Both read the merge outcomes and the fated record rows: those two are cached (the caller
+    clears the cache once both tables are written, as the pipeline does after every stage), so
+    writing the two tables runs the joins, and scans the six inputs, once."""
+    outcomes = choose_merges(merges, merge_groups, id_length).persist(StorageLevel.MEMORY_AND_DISK)
     membership = (outcomes
                   .select("group_id", F.explode("member_ids").alias("id"), "status", "accepted",
                           "merged_id")
@@ -120,7 +125,7 @@ def build_lineage_and_final(records: DataFrame, rejects: DataFrame, dedup: DataF
               .join(sel, "id", "left")
               .join(membership, "id", "left"))
     fate, reason = _fate_and_reason()
-    fated = joined.withColumn("fate", fate).withColumn("reason", reason)
+    fated = joined.withColumn("fate", fate).withColumn("reason", reason).persist(StorageLevel.MEMORY_AND_DISK)
 
     record_lineage = fated.select(
         "id",
@@ -373,8 +378,16 @@ def check_store_ledger(store: TableStore, input_rows: int | None = None) -> dict
     """:func:`check_ledger` on the tables written under ``store``'s run root; the input count is
     ``input_rows`` when given, else ingest's own count (``input_files``, required)."""
     counted = input_units(store) if input_rows is None else {"input_rows": int(input_rows)}
-    numbers = check_ledger(store.read("records"), store.read("rejects"), store.read("lineage"),
-                           store.read("final"), input_rows=counted["input_rows"])
+    # Records, lineage and final are each read by two or three of the checks: read once, at the
+    # columns the checks use, and cached for the length of the check.
+    records = store.read("records").select("id").persist()
+    lineage = store.read("lineage").select("id", "fate", "final_id", "group_id").persist()
+    final = store.read("final").select("id", "origin", "source_ids").persist()
+    try:
+        numbers = check_ledger(records, store.read("rejects"), lineage, final, input_rows=counted["input_rows"])
+    finally:
+        for table in (records, lineage, final):
+            table.unpersist()
     return {**counted, **numbers}
 
 
@@ -390,16 +403,18 @@ def with_arrival_run(lineage: DataFrame, store: TableStore) -> DataFrame:
 
 
 def keep_arrival_runs(lineage: DataFrame, previous: DataFrame, run_id: str) -> DataFrame:
-    """``lineage`` whose ``run_id`` says when each row first arrived: a row already in
-    ``previous`` lineage (by record id, or reject key) keeps its run, any other row arrived in
-    ``run_id``. An incremental run needs it: a Delta source read again for its appended rows has
-    rows of several runs, which ``with_arrival_run`` (by source) cannot tell apart."""
+    """``lineage`` (with or without ``run_id``) plus ``run_id``, saying when each row first
+    arrived: a row already in ``previous`` lineage (by record id, or reject key) keeps its run,
+    any other row arrived in ``run_id``. An incremental run needs it: a Delta source read again
+    for its appended rows has rows of several runs, which ``with_arrival_run`` (by source)
+    cannot tell apart."""
     key = F.coalesce(F.col("id"), F.col("reject_key"))
     known = (previous.groupBy(key.alias("_key")).agg(F.min("run_id").alias("_arrived"))
              .withColumn("_known", F.lit(True)))
     arrived = F.when(F.col("_known"), F.col("_arrived")).otherwise(F.lit(run_id))
+    columns = [c for c in lineage.columns if c != "run_id"]
     return (lineage.join(known, key == F.col("_key"), "left")
-            .select(*[arrived.alias(c) if c == "run_id" else F.col(c) for c in lineage.columns]))
+            .select(*[F.col(c) for c in columns], arrived.alias("run_id")))
 
 
 class Finalize(Stage):
