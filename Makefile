@@ -69,7 +69,7 @@ demo: $(STAMP)
 # tests/test_sparknlp.py runs in the Spark NLP venv only: in the main venv it can only skip, once
 # Ivy has failed to resolve a jar that does not exist for its Spark (up to 80 s here, under load).
 test: $(STAMP) jars $(SNLP_STAMP) sparknlp-prep
-	$(PY) -m pytest -q --ignore=tests/test_sparknlp.py
+	$(PY) -m pytest -q --durations=15 --ignore=tests/test_sparknlp.py
 	MERGEIT_SPARKNLP_REFERENCE=$(SNLP_REF) $(SNLP_VENV)/bin/python -m pytest -q tests/test_sparknlp.py
 
 # Everyday subset: everything but the tests marked slow (a standalone cluster, the real local LLM,

@@ -214,11 +214,12 @@ def ingest_increment(ctx: StageContext, files: list, run_id: str, records_versio
     files = [pinned(item) for item in files]  # a new Delta source: one version for every read
     framing = frame_inputs(ctx.spark, files, limits)  # counted once, for the parse and the count
     outcomes = parse_outcomes(ctx.spark, files, limits, framing).persist(StorageLevel.MEMORY_AND_DISK)
+    cached = [outcomes]
     try:
         # Counted, then appended: the split (a window and a join against records) runs once.
-        records, rejects = (part.persist(StorageLevel.MEMORY_AND_DISK) for part in
-                            split_against(outcomes, ctx.store.read("records", version=records_version)))
-        input_rows = input_files_table(ctx.spark, files, limits, outcomes, run_id, framing).persist()
+        records, rejects = split_against(outcomes, ctx.store.read("records", version=records_version))
+        input_rows = input_files_table(ctx.spark, files, limits, outcomes, run_id, framing)
+        cached += [df.persist(StorageLevel.MEMORY_AND_DISK) for df in (records, rejects, input_rows)]
         counts = {"new_records": records.count(), "new_rejects": rejects.count(),
                   "new_input_rows": int(input_rows.agg(F.sum("units")).first()[0] or 0)}
         if counts["new_records"] + counts["new_rejects"] != counts["new_input_rows"]:
@@ -228,7 +229,8 @@ def ingest_increment(ctx: StageContext, files: list, run_id: str, records_versio
         append(ctx.store, rejects, "rejects", counts["new_rejects"])
         append(ctx.store, input_rows, "input_files", len(files))
     finally:
-        ctx.spark.catalog.clearCache()  # outcomes, the split and input_rows: all written now
+        for df in cached:
+            df.unpersist()
     return counts
 
 
