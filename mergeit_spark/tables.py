@@ -214,7 +214,8 @@ class TableStore:
 
         An older version is read as the Parquet files live at that version (from the Delta log,
         through delta-rs) whenever the table's reader protocol is 1 (no deletion vectors, no column
-        mapping: those files are exactly its rows; the session's table defaults keep it so): Delta's
+        mapping: those files are exactly its rows; the session's table defaults keep it so) and it
+        has no partition columns (their values live in the log, not the files): Delta's
         own time travel rebuilds the snapshot with Spark jobs on every read (about a second here;
         an increment reads four tables at the version before it)."""
         target = self.path(name)
@@ -223,7 +224,8 @@ class TableStore:
         if self.engine == "delta-spark" and version is None:
             return self.spark.read.format("delta").load(target)
         table = DeltaTable(target, version=version)
-        if self.engine == "delta-spark" and table.protocol().min_reader_version > 1:
+        if self.engine == "delta-spark" and (table.protocol().min_reader_version > 1
+                                             or table.metadata().partition_columns):
             return self.spark.read.format("delta").option("versionAsOf", version).load(target)
         return self._read_files(table, table.file_uris())
 
