@@ -85,7 +85,7 @@ from pyspark.sql import types as T
 from .stages import StageContext
 from .stages.dedup import (DEDUP_SCHEMA, DUPLICATE, KEPT, ROUTED_SCHEMA, RouteProbes, best_matches,
                            broadcast_centers, embedding_matrix, keep_order, leader_dedup)
-from .stages.finalize import build_lineage_and_final, keep_arrival_runs
+from .stages.finalize import keep_arrival_runs
 from .stages.ingest import (RECORD_SCHEMA, IngestCountError, frame_inputs, input_files_table, new_run_id,
                             parse_outcomes)
 from .stages.select import extend_facility_location
@@ -646,13 +646,10 @@ def finalize_by_merge(pipeline: "Pipeline", result: Increment) -> dict[str, Any]
     per table; then the stage's ledger check, and its state at the new versions."""
     stage = pipeline.stages[pipeline.stage_names().index("finalize")]
     ctx = pipeline.ctx
-    # The stage's own rows, but the arrival run from lineage itself (keep_arrival_runs) rather
-    # than from input_files by source, which a Delta source read in several runs cannot tell.
-    final, lineage = build_lineage_and_final(**{t: ctx.store.read(t) for t in stage.inputs},
-                                             id_length=ctx.settings.ingest.id_length)
-    rows = {"final": final, "lineage": keep_arrival_runs(lineage, ctx.store.read("lineage"), result.run_id)}
+    output = stage.run(ctx, {t: ctx.store.read(t) for t in stage.inputs})
+    output.tables["lineage"] = keep_arrival_runs(output.tables["lineage"], ctx.store.read("lineage"), result.run_id)
     try:
-        versions = {table: ctx.store.merge(rows[table], table, MERGE_KEYS[table]) for table in stage.outputs}
+        versions = {table: ctx.store.merge(output.tables[table], table, MERGE_KEYS[table]) for table in stage.outputs}
     finally:
         ctx.spark.catalog.clearCache()  # the stage's cached joins (build_lineage_and_final)
     checks = stage.check(ctx) or {}
