@@ -225,6 +225,26 @@ def test_merge_updates_inserts_and_deletes_in_one_version(spark, engine_store):
     assert len(kept_file & set(after.file_uris())) == 1  # a's file is not rewritten
 
 
+def test_a_bounded_merge_leaves_the_rows_outside_its_bounds(spark, engine_store):
+    """MERGE INTO bounded by ``within``: the bounded rows end equal to the source, new keys are
+    inserted, and rows outside the bounds stay, deleted by nothing, also those sharing a file with
+    a changed row (the delta-rs writer rewrites that file) and those with a null bound column."""
+    store = engine_store
+    schema = "id string, note string"
+    store.write(spark.createDataFrame([("a", "x"), ("b", "y"), ("c", "z"), (None, "r")], schema).coalesce(1), "t")
+    source = spark.createDataFrame([("b", "y2"), ("d", "new")], schema)  # a gone, b changed, d new
+    within = spark.createDataFrame([("a",), ("b",)], "id string")  # a and b are bounded; c and the null are not
+
+    assert store.merge(source, "t", keys=["id"], within=within) == 1
+    assert {(r["id"], r["note"]) for r in DeltaTable(store.path("t")).to_pyarrow_table().to_pylist()} == {
+        ("b", "y2"), ("c", "z"), ("d", "new"), (None, "r")}
+    assert store.merge(source, "t", keys=["id"], within=within) is None  # the bounded rows match: no commit
+    # every column as the key: the bounded row that changed is a delete plus an insert
+    assert store.merge(spark.createDataFrame([("c", "z2")], schema), "t", within=spark.createDataFrame(
+        [("c",)], "id string")) == 2
+    assert sorted(r.note for r in store.read("t").collect()) == ["new", "r", "y2", "z2"]
+
+
 def test_an_older_version_with_deletion_vectors_is_read_through_delta(spark, tmp_path):
     """A pinned version is read as its Parquet files only where those files are its rows (reader
     protocol 1). A table someone gave deletion vectors keeps a deleted row in its file, so the
