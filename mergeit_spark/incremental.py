@@ -45,9 +45,12 @@ all done and current. The rules, step by step:
    ``_ledger/merge_runs.jsonl`` (with ``incremental_run``), like a full run's merge stage.
 7. **Finalize**: ``final`` and ``lineage`` are brought up to date by MERGE INTO
    (``TableStore.merge``; Delta's MERGE on delta-spark, copy-on-write of the touched files
-   committed by delta-rs otherwise): the finalize stage's rows are compared with the tables
-   (Spark joins, no model or LLM work) and only new, changed and gone rows are written, one new
-   version per table. ``final`` is keyed by ``id``; ``lineage`` by all its columns (a changed row
+   committed by delta-rs otherwise), one new version per table. Only the rows an increment can
+   change are computed: the finalize stage runs on the new records and the members of the new
+   groups (no other record's fate can move: see ``finalize_scope``), the new rejects, and the new
+   groups with their merges; its rows are compared with the tables (Spark joins, no model or LLM
+   work) and only new, changed and gone rows are written, a row being gone only when its record
+   id is one of those. ``final`` is keyed by ``id``; ``lineage`` by all its columns (a changed row
    is a delete plus an insert). ``lineage.run_id`` says in which run each row arrived: a row
    already in lineage keeps its run, every other row gets this increment's. The ledger check
    runs as in a full run.
@@ -526,7 +529,7 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
     counts["embedded"] = _embed_new(ctx, before["records"])
     timer.step("embed", started)
     if recluster:
-        result = _finish(pipeline, run_id, fresh, counts, timer, ("ingest", "embed"), finalize=False)
+        result = _finish(pipeline, run_id, fresh, counts, timer, ("ingest", "embed"))
         pipeline.run(force="topics")
         result.recluster = True
         return result
@@ -553,7 +556,7 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
     timer.step("select", started)
 
     merge = _group_and_merge(ctx, run_id, before, counts, timer)
-    return _finish(pipeline, run_id, fresh, counts, timer, STAGES_BEFORE_FINALIZE, drift, merge)
+    return _finish(pipeline, run_id, fresh, counts, timer, STAGES_BEFORE_FINALIZE, drift, merge, before)
 
 
 def _embed_new(ctx: StageContext, records_before: int) -> int:
@@ -616,17 +619,18 @@ def _group_and_merge(ctx: StageContext, run_id: str, before: dict[str, int | Non
 
 def _finish(pipeline: "Pipeline", run_id: str, fresh: list, counts: dict[str, int], timer: _Timer,
             stages: tuple[str, ...], drift: dict[str, Any] | None = None,
-            merge: dict[str, Any] | None = None, finalize: bool = True) -> Increment:
-    """Record the states of ``stages`` at their new versions, then finalize (unless a re-cluster
-    follows), and close the marker."""
+            merge: dict[str, Any] | None = None, before: dict[str, int | None] | None = None) -> Increment:
+    """Record the states of ``stages`` at their new versions, then finalize from the table
+    versions ``before`` the increment (none: a re-cluster follows, which finalizes), and close
+    the marker."""
     result = Increment(run_id, [f.path for f in fresh], counts, drift or {}, merge or {}, timer.seconds,
                        jobs=timer.jobs)
     pipeline.spark.catalog.clearCache()  # the steps' cached rows: every table they fed is written
     for name in stages:
         pipeline.mark_current(name, {"incremental_run": run_id, **_stage_summary(name, result)})
-    if finalize:
+    if before is not None:
         started = time.monotonic()
-        finalize_by_merge(pipeline, result)
+        finalize_by_merge(pipeline, result, before)
         timer.step("finalize", started)
     marker = json.loads(_marker_path(pipeline).read_text())
     marker.update(status="done", result=result.as_dict())
@@ -640,22 +644,43 @@ def _finish(pipeline: "Pipeline", run_id: str, fresh: list, counts: dict[str, in
 MERGE_KEYS = {"final": ("id",), "lineage": None}
 
 
-def finalize_by_merge(pipeline: "Pipeline", result: Increment) -> dict[str, Any]:
-    """``final`` and ``lineage`` brought up to date by MERGE INTO (``TableStore.merge``): the
-    finalize stage's rows, of which only the new and changed ones are written, one new version
-    per table; then the stage's ledger check, and its state at the new versions."""
+def finalize_by_merge(pipeline: "Pipeline", result: Increment, before: dict[str, int | None]) -> dict[str, Any]:
+    """``final`` and ``lineage`` brought up to date by MERGE INTO (``TableStore.merge``), one new
+    version per table; then the stage's ledger check, and its state at the new versions.
+
+    Only the rows an increment can change are computed and compared (:func:`finalize_scope`):
+    the finalize stage runs on the records of the scope, the new rejects and the new groups with
+    their merges, and each table's merge is bounded to the scope's record ids."""
     stage = pipeline.stages[pipeline.stage_names().index("finalize")]
-    ctx = pipeline.ctx
-    output = stage.run(ctx, {t: ctx.store.read(t) for t in stage.inputs})
-    output.tables["lineage"] = keep_arrival_runs(output.tables["lineage"], ctx.store.read("lineage"), result.run_id)
+    ctx, store = pipeline.ctx, pipeline.ctx.store
+    new_groups = added_rows(store, "merge_groups", before["merge_groups"])
+    scope = finalize_scope(added_rows(store, "records", before["records"]), new_groups).persist()
     try:
-        versions = {table: ctx.store.merge(output.tables[table], table, MERGE_KEYS[table]) for table in stage.outputs}
+        output = stage.run(ctx, {
+            "records": store.read("records").join(scope, "id", "left_semi"),
+            "rejects": added_rows(store, "rejects", before["rejects"]),
+            "dedup": store.read("dedup"), "selected": store.read("selected"),
+            "merge_groups": new_groups,
+            "merges": store.read("merges").join(new_groups.select("group_id"), "group_id", "left_semi")})
+        lineage = keep_arrival_runs(output.tables["lineage"], store.read("lineage"), result.run_id)
+        versions = {"final": store.merge(output.tables["final"], "final", MERGE_KEYS["final"], within=scope),
+                    "lineage": store.merge(lineage, "lineage", MERGE_KEYS["lineage"], within=scope)}
     finally:
-        ctx.spark.catalog.clearCache()  # the stage's cached joins (build_lineage_and_final)
+        ctx.spark.catalog.clearCache()  # the scope and the stage's cached joins (build_lineage_and_final)
     checks = stage.check(ctx) or {}
     pipeline.mark_current(stage.name, {"incremental_run": result.run_id, "merged_versions": versions},
                           checks=checks)
     return checks
+
+
+def finalize_scope(new_records: DataFrame, new_groups: DataFrame) -> DataFrame:
+    """The record ids (column ``id``) whose lineage or final rows an increment can change: its new
+    records and the members of its new groups. No other record's fate moves: dedup decisions are
+    never revisited, the selection only grows by new records (step 5), and the new groups hold
+    only rows that were in no group before (step 6), so every older group, merge and merged row
+    stays as it is. Rejects only arrive (new rows, outside any bound)."""
+    members = new_groups.select(F.explode("member_ids").alias("id"))
+    return new_records.select("id").unionByName(members).distinct()
 
 
 def grow_centroids(store: TableStore, added: dict[int, int]) -> int | None:

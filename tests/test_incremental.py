@@ -161,10 +161,7 @@ def test_final_and_lineage_are_merged_not_rewritten(runs):
         assert last["operation"] == ("MERGE" if engine == "delta-spark" else "WRITE"), table
     old_lineage = DeltaTable(str(inc_root / "lineage"), version=before["lineage"]).to_pyarrow_table().to_pylist()
     now = Counter(tuple(sorted(r.items())) for r in read(inc_root, "lineage"))
-    groups = read(inc_root, "merge_groups")
-    old_groups = {r["group_id"] for r in DeltaTable(str(inc_root / "merge_groups"),
-                                                    version=before["merge_groups"]).to_pyarrow_table().to_pylist()}
-    regrouped = {i for g in groups if g["group_id"] not in old_groups for i in g["member_ids"]}
+    regrouped = _regrouped(inc_root, before)
     unchanged = [r for r in old_lineage if r["id"] not in regrouped]
     assert unchanged and all(now[tuple(sorted(r.items()))] for r in unchanged)
     assert {r["run_id"] for r in unchanged} == {runs["first_run"]}
@@ -175,6 +172,37 @@ def test_final_and_lineage_are_merged_not_rewritten(runs):
     from mergeit_spark.stages.merge import merge_runs
     passes = [r for r in merge_runs(inc_root) if r.get("incremental_run") == increment.run_id]
     assert len(passes) == 1 and passes[0]["requests"] == runs["paid"]
+
+
+def test_bounded_finalize_equals_the_stage_over_every_row(runs):
+    """The increment computes and compares only the rows it can change (its new records, the
+    members of its new groups, its rejects); the finalize stage run over every row of the tables
+    it left gives exactly the final and lineage rows it merged."""
+    from mergeit_spark.stages.finalize import keep_arrival_runs
+    inc, inc_root = runs["inc"], runs["work"] / "inc"
+    stage = inc.stages[inc.stage_names().index("finalize")]
+    output = stage.run(inc.ctx, {t: inc.store.read(t) for t in stage.inputs})
+    lineage = keep_arrival_runs(output.tables["lineage"], inc.store.read("lineage"), runs["increment"].run_id)
+    try:
+        for table, rows in (("final", output.tables["final"]), ("lineage", lineage)):
+            computed = Counter(json.dumps(r.asDict(recursive=True), sort_keys=True) for r in rows.collect())
+            merged = Counter(json.dumps(r, sort_keys=True) for r in read(inc_root, table))
+            assert computed == merged, table
+    finally:
+        inc.spark.catalog.clearCache()
+    # the bound held old rows whose fate could move: members of a new group selected before
+    old_ids = {r["id"] for r in _read_at(inc_root, "records", runs["before"]["records"])}
+    assert _regrouped(inc_root, runs["before"]) & old_ids
+
+
+def _read_at(root: Path, table: str, version: int) -> list[dict]:
+    return DeltaTable(str(root / table), version=version).to_pyarrow_table().to_pylist()
+
+
+def _regrouped(root: Path, before: dict[str, int]) -> set[str]:
+    """Members of the groups an increment added."""
+    old_groups = {r["group_id"] for r in _read_at(root, "merge_groups", before["merge_groups"])}
+    return {i for g in read(root, "merge_groups") if g["group_id"] not in old_groups for i in g["member_ids"]}
 
 
 def test_a_crashed_increment_is_rolled_back_and_redone_without_paying_twice(runs):
