@@ -49,6 +49,10 @@ def _delta_rows(records: list[dict]) -> pa.Table:
     return pa.table({k: [r[k] for r in records] for k in ("instruction", "input", "output")})
 
 
+def _read_at(root: Path, table: str, version: int) -> list[dict]:
+    return DeltaTable(str(root / table), version=version).to_pyarrow_table().to_pylist()
+
+
 def _versions(root: Path) -> dict[str, int]:
     return {t: DeltaTable(str(root / t)).version() for t in (*TOUCHED, "centroids")}
 
@@ -133,8 +137,7 @@ def test_only_new_rows_are_embedded_and_each_table_gains_one_version(runs):
     # the near-duplicate is a new record, the exact duplicate is not; the Delta source's appended rows
     assert new_records == NEW_ROWS + 1 + DELTA_NEW
     assert increment.counts["embedded"] == new_records
-    old_vectors = {r["id"]: r["embedding"] for r in
-                   DeltaTable(str(inc_root / "embeddings"), version=runs["before"]["embeddings"]).to_pyarrow_table().to_pylist()}
+    old_vectors = {r["id"]: r["embedding"] for r in _read_at(inc_root, "embeddings", runs["before"]["embeddings"])}
     now = {r["id"]: r["embedding"] for r in read(inc_root, "embeddings")}
     assert len(now) == len(old_vectors) + new_records
     assert all(now[i] == v for i, v in old_vectors.items())  # old rows not recomputed
@@ -143,8 +146,7 @@ def test_only_new_rows_are_embedded_and_each_table_gains_one_version(runs):
     assert {"records", "rejects", "input_files", "embeddings", "topics", "centroids", "dedup", "final",
             "lineage"} <= grown
     # No refit: the centres stay, the sizes count the new rows too.
-    centroids_before = {r["cluster"]: r for r in DeltaTable(
-        str(inc_root / "centroids"), version=runs["before"]["centroids"]).to_pyarrow_table().to_pylist()}
+    centroids_before = {r["cluster"]: r for r in _read_at(inc_root, "centroids", runs["before"]["centroids"])}
     centroids = {r["cluster"]: r for r in read(inc_root, "centroids")}
     assert all(centroids[c]["embedding_center"] == r["embedding_center"] for c, r in centroids_before.items())
     assert Counter(r["cluster"] for r in read(inc_root, "topics")) == {
@@ -159,13 +161,13 @@ def test_final_and_lineage_are_merged_not_rewritten(runs):
     for table in ("final", "lineage"):
         last = DeltaTable(str(inc_root / table)).history(1)[0]
         assert last["operation"] == ("MERGE" if engine == "delta-spark" else "WRITE"), table
-    old_lineage = DeltaTable(str(inc_root / "lineage"), version=before["lineage"]).to_pyarrow_table().to_pylist()
+    old_lineage = _read_at(inc_root, "lineage", before["lineage"])
     now = Counter(tuple(sorted(r.items())) for r in read(inc_root, "lineage"))
     regrouped = _regrouped(inc_root, before)
     unchanged = [r for r in old_lineage if r["id"] not in regrouped]
     assert unchanged and all(now[tuple(sorted(r.items()))] for r in unchanged)
     assert {r["run_id"] for r in unchanged} == {runs["first_run"]}
-    old_final = DeltaTable(str(inc_root / "final"), version=before["final"]).to_pyarrow_table().to_pylist()
+    old_final = _read_at(inc_root, "final", before["final"])
     final_ids = {r["id"] for r in read(inc_root, "final")}
     assert {r["id"] for r in old_final if not set(r["source_ids"]) & regrouped} <= final_ids
     # the increment's merge pass is in the run's merge ledger, as a full run's is
@@ -193,10 +195,6 @@ def test_bounded_finalize_equals_the_stage_over_every_row(runs):
     # the bound held old rows whose fate could move: members of a new group selected before
     old_ids = {r["id"] for r in _read_at(inc_root, "records", runs["before"]["records"])}
     assert _regrouped(inc_root, runs["before"]) & old_ids
-
-
-def _read_at(root: Path, table: str, version: int) -> list[dict]:
-    return DeltaTable(str(root / table), version=version).to_pyarrow_table().to_pylist()
 
 
 def _regrouped(root: Path, before: dict[str, int]) -> set[str]:
@@ -272,19 +270,18 @@ def test_a_delta_source_is_read_from_the_version_after_the_last_one_read(runs):
 
 def test_selection_extends_and_only_new_groups_are_paid(runs):
     inc_root, before = runs["work"] / "inc", runs["before"]
-    old_selected = DeltaTable(str(inc_root / "selected"), version=before["selected"]).to_pyarrow_table().to_pylist()
+    old_selected = _read_at(inc_root, "selected", before["selected"])
     selected = read(inc_root, "selected")
     by_id = {r["id"]: r for r in selected}
     assert all(by_id[r["id"]] == r for r in old_selected)  # the existing selection stays as it was
     new_ids = {r["id"] for r in read(inc_root, "records")} - {
-        r["id"] for r in DeltaTable(str(inc_root / "records"), version=before["records"]).to_pyarrow_table().to_pylist()}
+        r["id"] for r in _read_at(inc_root, "records", before["records"])}
     new_picks = [r for r in selected if r["id"] in new_ids]
     assert len(new_picks) == runs["increment"].counts["new_selected"] > 0
     for cluster in {r["cluster"] for r in new_picks}:  # ranks continue after the existing picks
         ranks = sorted(r["rank"] for r in selected if r["cluster"] == cluster)
         assert ranks == list(range(len(ranks)))
-    old_groups = {r["group_id"] for r in DeltaTable(str(inc_root / "merge_groups"),
-                                                    version=before["merge_groups"]).to_pyarrow_table().to_pylist()}
+    old_groups = {r["group_id"] for r in _read_at(inc_root, "merge_groups", before["merge_groups"])}
     groups = read(inc_root, "merge_groups")
     added = [g for g in groups if g["group_id"] not in old_groups]
     assert all(set(g["member_ids"]) & new_ids for g in added)

@@ -278,12 +278,13 @@ def test_an_older_version_of_a_plain_table_is_its_files_at_that_version(spark, e
         assert sorted(DeltaTable(store.path("t"), version=version).to_pyarrow_table().column("id").to_pylist()) == ids
 
 
-def test_an_older_version_of_a_partitioned_table_keeps_its_partition_values(spark, tmp_path):
-    """Partition values live in the Delta log, not in the files: a partitioned table's older
-    version is read through Delta's reader, the partition column filled in."""
+def test_a_partitioned_table_keeps_its_partition_values_at_any_version(spark, tmp_path):
+    """Partition values live in the Delta log, not in the files: a partitioned table, at an older
+    version or the current one, is read through Delta's reader, the partition column filled in."""
     store = TableStore(spark, tmp_path / "run", engine="delta-spark")
     rows = spark.createDataFrame([("a", 1), ("b", 2)], "id string, part int")
     rows.write.format("delta").partitionBy("part").save(store.path("t"))
     store.write(spark.createDataFrame([("c", 3)], "id string, part int"), "t", mode="append")
     assert DeltaTable(store.path("t")).metadata().partition_columns == ["part"]
     assert sorted(tuple(r) for r in store.read("t", version=0).collect()) == [("a", 1), ("b", 2)]
+    assert sorted(tuple(r) for r in store.read("t").collect()) == [("a", 1), ("b", 2), ("c", 3)]
