@@ -56,9 +56,13 @@ all done and current. The rules, step by step:
    runs as in a full run.
 8. **Idempotent**: when no input is new, nothing is read, written or requested.
 
-Each touched table gets exactly one new version per increment (an append; centroids, final
-and lineage a merge). Afterwards every stage's state records the new versions, so ``mergeit status`` shows
-the run current and a plain ``mergeit run`` with the same settings recomputes nothing.
+Each touched table gets exactly one new version per increment (an append; centroids an
+overwrite of its k rows, committed by delta-rs from the driver; final and lineage a merge).
+Writes to different tables in one step go at once (ingest's three tables; topics and centroids;
+final and lineage): each one's driver-side Delta work overlaps the other's tasks. The steps from
+dedup to merge share one cached copy of ``embeddings``. Afterwards every stage's state records
+the new versions, so ``mergeit status`` shows the run current and a plain ``mergeit run`` with
+the same settings recomputes nothing.
 
 Crash safety: before writing, the run records the version of every table and every stage state
 in ``<root>/_state/incremental.json``. A run that finds that file unfinished restores each table
@@ -74,13 +78,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import DeltaTable
-from pyspark import StorageLevel
+from pyspark import InheritableThread, StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -112,6 +117,9 @@ _PICK_SCHEMA = T.StructType([
     T.StructField("rank", T.IntegerType(), False),
     T.StructField("gain", T.DoubleType(), False),
 ])
+
+
+Result = TypeVar("Result")
 
 
 class IncrementalError(RuntimeError):
@@ -228,9 +236,9 @@ def ingest_increment(ctx: StageContext, files: list, run_id: str, records_versio
         if counts["new_records"] + counts["new_rejects"] != counts["new_input_rows"]:
             raise IngestCountError(f"new inputs: records {counts['new_records']} + rejects "
                                    f"{counts['new_rejects']} != {counts['new_input_rows']} input units")
-        append(ctx.store, records, "records", counts["new_records"])
-        append(ctx.store, rejects, "rejects", counts["new_rejects"])
-        append(ctx.store, input_rows, "input_files", len(files))
+        concurrently(lambda: append(ctx.store, records, "records", counts["new_records"]),
+                     lambda: append(ctx.store, rejects, "rejects", counts["new_rejects"]),
+                     lambda: append(ctx.store, input_rows, "input_files", len(files)))
     finally:
         for df in cached:
             df.unpersist()
@@ -249,6 +257,42 @@ def append(store: TableStore, df: DataFrame, table: str, rows: int | None = None
     target = store.read(table).schema
     aligned = df.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in target.fields])
     return store.write(aligned, table, mode="append")
+
+
+class _Call:
+    """``call()`` on its own thread, which carries the session's local properties (job group,
+    scheduler pool); :meth:`result` waits for it, then returns its value or raises its error."""
+
+    def __init__(self, call: Callable[[], Result]) -> None:
+        self._call, self._value, self._error = call, None, None
+        self._thread = InheritableThread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._call()
+        except BaseException as error:  # noqa: BLE001 - handed over by result()
+            self._error = error
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Result:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def concurrently(*calls: Callable[[], Result]) -> list[Result]:
+    """The results of ``calls``, run at once: independent writes (each to its own table)
+    overlap, so one's driver-side work (planning, Delta's log and commit) runs while the other's
+    tasks hold the cores. Every call runs to its end; then the first failure, if any, is raised
+    (the increment's marker rolls back what was written)."""
+    running = [_Call(call) for call in calls]
+    for call in running:
+        call.join()
+    return [call.result() for call in running]
 
 
 def added_rows(store: TableStore, table: str, before: int | None) -> DataFrame:
@@ -536,26 +580,13 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
 
     drift = _assign_new(ctx, before["embeddings"], timer)
     counts["assigned"] = drift["rows"]
-    started = time.monotonic()
-    new_topics = added_rows(store, "topics", before["topics"])
-    # Tables this step or a later one appends to are read at their versions before the increment.
-    new_dedup = dedup_new_rows(new_topics, store.read("embeddings"), store.read("dedup", version=before["dedup"]),
-                               store.read("centroids"), ctx.settings.dedup).persist()
-    counts["new_kept"] = new_dedup.filter(F.col("status") == KEPT).count()
-    counts["new_duplicates"] = new_dedup.count() - counts["new_kept"]
-    append(store, new_dedup, "dedup", counts["new_kept"] + counts["new_duplicates"])
-    timer.step("dedup", started)
-
-    started = time.monotonic()
-    picks = extend_selection(new_dedup, store.read("dedup"), store.read("selected", version=before["selected"]),
-                             store.read("embeddings"), ctx.settings.select).persist()
-    counts["new_selected"] = picks.count()
-    append(store, picks, "selected", counts["new_selected"])
-    new_dedup.unpersist()
-    picks.unpersist()
-    timer.step("select", started)
-
-    merge = _group_and_merge(ctx, run_id, before, counts, timer)
+    # Dedup, select, group and merge each join the vectors: read and decoded once, kept for them.
+    embeddings = store.read("embeddings").persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        _dedup_and_select(ctx, before, counts, timer, embeddings)
+        merge = _group_and_merge(ctx, run_id, before, counts, timer, embeddings)
+    finally:
+        embeddings.unpersist()
     return _finish(pipeline, run_id, fresh, counts, timer, STAGES_BEFORE_FINALIZE, drift, merge, before)
 
 
@@ -584,8 +615,8 @@ def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer) -> dic
     drift = drift_of(arrivals, settings.drift_quantile)
     drift["alarm_share"] = settings.drift_alarm_share
     drift["recluster_advised"] = drift["share"] > settings.drift_alarm_share
-    append(ctx.store, assigned, "topics", drift["rows"])
-    grow_centroids(ctx.store, {cluster: n for cluster, (n, _) in arrivals.items()})
+    concurrently(lambda: append(ctx.store, assigned, "topics", drift["rows"]),
+                 lambda: grow_centroids(ctx.store, {cluster: n for cluster, (n, _) in arrivals.items()}))
     assigned.unpersist()
     if drift["recluster_advised"]:
         log.warning("incremental: %.1f%% of the new rows lie beyond their cluster's p%g distance "
@@ -595,13 +626,36 @@ def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer) -> dic
     return drift
 
 
+def _dedup_and_select(ctx: StageContext, before: dict[str, int | None], counts: dict[str, int], timer: _Timer,
+                      embeddings: DataFrame) -> None:
+    store = ctx.store
+    started = time.monotonic()
+    new_topics = added_rows(store, "topics", before["topics"])
+    # Tables this step or a later one appends to are read at their versions before the increment.
+    new_dedup = dedup_new_rows(new_topics, embeddings, store.read("dedup", version=before["dedup"]),
+                               store.read("centroids"), ctx.settings.dedup).persist()
+    counts["new_kept"] = new_dedup.filter(F.col("status") == KEPT).count()
+    counts["new_duplicates"] = new_dedup.count() - counts["new_kept"]
+    append(store, new_dedup, "dedup", counts["new_kept"] + counts["new_duplicates"])
+    timer.step("dedup", started)
+
+    started = time.monotonic()
+    picks = extend_selection(new_dedup, store.read("dedup"), store.read("selected", version=before["selected"]),
+                             embeddings, ctx.settings.select).persist()
+    counts["new_selected"] = picks.count()
+    append(store, picks, "selected", counts["new_selected"])
+    new_dedup.unpersist()
+    picks.unpersist()
+    timer.step("select", started)
+
+
 def _group_and_merge(ctx: StageContext, run_id: str, before: dict[str, int | None], counts: dict[str, int],
-                     timer: _Timer) -> dict[str, Any]:
+                     timer: _Timer, embeddings: DataFrame) -> dict[str, Any]:
     started = time.monotonic()
     store = ctx.store
     new_ids = added_rows(store, "records", before["records"]).select("id").persist()
     groups = new_groups(new_ids, store.read("selected"), store.read("merge_groups", version=before["merge_groups"]),
-                        store.read("embeddings"), ctx.settings.group).persist()
+                        embeddings, ctx.settings.group).persist()
     counts["new_groups"] = groups.count()
     append(store, groups, "merge_groups", counts["new_groups"])
     timer.step("group", started)
@@ -609,7 +663,7 @@ def _group_and_merge(ctx: StageContext, run_id: str, before: dict[str, int | Non
     merge: dict[str, Any] = {"groups": 0, "requests": 0}
     if counts["new_groups"]:
         from .stages.merge import record_merge_run
-        merge = merge_new_groups(ctx, groups, store.read("records"), store.read("embeddings"))
+        merge = merge_new_groups(ctx, groups, store.read("records"), embeddings)
         record_merge_run(store.root, {"incremental_run": run_id, **merge})
     groups.unpersist()
     new_ids.unpersist()
@@ -662,9 +716,11 @@ def finalize_by_merge(pipeline: "Pipeline", result: Increment, before: dict[str,
             "dedup": store.read("dedup"), "selected": store.read("selected"),
             "merge_groups": new_groups,
             "merges": store.read("merges").join(new_groups.select("group_id"), "group_id", "left_semi")})
-        lineage = keep_arrival_runs(output.tables["lineage"], store.read("lineage"), result.run_id)
-        versions = {"final": store.merge(output.tables["final"], "final", MERGE_KEYS["final"], within=scope),
-                    "lineage": store.merge(lineage, "lineage", MERGE_KEYS["lineage"], within=scope)}
+        arrivals = keep_arrival_runs(output.tables["lineage"], store.read("lineage"), result.run_id)
+        final_version, lineage_version = concurrently(
+            lambda: store.merge(output.tables["final"], "final", MERGE_KEYS["final"], within=scope),
+            lambda: store.merge(arrivals, "lineage", MERGE_KEYS["lineage"], within=scope))
+        versions = {"final": final_version, "lineage": lineage_version}
     finally:
         ctx.spark.catalog.clearCache()  # the scope and the stage's cached joins (build_lineage_and_final)
     checks = stage.check(ctx) or {}
@@ -685,13 +741,15 @@ def finalize_scope(new_records: DataFrame, new_groups: DataFrame) -> DataFrame:
 
 def grow_centroids(store: TableStore, added: dict[int, int]) -> int | None:
     """``centroids.size`` plus the rows ``added`` to each cluster (the fitted centres and
-    distance statistics stay): the k rows rewritten, one new version (an overwrite costs a
-    fraction of a MERGE, and every row changes anyway). None when nothing was added."""
+    distance statistics stay): the k rows rewritten on the driver, one new version (every row
+    changes anyway). None when nothing was added."""
     if not any(added.values()):
         return None
-    centroids = store.read("centroids")
-    rows = [{**r.asDict(), "size": r["size"] + added.get(r["cluster"], 0)} for r in centroids.collect()]
-    return store.write(store.spark.createDataFrame(rows, centroids.schema), "centroids")
+    centroids = store.read_small("centroids")  # k rows
+    size = centroids.schema.get_field_index("size")
+    grown = pc.add(centroids.column(size), pa.array([added.get(c, 0) for c in centroids.column("cluster").to_pylist()],
+                                                     type=centroids.schema.field(size).type))
+    return store.overwrite_small(centroids.set_column(size, centroids.schema.field(size), grown), "centroids")
 
 
 def _stage_summary(name: str, result: Increment) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable, Schema
+from deltalake import DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 from deltalake.writer import convert_to_deltalake
@@ -91,6 +91,19 @@ class TableStore:
         else:
             self._write_through_delta_rs(df, target, mode)
         return DeltaTable(target).version()
+
+    def read_small(self, name: str) -> pa.Table:
+        """Table ``name``'s rows on the driver, read by delta-rs without a Spark job: only for a
+        table of a few rows (the k centroids), never for row-scale data."""
+        return DeltaTable(self.path(name)).to_pyarrow_table()
+
+    def overwrite_small(self, rows: pa.Table, name: str) -> int:
+        """Replace table ``name`` by ``rows`` (a few rows the driver holds, in the table's schema,
+        e.g. from :meth:`read_small`), whichever the engine: delta-rs writes and commits them
+        itself, so no Spark job runs (Spark's overwrite of k rows costs seconds of planning and
+        log work). Returns the new version."""
+        write_deltalake(self.path(name), rows, mode="overwrite")
+        return DeltaTable(self.path(name)).version()
 
     def merge(self, source: DataFrame, name: str, keys: Sequence[str] | None = None,
               within: DataFrame | None = None) -> int | None:

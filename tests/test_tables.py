@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
@@ -102,6 +103,28 @@ def test_empty_table_keeps_its_schema(spark, engine_store):
     for reader in (engine_store, other_reader(engine_store)):
         back = reader.read("empty")
         assert back.count() == 0 and back.columns == ["id", "embedding"]
+
+
+def test_a_small_table_rewritten_on_the_driver_reads_back_everywhere(spark, engine_store):
+    """What the increment does to ``centroids``: k rows read and overwritten through delta-rs,
+    whichever engine wrote the table; one new version, same schema, any reader sees the rows."""
+    store = engine_store
+    rows = spark.createDataFrame([(0, [0.5, 0.25], 3), (1, [1.0, 0.0], 7)],
+                                 "cluster int, center array<double>, size long")
+    assert store.write(rows, "small") == 0
+    small = store.read_small("small")
+    sizes = small.column("size").to_pylist()
+    grown = small.set_column(2, small.schema.field("size"), pa.array([n + 1 for n in sizes], pa.int64()))
+    assert store.overwrite_small(grown, "small") == 1
+    for reader in (store, other_reader(store)):
+        back = reader.read("small")
+        assert back.schema == rows.schema
+        assert sorted((r.cluster, r.center, r.size) for r in back.collect()) == [(0, [0.5, 0.25], 4), (1, [1.0, 0.0], 8)]
+    assert sorted(DeltaTable(store.path("small"), version=0).to_pyarrow_table().column("size").to_pylist()) == [3, 7]
+    if store.engine == "delta-spark":  # Delta's own reader, at both versions
+        delta = spark.read.format("delta")
+        assert sorted(r.size for r in delta.load(store.path("small")).collect()) == [4, 8]
+        assert sorted(r.size for r in delta.option("versionAsOf", 0).load(store.path("small")).collect()) == [3, 7]
 
 
 def test_missing_table_is_a_clear_error(store):
