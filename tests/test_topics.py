@@ -176,7 +176,9 @@ def test_saved_model_reloads_and_assigns_rows_as_the_stage_did(spark, shared_dat
 
     model = load_topic_model(store.root)
     assert topic_model_path(store.root).parent.parent == store.root
+    basis = model.basis  # a loaded model reads it from the saved PCA's data file, not through Spark
     assert [type(s).__name__ for s in model.pipeline.stages] == ["PCAModel", "VectorSlicer", "KMeansModel"]
+    np.testing.assert_array_equal(basis, model.pipeline.stages[0].pc.toArray()[:, :model.components])
     assert model.k == len(centroids) and model.components == centroids["pca_components"].iloc[0]
     np.testing.assert_array_equal(model.centers, np.stack(centroids["center"].to_numpy()))
     again = assign_to_topics(embeddings, model).toPandas().set_index("id")  # test-only: a few hundred rows

@@ -55,6 +55,7 @@ from __future__ import annotations
 import math
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -134,12 +135,20 @@ def topic_model_path(root: str | Path) -> Path:
 class TopicModel:
     """A fitted topic model: what assigns rows to topics without refitting.
 
-    ``pipeline``: the MLlib models (PCA with all components → the first m → k-means when k >= 2).
     ``centroids``: the centroids rows (see the module doc), one per cluster, in cluster order.
+    ``fitted``: the MLlib models of a fit (PCA with all components → the first m → k-means when
+    k >= 2); None for a model loaded from ``path``, whose :attr:`pipeline` is loaded when first
+    asked for. Assigning rows needs only the PCA basis, which a loaded model reads from the
+    saved PCA's data file (no Spark job; loading the PipelineModel runs a dozen).
     """
 
-    pipeline: PipelineModel
     centroids: list[dict[str, Any]] = field(repr=False)
+    fitted: PipelineModel | None = None
+    path: Path | None = None
+
+    @cached_property
+    def pipeline(self) -> PipelineModel:
+        return self.fitted if self.fitted is not None else PipelineModel.load(str(self.path / "pipeline"))
 
     @property
     def k(self) -> int:
@@ -154,12 +163,34 @@ class TopicModel:
         """k x m, the cluster centres in the PCA space."""
         return np.array([c["center"] for c in self.centroids], dtype=np.float64)
 
-    @property
+    @cached_property
     def basis(self) -> np.ndarray:
         """d x m: MLlib's principal components (columns), the first m. Like MLlib's transform,
         the projection is x @ basis (no centring: distances do not change)."""
+        if self.fitted is None:
+            saved = saved_pca_components(self.path / "pipeline")
+            if saved is not None:
+                return saved[:, :self.components]
         pca: PCAModel = self.pipeline.stages[0]
         return np.asarray(pca.pc.toArray(), dtype=np.float64)[:, :self.components]
+
+
+def saved_pca_components(pipeline_path: Path) -> np.ndarray | None:
+    """The principal components (d x d, columns) of the PCAModel saved as the first stage of
+    the PipelineModel at ``pipeline_path``, read from its data file in MLlib's matrix layout
+    (dense; column-major unless transposed); None when the file is not that (then load the model)."""
+    stages = sorted((pipeline_path / "stages").glob("0_*/data/*.parquet"))
+    if len(stages) != 1:
+        return None
+    table = pq.read_table(stages[0])
+    if table.num_rows != 1 or "pc" not in table.column_names:
+        return None
+    pc = table.column("pc")[0].as_py()
+    if pc["type"] != 1:  # sparse: not what MLlib's PCA writes
+        return None
+    values = np.asarray(pc["values"], dtype=np.float64)
+    rows, cols = pc["numRows"], pc["numCols"]
+    return values.reshape(rows, cols) if pc["isTransposed"] else values.reshape(cols, rows).T
 
 
 _PROJECTED_SCHEMA = T.StructType([
@@ -329,12 +360,12 @@ def fit_topics(embeddings: DataFrame, settings: TopicsSettings) -> TopicsResult:
         return TopicsResult(spark.createDataFrame([], TOPICS_SCHEMA), spark.createDataFrame([], CENTROIDS_SCHEMA),
                             None, {"rows": 0})
     fit = _fit(embeddings, n, dim, settings)
-    provisional = TopicModel(fit.pipeline, [{"center": c.tolist()} for c in fit.centers])
+    provisional = TopicModel([{"center": c.tolist()} for c in fit.centers], fitted=fit.pipeline)
     topics = assign_to_topics(embeddings, provisional).persist()
     rows, cost = _centroid_rows(topics, embeddings, fit, dim)
     centroids = spark.createDataFrame(_centroids_arrow(rows), CENTROIDS_SCHEMA)  # k rows, through Arrow
     summary = dict(fit.summary, explained_variance=fit.explained_variance, cost=cost)
-    return TopicsResult(topics, centroids, TopicModel(fit.pipeline, rows), summary)
+    return TopicsResult(topics, centroids, TopicModel(rows, fitted=fit.pipeline), summary)
 
 
 def assign_topics(embeddings: DataFrame, settings: TopicsSettings) -> tuple[DataFrame, DataFrame]:
@@ -362,10 +393,9 @@ def save_topic_model(model: TopicModel | None, path: str | Path) -> None:
 def load_topic_model(root: str | Path) -> TopicModel:
     """The topic model the topics stage saved under run root ``root`` (needs an active session)."""
     path = topic_model_path(root)
-    if not (path / CENTROIDS_FILE).is_file():
+    if not (path / CENTROIDS_FILE).is_file() or not (path / "pipeline").is_dir():
         raise FileNotFoundError(f"no topic model under {path}; run the topics stage first")
-    pipeline = PipelineModel.load(str(path / "pipeline"))
-    return TopicModel(pipeline, pq.read_table(path / CENTROIDS_FILE).to_pylist())  # k rows: small
+    return TopicModel(pq.read_table(path / CENTROIDS_FILE).to_pylist(), path=path)  # k rows: small
 
 
 class Topics(Stage):
