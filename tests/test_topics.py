@@ -17,7 +17,7 @@ from mergeit_spark.stages import StageContext
 from mergeit_spark.tables import TableStore
 from mergeit_spark.stages.topics import (DISTANCE_QUANTILES, Topics, assign_to_topics, assign_topics, cluster_count,
                                          components_for_variance, fit_topics, kmeans_partitions, load_topic_model,
-                                         topic_model_path)
+                                         saved_pca_components, topic_model_path)
 
 STAGES = Path(__file__).resolve().parents[1] / "mergeit_spark" / "stages"
 
@@ -176,6 +176,7 @@ def test_saved_model_reloads_and_assigns_rows_as_the_stage_did(spark, shared_dat
 
     model = load_topic_model(store.root)
     assert topic_model_path(store.root).parent.parent == store.root
+    assert saved_pca_components(topic_model_path(store.root) / "pipeline") is not None  # no fallback
     basis = model.basis  # a loaded model reads it from the saved PCA's data file, not through Spark
     assert [type(s).__name__ for s in model.pipeline.stages] == ["PCAModel", "VectorSlicer", "KMeansModel"]
     np.testing.assert_array_equal(basis, model.pipeline.stages[0].pc.toArray()[:, :model.components])
