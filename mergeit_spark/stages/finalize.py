@@ -215,13 +215,14 @@ def _count_if(cond: Column) -> Column:
 def input_units(store: TableStore) -> dict[str, int]:
     """The input count ingest took independently of parsing: ``input_files`` rows and the sum of
     their ``units`` (lines, array elements or source rows)."""
-    if not store.exists(INPUT_FILES):
-        raise LedgerError([f"no independent input count: table {INPUT_FILES!r} is missing under "
-                           f"{store.root} (rerun ingest)"], {})
     return _numbers(_input_numbers(store))
 
 
 def _input_numbers(store: TableStore) -> DataFrame:
+    """:func:`input_units` as a one-row aggregate (lazy); a missing ``input_files`` fails here."""
+    if not store.exists(INPUT_FILES):
+        raise LedgerError([f"no independent input count: table {INPUT_FILES!r} is missing under "
+                           f"{store.root} (rerun ingest)"], {})
     return _one_row(store.read(INPUT_FILES), input_files=F.count(F.lit(1)), input_rows=F.sum("units"))
 
 
@@ -399,16 +400,14 @@ def _balanced(numbers: Numbers) -> Numbers:
 def check_store_ledger(store: TableStore, input_rows: int | None = None) -> dict[str, int]:
     """:func:`check_ledger` on the tables written under ``store``'s run root; the input count is
     ``input_rows`` when given, else ingest's own count (``input_files``, required)."""
-    if input_rows is None and not store.exists(INPUT_FILES):
-        input_units(store)  # raises: no independent count
+    counted = [_input_numbers(store)] if input_rows is None else []
     # Records, lineage and final are each read by two or three of the checks: read once, at the
     # columns the checks use, and cached for the length of the check.
     records = store.read("records").select("id").persist()
     lineage = store.read("lineage").select("id", "fate", "final_id", "group_id").persist()
     final = store.read("final").select("id", "origin", "source_ids").persist()
     try:
-        numbers = _ledger_numbers(records, store.read("rejects"), lineage, final,
-                                  *([_input_numbers(store)] if input_rows is None else []))
+        numbers = _ledger_numbers(records, store.read("rejects"), lineage, final, *counted)
     finally:
         for table in (records, lineage, final):
             table.unpersist()
