@@ -6,3 +6,10 @@ __version__ = "0.1.0"
 from .redact import install_log_scrubbing as _install_log_scrubbing  # noqa: E402
 
 _install_log_scrubbing()
+
+# In a PySpark worker, the per-task import-cache invalidation skips zip archives that did not
+# change (see worker_imports): seconds of every small task otherwise.
+from .worker_imports import in_pyspark_worker as _in_pyspark_worker, install as _install  # noqa: E402
+
+if _in_pyspark_worker():
+    _install()
