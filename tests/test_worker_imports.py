@@ -2,7 +2,7 @@
 archive changed (mergeit_spark.worker_imports)."""
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import sys
 import zipfile
 import zipimport
