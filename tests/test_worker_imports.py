@@ -54,7 +54,7 @@ def test_an_unchanged_archive_is_not_read_again_and_a_rewritten_one_is(tmp_path,
     assert module.VALUE == 2
 
 
-def test_a_vanished_archive_is_invalidated_as_python_does(tmp_path, counted_reads):
+def test_a_vanished_archive_is_invalidated_as_python_does(tmp_path):
     archive = tmp_path / "gone.zip"
     _zip(archive, {"gamma_mod": "VALUE = 3\n"})
     importer = zipimport.zipimporter(str(archive))
