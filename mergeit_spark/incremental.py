@@ -58,9 +58,14 @@ all done and current. The rules, step by step:
 
 Each touched table gets exactly one new version per increment (an append; centroids an
 overwrite of its k rows, committed by delta-rs from the driver; final and lineage a merge).
-Writes to different tables in one step go at once (ingest's three tables; topics and centroids;
-final and lineage): each one's driver-side Delta work overlaps the other's tasks. The steps from
-dedup to merge share one cached copy of ``embeddings``. Afterwards every stage's state records
+Steps 4 to 6 are one step (``curate``): after the new rows are compared with the kept rows (one
+pass, routed by cluster), ONE pass per touched cluster deduplicates its unmatched new rows among
+themselves, extends its selection and groups its free selected rows (``CurateCluster``), and the
+new ``dedup``, ``selected`` and ``merge_groups`` rows come from that one cached result: each of
+the three was a round of Spark jobs over the same clusters' kept rows before. Writes to different
+tables in one step go at once (ingest's three tables; topics and centroids; dedup, selected and
+merge_groups; final and lineage): each one's driver-side Delta work overlaps the other's tasks.
+The curate and merge steps share one cached copy of ``embeddings``. Afterwards every stage's state records
 the new versions, so ``mergeit status`` shows the run current and a plain ``mergeit run`` with
 the same settings recomputes nothing.
 
@@ -90,10 +95,12 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from .ids import group_id
 from .stages import StageContext
-from .stages.dedup import (DEDUP_SCHEMA, DUPLICATE, KEPT, ROUTED_SCHEMA, RouteProbes, best_matches,
-                           broadcast_centers, embedding_matrix, keep_order, leader_dedup)
+from .stages.dedup import (DEDUP_SCHEMA, DUPLICATE, KEPT, ROUTED_SCHEMA, RouteProbes, broadcast_centers,
+                           embedding_matrix, keep_order, leader_dedup, matches_per_cluster)
 from .stages.finalize import keep_arrival_runs
+from .stages.group import group_cluster
 from .stages.ingest import (RECORD_SCHEMA, IngestCountError, frame_inputs, input_files_table, new_run_id,
                             parse_outcomes)
 from .stages.select import extend_facility_location
@@ -110,14 +117,6 @@ MARKER = "incremental.json"  # under <root>/_state
 TOUCHED = ("records", "rejects", "input_files", "embeddings", "topics", "centroids", "dedup", "selected",
            "merge_groups", "merges", "final", "lineage")
 STAGES_BEFORE_FINALIZE = ("ingest", "embed", "topics", "dedup", "select", "group", "merge")
-
-_PICK_SCHEMA = T.StructType([
-    T.StructField("id", T.StringType(), False),
-    T.StructField("cluster", T.IntegerType(), False),
-    T.StructField("rank", T.IntegerType(), False),
-    T.StructField("gain", T.DoubleType(), False),
-])
-
 
 Result = TypeVar("Result")
 
@@ -158,10 +157,12 @@ def new_inputs(store: TableStore, files: list) -> list:
     gained versions since it was read, its data files added since (:func:`grown_delta_source`).
     Fails on any other input whose size changed since."""
     from .inputs import input_bytes
-    table = store.read("input_files")
-    version = F.max("version") if "version" in table.columns else F.lit(None).cast("long")
-    seen = {row["source"]: row for row in table.groupBy("source").agg(  # one row per input: small
-        F.sum("bytes").alias("bytes"), F.sum("framed").alias("framed"), version.alias("version")).collect()}
+    table = store.read_small("input_files")  # a row per input read (or per version read): small
+    if "version" not in table.column_names:
+        table = table.append_column("version", pa.nulls(table.num_rows, pa.int64()))
+    seen = {row["source"]: {"bytes": row["bytes_sum"], "framed": row["framed_sum"], "version": row["version_max"]}
+            for row in table.group_by("source").aggregate(
+                [("bytes", "sum"), ("framed", "sum"), ("version", "max")]).to_pylist()}
     fresh = []
     for item in files:
         if item.path not in seen:
@@ -329,53 +330,7 @@ def drift_of(arrivals: dict[int, tuple[int, int]], quantile: float) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------
-# Step 4: dedup of new rows against kept rows
-# ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _DedupNew:
-    """One cluster's unmatched new rows: the full run's keep rule among themselves."""
-
-    threshold: float
-    block_size: int
-
-    def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
-        ids = frame["id"].to_numpy(dtype=object)
-        order = keep_order(frame["distance"].to_numpy(dtype=np.float64), ids)
-        ids = ids[order]
-        kept, target, similarity = leader_dedup(embedding_matrix(frame["embedding"])[order],
-                                                self.threshold, self.block_size)
-        return pd.DataFrame({
-            "id": ids, "cluster": np.full(len(ids), frame["cluster"].iloc[0], dtype=np.int32),
-            "status": np.where(kept, KEPT, DUPLICATE),
-            "duplicate_of": np.where(kept, None, ids[np.maximum(target, 0)]),
-            "similarity": similarity})
-
-
-def dedup_new_rows(new_topics: DataFrame, embeddings: DataFrame, dedup: DataFrame,
-                   centroids: DataFrame, settings) -> DataFrame:
-    """``dedup`` rows for ``new_topics`` (id, cluster, distance); see the module doc, step 4."""
-    neighbours = settings.cross_cluster_neighbours if settings.cross_cluster else 0
-    vectors = embeddings.select("id", "embedding")
-    new = new_topics.select("id", "cluster", "distance").join(vectors, "id").persist()
-    probes = new.select("id", "cluster", "embedding").mapInArrow(
-        RouteProbes(broadcast_centers(centroids), neighbours, home=True), ROUTED_SCHEMA)
-    kept = (dedup.filter(F.col("status") == KEPT).select("id", F.col("cluster").alias("target_cluster"))
-            .join(vectors, "id"))
-    # Two consumers (the matched rows, and the rest): cached, so the comparison runs once.
-    matched = (best_matches(probes, kept, settings.threshold, settings.block_size)
-               .select(F.col("probe_id").alias("id"), "target_id", F.col("match_similarity").alias("similarity"))
-               .persist())
-    dedup_new = _DedupNew(settings.threshold, settings.block_size)
-    rest = (new.join(matched.select("id"), "id", "left_anti").groupBy("cluster")
-            .applyInPandas(lambda frame: dedup_new(frame), DEDUP_SCHEMA))
-    duplicates = new.join(matched, "id").select(
-        "id", "cluster", F.lit(DUPLICATE).alias("status"), F.col("target_id").alias("duplicate_of"), "similarity")
-    return duplicates.unionByName(rest)
-
-
-# ------------------------------------------------------------------------------------------
-# Step 5: selection extended by facility location
+# Steps 4-6: dedup, selection and groups of the new rows
 # ------------------------------------------------------------------------------------------
 
 def selection_target(budget: int, kept: int, kept_before: int, selected_before: int) -> int:
@@ -385,66 +340,148 @@ def selection_target(budget: int, kept: int, kept_before: int, selected_before: 
     return min(kept, max(budget, math.ceil(selected_before * kept / kept_before)))
 
 
-@dataclass(frozen=True)
-class _ExtendCluster:
-    """One cluster's kept rows (id, cluster, embedding, is_new, rank) → its new picks."""
+# What one pass over a cluster adds to three tables, one row per table row: ``table`` says which
+# ("dedup", "selected" or "merge_groups"), the other tables' columns are null. ``similarity`` is
+# the dedup row's match similarity or the group's mean pairwise similarity.
+CURATED_SCHEMA = T.StructType([
+    T.StructField("table", T.StringType(), False),
+    T.StructField("id", T.StringType(), True),
+    T.StructField("cluster", T.IntegerType(), False),
+    T.StructField("status", T.StringType(), True),
+    T.StructField("duplicate_of", T.StringType(), True),
+    T.StructField("similarity", T.DoubleType(), True),
+    T.StructField("rank", T.IntegerType(), True),
+    T.StructField("gain", T.DoubleType(), True),
+    T.StructField("group_id", T.StringType(), True),
+    T.StructField("member_ids", T.ArrayType(T.StringType(), False), True),
+])
+CURATED_COLUMNS = {"dedup": [f.name for f in DEDUP_SCHEMA.fields],
+                   "selected": ["id", "cluster", "rank", "gain"],
+                   "merge_groups": ["group_id", "cluster", "member_ids", "similarity"]}
 
+
+@dataclass(frozen=True)
+class CurateCluster:
+    """One cluster's rows → its new ``dedup``, ``selected`` and ``merge_groups`` rows
+    (``CURATED_SCHEMA``): steps 4, 5 and 6 of the module doc in one pass, each step's output the
+    next one's input, the cluster's vectors decoded once. The rows, by ``role``: ``kept``, the
+    cluster's kept rows (``rank``: their selection rank or NaN; ``grouped``: a group holds
+    them); ``new``, its new rows (with their centroid ``distance``); ``match``, for a new row of
+    the cluster (``id``), its most similar kept row at or above the threshold in one cluster it
+    was compared with (``target_id``, ``similarity``; no embedding)."""
+
+    dedup_threshold: float
+    dedup_block_size: int
     budget: int
-    block_size: int
+    select_block_size: int
+    group_threshold: float
+    group_size: int
 
     def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
+        cluster = int(frame["cluster"].iloc[0])
+        matches = frame[frame["role"] == "match"]
+        # A new row's best match over the clusters it was compared with; ties: the smaller id.
+        best = (matches.sort_values(["similarity", "target_id"], ascending=[False, True], kind="stable")
+                .drop_duplicates("id"))
+        duplicates = pd.DataFrame({"table": "dedup", "id": best["id"], "cluster": cluster, "status": DUPLICATE,
+                                   "duplicate_of": best["target_id"], "similarity": best["similarity"]})
+        frame = frame[(frame["role"] == "kept") | ((frame["role"] == "new") & ~frame["id"].isin(best["id"]))]
+        if not (frame["role"] == "new").any():
+            return _curated([duplicates])
+        # id order: the extension breaks ties by position, so by id, as the select stage does.
         frame = frame.sort_values("id", kind="stable").reset_index(drop=True)
+        ids = frame["id"].to_numpy(dtype=object)
         vectors = embedding_matrix(frame["embedding"])
-        is_new = frame["is_new"].to_numpy(dtype=bool)
-        ranks = frame["rank"].to_numpy(dtype=np.float64)  # NaN: not selected
+        is_new = (frame["role"] == "new").to_numpy(dtype=bool)
+        new = np.flatnonzero(is_new)
+        order = new[keep_order(frame["distance"].to_numpy(dtype=np.float64)[new], ids[new])]
+        kept, target, similarity = leader_dedup(vectors[order], self.dedup_threshold, self.dedup_block_size)
+        dedup = pd.DataFrame({
+            "table": "dedup", "id": ids[order], "cluster": cluster, "status": np.where(kept, KEPT, DUPLICATE),
+            "duplicate_of": np.where(kept, None, ids[order][np.maximum(target, 0)]), "similarity": similarity})
+        rows = np.sort(np.concatenate([np.flatnonzero(~is_new), order[kept]]))  # kept rows, id order
+        ranks = frame["rank"].to_numpy(dtype=np.float64)[rows]  # NaN: not selected
+        picks, gains, start = self._extend(vectors[rows], ranks, is_new[rows])
+        picked = rows[picks]
+        selected = pd.DataFrame({"table": "selected", "id": ids[picked], "cluster": cluster,
+                                 "rank": np.arange(start, start + len(picks)), "gain": gains})
+        groups = self._groups(frame, vectors, picked, is_new, cluster) if len(picked) else []
+        return _curated([duplicates, dedup, selected, pd.DataFrame(
+            groups, columns=["table", "cluster", "group_id", "member_ids", "similarity"])])
+
+    def _extend(self, vectors: np.ndarray, ranks: np.ndarray, is_new: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Step 5 over the cluster's kept rows: (positions picked, gains, first new rank)."""
         old_selected = np.flatnonzero(~np.isnan(ranks))
         chosen = old_selected[np.argsort(ranks[old_selected], kind="stable")]
-        target = selection_target(self.budget, len(frame), int((~is_new).sum()), len(chosen))
-        picks, gains = extend_facility_location(vectors, chosen, np.flatnonzero(is_new),
-                                                target - len(chosen), self.block_size)
-        start = int(np.nanmax(ranks)) + 1 if len(chosen) else 0
-        return pd.DataFrame({
-            "id": frame["id"].to_numpy(dtype=object)[picks],
-            "cluster": np.full(len(picks), frame["cluster"].iloc[0], dtype=np.int32),
-            "rank": np.arange(start, start + len(picks), dtype=np.int32), "gain": gains})
+        target = selection_target(self.budget, len(ranks), int((~is_new).sum()), len(chosen))
+        picks, gains = extend_facility_location(vectors, chosen, np.flatnonzero(is_new), target - len(chosen),
+                                                self.select_block_size)
+        return picks, gains, int(np.nanmax(ranks)) + 1 if len(chosen) else 0
+
+    def _groups(self, frame: pd.DataFrame, vectors: np.ndarray, picked: np.ndarray, is_new: np.ndarray,
+                cluster: int) -> list[tuple]:
+        """Step 6: the group stage's rule over the cluster's selected rows in no group yet (the
+        old ones and the new picks); the groups holding a new row. A group found here cannot be
+        one recorded before: every member of those is in a group already."""
+        free = np.flatnonzero(~np.isnan(frame["rank"].to_numpy(dtype=np.float64))
+                              & ~frame["grouped"].eq(True).to_numpy())
+        free = np.union1d(free, picked)
+        ids = frame["id"].to_numpy(dtype=object)
+        new_ids = set(ids[is_new])
+        found = group_cluster(ids[free].tolist(), vectors[free], self.group_threshold, self.group_size)
+        return [("merge_groups", cluster, group_id(members), members, similarity)
+                for members, similarity in found if new_ids.intersection(members)]
 
 
-def extend_selection(new_dedup: DataFrame, dedup: DataFrame, selected: DataFrame, embeddings: DataFrame,
-                     settings) -> DataFrame:
-    """New ``selected`` rows: the clusters of ``new_dedup``'s kept rows, extended (step 5).
-    ``dedup`` is the table with the new rows appended; ``selected`` the existing selection."""
-    new_kept = new_dedup.filter(F.col("status") == KEPT).select("id", F.lit(True).alias("is_new"))
-    clusters = new_dedup.filter(F.col("status") == KEPT).select("cluster").distinct()
-    rows = (dedup.filter(F.col("status") == KEPT).select("id", "cluster")
-            .join(clusters, "cluster", "left_semi")
-            .join(new_kept, "id", "left")
-            .join(selected.select("id", "rank"), "id", "left")
-            .join(embeddings.select("id", "embedding"), "id")
-            .select("id", "cluster", "embedding", F.coalesce("is_new", F.lit(False)).alias("is_new"),
-                    F.col("rank").cast("double").alias("rank")))
-    extend = _ExtendCluster(settings.budget, settings.block_size)
-    return rows.groupBy("cluster").applyInPandas(lambda frame: extend(frame), _PICK_SCHEMA)
+def _curated(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """``parts`` (each some of ``CURATED_SCHEMA``'s columns) as one frame in its columns."""
+    out = pd.concat(parts, ignore_index=True).reindex(columns=CURATED_SCHEMA.fieldNames())
+    # The other tables' columns are NaN after the concat; Arrow takes None as null in a string
+    # or array column, not NaN.
+    for column in ("id", "status", "duplicate_of", "group_id", "member_ids"):
+        out[column] = out[column].astype(object).where(out[column].notna(), None)
+    return out
 
 
-# ------------------------------------------------------------------------------------------
-# Step 6: groups holding a new row
-# ------------------------------------------------------------------------------------------
+def curate_new_rows(new_topics: DataFrame, embeddings: DataFrame, tables: dict[str, DataFrame],
+                    settings) -> DataFrame:
+    """The ``dedup``, ``selected`` and ``merge_groups`` rows an increment adds (``CURATED_SCHEMA``)
+    for ``new_topics`` (id, cluster, distance): steps 4 to 6 of the module doc. ``tables``: the
+    ``dedup``, ``selected``, ``merge_groups`` and ``centroids`` tables before the increment.
+    Two passes: the new rows routed to their own and neighbouring clusters meet those clusters'
+    kept rows (each new row's best match per cluster), then one pass per cluster with new rows
+    (:class:`CurateCluster`) takes its new rows, their matches and its kept rows."""
+    vectors = embeddings.select("id", "embedding")
+    # Three consumers (the probes, their home clusters, the pass): cached, joined once.
+    new = new_topics.select("id", "cluster", "distance").join(vectors, "id").persist()
+    kept = tables["dedup"].filter(F.col("status") == KEPT).select("id", "cluster")
+    dedup = settings.dedup
+    neighbours = dedup.cross_cluster_neighbours if dedup.cross_cluster else 0
+    probes = new.select("id", "cluster", "embedding").mapInArrow(
+        RouteProbes(broadcast_centers(tables["centroids"]), neighbours, home=True), ROUTED_SCHEMA)
+    matches = (matches_per_cluster(probes, kept.withColumnRenamed("cluster", "target_cluster").join(vectors, "id"),
+                                   dedup.threshold, dedup.block_size)
+               .join(F.broadcast(new.select(F.col("id").alias("probe_id"), "cluster")), "probe_id")
+               .select(F.col("probe_id").alias("id"), "cluster", F.lit("match").alias("role"),
+                       F.col("target_id"), F.col("match_similarity").alias("similarity")))
+    grouped = tables["merge_groups"].select(F.explode("member_ids").alias("id"), F.lit(True).alias("grouped"))
+    old = (kept.join(new_topics.select("cluster").distinct(), "cluster", "left_semi")
+           .join(tables["selected"].select("id", F.col("rank").cast("double")), "id", "left")
+           .join(grouped, "id", "left")
+           .join(vectors, "id")
+           .select("id", "cluster", F.lit("kept").alias("role"), "embedding", "rank",
+                   F.coalesce("grouped", F.lit(False)).alias("grouped")))
+    rows = (new.select("id", "cluster", F.lit("new").alias("role"), "embedding", F.col("distance").cast("double"))
+            .unionByName(old, allowMissingColumns=True).unionByName(matches, allowMissingColumns=True))
+    curate = CurateCluster(dedup.threshold, dedup.block_size, settings.select.budget,
+                           settings.select.block_size, settings.group.threshold, settings.group.size)
+    return rows.groupBy("cluster").applyInPandas(lambda frame: curate(frame), CURATED_SCHEMA)
 
-def new_groups(new_ids: DataFrame, selected: DataFrame, merge_groups: DataFrame, embeddings: DataFrame,
-               settings) -> DataFrame:
-    """Groups of the not-yet-grouped selected rows, in clusters that gained selected rows, that
-    hold at least one of ``new_ids``."""
-    from .stages.group import build_merge_groups
-    grouped = merge_groups.select(F.explode("member_ids").alias("id"))
-    touched = selected.join(new_ids, "id", "left_semi").select("cluster").distinct()
-    free = (selected.join(touched, "cluster", "left_semi").join(grouped, "id", "left_anti")
-            .select("id", "cluster"))
-    # Read twice (which groups hold a new row, then those groups): cached, grouped once.
-    found = build_merge_groups(free, embeddings, settings.threshold, settings.size).persist()
-    with_new = (found.select("group_id", F.explode("member_ids").alias("id"))
-                .join(new_ids, "id", "left_semi").select("group_id").distinct())
-    return (found.join(with_new, "group_id", "left_semi")
-            .join(merge_groups.select("group_id"), "group_id", "left_anti"))
+
+def curated_rows(curated: DataFrame, table: str) -> DataFrame:
+    """``table``'s rows of ``curate_new_rows``' output, in its columns."""
+    return curated.filter(F.col("table") == table).select(*CURATED_COLUMNS[table])
 
 
 def merge_new_groups(ctx: StageContext, groups: DataFrame, records: DataFrame,
@@ -580,11 +617,11 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
 
     drift = _assign_new(ctx, before["embeddings"], timer)
     counts["assigned"] = drift["rows"]
-    # Dedup, select, group and merge each join the vectors: read and decoded once, kept for them.
+    # The curate and merge steps join the vectors: read and decoded once, kept for them.
     embeddings = store.read("embeddings").persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        _dedup_and_select(ctx, before, counts, timer, embeddings)
-        merge = _group_and_merge(ctx, run_id, before, counts, timer, embeddings)
+        groups = _curate(ctx, before, counts, timer, embeddings)
+        merge = _merge(ctx, run_id, groups, counts, timer, embeddings)
     finally:
         embeddings.unpersist()
     return _finish(pipeline, run_id, fresh, counts, timer, STAGES_BEFORE_FINALIZE, drift, merge, before)
@@ -626,47 +663,35 @@ def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer) -> dic
     return drift
 
 
-def _dedup_and_select(ctx: StageContext, before: dict[str, int | None], counts: dict[str, int], timer: _Timer,
-                      embeddings: DataFrame) -> None:
-    store = ctx.store
-    started = time.monotonic()
-    new_topics = added_rows(store, "topics", before["topics"])
-    # Tables this step or a later one appends to are read at their versions before the increment.
-    new_dedup = dedup_new_rows(new_topics, embeddings, store.read("dedup", version=before["dedup"]),
-                               store.read("centroids"), ctx.settings.dedup).persist()
-    counts["new_kept"] = new_dedup.filter(F.col("status") == KEPT).count()
-    counts["new_duplicates"] = new_dedup.count() - counts["new_kept"]
-    append(store, new_dedup, "dedup", counts["new_kept"] + counts["new_duplicates"])
-    timer.step("dedup", started)
-
-    started = time.monotonic()
-    picks = extend_selection(new_dedup, store.read("dedup"), store.read("selected", version=before["selected"]),
-                             embeddings, ctx.settings.select).persist()
-    counts["new_selected"] = picks.count()
-    append(store, picks, "selected", counts["new_selected"])
-    new_dedup.unpersist()
-    picks.unpersist()
-    timer.step("select", started)
+def _curate(ctx: StageContext, before: dict[str, int | None], counts: dict[str, int], timer: _Timer,
+            embeddings: DataFrame) -> DataFrame:
+    """Steps 4 to 6: the new rows' ``dedup``, ``selected`` and ``merge_groups`` rows, counted in
+    one action and appended at once; returns the new groups (cached, for the merge step)."""
+    store, started = ctx.store, time.monotonic()
+    # Tables this step appends to are read at their versions before the increment.
+    tables = {t: store.read(t, version=before[t]) for t in ("dedup", "selected", "merge_groups")}
+    tables["centroids"] = store.read("centroids")
+    curated = curate_new_rows(added_rows(store, "topics", before["topics"]), embeddings, tables,
+                              ctx.settings).persist(StorageLevel.MEMORY_AND_DISK)
+    found = {(r["table"], r["status"]): r["count"] for r in curated.groupBy("table", "status").count().collect()}
+    counts.update(new_kept=found.get(("dedup", KEPT), 0), new_duplicates=found.get(("dedup", DUPLICATE), 0),
+                  new_selected=found.get(("selected", None), 0), new_groups=found.get(("merge_groups", None), 0))
+    concurrently(*[lambda table=table, rows=rows: append(store, curated_rows(curated, table), table, rows)
+                   for table, rows in (("dedup", counts["new_kept"] + counts["new_duplicates"]),
+                                       ("selected", counts["new_selected"]),
+                                       ("merge_groups", counts["new_groups"]))])
+    timer.step("curate", started)
+    return curated_rows(curated, "merge_groups")
 
 
-def _group_and_merge(ctx: StageContext, run_id: str, before: dict[str, int | None], counts: dict[str, int],
-                     timer: _Timer, embeddings: DataFrame) -> dict[str, Any]:
-    started = time.monotonic()
-    store = ctx.store
-    new_ids = added_rows(store, "records", before["records"]).select("id").persist()
-    groups = new_groups(new_ids, store.read("selected"), store.read("merge_groups", version=before["merge_groups"]),
-                        embeddings, ctx.settings.group).persist()
-    counts["new_groups"] = groups.count()
-    append(store, groups, "merge_groups", counts["new_groups"])
-    timer.step("group", started)
+def _merge(ctx: StageContext, run_id: str, groups: DataFrame, counts: dict[str, int], timer: _Timer,
+           embeddings: DataFrame) -> dict[str, Any]:
     started = time.monotonic()
     merge: dict[str, Any] = {"groups": 0, "requests": 0}
     if counts["new_groups"]:
         from .stages.merge import record_merge_run
-        merge = merge_new_groups(ctx, groups, store.read("records"), embeddings)
-        record_merge_run(store.root, {"incremental_run": run_id, **merge})
-    groups.unpersist()
-    new_ids.unpersist()
+        merge = merge_new_groups(ctx, groups, ctx.store.read("records"), embeddings)
+        record_merge_run(ctx.store.root, {"incremental_run": run_id, **merge})
     timer.step("merge", started)
     return merge
 

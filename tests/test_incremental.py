@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
@@ -348,3 +349,56 @@ def test_concurrent_writes_all_land_and_a_failure_is_raised_after_the_others(spa
     with pytest.raises(ValueError, match="no such column"):
         concurrently(fails, lambda: store.write(rows, "one", mode="append"))
     assert store.version("one") == 1 and store.read("one").count() == 4
+
+
+def test_one_pass_per_cluster_dedups_extends_and_groups_the_new_rows():
+    """``CurateCluster`` on one cluster: a new row matched to kept rows is a duplicate of the
+    best match; the other new rows are deduplicated among themselves (nearest to the centre
+    kept), the selection is extended after its existing ranks, and only groups of free
+    selected rows that hold a new row are made."""
+    from mergeit_spark.ids import group_id
+    from mergeit_spark.incremental import CURATED_SCHEMA, CurateCluster
+    axes = np.eye(12, dtype=np.float32)
+
+    def unit(*parts):
+        v = sum(w * axes[i] for i, w in parts)
+        return (v / np.linalg.norm(v)).tolist()
+
+    def kept(row_id, vector, rank=np.nan, grouped=False):
+        return dict(id=row_id, role="kept", embedding=vector, rank=rank, grouped=grouped)
+
+    rows = [
+        kept("a0", unit((0, 1), (1, 0.6)), 0.0),              # selected, free: groups with n1
+        kept("a1", unit((0, 1), (3, 0.5)), 1.0, True),        # like n1, but already in a group
+        kept("a2", unit((6, 1))), kept("a3", unit((7, 1))), kept("a4", unit((8, 1))), kept("a5", unit((9, 1))),
+        kept("a6", unit((4, 1)), 2.0), kept("a7", unit((4, 1), (5, 0.3)), 3.0),  # a pair, but no new row
+        dict(id="n2", role="new", embedding=unit((0, 1), (2, 0.05)), distance=0.2),  # near-dup of n1, farther
+        dict(id="n1", role="new", embedding=unit((0, 1)), distance=0.1),
+        dict(id="n3", role="new", embedding=unit((10, 1)), distance=0.3),  # matched: no pick, no group
+        dict(id="n3", role="match", target_id="b9", similarity=0.97),      # (kept rows of other clusters)
+        dict(id="n3", role="match", target_id="b2", similarity=0.99),
+        dict(id="n3", role="match", target_id="b1", similarity=0.99),      # a tie: the smaller id
+    ]
+    frame = pd.DataFrame(rows, columns=["id", "role", "embedding", "distance", "rank", "grouped", "target_id",
+                                        "similarity"])
+    frame.insert(1, "cluster", 7)
+    out = CurateCluster(0.95, 4, 2, 4, 0.55, 2)(frame)
+    assert list(out.columns) == CURATED_SCHEMA.fieldNames() and set(out["cluster"]) == {7}
+    dedup = out[out["table"] == "dedup"].set_index("id")
+    assert sorted(dedup.index) == ["n1", "n2", "n3"]
+    assert dedup.loc["n1", "status"] == "kept" and dedup.loc["n2", "status"] == "duplicate"
+    assert dedup.loc["n2", "duplicate_of"] == "n1" and dedup.loc["n2", "similarity"] >= 0.95
+    assert (dedup.loc["n3", "status"], dedup.loc["n3", "duplicate_of"], dedup.loc["n3", "similarity"]) == (
+        "duplicate", "b1", 0.99)
+    # 8 kept and 4 selected before, 9 kept now: ceil(4 x 9 / 8) = 5 picks, so n1 joins at rank 4
+    selected = out[out["table"] == "selected"]
+    assert selected["id"].tolist() == ["n1"] and selected["rank"].tolist() == [4]
+    assert selected["gain"].iloc[0] > 0
+    groups = out[out["table"] == "merge_groups"]
+    assert [list(m) for m in groups["member_ids"]] == [["a0", "n1"]]
+    assert groups["group_id"].tolist() == [group_id(["a0", "n1"])]
+    assert abs(groups["similarity"].iloc[0] - 1 / np.sqrt(1.36)) < 1e-5
+    assert out["member_ids"].iloc[0] is None and out["duplicate_of"][out["table"] != "dedup"].isna().all()
+    # a cluster whose new rows all matched: their duplicate rows only
+    only_matched = CurateCluster(0.95, 4, 2, 4, 0.55, 2)(frame[frame["id"].isin(["a0", "a2", "n3"])])
+    assert only_matched[["table", "id", "duplicate_of"]].values.tolist() == [["dedup", "n3", "b1"]]

@@ -261,17 +261,23 @@ def broadcast_centers(centroids: DataFrame) -> Broadcast | None:
         np.array([r["embedding_center"] for r in rows], dtype=np.float32).reshape(len(rows), -1)))
 
 
-def best_matches(probes: DataFrame, targets: DataFrame, threshold: float, block_size: int) -> DataFrame:
-    """Each probe's most similar target at or above ``threshold`` among the targets of the
-    clusters it was routed to: (probe_id, target_id, match_similarity), one row per matched
-    probe (ties: the smaller target id). ``probes`` come from :class:`RouteProbes`; ``targets``
-    are (target_cluster, id, embedding). The full run's cross-cluster pass and the incremental
-    run's new-rows-against-kept-rows pass both use it."""
+def matches_per_cluster(probes: DataFrame, targets: DataFrame, threshold: float, block_size: int) -> DataFrame:
+    """Each probe's most similar target at or above ``threshold`` in each cluster it was routed
+    to (ties: the smaller target id): (probe_id, target_id, match_similarity), up to one row per
+    probe and target cluster. ``probes`` come from :class:`RouteProbes`; ``targets`` are
+    (target_cluster, id, embedding)."""
     targets = (targets.join(probes.select("target_cluster").distinct(), "target_cluster", "left_semi")
                .select("target_cluster", F.lit("target").alias("role"), "id", "embedding"))
     match_probes = _MatchProbes(threshold, block_size)
-    matches = (probes.unionByName(targets).groupBy("target_cluster")
-               .applyInPandas(lambda frame: match_probes(frame), _MATCH_SCHEMA))
+    return (probes.unionByName(targets).groupBy("target_cluster")
+            .applyInPandas(lambda frame: match_probes(frame), _MATCH_SCHEMA))
+
+
+def best_matches(probes: DataFrame, targets: DataFrame, threshold: float, block_size: int) -> DataFrame:
+    """Each probe's most similar target at or above ``threshold`` among the targets of the
+    clusters it was routed to: (probe_id, target_id, match_similarity), one row per matched
+    probe (ties: the smaller target id); :func:`matches_per_cluster` reduced over the clusters."""
+    matches = matches_per_cluster(probes, targets, threshold, block_size)
     best = Window.partitionBy("probe_id").orderBy(F.col("match_similarity").desc(), F.col("target_id"))
     return matches.withColumn("n", F.row_number().over(best)).filter("n = 1").drop("n")
 
