@@ -200,15 +200,25 @@ def test_model_loads_once_per_worker_process(spark, shared_data, settings):
     assert max(rows.values()) > 10 * 2  # at least one process served several batches
 
 
-def test_length_sorted_batches_give_the_same_vectors_in_row_order(settings):
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_length_sorted_batches_give_the_same_vectors_in_row_order(settings, precision):
+    """Sorting by length changes only which texts share a batch (so the padding), never which
+    vector goes to which row. In fp32 the vectors agree to float rounding; where ``auto`` picks
+    bf16 (a CPU with native bf16), a batch's padding moves them by bf16 rounding only."""
     texts = ["Short.", "A somewhat longer instruction about the weather in spring.",
              "x " * 300, "", "Translate 'good morning' into French.", "Why is the sky blue?"] * 2
-    embed_settings = dataclasses.replace(settings.embed, batch_size=4)
+    embed_settings = dataclasses.replace(settings.embed, batch_size=4, precision=precision)
     sorted_run = encode_texts(texts, embed_settings, sort_by_length=True)
     plain_run = encode_texts(texts, embed_settings, sort_by_length=False)
     assert sorted_run.dtype == np.float32 and sorted_run.shape == (12, 384)
-    np.testing.assert_allclose(sorted_run, plain_run, atol=1e-5)
-    np.testing.assert_allclose(sorted_run[0], sorted_run[6], atol=1e-6)  # same text, same vector
+    np.testing.assert_allclose(sorted_run[0], sorted_run[6], atol=1e-6)  # same text, same batch mates
+    if precision == "fp32":
+        np.testing.assert_allclose(sorted_run, plain_run, atol=1e-5)
+    else:
+        cosines = (sorted_run * plain_run).sum(axis=1)
+        assert cosines.min() > 0.999, cosines
+        # and every row is nearest to its own text's vector, not to a neighbour's
+        assert ((sorted_run @ plain_run.T).argmax(axis=1) % 6 == np.arange(12) % 6).all()
 
 
 def test_partitions_setting(spark, shared_data, settings):
