@@ -100,10 +100,10 @@ from .stages import StageContext
 from .stages.dedup import (DEDUP_SCHEMA, DUPLICATE, KEPT, ROUTED_SCHEMA, RouteProbes, broadcast_centers,
                            embedding_matrix, keep_order, leader_dedup, matches_per_cluster)
 from .stages.finalize import keep_arrival_runs
-from .stages.group import group_cluster
+from .stages.group import group_cluster, merge_groups_schema
 from .stages.ingest import (RECORD_SCHEMA, IngestCountError, frame_inputs, input_files_table, new_run_id,
                             parse_outcomes)
-from .stages.select import extend_facility_location
+from .stages.select import SELECTED_SCHEMA, extend_facility_location
 from .stages.topics import DISTANCE_QUANTILES, assign_to_topics, load_topic_model
 from .tables import TableStore
 
@@ -340,24 +340,26 @@ def selection_target(budget: int, kept: int, kept_before: int, selected_before: 
     return min(kept, max(budget, math.ceil(selected_before * kept / kept_before)))
 
 
-# What one pass over a cluster adds to three tables, one row per table row: ``table`` says which
-# ("dedup", "selected" or "merge_groups"), the other tables' columns are null. ``similarity`` is
-# the dedup row's match similarity or the group's mean pairwise similarity.
-CURATED_SCHEMA = T.StructType([
-    T.StructField("table", T.StringType(), False),
-    T.StructField("id", T.StringType(), True),
-    T.StructField("cluster", T.IntegerType(), False),
-    T.StructField("status", T.StringType(), True),
-    T.StructField("duplicate_of", T.StringType(), True),
-    T.StructField("similarity", T.DoubleType(), True),
-    T.StructField("rank", T.IntegerType(), True),
-    T.StructField("gain", T.DoubleType(), True),
-    T.StructField("group_id", T.StringType(), True),
-    T.StructField("member_ids", T.ArrayType(T.StringType(), False), True),
-])
-CURATED_COLUMNS = {"dedup": [f.name for f in DEDUP_SCHEMA.fields],
-                   "selected": ["id", "cluster", "rank", "gain"],
-                   "merge_groups": ["group_id", "cluster", "member_ids", "similarity"]}
+# The schemas of the three tables one pass over a cluster adds to, by table.
+CURATED_TABLES = {"dedup": DEDUP_SCHEMA, "selected": SELECTED_SCHEMA,
+                  "merge_groups": merge_groups_schema(T.IntegerType())}
+CURATED_COLUMNS = {table: schema.fieldNames() for table, schema in CURATED_TABLES.items()}
+
+
+def _curated_schema() -> T.StructType:
+    """One row per table row: ``table`` says which, and every column of the three tables (the
+    same name, the same type: ``similarity`` is the dedup row's match similarity or the group's
+    mean pairwise similarity), null where the table has none; ``cluster`` always set."""
+    fields: dict[str, T.StructField] = {}
+    for schema in CURATED_TABLES.values():
+        for field in schema.fields:
+            if fields.setdefault(field.name, field).dataType != field.dataType:
+                raise TypeError(f"column {field.name} has two types in the curated tables")
+    return T.StructType([T.StructField("table", T.StringType(), False)] + [
+        T.StructField(f.name, f.dataType, f.name != "cluster") for f in fields.values()])
+
+
+CURATED_SCHEMA = _curated_schema()
 
 
 @dataclass(frozen=True)
