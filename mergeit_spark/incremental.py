@@ -82,6 +82,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -678,10 +679,9 @@ def _curate(ctx: StageContext, before: dict[str, int | None], counts: dict[str, 
     found = {(r["table"], r["status"]): r["count"] for r in curated.groupBy("table", "status").count().collect()}
     counts.update(new_kept=found.get(("dedup", KEPT), 0), new_duplicates=found.get(("dedup", DUPLICATE), 0),
                   new_selected=found.get(("selected", None), 0), new_groups=found.get(("merge_groups", None), 0))
-    concurrently(*[lambda table=table, rows=rows: append(store, curated_rows(curated, table), table, rows)
-                   for table, rows in (("dedup", counts["new_kept"] + counts["new_duplicates"]),
-                                       ("selected", counts["new_selected"]),
-                                       ("merge_groups", counts["new_groups"]))])
+    rows = {"dedup": counts["new_kept"] + counts["new_duplicates"], "selected": counts["new_selected"],
+            "merge_groups": counts["new_groups"]}
+    concurrently(*[partial(append, store, curated_rows(curated, table), table, n) for table, n in rows.items()])
     timer.step("curate", started)
     return curated_rows(curated, "merge_groups")
 
