@@ -361,6 +361,8 @@ def _curated_schema() -> T.StructType:
 
 
 CURATED_SCHEMA = _curated_schema()
+_OBJECT_COLUMNS = [f.name for f in CURATED_SCHEMA.fields
+                   if isinstance(f.dataType, (T.StringType, T.ArrayType)) and f.name != "table"]
 
 
 @dataclass(frozen=True)
@@ -408,9 +410,9 @@ class CurateCluster:
         picked = rows[picks]
         selected = pd.DataFrame({"table": "selected", "id": ids[picked], "cluster": cluster,
                                  "rank": np.arange(start, start + len(picks)), "gain": gains})
-        groups = self._groups(frame, vectors, picked, is_new, cluster) if len(picked) else []
-        return _curated([duplicates, dedup, selected, pd.DataFrame(
-            groups, columns=["table", "cluster", "group_id", "member_ids", "similarity"])])
+        groups = self._groups(frame, ids, vectors, picked, is_new, cluster) if len(picked) else []
+        return _curated([duplicates, dedup, selected,
+                         pd.DataFrame(groups, columns=["table", *CURATED_COLUMNS["merge_groups"]])])
 
     def _extend(self, vectors: np.ndarray, ranks: np.ndarray, is_new: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -422,18 +424,17 @@ class CurateCluster:
                                                 self.select_block_size)
         return picks, gains, int(np.nanmax(ranks)) + 1 if len(chosen) else 0
 
-    def _groups(self, frame: pd.DataFrame, vectors: np.ndarray, picked: np.ndarray, is_new: np.ndarray,
-                cluster: int) -> list[tuple]:
+    def _groups(self, frame: pd.DataFrame, ids: np.ndarray, vectors: np.ndarray, picked: np.ndarray,
+                is_new: np.ndarray, cluster: int) -> list[tuple]:
         """Step 6: the group stage's rule over the cluster's selected rows in no group yet (the
         old ones and the new picks); the groups holding a new row. A group found here cannot be
         one recorded before: every member of those is in a group already."""
         free = np.flatnonzero(~np.isnan(frame["rank"].to_numpy(dtype=np.float64))
                               & ~frame["grouped"].eq(True).to_numpy())
         free = np.union1d(free, picked)
-        ids = frame["id"].to_numpy(dtype=object)
         new_ids = set(ids[is_new])
         found = group_cluster(ids[free].tolist(), vectors[free], self.group_threshold, self.group_size)
-        return [("merge_groups", cluster, group_id(members), members, similarity)
+        return [("merge_groups", group_id(members), cluster, members, similarity)
                 for members, similarity in found if new_ids.intersection(members)]
 
 
@@ -442,7 +443,7 @@ def _curated(parts: list[pd.DataFrame]) -> pd.DataFrame:
     out = pd.concat(parts, ignore_index=True).reindex(columns=CURATED_SCHEMA.fieldNames())
     # The other tables' columns are NaN after the concat; Arrow takes None as null in a string
     # or array column, not NaN.
-    for column in ("id", "status", "duplicate_of", "group_id", "member_ids"):
+    for column in _OBJECT_COLUMNS:
         out[column] = out[column].astype(object).where(out[column].notna(), None)
     return out
 
