@@ -46,14 +46,14 @@ all done and current. The rules, step by step:
 7. **Finalize**: ``final`` and ``lineage`` are brought up to date by MERGE INTO
    (``TableStore.merge``; Delta's MERGE on delta-spark, copy-on-write of the touched files
    committed by delta-rs otherwise), one new version per table. Only the rows an increment can
-   change are computed: the finalize stage runs on the new records and the members of the new
-   groups (no other record's fate can move: see ``finalize_scope``), the new rejects, and the new
-   groups with their merges; its rows are compared with the tables (Spark joins, no model or LLM
-   work) and only new, changed and gone rows are written, a row being gone only when its record
-   id is one of those. ``final`` is keyed by ``id``; ``lineage`` by all its columns (a changed row
-   is a delete plus an insert). ``lineage.run_id`` says in which run each row arrived: a row
-   already in lineage keeps its run, every other row gets this increment's. The ledger check
-   runs as in a full run.
+   change are computed: the finalize stage's rows for the new records and the members of the
+   new groups (no other record's fate can move: see ``finalize_scope``), the new rejects, and
+   the new groups with their merges; they go to the MERGE as its source as they are (no model
+   or LLM work, no diff against the tables first). Both tables are keyed by record ``id``: a
+   scope record's row is inserted, or updated where it changed; a ``final`` row of a scope
+   record that left the set (a new merge absorbed it) is deleted; a reject's row (no id) is
+   inserted. ``lineage.run_id`` says in which run each row arrived: a row already in lineage
+   keeps its run, every other row gets this increment's. The ledger check runs as in a full run.
 8. **Idempotent**: when no input is new, nothing is read, written or requested.
 
 Each touched table gets exactly one new version per increment (an append; centroids an
@@ -100,7 +100,7 @@ from .ids import group_id
 from .stages import StageContext
 from .stages.dedup import (DEDUP_SCHEMA, DUPLICATE, KEPT, ROUTED_SCHEMA, RouteProbes, broadcast_centers,
                            embedding_matrix, keep_order, leader_dedup, matches_per_cluster)
-from .stages.finalize import keep_arrival_runs
+from .stages.finalize import build_lineage_and_final
 from .stages.group import group_cluster, merge_groups_schema
 from .stages.ingest import (RECORD_SCHEMA, IngestCountError, frame_inputs, input_files_table, new_run_id,
                             parse_outcomes)
@@ -721,33 +721,30 @@ def _finish(pipeline: "Pipeline", run_id: str, fresh: list, counts: dict[str, in
     return result
 
 
-# final: one row per id; lineage has no key unique enough for every row (a reject's key may
-# repeat), so every column is its key and a changed row is a delete plus an insert.
-MERGE_KEYS = {"final": ("id",), "lineage": None}
-
-
 def finalize_by_merge(pipeline: "Pipeline", result: Increment, before: dict[str, int | None]) -> dict[str, Any]:
     """``final`` and ``lineage`` brought up to date by MERGE INTO (``TableStore.merge``), one new
     version per table; then the stage's ledger check, and its state at the new versions.
 
-    Only the rows an increment can change are computed and compared (:func:`finalize_scope`):
-    the finalize stage runs on the records of the scope, the new rejects and the new groups with
-    their merges, and each table's merge is bounded to the scope's record ids."""
+    Only the rows an increment can change are computed (:func:`finalize_scope`): the finalize
+    stage's rows for the records of the scope, the new rejects and the new groups with their
+    merges. Both tables are keyed by record ``id``: a row of a scope record is inserted or
+    updated, a ``final`` row of a scope record that left the set (a new merge absorbed it) is
+    deleted, and a reject's row (null id) is inserted. A lineage row already there keeps its
+    ``run_id``; every other row arrived in this increment."""
     stage = pipeline.stages[pipeline.stage_names().index("finalize")]
     ctx, store = pipeline.ctx, pipeline.ctx.store
     new_groups = added_rows(store, "merge_groups", before["merge_groups"])
     scope = finalize_scope(added_rows(store, "records", before["records"]), new_groups).persist()
     try:
-        output = stage.run(ctx, {
-            "records": store.read("records").join(scope, "id", "left_semi"),
-            "rejects": added_rows(store, "rejects", before["rejects"]),
-            "dedup": store.read("dedup"), "selected": store.read("selected"),
-            "merge_groups": new_groups,
-            "merges": store.read("merges").join(new_groups.select("group_id"), "group_id", "left_semi")})
-        arrivals = keep_arrival_runs(output.tables["lineage"], store.read("lineage"), result.run_id)
+        final, lineage = build_lineage_and_final(
+            store.read("records").join(scope, "id", "left_semi"), added_rows(store, "rejects", before["rejects"]),
+            store.read("dedup"), store.read("selected"), new_groups,
+            store.read("merges").join(new_groups.select("group_id"), "group_id", "left_semi"),
+            id_length=ctx.settings.ingest.id_length)
+        lineage = lineage.withColumn("run_id", F.lit(result.run_id))
         final_version, lineage_version = concurrently(
-            lambda: store.merge(output.tables["final"], "final", MERGE_KEYS["final"], within=scope),
-            lambda: store.merge(arrivals, "lineage", MERGE_KEYS["lineage"], within=scope))
+            lambda: store.merge(final, "final", ["id"], within=scope),
+            lambda: store.merge(lineage, "lineage", ["id"], within=scope, keep=["run_id"]))
         versions = {"final": final_version, "lineage": lineage_version}
     finally:
         ctx.spark.catalog.clearCache()  # the scope and the stage's cached joins (build_lineage_and_final)

@@ -105,82 +105,88 @@ class TableStore:
         write_deltalake(self.path(name), rows, mode="overwrite")
         return DeltaTable(self.path(name)).version()
 
-    def merge(self, source: DataFrame, name: str, keys: Sequence[str] | None = None,
-              within: DataFrame | None = None) -> int | None:
-        """MERGE INTO table ``name`` so that it equals ``source``: a row whose key is new is
-        inserted, a row whose other columns changed is updated, a row whose key left ``source``
-        is deleted; files holding only unchanged rows stay as they are. ``keys`` (default: every
-        column) match null-safely and must be unique in ``source``; with every column as the key
-        a changed row is a delete plus an insert. ``within`` (rows of some of the table's
-        columns) bounds the deletes: a row whose key left ``source`` is deleted only when it
-        matches one of ``within``'s rows (an equi-join: a null never matches), so ``source`` need
-        only hold the rows that can have changed. Returns the one new version, or None when
-        nothing changed (no commit).
+    def merge(self, source: DataFrame, name: str, keys: Sequence[str], within: DataFrame | None = None,
+              keep: Sequence[str] = ()) -> int:
+        """MERGE INTO table ``name`` from ``source``, keyed by ``keys`` (unique in ``source`` and in
+        the table): a source row whose key matches no table row is inserted; a matched table row
+        takes the source row's values where they differ, except the ``keep`` columns, which it
+        keeps; a table row whose key is one of ``within``'s rows (a DataFrame of ``keys``) but
+        not ``source``'s is deleted; every other table row stays. Keys match by equality, so a
+        source row with a null key matches nothing and is inserted. Returns the new version: one
+        per call, as Delta's MERGE commits one even when no row changes.
 
-        Spark finds the rows that differ (a full outer join on the keys; nothing row-scale
-        reaches the driver). delta-spark then runs Delta's MERGE with only those rows as its
-        source, so Delta rewrites only the files they touch. delta-rs: Spark rewrites the files
-        holding a changed or deleted row (their other rows as they are) plus the inserts, and
-        delta-rs commits the new files and the removal of the old ones in one transaction
-        (copy-on-write, as Delta's MERGE does; only file names reach the driver)."""
-        current = self.read(name)
-        fields = current.schema.fields
+        delta-spark: Delta's MERGE INTO with ``source`` and the deletes (the ``within`` keys that
+        ``source`` lacks: an anti-join of the two, the table is not read for it) as its source; Delta
+        rewrites the files holding a matched or deleted row, as its MERGE does. delta-rs: Spark
+        rewrites the files holding a changed or deleted row (their other rows as they are) plus
+        the inserts, and delta-rs commits the new files and the removal of the old ones in one
+        transaction (copy-on-write; only file names reach the driver)."""
+        fields = self.read(name).schema.fields
         aligned = source.select(*[F.col(f"`{f.name}`").cast(f.dataType).alias(f.name) for f in fields])
-        keys = list(keys) if keys else [f.name for f in fields]
-        values = [c for c in aligned.columns if c not in keys]
-        old = current.select(*[F.col(f"`{c}`").alias(f"_t_{c}") for c in aligned.columns],
-                             F.col("_metadata.file_path").alias("_t_file"))
-        if within is not None:  # which of the table's rows the merge may delete
-            old = old.join(within.distinct().select(*[F.col(f"`{c}`").alias(f"_t_{c}") for c in within.columns],
-                                                    F.lit(True).alias("_t_bounded")),
-                           [f"_t_{c}" for c in within.columns], "left")
-        on = _all([F.col(f"`{k}`").eqNullSafe(F.col(f"_t_{k}")) for k in keys])
-        joined = (aligned.withColumn("_s", F.lit(True)).join(old.withColumn("_t", F.lit(True)), on, "full_outer")
-                  .persist(StorageLevel.MEMORY_AND_DISK))
-        differs = F.lit(False) if not values else ~_all([F.col(f"`{c}`").eqNullSafe(F.col(f"_t_{c}")) for c in values])
-        try:
-            inserted, matched = F.col("_t").isNull(), F.col("_s").isNotNull() & F.col("_t").isNotNull()
-            removed = F.col("_s").isNull() & (F.lit(True) if within is None else F.col("_t_bounded").isNotNull())
-            changed = joined.filter(inserted | removed | (matched & differs))
-            if changed.limit(1).count() == 0:
-                return None
-            if self.engine == "delta-spark":
-                self._merge_through_delta_spark(changed, name, aligned.columns, keys, values)
-            else:
-                touched = {row["_t_file"] for row in changed.filter(~inserted).select("_t_file").distinct().collect()}
-                # A touched file's new content: the source's rows, and the file's rows that the
-                # source does not name and the merge leaves (outside ``within``).
-                rewrite = joined.filter(~removed & (inserted | F.col("_t_file").isin(sorted(touched)))).select(
-                    *[F.when(F.col("_s").isNull(), F.col(f"_t_{c}")).otherwise(F.col(f"`{c}`")).alias(c)
-                      for c in aligned.columns])
-                self._write_through_delta_rs(rewrite, self.path(name), "append",
-                                             self._remove_actions(self.path(name), touched))
-        finally:
-            joined.unpersist()
+        keys, keep = list(keys), list(keep)
+        values = [f.name for f in fields if f.name not in keys and f.name not in keep]
+        gone = (self.spark.createDataFrame([], aligned.select(*keys).schema) if within is None
+                else within.select(*keys).join(aligned.select(*keys), keys, "left_anti").distinct())
+        if self.engine == "delta-spark":
+            self._merge_through_delta_spark(aligned, gone, name, keys, values)
+        else:
+            self._merge_through_delta_rs(aligned, gone, name, keys, values)
         return self.version(name)
 
-    def _merge_through_delta_spark(self, changed: DataFrame, name: str, columns: list[str], keys: list[str],
+    def _merge_through_delta_spark(self, aligned: DataFrame, gone: DataFrame, name: str, keys: list[str],
                                    values: list[str]) -> None:
         """Delta's MERGE INTO (in SQL: the SQL extension finds Delta's classes wherever the session
-        loaded them) with the changed rows as source: deletes carry the old keys and ``_delete``."""
-        removed = F.col("_s").isNull()
-        rows = changed.filter(~removed).select(*columns, F.lit(False).alias("_delete")).unionByName(
-            changed.filter(removed).select(*[F.col(f"_t_{c}").alias(c) for c in columns],
-                                           F.lit(True).alias("_delete")).distinct())
+        loaded them); the deletes are rows of ``gone``'s keys marked ``_delete``."""
+        rows = aligned.withColumn("_delete", F.lit(False)).unionByName(
+            gone.withColumn("_delete", F.lit(True)), allowMissingColumns=True)
         view = f"_merge_source_{uuid.uuid4().hex}"
         rows.createOrReplaceTempView(view)
-        listed = ", ".join(f"`{c}`" for c in columns)
-        update = ("WHEN MATCHED THEN UPDATE SET " + ", ".join(f"t.`{c}` = s.`{c}`" for c in values)) if values else ""
+        listed = ", ".join(f"`{c}`" for c in aligned.columns)
+        update = ""
+        if values:
+            same = " AND ".join(f"t.`{c}` <=> s.`{c}`" for c in values)
+            update = (f"WHEN MATCHED AND NOT ({same}) THEN UPDATE SET "
+                      + ", ".join(f"t.`{c}` = s.`{c}`" for c in values))
         target = self.path(name).replace("`", "``")
         try:
             self.spark.sql(
                 f"MERGE INTO delta.`{target}` AS t USING {view} AS s "
-                f"ON {' AND '.join(f't.`{k}` <=> s.`{k}`' for k in keys)} "
+                f"ON {' AND '.join(f't.`{k}` = s.`{k}`' for k in keys)} "
                 f"WHEN MATCHED AND s._delete THEN DELETE {update} "
                 f"WHEN NOT MATCHED AND NOT s._delete THEN INSERT ({listed}) VALUES "
-                f"({', '.join(f's.`{c}`' for c in columns)})")
+                f"({', '.join(f's.`{c}`' for c in aligned.columns)})")
         finally:
             self.spark.catalog.dropTempView(view)
+
+    def _merge_through_delta_rs(self, aligned: DataFrame, gone: DataFrame, name: str, keys: list[str],
+                                values: list[str]) -> None:
+        """Copy-on-write: the files holding a row that changes or goes are rewritten with the
+        inserts, and committed with their removal in one delta-rs transaction."""
+        columns = aligned.columns
+        old = self.read(name).select(*[F.col(f"`{c}`").alias(f"_t_{c}") for c in columns],
+                                     F.col("_metadata.file_path").alias("_t_file"))
+        old = old.join(gone.select(*[F.col(f"`{k}`").alias(f"_t_{k}") for k in keys], F.lit(True).alias("_t_gone")),
+                       [f"_t_{k}" for k in keys], "left")
+        on = _all([F.col(f"`{k}`") == F.col(f"_t_{k}") for k in keys])
+        joined = (aligned.withColumn("_s", F.lit(True)).join(old.withColumn("_t", F.lit(True)), on, "full_outer")
+                  .persist(StorageLevel.MEMORY_AND_DISK))
+        try:
+            matched, removed = F.col("_s").isNotNull() & F.col("_t").isNotNull(), F.col("_t_gone").isNotNull()
+            differs = F.lit(False) if not values else ~_all(
+                [F.col(f"`{c}`").eqNullSafe(F.col(f"_t_{c}")) for c in values])
+            touched = {row["_t_file"] for row in joined.filter((matched & differs) | removed)
+                       .select("_t_file").distinct().collect()}
+            # A touched file's new content: its rows that stay (a matched row with the source's
+            # values, its kept columns as they were), plus every source row that matched nothing.
+            def value(c: str) -> Column:  # the keys and kept columns: the table's, where it has the row
+                from_table = F.col("_s").isNull() if c in values else F.col("_t").isNotNull()
+                return F.when(from_table, F.col(f"_t_{c}")).otherwise(F.col(f"`{c}`")).alias(c)
+            rewrite = joined.filter(F.col("_t").isNull() | (~removed & F.col("_t_file").isin(sorted(touched)))
+                                    ).select(*[value(c) for c in columns])
+            self._write_through_delta_rs(rewrite, self.path(name), "append",
+                                         self._remove_actions(self.path(name), touched))
+        finally:
+            joined.unpersist()
 
     @staticmethod
     def _remove_actions(target: str, file_uris: set[str]) -> list[RemoveAction]:

@@ -181,14 +181,17 @@ def test_bounded_finalize_equals_the_stage_over_every_row(runs):
     """The increment computes and compares only the rows it can change (its new records, the
     members of its new groups, its rejects); the finalize stage run over every row of the tables
     it left gives exactly the final and lineage rows it merged."""
-    from mergeit_spark.stages.finalize import keep_arrival_runs
     inc, inc_root = runs["inc"], runs["work"] / "inc"
     stage = inc.stages[inc.stage_names().index("finalize")]
     output = stage.run(inc.ctx, {t: inc.store.read(t) for t in stage.inputs})
-    lineage = keep_arrival_runs(output.tables["lineage"], inc.store.read("lineage"), runs["increment"].run_id)
+    # run_id: a row already in lineage before the increment arrived in its run; the rest in the increment
+    arrived = {r["id"] or r["reject_key"]: r["run_id"] for r in _read_at(inc_root, "lineage", runs["before"]["lineage"])}
     try:
-        for table, rows in (("final", output.tables["final"]), ("lineage", lineage)):
-            computed = Counter(json.dumps(r.asDict(recursive=True), sort_keys=True) for r in rows.collect())
+        final = [r.asDict(recursive=True) for r in output.tables["final"].collect()]
+        lineage = [dict(r.asDict(recursive=True), run_id=arrived.get(r["id"] or r["reject_key"], runs["increment"].run_id))
+                   for r in output.tables["lineage"].collect()]
+        for table, rows in (("final", final), ("lineage", lineage)):
+            computed = Counter(json.dumps(r, sort_keys=True) for r in rows)
             merged = Counter(json.dumps(r, sort_keys=True) for r in read(inc_root, table))
             assert computed == merged, table
     finally:

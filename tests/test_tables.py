@@ -212,60 +212,49 @@ def test_delta_rs_fails_naming_output_root_when_the_driver_cannot_see_the_files(
     assert not store.exists("t") and store.version("t") is None
 
 
-def test_merge_updates_inserts_and_deletes_in_one_version(spark, engine_store):
-    """MERGE INTO: the table ends equal to the source; a file holding only unchanged rows is not
-    rewritten; the same merge again commits nothing. Read back by delta-rs straight from the path."""
+def test_merge_inserts_and_updates_by_key_in_one_version(spark, engine_store):
+    """MERGE INTO keyed by id: a new key is inserted, a changed row takes the source's values but
+    keeps its ``keep`` column, a row the source does not name stays, and so does its file; one new
+    version per merge, also when nothing changes. Read back by delta-rs straight from the path."""
     store = engine_store
-    schema = "id string, note string, tags array<string>"
-    store.write(spark.createDataFrame([("a", "x", ["1"]), ("b", "y", None)], schema).coalesce(1), "t")
-    store.write(spark.createDataFrame([("c", "z", ["3"])], schema).coalesce(1), "t", mode="append")
-    store.write(spark.createDataFrame([("e", "w", [])], schema).coalesce(1), "t", mode="append")
-    c_file = {p for p in DeltaTable(store.path("t")).file_uris()}
-    assert sorted(r.id for r in store.read_added("t", 0).collect()) == ["c", "e"]  # appended since v0
-    # a as it is, b changed, c as it is, d new, e gone
-    source = spark.createDataFrame([("a", "x", ["1"]), ("b", "y2", None), ("c", "z", ["3"]), ("d", None, ["4"])],
+    schema = "id string, note string, tags array<string>, run string"
+    store.write(spark.createDataFrame([("a", "x", ["1"], "r0"), ("b", "y", None, "r0")], schema).coalesce(1), "t")
+    store.write(spark.createDataFrame([("c", "z", ["3"], "r0")], schema).coalesce(1), "t", mode="append")
+    c_file = set(DeltaTable(store.path("t")).file_uris()) - {u for u in DeltaTable(store.path("t"), version=0).file_uris()}
+    assert sorted(r.id for r in store.read_added("t", 0).collect()) == ["c"]  # appended since v0
+    # a as it is, b changed (its run stays r0), d new
+    source = spark.createDataFrame([("a", "x", ["1"], "r1"), ("b", "y2", None, "r1"), ("d", None, ["4"], "r1")],
                                    schema)
 
-    assert store.merge(source, "t", keys=["id"]) == 3
+    assert store.merge(source, "t", ["id"], keep=["run"]) == 2
     table = DeltaTable(store.path("t"))
-    assert sorted((r["id"], r["note"], r["tags"]) for r in table.to_pyarrow_table().to_pylist()) == [
-        ("a", "x", ["1"]), ("b", "y2", None), ("c", "z", ["3"]), ("d", None, ["4"])]
-    assert table.history(1)[0]["operation"] in ("MERGE", "WRITE")
-    assert len(c_file & set(table.file_uris())) == 1  # only c's file holds no changed row: it stays
-    assert store.merge(source, "t", keys=["id"]) is None  # nothing changed: no new version
+    expected = [("a", "x", ["1"], "r0"), ("b", "y2", None, "r0"), ("c", "z", ["3"], "r0"), ("d", None, ["4"], "r1")]
+    assert sorted((r["id"], r["note"], r["tags"], r["run"]) for r in table.to_pyarrow_table().to_pylist()) == expected
+    assert table.history(1)[0]["operation"] == ("MERGE" if store.engine == "delta-spark" else "WRITE")
+    assert c_file <= set(table.file_uris())  # c's file holds no row the source names: it stays
     with pytest.raises(ValueError, match="not an append"):
-        store.read_added("t", 2)  # the merge removed files: no longer an append
-    assert DeltaTable(store.path("t")).version() == 3
-
-    # Every column as the key (no key unique enough): a changed row is a delete plus an insert,
-    # and the file of rows that did not change stays.
-    store.write(spark.createDataFrame([("a", "x", ["1"])], schema).coalesce(1), "u")
-    store.write(spark.createDataFrame([("b", "y", None)], schema).coalesce(1), "u", mode="append")
-    kept_file = {p for p in DeltaTable(store.path("u")).file_uris()}
-    assert store.merge(spark.createDataFrame([("a", "x", ["1"]), ("b", "y3", None)], schema), "u") == 2
-    after = DeltaTable(store.path("u"))
-    assert sorted((r["id"], r["note"]) for r in after.to_pyarrow_table().to_pylist()) == [("a", "x"), ("b", "y3")]
-    assert len(kept_file & set(after.file_uris())) == 1  # a's file is not rewritten
+        store.read_added("t", 1)  # the merge removed a file: no longer an append
+    assert store.merge(source, "t", ["id"], keep=["run"]) == 3  # the same merge again: a version, no change
+    assert sorted((r["id"], r["note"], r["tags"], r["run"]) for r in store.read("t").collect()) == expected
 
 
-def test_a_bounded_merge_leaves_the_rows_outside_its_bounds(spark, engine_store):
-    """MERGE INTO bounded by ``within``: the bounded rows end equal to the source, new keys are
-    inserted, and rows outside the bounds stay, deleted by nothing, also those sharing a file with
-    a changed row (the delta-rs writer rewrites that file) and those with a null bound column."""
+def test_a_bounded_merge_deletes_only_within_its_bounds(spark, engine_store):
+    """``within`` bounds the deletes: a bounded row the source lacks is deleted, rows outside the
+    bounds stay, also those sharing a file with a changed row (the delta-rs writer rewrites that
+    file), and a source row with a null key matches nothing: it is inserted, as often as it comes."""
     store = engine_store
     schema = "id string, note string"
     store.write(spark.createDataFrame([("a", "x"), ("b", "y"), ("c", "z"), (None, "r")], schema).coalesce(1), "t")
-    source = spark.createDataFrame([("b", "y2"), ("d", "new")], schema)  # a gone, b changed, d new
-    within = spark.createDataFrame([("a",), ("b",)], "id string")  # a and b are bounded; c and the null are not
+    source = spark.createDataFrame([("b", "y2"), ("d", "new"), (None, "r"), (None, "r")], schema)
+    within = spark.createDataFrame([("a",), ("b",), ("e",)], "id string")  # a, b, e bounded; c and the null not
 
-    assert store.merge(source, "t", keys=["id"], within=within) == 1
-    assert {(r["id"], r["note"]) for r in DeltaTable(store.path("t")).to_pyarrow_table().to_pylist()} == {
-        ("b", "y2"), ("c", "z"), ("d", "new"), (None, "r")}
-    assert store.merge(source, "t", keys=["id"], within=within) is None  # the bounded rows match: no commit
-    # every column as the key: the bounded row that changed is a delete plus an insert
-    assert store.merge(spark.createDataFrame([("c", "z2")], schema), "t", within=spark.createDataFrame(
-        [("c",)], "id string")) == 2
-    assert sorted(r.note for r in store.read("t").collect()) == ["new", "r", "y2", "z2"]
+    assert store.merge(source, "t", ["id"], within=within) == 1
+    assert sorted((r["id"] or "", r["note"]) for r in DeltaTable(store.path("t")).to_pyarrow_table().to_pylist()) == [
+        ("", "r"), ("", "r"), ("", "r"), ("b", "y2"), ("c", "z"), ("d", "new")]
+    # bounded by b and c, the source names c only: c changes and b goes
+    assert store.merge(spark.createDataFrame([("c", "z2")], schema), "t", ["id"],
+                       within=spark.createDataFrame([("b",), ("c",)], "id string")) == 2
+    assert sorted(r.note for r in store.read("t").collect()) == ["new", "r", "r", "r", "z2"]
 
 
 def test_an_older_version_with_deletion_vectors_is_read_through_delta(spark, tmp_path):

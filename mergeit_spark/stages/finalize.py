@@ -427,19 +427,6 @@ def with_arrival_run(lineage: DataFrame, store: TableStore) -> DataFrame:
             .select(*lineage.columns, "run_id"))
 
 
-def keep_arrival_runs(lineage: DataFrame, previous: DataFrame, run_id: str) -> DataFrame:
-    """``lineage`` whose ``run_id`` says when each row first arrived: a row already in
-    ``previous`` lineage (by record id, or reject key) keeps its run, any other row arrived in
-    ``run_id``. An incremental run needs it: a Delta source read again for its appended rows has
-    rows of several runs, which ``with_arrival_run`` (by source) cannot tell apart."""
-    key = F.coalesce(F.col("id"), F.col("reject_key"))
-    known = (previous.groupBy(key.alias("_key")).agg(F.min("run_id").alias("_arrived"))
-             .withColumn("_known", F.lit(True)))
-    arrived = F.when(F.col("_known"), F.col("_arrived")).otherwise(F.lit(run_id))
-    return (lineage.join(known, key == F.col("_key"), "left")
-            .select(*[arrived.alias(c) if c == "run_id" else F.col(c) for c in lineage.columns]))
-
-
 class Finalize(Stage):
     """Selected originals + accepted merges → ``final``; every input row's fate → ``lineage``."""
 
