@@ -65,9 +65,12 @@ new ``dedup``, ``selected`` and ``merge_groups`` rows come from that one cached 
 the three was a round of Spark jobs over the same clusters' kept rows before. Writes to different
 tables in one step go at once (ingest's three tables; topics and centroids; dedup, selected and
 merge_groups; final and lineage): each one's driver-side Delta work overlaps the other's tasks.
-The curate and merge steps share one cached copy of ``embeddings``. Afterwards every stage's state records
-the new versions, so ``mergeit status`` shows the run current and a plain ``mergeit run`` with
-the same settings recomputes nothing.
+Ingest's appends run while the embed step embeds the new records from memory, the topics
+step's while the curate step takes the assigned rows from memory, and the curate step's while
+the merge step runs (``Writes``); each is waited for before a step that reads its table. The
+curate and merge steps share one cached copy of ``embeddings``. Afterwards every stage's state
+records the new versions, so ``mergeit status`` shows the run current and a plain ``mergeit
+run`` with the same settings recomputes nothing.
 
 Crash safety: before writing, the run records the version of every table and every stage state
 in ``<root>/_state/incremental.json``. A run that finds that file unfinished restores each table
@@ -216,10 +219,13 @@ def split_against(outcomes: DataFrame, existing_ids: DataFrame) -> tuple[DataFra
     return records, rejects
 
 
-def ingest_increment(ctx: StageContext, files: list, run_id: str, records_version: int) -> dict[str, int]:
-    """Parse the new inputs and append their records, rejects and input_files rows; the counts
-    must balance before anything is written. ``records`` is read at ``records_version``: a read
-    that is not pinned would see the records this step appends and call them duplicates."""
+def ingest_increment(ctx: StageContext, files: list, run_id: str, records_version: int,
+                     writes: "Writes") -> tuple[dict[str, int], DataFrame]:
+    """Parse the new inputs; their records, rejects and input_files rows are appended through
+    ``writes`` (in the background: the caller's next step need not wait for them); the counts
+    must balance before anything is written. Returns the counts and the new records (cached: the
+    embed step reads them from memory). ``records`` is read at ``records_version``: a read that
+    is not pinned would see the records this step appends and call them duplicates."""
     from .inputs import pinned
     from .parsing import ParseLimits
     settings = ctx.settings.ingest
@@ -227,24 +233,21 @@ def ingest_increment(ctx: StageContext, files: list, run_id: str, records_versio
     files = [pinned(item) for item in files]  # a new Delta source: one version for every read
     framing = frame_inputs(ctx.spark, files, limits)  # counted once, for the parse and the count
     outcomes = parse_outcomes(ctx.spark, files, limits, framing).persist(StorageLevel.MEMORY_AND_DISK)
-    cached = [outcomes]
-    try:
-        # Counted, then appended: the split (a window and a join against records) runs once.
-        records, rejects = split_against(outcomes, ctx.store.read("records", version=records_version))
-        input_rows = input_files_table(ctx.spark, files, limits, outcomes, run_id, framing)
-        cached += [df.persist(StorageLevel.MEMORY_AND_DISK) for df in (records, rejects, input_rows)]
-        counts = {"new_records": records.count(), "new_rejects": rejects.count(),
-                  "new_input_rows": int(input_rows.agg(F.sum("units")).first()[0] or 0)}
-        if counts["new_records"] + counts["new_rejects"] != counts["new_input_rows"]:
-            raise IngestCountError(f"new inputs: records {counts['new_records']} + rejects "
-                                   f"{counts['new_rejects']} != {counts['new_input_rows']} input units")
-        concurrently(lambda: append(ctx.store, records, "records", counts["new_records"]),
-                     lambda: append(ctx.store, rejects, "rejects", counts["new_rejects"]),
-                     lambda: append(ctx.store, input_rows, "input_files", len(files)))
-    finally:
-        for df in cached:
-            df.unpersist()
-    return counts
+    # Counted, then appended: the split (a window and a join against records) runs once. The
+    # cached rows are released by the run's end (``_finish``), once the appends are done.
+    records, rejects = split_against(outcomes, ctx.store.read("records", version=records_version))
+    input_rows = input_files_table(ctx.spark, files, limits, outcomes, run_id, framing)
+    records, rejects, input_rows = (df.persist(StorageLevel.MEMORY_AND_DISK)
+                                    for df in (records, rejects, input_rows))
+    counts = {"new_records": records.count(), "new_rejects": rejects.count(),
+              "new_input_rows": int(input_rows.agg(F.sum("units")).first()[0] or 0)}
+    if counts["new_records"] + counts["new_rejects"] != counts["new_input_rows"]:
+        raise IngestCountError(f"new inputs: records {counts['new_records']} + rejects "
+                               f"{counts['new_rejects']} != {counts['new_input_rows']} input units")
+    writes.start(partial(append, ctx.store, records, "records", counts["new_records"]),
+                 partial(append, ctx.store, rejects, "rejects", counts["new_rejects"]),
+                 partial(append, ctx.store, input_rows, "input_files", len(files)))
+    return counts, records
 
 
 # ------------------------------------------------------------------------------------------
@@ -295,6 +298,30 @@ def concurrently(*calls: Callable[[], Result]) -> list[Result]:
     for call in running:
         call.join()
     return [call.result() for call in running]
+
+
+class Writes:
+    """Table writes that run in the background while the increment's next step computes (their
+    driver-side Delta work, planning, log and commit, overlaps that step's tasks). ``wait``
+    joins them all: every write runs to its end, then the first failure is raised (the marker
+    rolls back what was written)."""
+
+    def __init__(self) -> None:
+        self._running: list[_Call] = []
+
+    def start(self, *calls: Callable[[], Any]) -> None:
+        self._running += [_Call(call) for call in calls]
+
+    def wait(self) -> list[Any]:
+        running = self.join()
+        return [call.result() for call in running]
+
+    def join(self) -> list[_Call]:
+        """Wait for every write started; their failures are left to :meth:`wait`."""
+        running, self._running = self._running, []
+        for call in running:
+            call.join()
+        return running
 
 
 def added_rows(store: TableStore, table: str, before: int | None) -> DataFrame:
@@ -605,49 +632,52 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
     before = {t: store.version(t) for t in TOUCHED}
     _write_marker(pipeline, {"run_id": run_id, "status": "running", "versions": before,
                              "states": {s: pipeline.state(s) for s in pipeline.stage_names()}})
-    timer, counts = _Timer(pipeline.spark), {}
-    started = time.monotonic()
-    counts.update(ingest_increment(ctx, fresh, run_id, before["records"]))
-    timer.step("ingest", started)
-
-    started = time.monotonic()
-    counts["embedded"] = _embed_new(ctx, before["records"])
-    timer.step("embed", started)
-    if recluster:
-        result = _finish(pipeline, run_id, fresh, counts, timer, ("ingest", "embed"))
-        pipeline.run(force="topics")
-        result.recluster = True
-        return result
-
-    drift = _assign_new(ctx, before["embeddings"], timer)
-    counts["assigned"] = drift["rows"]
-    # The curate and merge steps join the vectors: read and decoded once, kept for them.
-    embeddings = store.read("embeddings").persist(StorageLevel.MEMORY_AND_DISK)
+    timer, counts, writes = _Timer(pipeline.spark), {}, Writes()
     try:
-        groups = _curate(ctx, before, counts, timer, embeddings)
+        started = time.monotonic()
+        ingested, records = ingest_increment(ctx, fresh, run_id, before["records"], writes)
+        counts.update(ingested)
+        timer.step("ingest", started)
+
+        started = time.monotonic()
+        counts["embedded"] = _embed_new(ctx, records, counts["new_records"])
+        writes.wait()  # records, rejects, input_files: long done, and every later step reads them
+        timer.step("embed", started)
+        if recluster:
+            result = _finish(pipeline, run_id, fresh, counts, timer, ("ingest", "embed"))
+            pipeline.run(force="topics")
+            result.recluster = True
+            return result
+
+        drift, assigned = _assign_new(ctx, before["embeddings"], timer, writes)
+        counts["assigned"] = drift["rows"]
+        # The curate and merge steps join the vectors: read and decoded once, kept for them.
+        embeddings = store.read("embeddings").persist(StorageLevel.MEMORY_AND_DISK)
+        groups = _curate(ctx, before, counts, timer, embeddings, assigned, writes)
         merge = _merge(ctx, run_id, groups, counts, timer, embeddings)
-    finally:
-        embeddings.unpersist()
+        writes.wait()  # dedup, selected, merge_groups: finalize reads them
+    except BaseException:
+        writes.join()  # no write still running when the failure leaves (the next run rolls back)
+        pipeline.spark.catalog.clearCache()
+        raise
     return _finish(pipeline, run_id, fresh, counts, timer, STAGES_BEFORE_FINALIZE, drift, merge, before)
 
 
-def _embed_new(ctx: StageContext, records_before: int) -> int:
-    """Embed the records added since ``records_before`` and append them; returns how many."""
+def _embed_new(ctx: StageContext, records: DataFrame, rows: int) -> int:
+    """Embed the increment's new ``records`` (``rows`` of them) and append them; returns ``rows``."""
     from .stages.embed import embed_records
     embed = embed_records
     if ctx.settings.embed.backend == "spark-nlp":
         from .stages.embed_sparknlp import embed_records as embed
-    new = added_rows(ctx.store, "records", records_before).persist()
-    try:
-        rows = new.count()
-        append(ctx.store, embed(new, ctx.settings.embed), "embeddings", rows)
-    finally:
-        new.unpersist()
+    append(ctx.store, embed(records, ctx.settings.embed), "embeddings", rows)
     return rows
 
 
-def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer) -> dict[str, Any]:
-    """Assign the new embeddings with the saved topic model; append them; return the drift."""
+def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer,
+                writes: Writes) -> tuple[dict[str, Any], DataFrame]:
+    """Assign the new embeddings with the saved topic model; append them (``topics``) and grow
+    ``centroids`` through ``writes``; return the drift and the assigned rows (cached, for the
+    curate step: it need not wait for the append)."""
     started = time.monotonic()
     model = load_topic_model(ctx.store.root)
     assigned = assign_to_topics(added_rows(ctx.store, "embeddings", embeddings_before), model).persist()
@@ -656,33 +686,32 @@ def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer) -> dic
     drift = drift_of(arrivals, settings.drift_quantile)
     drift["alarm_share"] = settings.drift_alarm_share
     drift["recluster_advised"] = drift["share"] > settings.drift_alarm_share
-    concurrently(lambda: append(ctx.store, assigned, "topics", drift["rows"]),
-                 lambda: grow_centroids(ctx.store, {cluster: n for cluster, (n, _) in arrivals.items()}))
-    assigned.unpersist()
+    writes.start(partial(append, ctx.store, assigned, "topics", drift["rows"]),
+                 partial(grow_centroids, ctx.store, {cluster: n for cluster, (n, _) in arrivals.items()}))
     if drift["recluster_advised"]:
         log.warning("incremental: %.1f%% of the new rows lie beyond their cluster's p%g distance "
                     "(alarm at %.1f%%): full re-cluster advised (mergeit run --incremental --recluster)",
                     100 * drift["share"], 100 * drift["quantile"], 100 * drift["alarm_share"])
     timer.step("topics", started)
-    return drift
+    return drift, assigned
 
 
 def _curate(ctx: StageContext, before: dict[str, int | None], counts: dict[str, int], timer: _Timer,
-            embeddings: DataFrame) -> DataFrame:
-    """Steps 4 to 6: the new rows' ``dedup``, ``selected`` and ``merge_groups`` rows, counted in
-    one action and appended at once; returns the new groups (cached, for the merge step)."""
+            embeddings: DataFrame, assigned: DataFrame, writes: Writes) -> DataFrame:
+    """Steps 4 to 6 for the ``assigned`` rows: their ``dedup``, ``selected`` and ``merge_groups``
+    rows, counted in one action and appended through ``writes`` (while the merge step runs);
+    returns the new groups (cached, for the merge step)."""
     store, started = ctx.store, time.monotonic()
-    # Tables this step appends to are read at their versions before the increment.
-    tables = {t: store.read(t, version=before[t]) for t in ("dedup", "selected", "merge_groups")}
-    tables["centroids"] = store.read("centroids")
-    curated = curate_new_rows(added_rows(store, "topics", before["topics"]), embeddings, tables,
-                              ctx.settings).persist(StorageLevel.MEMORY_AND_DISK)
+    # Read at their versions before the increment: the tables this step appends to, and the
+    # centres (the topics step's write may still be growing their sizes; the centres stay).
+    tables = {t: store.read(t, version=before[t]) for t in ("dedup", "selected", "merge_groups", "centroids")}
+    curated = curate_new_rows(assigned, embeddings, tables, ctx.settings).persist(StorageLevel.MEMORY_AND_DISK)
     found = {(r["table"], r["status"]): r["count"] for r in curated.groupBy("table", "status").count().collect()}
     counts.update(new_kept=found.get(("dedup", KEPT), 0), new_duplicates=found.get(("dedup", DUPLICATE), 0),
                   new_selected=found.get(("selected", None), 0), new_groups=found.get(("merge_groups", None), 0))
     rows = {"dedup": counts["new_kept"] + counts["new_duplicates"], "selected": counts["new_selected"],
             "merge_groups": counts["new_groups"]}
-    concurrently(*[partial(append, store, curated_rows(curated, table), table, n) for table, n in rows.items()])
+    writes.start(*[partial(append, store, curated_rows(curated, table), table, n) for table, n in rows.items()])
     timer.step("curate", started)
     return curated_rows(curated, "merge_groups")
 

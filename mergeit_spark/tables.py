@@ -165,8 +165,8 @@ class TableStore:
         columns = aligned.columns
         old = self.read(name).select(*[F.col(f"`{c}`").alias(f"_t_{c}") for c in columns],
                                      F.col("_metadata.file_path").alias("_t_file"))
-        old = old.join(gone.select(*[F.col(f"`{k}`").alias(f"_t_{k}") for k in keys], F.lit(True).alias("_t_gone")),
-                       [f"_t_{k}" for k in keys], "left")
+        gone = gone.select(*[F.col(f"`{k}`").alias(f"_t_{k}") for k in keys], F.lit(True).alias("_t_gone"))
+        old = old.join(gone, [f"_t_{k}" for k in keys], "left")
         on = _all([F.col(f"`{k}`") == F.col(f"_t_{k}") for k in keys])
         joined = (aligned.withColumn("_s", F.lit(True)).join(old.withColumn("_t", F.lit(True)), on, "full_outer")
                   .persist(StorageLevel.MEMORY_AND_DISK))

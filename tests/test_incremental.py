@@ -185,10 +185,12 @@ def test_bounded_finalize_equals_the_stage_over_every_row(runs):
     stage = inc.stages[inc.stage_names().index("finalize")]
     output = stage.run(inc.ctx, {t: inc.store.read(t) for t in stage.inputs})
     # run_id: a row already in lineage before the increment arrived in its run; the rest in the increment
-    arrived = {r["id"] or r["reject_key"]: r["run_id"] for r in _read_at(inc_root, "lineage", runs["before"]["lineage"])}
+    arrived = {r["id"] or r["reject_key"]: r["run_id"]
+               for r in _read_at(inc_root, "lineage", runs["before"]["lineage"])}
     try:
         final = [r.asDict(recursive=True) for r in output.tables["final"].collect()]
-        lineage = [dict(r.asDict(recursive=True), run_id=arrived.get(r["id"] or r["reject_key"], runs["increment"].run_id))
+        lineage = [dict(r.asDict(recursive=True),
+                        run_id=arrived.get(r["id"] or r["reject_key"], runs["increment"].run_id))
                    for r in output.tables["lineage"].collect()]
         for table, rows in (("final", final), ("lineage", lineage)):
             computed = Counter(json.dumps(r, sort_keys=True) for r in rows)

@@ -220,7 +220,7 @@ def test_merge_inserts_and_updates_by_key_in_one_version(spark, engine_store):
     schema = "id string, note string, tags array<string>, run string"
     store.write(spark.createDataFrame([("a", "x", ["1"], "r0"), ("b", "y", None, "r0")], schema).coalesce(1), "t")
     store.write(spark.createDataFrame([("c", "z", ["3"], "r0")], schema).coalesce(1), "t", mode="append")
-    c_file = set(DeltaTable(store.path("t")).file_uris()) - {u for u in DeltaTable(store.path("t"), version=0).file_uris()}
+    c_file = set(DeltaTable(store.path("t")).file_uris()) - set(DeltaTable(store.path("t"), version=0).file_uris())
     assert sorted(r.id for r in store.read_added("t", 0).collect()) == ["c"]  # appended since v0
     # a as it is, b changed (its run stays r0), d new
     source = spark.createDataFrame([("a", "x", ["1"], "r1"), ("b", "y2", None, "r1"), ("d", None, ["4"], "r1")],
@@ -229,7 +229,8 @@ def test_merge_inserts_and_updates_by_key_in_one_version(spark, engine_store):
     assert store.merge(source, "t", ["id"], keep=["run"]) == 2
     table = DeltaTable(store.path("t"))
     expected = [("a", "x", ["1"], "r0"), ("b", "y2", None, "r0"), ("c", "z", ["3"], "r0"), ("d", None, ["4"], "r1")]
-    assert sorted((r["id"], r["note"], r["tags"], r["run"]) for r in table.to_pyarrow_table().to_pylist()) == expected
+    rows = table.to_pyarrow_table().to_pylist()
+    assert sorted((r["id"], r["note"], r["tags"], r["run"]) for r in rows) == expected
     assert table.history(1)[0]["operation"] == ("MERGE" if store.engine == "delta-spark" else "WRITE")
     assert c_file <= set(table.file_uris())  # c's file holds no row the source names: it stays
     with pytest.raises(ValueError, match="not an append"):
@@ -249,7 +250,8 @@ def test_a_bounded_merge_deletes_only_within_its_bounds(spark, engine_store):
     within = spark.createDataFrame([("a",), ("b",), ("e",)], "id string")  # a, b, e bounded; c and the null not
 
     assert store.merge(source, "t", ["id"], within=within) == 1
-    assert sorted((r["id"] or "", r["note"]) for r in DeltaTable(store.path("t")).to_pyarrow_table().to_pylist()) == [
+    rows = DeltaTable(store.path("t")).to_pyarrow_table().to_pylist()
+    assert sorted((r["id"] or "", r["note"]) for r in rows) == [
         ("", "r"), ("", "r"), ("", "r"), ("b", "y2"), ("c", "z"), ("d", "new")]
     # bounded by b and c, the source names c only: c changes and b goes
     assert store.merge(spark.createDataFrame([("c", "z2")], schema), "t", ["id"],
