@@ -6,6 +6,11 @@ mergeit-6k.json; ``--data all`` is its three Alpaca-layout JSON sets, 16,978 row
 files, and in ONE process (one Spark session, the same scripted loopback LLM
 server for both, answering after ``--llm-latency`` seconds):
 
+0. warm-up (not timed): the same three runs on the first ``--warmup-rows`` rows, so that the
+   code paths of both timed runs have run once in this JVM (class loading, JIT, whole-stage
+   codegen, Delta's MERGE) and neither timing carries first-use costs the other does not
+   (without it the full rerun comes after a base run that exercised all its paths, while the
+   increment's own steps run for the first time: 4-5 s of the increment on this machine);
 1. full run on the 80% (setup, not timed),
 2. ``Pipeline.run_incremental()`` with both files (timed: the increment),
 3. a full run on both files in a fresh run root (timed: the full rerun).
@@ -14,7 +19,7 @@ Writes the ``incremental`` section of BENCHMARKS.md with both wall times, per-st
 the ratio. Goal: the increment costs <= 30% of the full rerun. Usage:
 
     .venv/bin/python bench/bench_incremental.py [--rows 2000] [--data all | FILE ...]
-        [--llm-latency 0.05] [--no-write] [--profile increment.txt]
+        [--llm-latency 0.05] [--warmup-rows 500] [--no-write] [--profile increment.txt]
 
 ``--profile`` records the increment's driver with pyinstrument (text report to that file); the
 table always lists the Spark jobs each step of the increment ran.
@@ -70,6 +75,15 @@ def settings_for(root: Path, paths: list[Path], base_url: str, extra: list[str])
         *extra], env={})
 
 
+def warm_up(work: Path, rows: int, share: float, files: list[str], base_url: str, extra: list[str], spark) -> None:
+    """The bench's three runs on ``rows`` rows, untimed: every code path of both timed runs once."""
+    work.mkdir(parents=True)
+    old, new = write_split(work, rows, share, files)
+    Pipeline(settings_for(work / "inc", [old], base_url, extra), spark=spark).run()
+    Pipeline(settings_for(work / "inc", [old, new], base_url, extra), spark=spark).run_incremental()
+    Pipeline(settings_for(work / "full", [old, new], base_url, extra), spark=spark).run()
+
+
 def _profiler():
     from pyinstrument import Profiler
     profiler = Profiler(interval=0.01)
@@ -85,6 +99,8 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.2, help="share of the rows that arrive later")
     parser.add_argument("--llm-latency", type=float, default=0.05, help="seconds the fake LLM takes per reply")
     parser.add_argument("--set", action="append", default=[], dest="extra", metavar="KEY=VALUE")
+    parser.add_argument("--warmup-rows", type=int, default=500,
+                        help="rows of the untimed warm-up runs (base, increment, full; 0: none)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--profile", type=Path, help="pyinstrument text report of the increment's driver")
     args = parser.parse_args()
@@ -94,6 +110,8 @@ def main() -> None:
         old, new = write_split(work, args.rows or None, args.share, files)
         with FakeOpenAI(latency_s=args.llm_latency) as llm:
             spark = build_session(settings_for(work / "inc", [old], llm.base_url, args.extra).spark)
+            if args.warmup_rows:
+                warm_up(work / "warmup", args.warmup_rows, args.share, files, llm.base_url, args.extra, spark)
             Pipeline(settings_for(work / "inc", [old], llm.base_url, args.extra), spark=spark).run()
             inc = Pipeline(settings_for(work / "inc", [old, new], llm.base_url, args.extra), spark=spark)
             sent = len(llm.requests)
@@ -118,7 +136,8 @@ def main() -> None:
             f"{sum(1 for _ in open(old)) + sum(1 for _ in open(new))} rows of {', '.join(files)}, "
             f"{int(args.share * 100)}% of them new at random "
             f"({result.counts.get('new_records')} new records), `local[2]`, fake LLM answering in "
-            f"{args.llm_latency} s; one process, one Spark session, increment first.\n\n"
+            f"{args.llm_latency} s; one process, one Spark session, after an untimed warm-up of the "
+            f"same three runs on {args.warmup_rows} rows; increment first.\n\n"
             "| run | wall s | LLM requests | per step (s) |\n| --- | ---: | ---: | --- |\n"
             f"| increment (`run_incremental`) | {inc_seconds:.1f} | {inc_requests} | "
             f"{', '.join(f'{k} {v:.1f}' for k, v in result.seconds.items())} "
