@@ -234,19 +234,22 @@ def ingest_increment(ctx: StageContext, files: list, run_id: str, records_versio
     framing = frame_inputs(ctx.spark, files, limits)  # counted once, for the parse and the count
     outcomes = parse_outcomes(ctx.spark, files, limits, framing).persist(StorageLevel.MEMORY_AND_DISK)
     # Counted, then appended: the split (a window and a join against records) runs once. The
-    # cached rows are released by the run's end (``_finish``), once the appends are done.
+    # three cached results are released once their appends are done (``writes``).
     records, rejects = split_against(outcomes, ctx.store.read("records", version=records_version))
     input_rows = input_files_table(ctx.spark, files, limits, outcomes, run_id, framing)
-    records, rejects, input_rows = (df.persist(StorageLevel.MEMORY_AND_DISK)
-                                    for df in (records, rejects, input_rows))
-    counts = {"new_records": records.count(), "new_rejects": rejects.count(),
-              "new_input_rows": int(input_rows.agg(F.sum("units")).first()[0] or 0)}
+    cached = tuple(df.persist(StorageLevel.MEMORY_AND_DISK) for df in (records, rejects, input_rows))
+    records, rejects, input_rows = cached
+    try:
+        counts = {"new_records": records.count(), "new_rejects": rejects.count(),
+                  "new_input_rows": int(input_rows.agg(F.sum("units")).first()[0] or 0)}
+    finally:
+        outcomes.unpersist()  # the three are cached whole now (or the step failed)
     if counts["new_records"] + counts["new_rejects"] != counts["new_input_rows"]:
         raise IngestCountError(f"new inputs: records {counts['new_records']} + rejects "
                                f"{counts['new_rejects']} != {counts['new_input_rows']} input units")
     writes.start(partial(append, ctx.store, records, "records", counts["new_records"]),
                  partial(append, ctx.store, rejects, "rejects", counts["new_rejects"]),
-                 partial(append, ctx.store, input_rows, "input_files", len(files)))
+                 partial(append, ctx.store, input_rows, "input_files", len(files)), release=cached)
     return counts, records
 
 
@@ -304,23 +307,32 @@ class Writes:
     """Table writes that run in the background while the increment's next step computes (their
     driver-side Delta work, planning, log and commit, overlaps that step's tasks). ``wait``
     joins them all: every write runs to its end, then the first failure is raised (the marker
-    rolls back what was written)."""
+    rolls back what was written). The cached rows they write are released once they are done:
+    every cached plan left in the session makes the planning of each later query longer."""
 
     def __init__(self) -> None:
         self._running: list[_Call] = []
+        self._cached: list[DataFrame] = []
 
-    def start(self, *calls: Callable[[], Any]) -> None:
+    def start(self, *calls: Callable[[], Any], release: tuple[DataFrame, ...] = ()) -> None:
+        """Run ``calls`` in the background; unpersist ``release`` once they (and every write
+        started before) are done."""
         self._running += [_Call(call) for call in calls]
+        self._cached += release
 
     def wait(self) -> list[Any]:
         running = self.join()
         return [call.result() for call in running]
 
     def join(self) -> list[_Call]:
-        """Wait for every write started; their failures are left to :meth:`wait`."""
+        """Wait for every write started and release their cached rows; their failures are left
+        to :meth:`wait`."""
         running, self._running = self._running, []
         for call in running:
             call.join()
+        cached, self._cached = self._cached, []
+        for df in cached:
+            df.unpersist()
         return running
 
 
@@ -687,7 +699,8 @@ def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer,
     drift["alarm_share"] = settings.drift_alarm_share
     drift["recluster_advised"] = drift["share"] > settings.drift_alarm_share
     writes.start(partial(append, ctx.store, assigned, "topics", drift["rows"]),
-                 partial(grow_centroids, ctx.store, {cluster: n for cluster, (n, _) in arrivals.items()}))
+                 partial(grow_centroids, ctx.store, {cluster: n for cluster, (n, _) in arrivals.items()}),
+                 release=(assigned,))
     if drift["recluster_advised"]:
         log.warning("incremental: %.1f%% of the new rows lie beyond their cluster's p%g distance "
                     "(alarm at %.1f%%): full re-cluster advised (mergeit run --incremental --recluster)",
@@ -707,11 +720,13 @@ def _curate(ctx: StageContext, before: dict[str, int | None], counts: dict[str, 
     tables = {t: store.read(t, version=before[t]) for t in ("dedup", "selected", "merge_groups", "centroids")}
     curated = curate_new_rows(assigned, embeddings, tables, ctx.settings).persist(StorageLevel.MEMORY_AND_DISK)
     found = {(r["table"], r["status"]): r["count"] for r in curated.groupBy("table", "status").count().collect()}
+    writes.wait()  # the topics step's writes (long done): the assigned rows, in ``curated`` now, are released
     counts.update(new_kept=found.get(("dedup", KEPT), 0), new_duplicates=found.get(("dedup", DUPLICATE), 0),
                   new_selected=found.get(("selected", None), 0), new_groups=found.get(("merge_groups", None), 0))
     rows = {"dedup": counts["new_kept"] + counts["new_duplicates"], "selected": counts["new_selected"],
             "merge_groups": counts["new_groups"]}
     writes.start(*[partial(append, store, curated_rows(curated, table), table, n) for table, n in rows.items()])
+    # (``curated`` stays cached: the merge step reads its groups; the run's end releases it)
     timer.step("curate", started)
     return curated_rows(curated, "merge_groups")
 

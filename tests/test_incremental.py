@@ -15,7 +15,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from _pipeline_run import BROKEN_LINES, pipeline_settings, read
 from fake_openai import FakeOpenAI
-from mergeit_spark.incremental import TOUCHED, concurrently, selection_target
+from mergeit_spark.incremental import TOUCHED, Writes, concurrently, selection_target
 from mergeit_spark.pipeline import Pipeline
 from mergeit_spark.stages.select import extend_facility_location, lazy_greedy_facility_location
 
@@ -59,22 +59,26 @@ def _versions(root: Path) -> dict[str, int]:
 
 
 def _crash_then_redo(spark, llm, work: Path, old: str, new: str) -> dict:
-    """On a copy of the run root before the increment: an increment that fails after its merge
-    requests were paid (before final and lineage are written), then the same increment again,
-    which rolls the first back and redoes it. A drift alarm at 0 (past the median distance) makes
-    the run advise a re-cluster."""
+    """On a copy of the run root before the increment: an increment whose ``merge_groups`` append
+    (one of the curate step's, which run in the background during the merge step) fails, so the
+    run fails after its merge requests were paid, before final and lineage are written; then the
+    same increment again, which rolls the first back and redoes it. A drift alarm at 0 (past the
+    median distance) makes the run advise a re-cluster."""
     from mergeit_spark import incremental
     settings = pipeline_settings(work / "crash", Path(f"{old},{new}"), llm.base_url,
                                  "incremental.drift_quantile=0.5", "incremental.drift_alarm_share=0.0")
     pipeline = Pipeline(settings, spark=spark)
     before, requests = _versions(work / "crash"), len(llm.requests)
+    append = incremental.append
 
-    def killed(*_args, **_kwargs):
-        raise RuntimeError("killed before finalize")
+    def failing(store, df, table, rows=None):
+        if table == "merge_groups":
+            raise RuntimeError("disk full writing merge_groups")
+        return append(store, df, table, rows)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(incremental, "finalize_by_merge", killed)
-        with pytest.raises(RuntimeError, match="killed before finalize"):
+        patch.setattr(incremental, "append", failing)
+        with pytest.raises(RuntimeError, match="disk full writing merge_groups"):
             pipeline.run_incremental()
     paid_crashed = len(llm.requests) - requests
     crashed = _versions(work / "crash")
@@ -354,6 +358,28 @@ def test_concurrent_writes_all_land_and_a_failure_is_raised_after_the_others(spa
     with pytest.raises(ValueError, match="no such column"):
         concurrently(fails, lambda: store.write(rows, "one", mode="append"))
     assert store.version("one") == 1 and store.read("one").count() == 4
+
+
+def test_background_writes_land_release_their_rows_and_raise_the_first_failure(spark, store):
+    """``Writes``: writes started in the background all run to their end; ``wait`` returns their
+    results in order, releases the cached rows handed over with them, and raises a failure only
+    once every write has finished."""
+    rows = spark.createDataFrame([("a", 1), ("b", 2)], "id string, n long").persist()
+    assert rows.count() == 2 and rows.is_cached
+    writes = Writes()
+    writes.start(lambda: store.write(rows, "one"), release=(rows,))
+    writes.start(lambda: store.write(rows.limit(1), "two"))
+    assert writes.wait() == [0, 0] and not rows.is_cached
+    assert sorted(r.id for r in store.read("one").collect()) == ["a", "b"] and store.read("two").count() == 1
+
+    def fails():
+        raise ValueError("no such column")
+
+    writes.start(fails, lambda: store.write(rows, "one", mode="append"))
+    with pytest.raises(ValueError, match="no such column"):
+        writes.wait()
+    assert store.version("one") == 1 and store.read("one").count() == 4
+    assert writes.wait() == []  # nothing left running
 
 
 def test_one_pass_per_cluster_dedups_extends_and_groups_the_new_rows():
