@@ -297,18 +297,17 @@ def concurrently(*calls: Callable[[], Result]) -> list[Result]:
     overlap, so one's driver-side work (planning, Delta's log and commit) runs while the other's
     tasks hold the cores. Every call runs to its end; then the first failure, if any, is raised
     (the increment's marker rolls back what was written)."""
-    running = [_Call(call) for call in calls]
-    for call in running:
-        call.join()
-    return [call.result() for call in running]
+    writes = Writes()
+    writes.start(*calls)
+    return writes.wait()
 
 
 class Writes:
     """Table writes that run in the background while the increment's next step computes (their
     driver-side Delta work, planning, log and commit, overlaps that step's tasks). ``wait``
     joins them all: every write runs to its end, then the first failure is raised (the marker
-    rolls back what was written). The cached rows they write are released once they are done:
-    every cached plan left in the session makes the planning of each later query longer."""
+    rolls back what was written). The cached rows they write are released once they are done,
+    rather than held in memory until the run ends."""
 
     def __init__(self) -> None:
         self._running: list[_Call] = []
@@ -652,7 +651,8 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
         timer.step("ingest", started)
 
         started = time.monotonic()
-        counts["embedded"] = _embed_new(ctx, records, counts["new_records"])
+        _embed_new(ctx, records, counts["new_records"])
+        counts["embedded"] = counts["new_records"]
         writes.wait()  # records, rejects, input_files: long done, and every later step reads them
         timer.step("embed", started)
         if recluster:
@@ -675,14 +675,13 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
     return _finish(pipeline, run_id, fresh, counts, timer, STAGES_BEFORE_FINALIZE, drift, merge, before)
 
 
-def _embed_new(ctx: StageContext, records: DataFrame, rows: int) -> int:
-    """Embed the increment's new ``records`` (``rows`` of them) and append them; returns ``rows``."""
+def _embed_new(ctx: StageContext, records: DataFrame, rows: int) -> None:
+    """Embed the increment's new ``records`` (``rows`` of them) and append them."""
     from .stages.embed import embed_records
     embed = embed_records
     if ctx.settings.embed.backend == "spark-nlp":
         from .stages.embed_sparknlp import embed_records as embed
     append(ctx.store, embed(records, ctx.settings.embed), "embeddings", rows)
-    return rows
 
 
 def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer,
