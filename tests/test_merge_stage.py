@@ -14,7 +14,8 @@ from mergeit_spark.config import load_settings
 from mergeit_spark.ids import group_id
 from mergeit_spark.llm import client as client_mod
 from mergeit_spark.stages import StageContext
-from mergeit_spark.stages.merge import (LEDGER_DIR, MERGES_SCHEMA, Merge, gate_rejections,
+from mergeit_spark.llm.ledger import LEDGER_BUCKETS
+from mergeit_spark.stages.merge import (LEDGER_DIR, MERGES_SCHEMA, Merge, bucket_ranges, gate_rejections,
                                         ledger_bucket, merge_runs, read_bucket, read_ledger,
                                         run_merge, split_budget)
 
@@ -206,6 +207,18 @@ def test_split_budget_is_proportional_and_exact():
     shares = split_budget(7, {b: 1 for b in range(10)})
     assert sum(shares.values()) == 7 and set(shares.values()) == {0, 1}
     assert split_budget(0, {0: 4}) == {0: 0}
+
+
+@pytest.mark.parametrize("partitions", [1, 2, 3, 7, LEDGER_BUCKETS])
+def test_request_pass_tasks_hold_equal_ranges_of_whole_buckets(spark, partitions):
+    # Three rows per bucket: a task must hold every row of its buckets (the ledger is per bucket).
+    jobs = spark.createDataFrame([(b, r) for b in range(LEDGER_BUCKETS) for r in range(3)], "bucket int, row int")
+    placed = (bucket_ranges(jobs, partitions).select("bucket", F.spark_partition_id().alias("task"))
+              .groupBy("bucket").agg(F.collect_set("task").alias("tasks")).collect())
+    task_of = {r["bucket"]: r["tasks"] for r in placed}
+    assert task_of == {b: [b * partitions // LEDGER_BUCKETS] for b in range(LEDGER_BUCKETS)}
+    per_task = Counter(t[0] for t in task_of.values())
+    assert max(per_task.values()) - min(per_task.values()) <= 1 and len(per_task) == partitions
 
 
 def test_merge_stage_class_writes_itself(spark, store, inputs):

@@ -7,13 +7,14 @@ How it runs on Spark
      adds the ledger ``bucket`` and the ``request_hash`` (hash of the exact prompt, model and
      request settings, see ``llm.prompt.prompt_hash``), reading only the texts (embeddings stay in
      Arrow).
-  2. ``request_pass``: ``repartition(P, "bucket")`` (P = ``merge.partitions`` or Spark's default
-     parallelism), sorted by bucket inside each partition, then ``mapInArrow``. Each task runs ONE
-     event loop for its whole partition (``llm.pump.LoopPump``): its thread reads the Arrow
-     batches, answers from the ledger what the ledger already holds, and feeds the rest into a
-     bounded queue (2 x ``llm.concurrency``) that ``llm.concurrency`` workers drain, one group at a
-     time each, with no barrier between batches. Member embeddings go from Arrow to numpy
-     directly. Results stream back as Arrow batches of a few hundred rows.
+  2. ``request_pass``: P partitions of contiguous bucket ranges (``bucket_ranges``; P =
+     ``merge.partitions`` or Spark's default parallelism), sorted by bucket inside each
+     partition, then ``mapInArrow``. Each task runs ONE event loop for its whole partition
+     (``llm.pump.LoopPump``): its thread reads the Arrow batches, answers from the ledger what
+     the ledger already holds, and feeds the rest into a bounded queue (2 x
+     ``llm.concurrency``) that ``llm.concurrency`` workers drain, one group at a time each, with
+     no barrier between batches. Member embeddings go from Arrow to numpy directly. Results
+     stream back as Arrow batches of a few hundred rows.
   3. The pass returns one row per group (its merges row and what this run paid for it); it is
      persisted, summed into the run's summary (a few aggregate rows reach the driver) and written
      as ``merges`` with ``ctx.store.write``. A group's row is its latest ledger line. The same
@@ -40,7 +41,7 @@ The ledger (``llm.ledger``; ``<run root>/_ledger/merges/bucket=<b>/<task attempt
     server, ``budget_exhausted``, a crash) are retried by the next run.
   * ``bucket = sha256(group_id)[:8] % 256``: fixed, independent of P, so a rerun with other
     partitions (a laptop run continued on a cluster) still finds its ledger. A partition holds
-    whole buckets (hash partitioning on the bucket).
+    whole buckets: a contiguous range of them, the same number per task (``bucket_ranges``).
   * "Latest" is the per-bucket sequence ``seq`` (a writer numbers its lines after the highest
     ``seq`` in the bucket), never an executor's clock.
   * The run root must be a filesystem path that every executor can write and read (local disk in
@@ -555,7 +556,38 @@ def request_pass(jobs: DataFrame, settings: Settings, ledger_root: str,
                          embed=settings.embed, ledger_root=ledger_root,
                          shares=_budget_shares(jobs, settings.merge),
                          copy_length_ratio=settings.gate.copy_length_ratio, loops=min(p, slots))
-    return jobs.repartition(p, "bucket").sortWithinPartitions("bucket").mapInArrow(fn, PASS_SCHEMA), p
+    return bucket_ranges(jobs, p).sortWithinPartitions("bucket").mapInArrow(fn, PASS_SCHEMA), p
+
+
+def bucket_ranges(jobs: DataFrame, partitions: int) -> DataFrame:
+    """``jobs`` in ``partitions`` partitions, partition i holding the buckets b with
+    ``b * partitions // LEDGER_BUCKETS == i``: whole buckets, as many buckets per task as can be.
+    Hash partitioning on the bucket itself gives the tasks unequal shares of the 256 buckets
+    (111 and 145 for two tasks): a straggler the whole stage waits for."""
+    keys = partition_keys(jobs.sparkSession, partitions)
+    part = F.floor(F.col("bucket") * partitions / LEDGER_BUCKETS).cast("int")
+    return jobs.repartition(partitions, F.element_at(F.array(*[F.lit(k) for k in keys]), part + 1))
+
+
+def partition_keys(spark: SparkSession, partitions: int) -> list[int]:
+    """For each partition i, an int that ``repartition(partitions, <int column>)`` sends to
+    partition i. Spark's own hash decides (``pmod(hash(v), partitions)``, the expression hash
+    partitioning uses): one tiny job the first time a process asks for a number of partitions."""
+    if partitions not in _PARTITION_KEYS:
+        keys: dict[int, int] = {}
+        first = 0
+        while len(keys) < partitions:
+            last = first + 64 * partitions - 1
+            row = spark.sql(f"SELECT transform(sequence({first}, {last}), v -> pmod(hash(v), {partitions})) AS p"
+                            ).first()
+            for offset, partition in enumerate(row["p"]):
+                keys.setdefault(partition, first + offset)
+            first = last + 1
+        _PARTITION_KEYS[partitions] = [keys[i] for i in range(partitions)]
+    return _PARTITION_KEYS[partitions]
+
+
+_PARTITION_KEYS: dict[int, list[int]] = {}  # Spark's hash is fixed: the keys hold for every session
 
 
 _MASK64 = (1 << 64) - 1
