@@ -41,7 +41,7 @@ The ledger (``llm.ledger``; ``<run root>/_ledger/merges/bucket=<b>/<task attempt
     server, ``budget_exhausted``, a crash) are retried by the next run.
   * ``bucket = sha256(group_id)[:8] % 256``: fixed, independent of P, so a rerun with other
     partitions (a laptop run continued on a cluster) still finds its ledger. A partition holds
-    whole buckets: a contiguous range of them, the same number per task (``bucket_ranges``).
+    whole buckets: a contiguous range of them, as many per task as can be (``bucket_ranges``).
   * "Latest" is the per-bucket sequence ``seq`` (a writer numbers its lines after the highest
     ``seq`` in the bucket), never an executor's clock.
   * The run root must be a filesystem path that every executor can write and read (local disk in
