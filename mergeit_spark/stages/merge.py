@@ -41,7 +41,8 @@ The ledger (``llm.ledger``; ``<run root>/_ledger/merges/bucket=<b>/<task attempt
     server, ``budget_exhausted``, a crash) are retried by the next run.
   * ``bucket = sha256(group_id)[:8] % 256``: fixed, independent of P, so a rerun with other
     partitions (a laptop run continued on a cluster) still finds its ledger. A partition holds
-    whole buckets: a contiguous range of them, as many per task as can be (``bucket_ranges``).
+    whole buckets: a contiguous range of them, the same number per task give or take one
+    (``bucket_ranges``).
   * "Latest" is the per-bucket sequence ``seq`` (a writer numbers its lines after the highest
     ``seq`` in the bucket), never an executor's clock.
   * The run root must be a filesystem path that every executor can write and read (local disk in
@@ -561,8 +562,8 @@ def request_pass(jobs: DataFrame, settings: Settings, ledger_root: str,
 
 def bucket_ranges(jobs: DataFrame, partitions: int) -> DataFrame:
     """``jobs`` in ``partitions`` partitions, partition i holding the buckets b with
-    ``b * partitions // LEDGER_BUCKETS == i``: whole buckets, as many buckets per task as can be.
-    Hash partitioning on the bucket itself gives the tasks unequal shares of the 256 buckets
+    ``b * partitions // LEDGER_BUCKETS == i``: whole buckets, the same number per task give or
+    take one. Hash partitioning on the bucket itself gives the tasks unequal shares of the 256 buckets
     (111 and 145 for two tasks): a straggler the whole stage waits for."""
     keys = partition_keys(jobs.sparkSession, partitions)
     part = F.floor(F.col("bucket") * partitions / LEDGER_BUCKETS).cast("int")
