@@ -563,8 +563,8 @@ def request_pass(jobs: DataFrame, settings: Settings, ledger_root: str,
 def bucket_ranges(jobs: DataFrame, partitions: int) -> DataFrame:
     """``jobs`` in ``partitions`` partitions, partition i holding the buckets b with
     ``b * partitions // LEDGER_BUCKETS == i``: whole buckets, the same number per task give or
-    take one. Hash partitioning on the bucket itself gives the tasks unequal shares of the 256 buckets
-    (111 and 145 for two tasks): a straggler the whole stage waits for."""
+    take one. Hash partitioning on the bucket itself gives the tasks unequal shares of the 256
+    buckets (111 and 145 for two tasks): a straggler the whole stage waits for."""
     keys = partition_keys(jobs.sparkSession, partitions)
     part = F.floor(F.col("bucket") * partitions / LEDGER_BUCKETS).cast("int")
     return jobs.repartition(partitions, F.element_at(F.array(*[F.lit(k) for k in keys]), part + 1))
