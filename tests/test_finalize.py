@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
@@ -121,6 +122,76 @@ def test_ledger_catches_a_duplicated_id(finalized):
         check_ledger(t["records"], t["rejects"], t["lineage"].unionByName(extra), t["final"])
     assert "1 record ids appear more than once in lineage" in str(err.value)
     assert err.value.summary["lineage_rows"] == exp.records + exp.rejects + 1
+
+
+def _joined_numbers(records, lineage, final) -> dict[str, int]:
+    """The matching numbers as the ledger defines them, by pandas joins (the check computes them
+    in one Spark shuffle): full outer joins where a null key matches nothing."""
+    rec = records[["id"]].assign(_rec=True)
+    lin = lineage[lineage["id"].notna()][["id"]].assign(_lin=True)
+    by_id = rec.dropna().merge(lin, on="id", how="outer")
+    told = (lineage[lineage["fate"].isin(["kept", "merged"])]
+            .rename(columns={"fate": "kind"})[["id", "final_id", "kind"]].assign(_lineage=True))
+    rows = []
+    for r in final.itertuples():
+        if r.origin == "original":
+            rows.append((r.id, r.id, "kept"))
+        elif r.origin == "merged":
+            rows.extend((s, r.id, "merged") for s in (r.source_ids if r.source_ids is not None else []))
+    claims = pd.DataFrame(rows, columns=["id", "final_id", "kind"]).assign(_final=True)
+    keys = ["id", "final_id", "kind"]
+    matched = claims.dropna(subset=keys).merge(told.dropna(subset=keys), on=keys, how="outer")
+    unmatched_claims = pd.concat([matched[matched["_lineage"].isna()], claims[claims[keys].isna().any(axis=1)]])
+    unmatched_told = pd.concat([matched[matched["_final"].isna()], told[told[keys].isna().any(axis=1)]])
+
+    def count(frame, kind):
+        return int((frame["kind"] == kind).sum())
+
+    return {
+        "records": len(records), "records_distinct_ids": int(records["id"].nunique()),
+        "lineage_distinct_ids": int(lineage["id"].nunique()), "final_distinct_ids": int(final["id"].nunique()),
+        "records_missing_from_lineage": int(by_id["_lin"].isna().sum() + records["id"].isna().sum()),
+        "lineage_ids_not_in_records": int(by_id["_rec"].isna().sum()),
+        "final_originals_without_kept_row": count(unmatched_claims, "kept"),
+        "kept_rows_not_in_final": count(unmatched_told, "kept"),
+        "merged_sources_without_merged_row": count(unmatched_claims, "merged"),
+        "merged_rows_not_in_final": count(unmatched_told, "merged"),
+    }
+
+
+def test_ledger_matching_numbers_equal_plain_joins_on_broken_tables(finalized, spark):
+    """The check matches rows by id in one shuffle; on tables broken in each way the ledger
+    guards against, its numbers equal those of plain joins (and the intact tables match)."""
+    store, _ = finalized
+    t = _tables(store)
+    kept = t["lineage"].filter("fate = 'kept'").select("id").orderBy("id").first()["id"]
+    merge_id = t["final"].filter("origin = 'merged'").select("id").orderBy("id").first()["id"]
+    null_source = t["final"].filter(F.col("id") == merge_id).withColumn(
+        "source_ids", F.array(F.lit(None).cast("string"), F.lit("no-such-id")))
+    cases = {
+        "intact": t,
+        "lineage row dropped": {**t, "lineage": t["lineage"].filter(~F.col("id").eqNullSafe(kept))},
+        "lineage row twice": {**t, "lineage": t["lineage"].unionByName(t["lineage"].filter(F.col("id") == kept))},
+        "kept row missing from final": {**t, "final": t["final"].filter(F.col("id") != kept)},
+        "merge missing from final": {**t, "final": t["final"].filter(F.col("id") != merge_id)},
+        "final_id pointing elsewhere": {**t, "lineage": t["lineage"].withColumn(
+            "final_id", F.when(F.col("id") == kept, F.lit("elsewhere")).otherwise(F.col("final_id")))},
+        "null ids": {**t, "records": t["records"].unionByName(
+                         t["records"].limit(2).withColumn("id", F.lit(None).cast("string"))),
+                     "final": t["final"].unionByName(null_source)},
+        "records twice": {**t, "records": t["records"].unionByName(t["records"].limit(3))},
+    }
+    broken = 0
+    for name, c in cases.items():
+        numbers = check_ledger(c["records"], c["rejects"], c["lineage"], c["final"]) if name == "intact" else None
+        if numbers is None:
+            with pytest.raises(LedgerError) as err:
+                check_ledger(c["records"], c["rejects"], c["lineage"], c["final"])
+            numbers, broken = err.value.summary, broken + 1
+        frames = {k: c[k].toPandas() for k in ("records", "lineage", "final")}  # test side: small tables
+        expected = _joined_numbers(frames["records"], frames["lineage"], frames["final"])
+        assert {k: numbers[k] for k in expected} == expected, name
+    assert broken == len(cases) - 1
 
 
 def test_ledger_catches_final_out_of_step(finalized):
