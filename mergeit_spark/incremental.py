@@ -66,9 +66,10 @@ the three was a round of Spark jobs over the same clusters' kept rows before. Wr
 tables in one step go at once (ingest's three tables; topics and centroids; dedup, selected and
 merge_groups; final and lineage): each one's driver-side Delta work overlaps the other's tasks.
 Ingest's appends run while the embed step embeds the new records from memory, the topics
-step's while the curate step takes the assigned rows from memory, and the curate step's while
-the merge step runs (``Writes``); each is waited for before a step that reads its table. The
-curate and merge steps share one cached copy of ``embeddings``. Afterwards every stage's state
+step's while the curate step takes the assigned rows from memory, the curate step's while the
+merge step runs, and the merge step's while finalize's MERGEs run, which take the new merges
+from memory (``Writes``); each is waited for before a step that reads its table. The curate and
+merge steps share one cached copy of ``embeddings``. Afterwards every stage's state
 records the new versions, so ``mergeit status`` shows the run current and a plain ``mergeit
 run`` with the same settings recomputes nothing.
 
@@ -527,8 +528,10 @@ def curated_rows(curated: DataFrame, table: str) -> DataFrame:
 
 
 def merge_new_groups(ctx: StageContext, groups: DataFrame, records: DataFrame,
-                     embeddings: DataFrame) -> dict[str, Any]:
-    """The merge stage's request pass over ``groups`` only; its rows are appended to ``merges``."""
+                     embeddings: DataFrame) -> tuple[dict[str, Any], DataFrame]:
+    """The merge stage's request pass over ``groups`` only: its summary, and its rows in the
+    columns of ``merges`` (cached until the run's end: the caller appends them, and finalize
+    takes the new merges from memory rather than from the table)."""
     from .stages.merge import LEDGER_DIR, MERGES_SCHEMA, build_jobs, request_pass, summarise
     ledger_root = str(Path(ctx.store.root) / LEDGER_DIR)
     jobs = build_jobs(groups, records, embeddings, ctx.settings.llm)
@@ -536,11 +539,10 @@ def merge_new_groups(ctx: StageContext, groups: DataFrame, records: DataFrame,
     passed = passed.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         summary = summarise(passed, partitions)
-        merges = passed.select(*[F.col(f.name) for f in MERGES_SCHEMA.fields])
-        append(ctx.store, merges, "merges", summary.groups)
-    finally:
+    except BaseException:
         passed.unpersist()
-    return summary.as_dict()
+        raise
+    return summary.as_dict(), passed.select(*[F.col(f.name) for f in MERGES_SCHEMA.fields])
 
 
 # ------------------------------------------------------------------------------------------
@@ -666,13 +668,13 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
         # The curate and merge steps join the vectors: read and decoded once, kept for them.
         embeddings = store.read("embeddings").persist(StorageLevel.MEMORY_AND_DISK)
         groups = _curate(ctx, before, counts, timer, embeddings, assigned, writes)
-        merge = _merge(ctx, run_id, groups, counts, timer, embeddings)
-        writes.wait()  # dedup, selected, merge_groups: finalize reads them
+        merge, new_merges = _merge(ctx, run_id, groups, counts, timer, embeddings, writes)
+        return _finish(pipeline, run_id, fresh, counts, timer, STAGES_BEFORE_FINALIZE, drift, merge, before,
+                       writes, new_merges)
     except BaseException:
         writes.join()  # no write still running when the failure leaves (the next run rolls back)
         pipeline.spark.catalog.clearCache()
         raise
-    return _finish(pipeline, run_id, fresh, counts, timer, STAGES_BEFORE_FINALIZE, drift, merge, before)
 
 
 def _embed_new(ctx: StageContext, records: DataFrame, rows: int) -> None:
@@ -731,31 +733,44 @@ def _curate(ctx: StageContext, before: dict[str, int | None], counts: dict[str, 
 
 
 def _merge(ctx: StageContext, run_id: str, groups: DataFrame, counts: dict[str, int], timer: _Timer,
-           embeddings: DataFrame) -> dict[str, Any]:
+           embeddings: DataFrame, writes: Writes) -> tuple[dict[str, Any], DataFrame | None]:
+    """The request pass over the new ``groups``: its summary, and its rows (cached), whose
+    append to ``merges`` runs through ``writes`` (beside finalize's MERGEs)."""
     started = time.monotonic()
     merge: dict[str, Any] = {"groups": 0, "requests": 0}
+    merges = None
     if counts["new_groups"]:
         from .stages.merge import record_merge_run
-        merge = merge_new_groups(ctx, groups, ctx.store.read("records"), embeddings)
+        merge, merges = merge_new_groups(ctx, groups, ctx.store.read("records"), embeddings)
         record_merge_run(ctx.store.root, {"incremental_run": run_id, **merge})
+    writes.wait()  # dedup, selected, merge_groups (long done): finalize reads them
+    if merges is not None:
+        writes.start(partial(append, ctx.store, merges, "merges", merge["groups"]))
     timer.step("merge", started)
-    return merge
+    return merge, merges
 
 
 def _finish(pipeline: "Pipeline", run_id: str, fresh: list, counts: dict[str, int], timer: _Timer,
             stages: tuple[str, ...], drift: dict[str, Any] | None = None,
-            merge: dict[str, Any] | None = None, before: dict[str, int | None] | None = None) -> Increment:
-    """Record the states of ``stages`` at their new versions, then finalize from the table
-    versions ``before`` the increment (none: a re-cluster follows, which finalizes), and close
-    the marker."""
+            merge: dict[str, Any] | None = None, before: dict[str, int | None] | None = None,
+            writes: Writes | None = None, new_merges: DataFrame | None = None) -> Increment:
+    """Finalize from the table versions ``before`` the increment (none: a re-cluster follows,
+    which finalizes), with the new merges from memory (``new_merges``) while their append
+    (``writes``) runs; then record the states of ``stages`` at their new versions, run the ledger
+    check, and close the marker."""
     result = Increment(run_id, [f.path for f in fresh], counts, drift or {}, merge or {}, timer.seconds,
                        jobs=timer.jobs)
+    started = time.monotonic()
+    versions = None
+    if before is not None:
+        versions = merge_final_and_lineage(pipeline, result, before, new_merges)
+    if writes is not None:
+        writes.wait()  # the merges append
     pipeline.spark.catalog.clearCache()  # the steps' cached rows: every table they fed is written
     for name in stages:
         pipeline.mark_current(name, {"incremental_run": run_id, **_stage_summary(name, result)})
-    if before is not None:
-        started = time.monotonic()
-        finalize_by_merge(pipeline, result, before)
+    if versions is not None:
+        check_and_mark_finalize(pipeline, result, versions)
         timer.step("finalize", started)
     marker = json.loads(_marker_path(pipeline).read_text())
     marker.update(status="done", result=result.as_dict())
@@ -764,34 +779,41 @@ def _finish(pipeline: "Pipeline", run_id: str, fresh: list, counts: dict[str, in
     return result
 
 
-def finalize_by_merge(pipeline: "Pipeline", result: Increment, before: dict[str, int | None]) -> dict[str, Any]:
+def merge_final_and_lineage(pipeline: "Pipeline", result: Increment, before: dict[str, int | None],
+                            new_merges: DataFrame | None = None) -> dict[str, int]:
     """``final`` and ``lineage`` brought up to date by MERGE INTO (``TableStore.merge``), one new
-    version per table; then the stage's ledger check, and its state at the new versions.
+    version per table (returned).
 
     Only the rows an increment can change are computed (:func:`finalize_scope`): the finalize
     stage's rows for the records of the scope, the new rejects and the new groups with their
-    merges. Both tables are keyed by record ``id``: a row of a scope record is inserted or
-    updated, a ``final`` row of a scope record that left the set (a new merge absorbed it) is
-    deleted, and a reject's row (null id) is inserted. A lineage row already there keeps its
-    ``run_id``; every other row arrived in this increment."""
-    stage = pipeline.stages[pipeline.stage_names().index("finalize")]
+    merges (``new_merges``: the request pass's rows; else read from ``merges``). Both tables are
+    keyed by record ``id``: a row of a scope record is inserted or updated, a ``final`` row of a
+    scope record that left the set (a new merge absorbed it) is deleted, and a reject's row (null
+    id) is inserted. A lineage row already there keeps its ``run_id``; every other row arrived in
+    this increment."""
     ctx, store = pipeline.ctx, pipeline.ctx.store
     new_groups = added_rows(store, "merge_groups", before["merge_groups"])
+    if new_merges is None:
+        new_merges = store.read("merges").join(new_groups.select("group_id"), "group_id", "left_semi")
     scope = finalize_scope(added_rows(store, "records", before["records"]), new_groups).persist()
     try:
         final, lineage = build_lineage_and_final(
             store.read("records").join(scope, "id", "left_semi"), added_rows(store, "rejects", before["rejects"]),
-            store.read("dedup"), store.read("selected"), new_groups,
-            store.read("merges").join(new_groups.select("group_id"), "group_id", "left_semi"),
+            store.read("dedup"), store.read("selected"), new_groups, new_merges,
             id_length=ctx.settings.ingest.id_length)
         lineage = lineage.withColumn("run_id", F.lit(result.run_id))
         final_version, lineage_version = concurrently(
             lambda: store.merge(final, "final", ["id"], within=scope),
             lambda: store.merge(lineage, "lineage", ["id"], within=scope, keep=["run_id"]))
-        versions = {"final": final_version, "lineage": lineage_version}
     finally:
-        ctx.spark.catalog.clearCache()  # the scope and the stage's cached joins (build_lineage_and_final)
-    checks = stage.check(ctx) or {}
+        scope.unpersist()
+    return {"final": final_version, "lineage": lineage_version}
+
+
+def check_and_mark_finalize(pipeline: "Pipeline", result: Increment, versions: dict[str, int]) -> dict[str, Any]:
+    """The finalize stage's ledger check over every table, then its state at the new versions."""
+    stage = pipeline.stages[pipeline.stage_names().index("finalize")]
+    checks = stage.check(pipeline.ctx) or {}
     pipeline.mark_current(stage.name, {"incremental_run": result.run_id, "merged_versions": versions},
                           checks=checks)
     return checks
