@@ -203,10 +203,16 @@ def grown_delta_source(item, read_version: int, rows_read: int):
     return InputFile(item.path, "delta", version=current.version(), after_version=read_version, row_offset=rows_read)
 
 
-def split_against(outcomes: DataFrame, existing_ids: DataFrame) -> tuple[DataFrame, DataFrame]:
+def split_against(outcomes: DataFrame, existing_ids: DataFrame,
+                  partitions: int | None = None) -> tuple[DataFrame, DataFrame]:
     """(new records, new rejects) of ``outcomes``: ingest's rule (the first of each content id is
-    the record), with every id already in ``existing_ids`` an ``exact_duplicate`` as well."""
+    the record), with every id already in ``existing_ids`` an ``exact_duplicate`` as well. With
+    ``partitions``, the rule's shuffle by id spreads the rows over that many partitions (content
+    ids are hashes: about equal shares), so the new records come out ready to embed, one task
+    per core, without a second shuffle."""
     parsed = outcomes.filter(F.col("reason").isNull())
+    if partitions:
+        parsed = parsed.repartition(partitions, "id")
     first = Window.partitionBy("id").orderBy("file_index", "line", "row", "sub")
     ranked = (parsed.withColumn("_rank", F.row_number().over(first))
               .join(existing_ids.select("id", F.lit(True).alias("_known")), "id", "left"))
@@ -236,7 +242,8 @@ def ingest_increment(ctx: StageContext, files: list, run_id: str, records_versio
     outcomes = parse_outcomes(ctx.spark, files, limits, framing).persist(StorageLevel.MEMORY_AND_DISK)
     # Counted, then appended: the split (a window and a join against records) runs once. The
     # three cached results are released once their appends are done (``writes``).
-    records, rejects = split_against(outcomes, ctx.store.read("records", version=records_version))
+    spread = ctx.settings.embed.partitions or ctx.spark.sparkContext.defaultParallelism  # as the embed stage's
+    records, rejects = split_against(outcomes, ctx.store.read("records", version=records_version), spread)
     input_rows = input_files_table(ctx.spark, files, limits, outcomes, run_id, framing)
     cached = tuple(df.persist(StorageLevel.MEMORY_AND_DISK) for df in (records, rejects, input_rows))
     records, rejects, input_rows = cached
@@ -679,11 +686,14 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
 
 def _embed_new(ctx: StageContext, records: DataFrame, rows: int) -> None:
     """Embed the increment's new ``records`` (``rows`` of them) and append them."""
-    from .stages.embed import embed_records
-    embed = embed_records
     if ctx.settings.embed.backend == "spark-nlp":
-        from .stages.embed_sparknlp import embed_records as embed
-    append(ctx.store, embed(records, ctx.settings.embed), "embeddings", rows)
+        from .stages.embed_sparknlp import embed_records as embed_in_jvm
+        embedded = embed_in_jvm(records, ctx.settings.embed)
+    else:
+        from .stages.embed import embed_records
+        # spread by ingest_increment already (cached): no second shuffle of the texts
+        embedded = embed_records(records, ctx.settings.embed, spread=False)
+    append(ctx.store, embedded, "embeddings", rows)
 
 
 def _assign_new(ctx: StageContext, embeddings_before: int, timer: _Timer,

@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
+from pyspark.sql import functions as F
 
 from _pipeline_run import BROKEN_LINES, pipeline_settings, read
 from fake_openai import FakeOpenAI
@@ -433,3 +434,35 @@ def test_one_pass_per_cluster_dedups_extends_and_groups_the_new_rows():
     # a cluster whose new rows all matched: their duplicate rows only
     only_matched = CurateCluster(0.95, 4, 2, 4, 0.55, 2)(frame[frame["id"].isin(["a0", "a2", "n3"])])
     assert only_matched[["table", "id", "duplicate_of"]].values.tolist() == [["dedup", "n3", "b1"]]
+
+
+def test_new_records_come_out_spread_for_the_embed_step_with_the_same_split(spark):
+    """The increment's split spreads the new records over the embed step's partitions in its
+    own shuffle by id (about equal shares), with the same records and rejects as unspread; the
+    embed step then adds no second shuffle of the texts."""
+    from mergeit_spark.incremental import split_against
+    from mergeit_spark.stages.embed import embed_records
+    from mergeit_spark.config import EmbedSettings
+
+    schema = ("id string, reason string, file_index int, line long, row long, sub int, source string, "
+              "raw string, detail string, instruction string, input string, output string, extra string")
+    rows = [(f"{i % 300:04x}" if i % 7 else f"{i:04x}x", None, 0, i, None, 0, "new.jsonl", None, None,
+             f"task {i}", "", f"answer {i}", None) for i in range(900)]
+    rows.append((None, "bad_json", 0, 900, None, 0, "new.jsonl", "{", "not JSON", None, None, None, None))
+    outcomes = spark.createDataFrame(rows, schema)
+    existing = spark.createDataFrame([("0001",), ("0002",)], "id string")
+    plain = split_against(outcomes, existing)
+    records, rejects = split_against(outcomes, existing, partitions=3)
+    sizes = records.rdd.glom().map(len).collect()
+    assert len(sizes) == 3 and min(sizes) > 0.25 * sum(sizes)
+    assert sorted(map(tuple, records.collect())) == sorted(map(tuple, plain[0].collect()))  # unique ids
+    assert sorted(map(str, rejects.collect())) == sorted(map(str, plain[1].collect()))
+    assert records.count() == 300 - 2 + 900 // 7 + 1  # first of each id, minus the ids already there
+
+    records.persist()
+
+    def shuffles_on_top(spread: bool) -> bool:  # an exchange above the cached rows
+        plan = embed_records(records, EmbedSettings(), spread=spread)._jdf.queryExecution().executedPlan()
+        return "Exchange" in plan.toString().split("InMemoryRelation")[0]
+    assert not shuffles_on_top(False) and shuffles_on_top(True)
+    records.unpersist()

@@ -325,17 +325,19 @@ def embedding_lists(emb: np.ndarray) -> pa.Array:
 
 
 def embed_records(records: DataFrame, settings: EmbedSettings, *, sort_by_length: bool = True,
-                  with_worker_stats: bool = False) -> DataFrame:
+                  with_worker_stats: bool = False, spread: bool = True) -> DataFrame:
     """The ``embeddings`` table (``id``, ``embedding``, ``model``, ``precision``) for ``records``.
 
-    The rows are always spread round-robin over ``settings.partitions`` partitions, or Spark's
-    default parallelism when that is 0. Embedding costs far more than that shuffle of the text,
-    and input splits can be badly uneven: a Parquet file with one row group gives one split all
-    its rows and the others none, leaving every core but one idle. ``with_worker_stats`` adds the
-    test-only columns ``worker_pid`` and ``worker_model_loads``.
+    The rows are spread round-robin over ``settings.partitions`` partitions, or Spark's default
+    parallelism when that is 0, unless ``spread`` is False (the caller spread them already).
+    Embedding costs far more than that shuffle of the text, and input splits can be badly
+    uneven: a Parquet file with one row group gives one split all its rows and the others none,
+    leaving every core but one idle. ``with_worker_stats`` adds the test-only columns
+    ``worker_pid`` and ``worker_model_loads``.
     """
-    partitions = settings.partitions or records.sparkSession.sparkContext.defaultParallelism
-    frame = records.select("id", "instruction", "input").repartition(partitions)
+    frame = records.select("id", "instruction", "input")
+    if spread:
+        frame = frame.repartition(settings.partitions or records.sparkSession.sparkContext.defaultParallelism)
     schema = EMBEDDINGS_SCHEMA
     if with_worker_stats:
         schema = T.StructType(list(EMBEDDINGS_SCHEMA.fields) + WORKER_STATS_FIELDS)
