@@ -653,9 +653,6 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
     _write_marker(pipeline, {"run_id": run_id, "status": "running", "versions": before,
                              "states": {s: pipeline.state(s) for s in pipeline.stage_names()}})
     timer, counts, writes = _Timer(pipeline.spark), {}, Writes()
-    # Finalize MERGEs into these two at their current versions: Delta's state of each, computed
-    # now in the gaps of the steps' jobs rather than inside finalize.
-    warming = None if recluster else _Call(lambda: [store.warm(t, "id") for t in ("final", "lineage")])
     try:
         started = time.monotonic()
         ingested, records = ingest_increment(ctx, fresh, run_id, before["records"], writes)
@@ -679,26 +676,12 @@ def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
         embeddings = store.read("embeddings").persist(StorageLevel.MEMORY_AND_DISK)
         groups = _curate(ctx, before, counts, timer, embeddings, assigned, writes)
         merge, new_merges = _merge(ctx, run_id, groups, counts, timer, embeddings, writes)
-        _warmed(warming)
         return _finish(pipeline, run_id, fresh, counts, timer, STAGES_BEFORE_FINALIZE, drift, merge, before,
                        writes, new_merges)
     except BaseException:
         writes.join()  # no write still running when the failure leaves (the next run rolls back)
-        if warming is not None:
-            warming.join()
         pipeline.spark.catalog.clearCache()
         raise
-
-
-def _warmed(warming: "_Call | None") -> None:
-    """Wait for the MERGE targets' warm-up (long done); its failure only costs finalize time."""
-    if warming is None:
-        return
-    try:
-        warming.result()
-    except Exception as error:  # noqa: BLE001 - a read that only saves time; the MERGE reads again
-        log.warning("incremental: Delta's state of final/lineage not computed ahead (%s); finalize "
-                    "computes it", error)
 
 
 def _embed_new(ctx: StageContext, records: DataFrame, rows: int) -> None:

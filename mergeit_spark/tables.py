@@ -133,15 +133,6 @@ class TableStore:
             self._merge_through_delta_rs(aligned, gone, name, keys, values)
         return self.version(name)
 
-    def warm(self, name: str, key: str) -> None:
-        """Have Delta compute table ``name``'s state (its files and their statistics) now, ahead of
-        a MERGE INTO it: Delta keeps that state per table version in the session, and a MERGE at
-        the same version then skips the jobs that rebuild it (two rounds per table here, 0.4-0.9 s
-        each). The lookup is of ``key`` = "" (no row has an empty key: ids are hashes), which
-        the statistics answer without reading a data file. delta-spark only: a no-op otherwise."""
-        if self.engine == "delta-spark":
-            self.spark.read.format("delta").load(self.path(name)).where(F.col(key) == "").count()
-
     def _merge_through_delta_spark(self, aligned: DataFrame, gone: DataFrame, name: str, keys: list[str],
                                    values: list[str]) -> None:
         """Delta's MERGE INTO (in SQL: the SQL extension finds Delta's classes wherever the session
