@@ -242,8 +242,9 @@ def ingest_increment(ctx: StageContext, files: list, run_id: str, records_versio
     outcomes = parse_outcomes(ctx.spark, files, limits, framing).persist(StorageLevel.MEMORY_AND_DISK)
     # Counted, then appended: the split (a window and a join against records) runs once. The
     # three cached results are released once their appends are done (``writes``).
-    spread = ctx.settings.embed.partitions or ctx.spark.sparkContext.defaultParallelism  # as the embed stage's
-    records, rejects = split_against(outcomes, ctx.store.read("records", version=records_version), spread)
+    from .stages.embed import embed_partitions
+    records, rejects = split_against(outcomes, ctx.store.read("records", version=records_version),
+                                     embed_partitions(ctx.settings.embed, ctx.spark))
     input_rows = input_files_table(ctx.spark, files, limits, outcomes, run_id, framing)
     cached = tuple(df.persist(StorageLevel.MEMORY_AND_DISK) for df in (records, rejects, input_rows))
     records, rejects, input_rows = cached

@@ -324,12 +324,18 @@ def embedding_lists(emb: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, flat)
 
 
+def embed_partitions(settings: EmbedSettings, spark) -> int:
+    """How many partitions (tasks) the embed step spreads its rows over: ``settings.partitions``,
+    or Spark's default parallelism when that is 0."""
+    return settings.partitions or spark.sparkContext.defaultParallelism
+
+
 def embed_records(records: DataFrame, settings: EmbedSettings, *, sort_by_length: bool = True,
                   with_worker_stats: bool = False, spread: bool = True) -> DataFrame:
     """The ``embeddings`` table (``id``, ``embedding``, ``model``, ``precision``) for ``records``.
 
-    The rows are spread round-robin over ``settings.partitions`` partitions, or Spark's default
-    parallelism when that is 0, unless ``spread`` is False (the caller spread them already).
+    The rows are spread round-robin over :func:`embed_partitions` partitions, unless ``spread``
+    is False (the caller spread them over as many already).
     Embedding costs far more than that shuffle of the text, and input splits can be badly
     uneven: a Parquet file with one row group gives one split all its rows and the others none,
     leaving every core but one idle. ``with_worker_stats`` adds the test-only columns
@@ -337,7 +343,7 @@ def embed_records(records: DataFrame, settings: EmbedSettings, *, sort_by_length
     """
     frame = records.select("id", "instruction", "input")
     if spread:
-        frame = frame.repartition(settings.partitions or records.sparkSession.sparkContext.defaultParallelism)
+        frame = frame.repartition(embed_partitions(settings, records.sparkSession))
     schema = EMBEDDINGS_SCHEMA
     if with_worker_stats:
         schema = T.StructType(list(EMBEDDINGS_SCHEMA.fields) + WORKER_STATS_FIELDS)
