@@ -19,6 +19,7 @@ DELTA_TABLE_DEFAULTS = {
     "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
     "spark.databricks.delta.properties.defaults.columnMapping.mode": "none",
 }
+CODEGEN_CACHE_ENTRIES = 2000
 
 
 def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = None,
@@ -43,6 +44,11 @@ def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = N
         "spark.python.worker.reuse": "true",
         # delta-rs commits the Parquet Spark writes; Delta readers want microsecond timestamps, not INT96.
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        # Spark keeps 100 compiled query classes; a run of the pipeline generates more (an
+        # increment about 420), so a session that runs it again (the next batch) compiled every
+        # one anew (436 in a warm increment, against 4 with room for them) and the JVM their
+        # machine code: 30% of that increment's CPU in finalize (BENCHMARKS.md, incremental).
+        "spark.sql.codegen.cache.maxEntries": str(CODEGEN_CACHE_ENTRIES),
     }
     # Under spark-submit its --packages/--jars are already on the classpath and win; otherwise
     # the settings' packages and jars are resolved at session start.
