@@ -47,7 +47,7 @@ def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = N
         # Spark keeps 100 compiled query classes; a run of the pipeline generates more (an
         # increment about 420), so a session that runs it again (the next batch) compiled every
         # one anew (436 in a warm increment, against 4 with room for them) and the JVM their
-        # machine code: 30% of that increment's CPU in finalize (BENCHMARKS.md, incremental).
+        # machine code: about 30% of its finalize step's CPU (BENCHMARKS.md, incremental).
         "spark.sql.codegen.cache.maxEntries": str(CODEGEN_CACHE_ENTRIES),
     }
     # Under spark-submit its --packages/--jars are already on the classpath and win; otherwise
