@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import logging
 import os
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from pyspark.sql import functions as F
 
 from _filter_helpers import filter_sample, records_frame, sample_embeddings
 from mergeit_spark.stages import StageContext
@@ -176,6 +178,19 @@ def test_row_windows_span_arrow_batches_in_order():
     assert [i for w in windows for i in w.column("id").to_pylist()] == [str(i) for i in range(33)]
     assert [w.num_rows for w in row_windows(iter(batches), 100)] == [33]
     assert list(row_windows(iter([]), 10)) == []
+
+
+def test_worker_heap_is_frozen_once_the_model_is_loaded(spark, shared_data, settings):
+    """PySpark's daemon runs gc.collect() after every task of a reused worker: the loaded model's
+    objects (hundreds of thousands) go to the permanent generation so it does not walk them each
+    time. On the driver nothing is frozen (a notebook's dropped cycles must stay collectable)."""
+    sample = filter_sample(spark, shared_data)
+    stats = (embed_records(records_frame(spark, sample.records[:40]),
+                           dataclasses.replace(settings.embed, partitions=2), with_worker_stats=True)
+             .groupBy("worker_pid").agg(F.min("worker_frozen_objects").alias("frozen")).collect())
+    assert stats and all(r["frozen"] > 100_000 for r in stats), stats  # the model and torch, frozen
+    embed_module.load_model(settings.embed)  # in this (driver) process
+    assert gc.get_freeze_count() == 0
 
 
 def test_model_loads_once_per_worker_process(spark, shared_data, settings):
