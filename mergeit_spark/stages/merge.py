@@ -100,6 +100,7 @@ from ..llm.ledger import LEDGER_BUCKETS, BucketState, LedgerWriter, ledger_bucke
 from ..llm.prompt import build_messages, prompt_hash
 from ..llm.pump import LoopPump
 from . import Stage, StageContext, StageOutput
+from .embed import load_model
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +339,11 @@ class _MergePartition:
             with LoopPump(lambda: self._session(state, task), workers, 2 * workers) as pump:
                 for batch in batches:
                     rows, todo = self._triage(decode_jobs(batch), state)
+                    if todo:
+                        # The gate's model, loaded before the first request rather than by the
+                        # first verdict: loading holds the interpreter (and freezes the worker's
+                        # heap) for a while, which must not eat in-flight requests' timeouts.
+                        load_model(self.embed)
                     for start in range(0, len(todo), pump.queue_size):
                         pump.put(todo[start:start + pump.queue_size])
                         rows.extend(pump.take())
