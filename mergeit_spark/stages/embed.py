@@ -43,6 +43,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
 from ..config import EmbedSettings
+from ..worker_imports import in_pyspark_worker
 from . import Stage, StageContext, StageOutput
 
 if TYPE_CHECKING:  # torch and sentence-transformers load lazily, on the worker that needs them
@@ -205,9 +206,7 @@ def freeze_worker_heap() -> None:
     BENCHMARKS.md, for objects that live as long as the process; frozen, it walks only what
     tasks allocated since. Not on the driver: a cycle a notebook drops later would never be
     collected."""
-    from pyspark import TaskContext
-
-    if TaskContext.get() is None:
+    if not in_pyspark_worker():
         return
     gc.collect()
     gc.freeze()
