@@ -6,7 +6,9 @@ retry policy is ours, so it is the same on every server and is counted and recor
 
 Per HTTP request:
   * a timeout of ``llm.request_timeout_s`` (the client's timeout plus an ``asyncio`` guard for
-    servers that trickle bytes);
+    servers that trickle bytes); the clock starts when the attempt is counted, before its bytes
+    are written, so an event loop stalled past the timeout counts an attempt the server may never
+    have seen (spend is over-counted, never under-counted);
   * at most ``llm.concurrency`` requests in flight (an ``asyncio.Semaphore``, held only while a
     request is on the wire, not during backoff);
   * at most this loop's share of ``llm.requests_per_minute`` and ``llm.tokens_per_minute``
