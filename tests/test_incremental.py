@@ -459,10 +459,11 @@ def test_new_records_come_out_spread_for_the_embed_step_with_the_same_split(spar
     assert sorted(map(str, rejects.collect())) == sorted(map(str, plain[1].collect()))
     assert records.count() == 300 - 2 + 900 // 7 + 1  # first of each id, minus the ids already there
 
-    records.persist()
-
     def shuffles_on_top(spread: bool) -> bool:  # an exchange above the cached rows
         plan = embed_records(records, EmbedSettings(), spread=spread)._jdf.queryExecution().executedPlan()
         return "Exchange" in plan.toString().split("InMemoryRelation")[0]
-    assert not shuffles_on_top(False) and shuffles_on_top(True)
-    records.unpersist()
+    records.persist()
+    try:
+        assert not shuffles_on_top(False) and shuffles_on_top(True)
+    finally:  # the session is shared by every test
+        records.unpersist()

@@ -357,12 +357,12 @@ def embed_records(records: DataFrame, settings: EmbedSettings, *, sort_by_length
                   with_worker_stats: bool = False, spread: bool = True) -> DataFrame:
     """The ``embeddings`` table (``id``, ``embedding``, ``model``, ``precision``) for ``records``.
 
-    The rows are spread round-robin over :func:`embed_partitions` partitions, unless ``spread``
-    is False (the caller spread them over as many already).
-    Embedding costs far more than that shuffle of the text, and input splits can be badly
-    uneven: a Parquet file with one row group gives one split all its rows and the others none,
-    leaving every core but one idle. ``with_worker_stats`` adds the test-only columns
-    ``worker_pid`` and ``worker_model_loads``.
+    The rows are spread round-robin over :func:`embed_partitions` partitions: embedding costs far
+    more than that shuffle of the text, and input splits can be badly uneven (a Parquet file with
+    one row group gives one split all its rows and the others none, leaving every core but one
+    idle). ``spread=False`` skips the shuffle when the caller has spread the rows over as many
+    partitions already (the incremental split does). ``with_worker_stats`` adds the test-only
+    columns ``worker_pid``, ``worker_model_loads`` and ``worker_frozen_objects``.
     """
     frame = records.select("id", "instruction", "input")
     if spread:
