@@ -70,8 +70,9 @@ regenerations, budget, a group with a member missing from ``records``/``embeddin
 ``attempts`` counts HTTP requests sent for the result (retries and regenerations included),
 ``latency_ms`` the time spent waiting on them. An attempt counts from the moment it is started, so
 the count errs towards spend: one that timed out may never have reached the server (a worker
-stalled for longer than ``llm.request_timeout_s`` times out before its bytes leave). ``gate`` is the verdict as JSON, including the
-checks that failed: ``gate_rejections(merges)`` counts them per check.
+stalled for longer than ``llm.request_timeout_s`` times out before its bytes leave).
+``gate`` is the verdict as JSON, including the checks that failed: ``gate_rejections(merges)``
+counts them per check.
 """
 from __future__ import annotations
 
