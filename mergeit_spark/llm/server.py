@@ -11,6 +11,16 @@ metadata (ChatML for SmolLM2); ``response_format`` accepts ``{"type": "json_obje
 optional ``"schema"`` (turned into a grammar, so the reply is forced into the schema), but refuses
 ``{"type": "json_schema", ...}`` with HTTP 422. The merge client's ``json_mode=auto`` tries
 json_schema first and falls back to json_object+schema on that refusal, once per process.
+
+The server's output goes to ``log_file`` (``mergeit run --serve-llm`` puts it under the run root's
+``_logs/``). ``watch`` notices the server dying while a run uses it (a crash, a kill, the OOM
+killer) and calls back at once; ``death_message`` names the exit signal or code and the log.
+
+llama-cpp-python compiles llama.cpp for the CPU it is installed on. Built with ggml's AMX
+kernels (an Intel CPU with AMX, compiled with ``-march=native``), the server dies with a general
+protection fault on its first request: the kernels' tile configuration reaches the CPU without its
+tile shapes. ``make install`` builds without those kernels; ``start`` refuses a build that has them,
+saying how to rebuild (docs/DESIGN.md, "The local LLM").
 """
 from __future__ import annotations
 
@@ -20,11 +30,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
 from ..config import ServerSettings, Settings
 
@@ -86,6 +97,8 @@ class LocalLLMServer:
         self.log_file = Path(log_file) if log_file else None
         self.process: subprocess.Popen | None = None
         self._log_handle: IO[bytes] | None = None
+        self._stopping = False
+        self.exit_code: int | None = None   # set when the server ended without being stopped
 
     @property
     def base_url(self) -> str:
@@ -98,6 +111,7 @@ class LocalLLMServer:
                                  'pip install "llama-cpp-python[server]"')
         if _answers(self.base_url, timeout=1.0):
             raise LLMServerError(f"something already answers on {self.base_url}")
+        refuse_amx_build()
         cmd = server_command(self.settings)
         log.info("starting local LLM server: %s", " ".join(cmd))
         if self.log_file:
@@ -113,7 +127,7 @@ class LocalLLMServer:
             if self.process.poll() is not None:
                 code = self.process.returncode
                 self._close_log()
-                raise LLMServerError(f"local LLM server exited with code {code} while starting"
+                raise LLMServerError(f"local LLM server {describe_exit(code)} while starting"
                                      + (f" (see {self.log_file})" if self.log_file else ""))
             if _answers(self.base_url, timeout=1.0):
                 log.info("local LLM server ready at %s", self.base_url)
@@ -123,8 +137,35 @@ class LocalLLMServer:
         raise LLMServerError(f"local LLM server did not answer within "
                              f"{self.settings.startup_timeout_s:.0f} s at {self.base_url}")
 
+    @property
+    def died(self) -> bool:
+        """Whether the server ended while in use (not stopped by ``stop``)."""
+        if self.exit_code is None and self.process is not None and not self._stopping:
+            self.exit_code = self.process.poll()
+        return self.exit_code is not None
+
+    def death_message(self) -> str:
+        where = f"; its log: {self.log_file}" if self.log_file else ""
+        return f"the local LLM server {describe_exit(self.exit_code)} during the run{where}"
+
+    def watch(self, on_death: Callable[[str], object]) -> None:
+        """Call ``on_death(death_message())`` from a daemon thread if the server ends unasked."""
+        proc = self.process
+        if proc is None:
+            return
+
+        def wait() -> None:
+            code = proc.wait()
+            if not self._stopping:
+                self.exit_code = code
+                log.error(self.death_message())
+                on_death(self.death_message())
+
+        threading.Thread(target=wait, name="llm-server-watch", daemon=True).start()
+
     def stop(self, grace_s: float = 10.0) -> None:
         """Terminate, wait up to ``grace_s``, then kill."""
+        self._stopping = True
         proc, self.process = self.process, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -145,6 +186,40 @@ class LocalLLMServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def describe_exit(code: int | None) -> str:
+    """``exited with code 1`` / ``was killed by signal SIGSEGV`` for a process's return code."""
+    if code is None:
+        return "is running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by signal {name}"
+    return f"exited with code {code}"
+
+
+def llama_system_info() -> str:
+    """llama.cpp's ``system_info`` line of the installed llama-cpp-python (which CPU features its
+    kernels were built with), read in a child process so that the driver never loads the library."""
+    code = "import llama_cpp, sys; sys.stdout.write(llama_cpp.llama_print_system_info().decode())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise LLMServerError(f"llama-cpp-python does not load: {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+def refuse_amx_build() -> None:
+    """Refuse a llama-cpp-python built with ggml's AMX kernels (see the module docstring)."""
+    if "AMX_INT8 = 1" in llama_system_info():
+        raise LLMServerError(
+            "this llama-cpp-python was built with ggml's AMX kernels, which crash on the first "
+            "request (general protection fault). Rebuild it without them: `rm .venv/.llama-*; make "
+            "install`, or CFLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' CXXFLAGS=<the same> "
+            "pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python --no-deps "
+            "llama-cpp-python==<its version>")
 
 
 def _answers(base_url: str, timeout: float) -> bool:
