@@ -3,13 +3,16 @@
 :func:`resolve_inputs` turns user paths (files, directories, Delta tables) into typed
 :class:`InputFile` s, or fails with :class:`InputError` naming the path: a missing file or an
 unknown format never reaches Spark. Also here: the live data files of a Delta table, read from
-its log (:func:`delta_data_files`), the size of an input (:func:`input_bytes`) and the
-fingerprint of the inputs that decides whether ingest must rerun (:func:`fingerprint_inputs`).
+its log (:func:`delta_data_files`), the size of an input (:func:`input_bytes`), the
+fingerprint of the inputs that decides whether ingest must rerun (:func:`fingerprint_inputs`),
+and, once a read has failed, which input was to blame and why (:func:`unreadable_input`).
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,6 +31,12 @@ _UNSUPPORTED_DELTA_READER_FEATURES = {"columnMapping"}
 
 class InputError(ValueError):
     """An input path is missing, unreadable or of a format this stage cannot read."""
+
+
+class InputReadError(InputError):
+    """An input that resolved could not be read whole when the run read it: a corrupt or
+    truncated ``.gz``, a ``.parquet`` that is not Parquet, a file deleted or moved mid-run.
+    The message names the file; ingest raises it before writing any table."""
 
 
 @dataclass(frozen=True)
@@ -226,3 +235,88 @@ def fingerprint_inputs(files: Iterable[InputFile]) -> str:
             digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
+
+_PROBE_CHUNK = 1 << 20
+
+
+def unreadable_input(files: Iterable[InputFile], named: str | None = None) -> InputReadError | None:
+    """The input that cannot be read whole, checked on the driver once a read has failed (the
+    checks read whole files, so they run only then): a data file that vanished; else ``named``
+    (the data file the failure's message names) when given; else every data file (Parquet
+    footers, then gzip streams to their end). None when nothing is found."""
+    parts = [(item, data_file, fmt) for item in files for data_file, fmt in _data_files(item)]
+    for item, data_file, _ in parts:
+        if not os.path.exists(data_file):
+            return _read_error(item, data_file, "no longer exists (deleted or moved while the run read it)")
+    if named is not None:
+        parts = [part for part in parts if part[1] == named]
+    else:  # cheap checks first
+        parts.sort(key=lambda part: part[1].lower().endswith(".gz"))
+    for item, data_file, fmt in parts:
+        problem = data_file_problem(data_file, fmt)
+        if problem is not None:
+            return _read_error(item, data_file, problem)
+    return None
+
+
+def data_file_paths(files: Iterable[InputFile]) -> list[str]:
+    """Every data file the inputs read (a Delta table's live files in its place)."""
+    return [data_file for item in files for data_file, _ in _data_files(item)]
+
+
+def data_file_problem(path: str, fmt: str) -> str | None:
+    """Why one data file cannot be read whole (``fmt``: its input's format), or None."""
+    if not os.path.exists(path):
+        return "no longer exists (deleted or moved while the run read it)"
+    if not os.access(path, os.R_OK):
+        return "is no longer readable (permissions)"
+    if fmt in ("parquet", "delta"):
+        return _parquet_problem(path)
+    if path.lower().endswith(".gz"):
+        return _gzip_problem(path)
+    return None
+
+
+def _data_files(item: InputFile) -> list[tuple[str, str]]:
+    """(data file, format) of one input: the file itself, or a Delta table's live data files."""
+    if item.format != "delta":
+        return [(item.path, item.format)]
+    try:
+        return [(path, "delta") for path, *_ in delta_data_files(item.path, item.version, item.after_version)]
+    except Exception:  # noqa: BLE001 - a table whose log cannot be read is itself the culprit
+        return [(item.path, "delta")]
+
+
+def _read_error(item: InputFile, data_file: str, problem: str) -> InputReadError:
+    where = (f"input {item.path}" if data_file == item.path
+             else f"input {item.path} (Delta table): data file {data_file}")
+    return InputReadError(f"{where} {problem}; ingest wrote no table")
+
+
+def _parquet_problem(path: str) -> str | None:
+    if os.path.isdir(path):  # a Delta table whose log could not be read
+        try:
+            from deltalake import DeltaTable
+            DeltaTable(path)
+            return None
+        except Exception as exc:  # noqa: BLE001
+            return f"cannot be opened as a Delta table: {exc}"
+    import pyarrow.parquet as pq
+    try:
+        pq.read_metadata(path)
+    except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError: not Parquet, either way
+        return f"is not a readable Parquet file: {exc}"
+    return None
+
+
+def _gzip_problem(path: str) -> str | None:
+    """Read a gzip file to its end: the damage shows only where the stream breaks off."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(_PROBE_CHUNK):
+                pass
+    except EOFError:
+        return "is a truncated gzip file (the compressed stream ends early)"
+    except (OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        return f"is not a valid gzip file: {exc}"
+    return None

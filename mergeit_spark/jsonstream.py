@@ -22,15 +22,22 @@ Framing rules (what one element, one *unit* of the input, is)
   a bare token up to whitespace or a bracket) is one unit.
 * Bytes that are not UTF-8 are kept (``surrogateescape``): they spoil only the element they sit in.
 
+Depth: with ``max_depth`` set, an element that nests more arrays/objects than that is framed by
+structure and never decoded (``too_deep``): :func:`nests_deeper_than` measures it before Python's
+``json`` (which recurses once per level) sees it, so a deep element costs that element only.
+
 :func:`count_units` counts the units of a file without the framer when it can: a file that ijson
 (yajl, C) reads as one clean array has exactly as many units as elements, since on valid JSON the
 structural rules above and JSON's grammar agree; any other file is counted by the framer. Either
-way the count is taken apart from the parser that makes records.
+way the count is taken apart from the parser that makes records. ijson is read as bare events
+(``basic_parse``, elements counted by depth): its ``items`` builds every element and tracks a
+path prefix per event, so one element nested 20,000 deep took a gigabyte.
 """
 from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator
@@ -43,6 +50,9 @@ _WS = re.compile(r"[ \t\n\r]*")
 _SPECIAL = re.compile(r'["\[\]{},]')
 _STRING_BODY = re.compile(r'[^"\\]*(?:\\[\s\S][^"\\]*)*')  # stops at the closing quote or the end
 _TOKEN_END = re.compile(r'[ \t\n\r"\[\]{},]')
+# Everything up to the next run of opening or closing brackets outside strings (strings skipped
+# whole, escapes included); the run is group 1, None where the text (or an unclosed string) ends.
+_TO_BRACKET_RUN = re.compile(r'[^"\[\]{}]*(?:"[^"\\]*(?:\\[\s\S][^"\\]*)*"[^"\[\]{}]*)*([\[{]+|[\]}]+)?')
 _DECODER = json.JSONDecoder()
 
 
@@ -55,6 +65,44 @@ class Element:
     value: Any = None
     parsed: bool = False        # ``value`` holds the parsed text
     problem: str | None = None  # framing damage, or the JSON error of a text that did not parse
+    too_deep: bool = False      # nested past ``max_depth`` (or past what ``json`` can recurse)
+
+
+def too_deep_detail(limit: int) -> str:
+    """What a reject says of a value nested past the limit."""
+    return f"nested more than ingest.max_depth={limit} arrays/objects deep"
+
+
+RECURSION_DETAIL = "nested too deeply for Python's json (RecursionError)"
+
+
+def nests_deeper_than(text: str, limit: int, start: int = 0) -> bool:
+    """Whether the JSON value at ``start`` (after whitespace) nests more than ``limit``
+    arrays/objects deep, the outermost counting one.
+
+    Counts brackets outside strings (escaped quotes included) without parsing: no recursion,
+    linear in the value's length, and it stops at the value's end or as soon as the limit is
+    passed. A value cut short (or malformed) is measured as far as its brackets go; a scalar
+    is depth 0. This runs before ``json`` decodes a value, since ``json`` recurses per level.
+    """
+    pos = _WS.match(text, start).end()
+    if pos >= len(text) or text[pos] not in "[{":
+        return False
+    depth = 0
+    while True:
+        match = _TO_BRACKET_RUN.match(text, pos)
+        run = match.group(1)
+        if run is None:
+            return False
+        pos = match.end()
+        if run[0] in "[{":
+            depth += len(run)
+            if depth > limit:
+                return True
+        else:
+            depth -= len(run)
+            if depth <= 0:
+                return False
 
 
 class _Window:
@@ -88,15 +136,18 @@ class JsonFramer:
 
     ``max_bytes``: an element over this size is not kept whole, only its first ``keep_chars``
     characters (its ``size`` is still exact, so the caller can reject it as too large).
+    ``max_depth``: an element nested deeper is framed but not decoded (``too_deep``); None leaves
+    the depth to ``json``'s own recursion guard.
     """
 
     def __init__(self, handle: BinaryIO, max_bytes: int, keep_chars: int,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
+                 chunk_bytes: int = CHUNK_BYTES, max_depth: int | None = None) -> None:
         self.win = _Window(handle, chunk_bytes)
         self.pos = 0
         self.pin: int | None = None  # start of a decoded element while the text after it is read
         self.max_bytes = max_bytes
         self.keep_chars = keep_chars
+        self.max_depth = max_depth
         self.row = 0
 
     # -- reading ------------------------------------------------------------------------------
@@ -138,8 +189,8 @@ class JsonFramer:
             yield from self._stream()
 
     def _unit(self, text: str, size: int, problem: str | None = None, value: Any = None,
-              parsed: bool = False) -> Element:
-        element = Element(self.row, text, size, value, parsed, problem)
+              parsed: bool = False, too_deep: bool = False) -> Element:
+        element = Element(self.row, text, size, value, parsed, problem, too_deep)
         self.row += 1
         return element
 
@@ -202,7 +253,10 @@ class JsonFramer:
 
     # -- parsing and scanning ------------------------------------------------------------------
     def _decode_at(self, start: int) -> tuple[Any, int] | None:
-        """``json`` decode of the value at ``start`` when it lies whole in the window."""
+        """``json`` decode of the value at ``start`` when it lies whole in the window and is not
+        nested past ``max_depth`` (then the structural scan frames it, without decoding)."""
+        if self.max_depth is not None and nests_deeper_than(self.win.text, self.max_depth, start):
+            return None
         while True:
             try:
                 value, end = _DECODER.raw_decode(self.win.text, start)
@@ -225,18 +279,23 @@ class JsonFramer:
         self.pos = end + (1 if terminator else 0)
         if cut:
             where = "element (array not closed)" if in_array else "value"
-            return self._unit(text, size, f"the file ends inside this {where}"), None, True
+            problem = f"the file ends inside this {where}"
+            if scan.too_deep:
+                problem = f"{too_deep_detail(self.max_depth)}; {problem}"
+            return self._unit(text, size, problem, too_deep=scan.too_deep), None, True
         if not text:
             return self._unit(text, size, f"no value before {terminator!r}"), terminator, False
         if scan.prefix is not None or size > self.max_bytes:
             return self._unit(text, size), terminator, False  # too large: the caller rejects it
+        if scan.too_deep:
+            return self._unit(text, size, too_deep_detail(self.max_depth), too_deep=True), terminator, False
         return self._parse_whole(text, size), terminator, False
 
     def _parse_whole(self, text: str, size: int) -> Element:
         try:
             value, stop = _DECODER.raw_decode(text)
         except RecursionError:
-            return self._unit(text, size, "nested too deeply")
+            return self._unit(text, size, RECURSION_DETAIL, too_deep=True)
         except ValueError as exc:
             return self._unit(text, size, _json_error(exc))
         if stop != len(text):
@@ -260,7 +319,8 @@ class JsonFramer:
 class _Scan:
     """Find where an element ends by its structure (strings, escapes, bracket depth), reading more
     of the file as needed. An element that grows past the size limit is not kept: its first
-    characters go to ``prefix`` and the rest only counts toward ``dropped_bytes``."""
+    characters go to ``prefix`` and the rest only counts toward ``dropped_bytes``. ``too_deep``
+    says whether its brackets nest past the framer's ``max_depth``."""
 
     def __init__(self, framer: JsonFramer, start: int, in_array: bool) -> None:
         self.framer = framer
@@ -268,6 +328,8 @@ class _Scan:
         self.in_array = in_array
         self.prefix: str | None = None
         self.dropped_bytes = 0
+        self.depth_limit = framer.max_depth if framer.max_depth is not None else math.inf
+        self.too_deep = False
 
     def run(self) -> tuple[int, str | None, bool]:
         """(end, terminator, cut): the element is text[start:end]; terminator is the ',' or ']'
@@ -309,6 +371,8 @@ class _Scan:
                         in_string = True
                     elif char in "[{":
                         depth += 1
+                        if depth > self.depth_limit:
+                            self.too_deep = True
                     elif depth == 0 and self.in_array and char in ",]":
                         return pos - 1, char, False
                     elif char in "]}" and depth > 0:
@@ -357,17 +421,33 @@ def _ijson():
         return ijson
 
 
-def count_units(path: str, max_bytes: int, keep_chars: int) -> int:
+def _array_elements(events: Iterator[tuple[str, Any]]) -> int:
+    """Elements of the top-level array, from ijson's bare events: each value that starts at
+    depth 1. Flat in memory whatever the nesting (a depth counter, no path, no values kept)."""
+    depth = elements = 0
+    for event, _ in events:
+        if event in ("start_map", "start_array"):
+            elements += depth == 1
+            depth += 1
+        elif event in ("end_map", "end_array"):
+            depth -= 1
+        elif event != "map_key":
+            elements += depth == 1
+    return elements
+
+
+def count_units(path: str, max_bytes: int, keep_chars: int, max_depth: int | None = None) -> int:
     """Units of one JSON file (see the module docstring): ijson's element count for a clean array,
-    else the framer's count."""
+    else the framer's count (``max_depth`` as the parser's framer uses it: deep elements are
+    framed, not decoded)."""
     ijson = _ijson()
     with open(path, "rb") as handle:
         clean_array = starts_with_array(handle)
     if clean_array:
         try:
             with open(path, "rb") as handle:
-                return sum(1 for _ in ijson.items(handle, "item", use_float=True))
+                return _array_elements(ijson.basic_parse(handle, use_float=True))
         except Exception:  # any complaint (damage, NaN, a BOM, bad UTF-8): count by framing
             pass
     with open(path, "rb") as handle:
-        return sum(1 for _ in JsonFramer(handle, max_bytes, keep_chars).elements())
+        return sum(1 for _ in JsonFramer(handle, max_bytes, keep_chars, max_depth=max_depth).elements())

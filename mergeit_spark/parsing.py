@@ -8,6 +8,12 @@ gives at least one outcome: one, or one per instance of a seed task (each outcom
 carries ``instances``, the length of its list, so the ledger can count them; see
 :mod:`mergeit_spark.stages.ingest`).
 
+No unit can stop a run: a value nested past ``ingest.max_depth`` is rejected (``too_deep``) from
+its brackets before ``json`` or any code that walks the value sees it, and any exception while
+turning one unit into outcomes (or one seed-task instance into a row, or an outcome into Arrow)
+makes that unit, instance or row an ``unparseable`` reject naming the exception. Either way the
+unit still gives exactly its outcomes, so the ledger balances.
+
 Layouts (checked in this order, per object)
 -------------------------------------------
 * ShareGPT ``conversations: [{from, value}]`` and OpenAI ``messages: [{role, content}]``:
@@ -32,7 +38,9 @@ Reason codes
 code                  meaning
 ===================== =========================================================================
 malformed_json        not valid JSON (a line, an array element, a damaged stretch of an array
-                      file, nesting too deep, a number too long to parse, an empty text)
+                      file, a number too long to parse, an empty text)
+too_deep              arrays/objects nested more than ``ingest.max_depth`` deep (the outermost
+                      counts one), found before parsing; or deeper than Python's ``json`` can go
 invalid_utf8          the raw bytes are not UTF-8, or a JSON string escapes a lone surrogate
                       (``"\\ud800"``), which has no UTF-8 form
 not_an_object         the JSON value is an array, string, number, boolean or null; also a seed
@@ -49,6 +57,8 @@ too_large             the raw line/element/row is over ``ingest.max_line_bytes``
                       instruction + input + output are over ``ingest.max_record_chars`` chars
 exact_duplicate       same normalised instruction, input and output as a kept record;
                       ``detail`` is the kept record's id (decided in the ingest stage)
+unparseable           turning the unit into a record raised an unexpected error; ``detail``
+                      names the exception and its message
 ===================== =========================================================================
 
 ``raw`` in a reject is the offending text (invalid UTF-8 shown with U+FFFD), cut to
@@ -67,12 +77,13 @@ import pyarrow as pa
 
 from .config import IngestSettings
 from .ids import content_id
-from .jsonstream import Element, JsonFramer
+from .jsonstream import RECURSION_DETAIL, Element, JsonFramer, nests_deeper_than, too_deep_detail
 
-REASONS = ("malformed_json", "invalid_utf8", "not_an_object", "unknown_layout", "bad_conversation",
+REASONS = ("malformed_json", "too_deep", "invalid_utf8", "not_an_object", "unknown_layout", "bad_conversation",
            "missing_instruction", "missing_output", "non_string_field", "empty_text", "too_large",
-           "exact_duplicate")
+           "exact_duplicate", "unparseable")
 DEFAULT_RAW_CHARS = IngestSettings().reject_raw_chars
+DEFAULT_MAX_DEPTH = IngestSettings().max_depth
 
 # What the parser returns: a record (reason null) or a reject, with its position for ordering.
 OUTCOME_ARROW = pa.schema([
@@ -96,10 +107,12 @@ class ParseLimits:
     max_line_bytes: int
     id_length: int
     raw_chars: int = DEFAULT_RAW_CHARS
+    max_depth: int = DEFAULT_MAX_DEPTH
 
     @classmethod
     def from_settings(cls, settings: IngestSettings, raw_chars: int = DEFAULT_RAW_CHARS) -> "ParseLimits":
-        return cls(settings.max_record_chars, settings.max_line_bytes, settings.id_length, raw_chars)
+        return cls(settings.max_record_chars, settings.max_line_bytes, settings.id_length, raw_chars,
+                   settings.max_depth)
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,16 @@ _ALPACA_FIELDS = ("instruction", "input", "output")
 
 def parse_text(raw: bytes | None, size: int | None, pos: Position, limits: ParseLimits) -> list[dict]:
     """Outcomes of one JSON text (a JSON Lines line, a Parquet row as JSON). A blank text is a
-    ``malformed_json`` reject: the readers frame units, so every unit gives an outcome."""
+    ``malformed_json`` reject: the readers frame units, so every unit gives an outcome; an
+    exception on the way is an ``unparseable`` reject of the unit."""
+    try:
+        return _text_outcomes(raw, size, pos, limits)
+    except Exception as exc:  # noqa: BLE001 - one unit's failure must not stop the run
+        return [_failure_reject(pos, raw or b"", exc, limits)]
+
+
+def _text_outcomes(raw: bytes | None, size: int | None, pos: Position, limits: ParseLimits) -> list[dict]:
+    """:func:`parse_text` unguarded: size, bytes, depth, JSON, layout, in that order."""
     raw = raw or b""
     size = len(raw) if size is None else size
     if size > limits.max_line_bytes:
@@ -140,10 +162,12 @@ def parse_text(raw: bytes | None, size: int | None, pos: Position, limits: Parse
         text = text[1:]
     if not text.strip(" \t\r\n"):  # JSON's own whitespace only; "\x1f" is not blank
         return [_reject(pos, raw, "malformed_json", "empty text", limits)]
+    if nests_deeper_than(text, limits.max_depth):
+        return [_reject(pos, text, "too_deep", too_deep_detail(limits.max_depth), limits)]
     try:
         value = json.loads(text)
     except RecursionError:
-        return [_reject(pos, text, "malformed_json", "nested too deeply", limits)]
+        return [_reject(pos, text, "too_deep", RECURSION_DETAIL, limits)]
     except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
         return [_reject(pos, text, "malformed_json", str(exc), limits)]
     return interpret_object(value, text, pos, limits)
@@ -152,7 +176,7 @@ def parse_text(raw: bytes | None, size: int | None, pos: Position, limits: Parse
 def parse_json_file(handle: BinaryIO, file_index: int, source: str, limits: ParseLimits) -> Iterator[dict]:
     """Outcomes of a JSON array file (or a stream of concatenated JSON values), element by element,
     reading ``handle`` a chunk at a time (see :mod:`mergeit_spark.jsonstream` for the framing)."""
-    framer = JsonFramer(handle, limits.max_line_bytes, limits.raw_chars)
+    framer = JsonFramer(handle, limits.max_line_bytes, limits.raw_chars, max_depth=limits.max_depth)
     for element in framer.elements():
         yield from element_outcomes(element, Position(file_index, source, None, element.row), limits)
 
@@ -164,13 +188,23 @@ def parse_document(content: bytes | None, file_index: int, source: str, limits: 
 
 def element_outcomes(element: Element, pos: Position, limits: ParseLimits) -> list[dict]:
     """Outcomes of one framed unit of a JSON file: the same checks, in the same order, as
-    :func:`parse_text` (size, bytes, JSON, layout)."""
+    :func:`parse_text` (size, bytes, depth, JSON, layout), and the same ``unparseable`` reject
+    for an exception on the way."""
+    try:
+        return _element_outcomes(element, pos, limits)
+    except Exception as exc:  # noqa: BLE001 - one unit's failure must not stop the run
+        return [_failure_reject(pos, element.text, exc, limits)]
+
+
+def _element_outcomes(element: Element, pos: Position, limits: ParseLimits) -> list[dict]:
     if element.size > limits.max_line_bytes:
         return [_reject(pos, element.text, "too_large",
                         f"{element.size} bytes > ingest.max_line_bytes={limits.max_line_bytes}", limits)]
     bad = _first_escaped_byte(element.text)
     if bad is not None:
         return [_reject(pos, element.text, "invalid_utf8", f"byte 0x{bad:02x} is not UTF-8", limits)]
+    if element.too_deep:  # the framer says how (past max_depth, or past json's recursion)
+        return [_reject(pos, element.text, "too_deep", element.problem or too_deep_detail(limits.max_depth), limits)]
     if not element.parsed:
         return [_reject(pos, element.text, "malformed_json", element.problem or "not JSON", limits)]
     return interpret_object(element.value, element.text, pos, limits)
@@ -226,6 +260,8 @@ def _seed_task_records(task: dict, raw_text: str, pos: Position, limits: ParseLi
                                     extra, raw_text, pos, i, limits))
         except _Reject as rej:
             outcomes.append(_reject(pos, raw_text, rej.reason, f"instance {i}: {rej.detail}", limits, sub=i))
+        except Exception as exc:  # noqa: BLE001 - one instance's failure costs that instance only
+            outcomes.append(_failure_reject(pos, raw_text, exc, limits, sub=i, prefix=f"instance {i}: "))
     for outcome in outcomes:  # the list's length, not the rows made: a lost instance shows
         outcome["instances"] = len(instances)
     return outcomes
@@ -374,12 +410,48 @@ def _reject(pos: Position, raw: str | bytes, reason: str, detail: str, limits: P
     }
 
 
+_FAILURE_MESSAGE_CHARS = 300
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message``, the message clipped: what an ``unparseable`` reject's detail says."""
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a message that cannot be rendered is not worth a crash
+        message = "(message unavailable)"
+    if len(message) > _FAILURE_MESSAGE_CHARS:
+        message = message[:_FAILURE_MESSAGE_CHARS] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _failure_reject(pos: Position, raw: str | bytes, exc: Exception, limits: ParseLimits, sub: int = 0,
+                    prefix: str = "") -> dict:
+    """The ``unparseable`` reject of a unit (or instance) whose parsing raised ``exc``."""
+    return _reject(pos, raw, "unparseable", prefix + describe_exception(exc), limits, sub=sub)
+
+
+def _storable(outcome: dict, raw_chars: int) -> dict:
+    """``outcome`` if Arrow takes it, else an ``unparseable`` reject in its place (same unit,
+    instance and count, so the ledger is unchanged): a row Arrow cannot hold must not fail the
+    batch of rows around it."""
+    try:
+        pa.RecordBatch.from_pylist([outcome], schema=OUTCOME_ARROW)
+        return outcome
+    except Exception as exc:  # noqa: BLE001 - whatever Arrow refuses becomes this row's reject
+        replacement = {key: outcome.get(key) for key in ("file_index", "source", "line", "row", "sub", "instances")}
+        replacement.update(id=None, instruction=None, input=None, output=None, extra=None,
+                           raw=_clip(str(outcome.get("raw") or ""), raw_chars), reason="unparseable",
+                           detail=_clip("cannot be stored: " + describe_exception(exc), raw_chars))
+        return replacement
+
+
 class _Batcher:
     """Outcomes gathered into Arrow batches of bounded rows and characters."""
 
-    def __init__(self) -> None:
+    def __init__(self, raw_chars: int = DEFAULT_RAW_CHARS) -> None:
         self.pending: list[dict] = []
         self.chars = 0
+        self.raw_chars = raw_chars
 
     def add(self, outcomes: list[dict]) -> pa.RecordBatch | None:
         """Take outcomes; return a full batch when one is ready."""
@@ -393,14 +465,18 @@ class _Batcher:
     def flush(self) -> pa.RecordBatch | None:
         if not self.pending:
             return None
-        batch = pa.RecordBatch.from_pylist(self.pending, schema=OUTCOME_ARROW)
+        try:
+            batch = pa.RecordBatch.from_pylist(self.pending, schema=OUTCOME_ARROW)
+        except Exception:  # noqa: BLE001 - find the rows Arrow refuses; the others go through
+            rows = [_storable(outcome, self.raw_chars) for outcome in self.pending]
+            batch = pa.RecordBatch.from_pylist(rows, schema=OUTCOME_ARROW)
         self.pending, self.chars = [], 0
         return batch
 
 
 def parse_text_batches(batches: Iterator[pa.RecordBatch], limits: ParseLimits) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: text units (JSON Lines lines, table rows as JSON) in, outcomes out."""
-    batcher = _Batcher()
+    batcher = _Batcher(limits.raw_chars)
     for batch in batches:
         columns = batch.to_pydict()
         for file_index, source, line, row, raw, size in zip(
@@ -416,7 +492,7 @@ def parse_text_batches(batches: Iterator[pa.RecordBatch], limits: ParseLimits) -
 
 def parse_json_file_batches(batches: Iterator[pa.RecordBatch], limits: ParseLimits) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: (file_index, source) of JSON files in, their outcomes out, streamed."""
-    batcher = _Batcher()
+    batcher = _Batcher(limits.raw_chars)
     for batch in batches:
         columns = batch.to_pydict()
         for file_index, source in zip(columns["file_index"], columns["source"]):

@@ -13,6 +13,23 @@ from pathlib import Path
 from typing import Any
 
 SEP = "\x1f"
+DEPTHS = (99, 100, 101, 400, 600, 800, 1200, 3000)  # around ingest.max_depth's default, and far past it
+
+
+def nested_json(depth: int, leaf: str = "1", kinds: str = "[{", noisy: bool = False) -> str:
+    """JSON text nesting ``depth`` arrays/objects (the outermost counts one) around ``leaf``,
+    written by hand: ``json.dumps`` itself recurses. The containers are taken in turn from
+    ``kinds``. ``noisy`` puts a string of brackets, escaped quotes and backslashes at every
+    level, so only a depth count that skips strings gets the depth right."""
+    opening, closing = [], []
+    for level in range(depth):
+        array = kinds[level % len(kinds)] == "["
+        if noisy:
+            opening.append('["]\\\\", ' if array else '{"k\\"[": "}", "v": ')
+        else:
+            opening.append("[" if array else '{"k":')
+        closing.append("]" if array else "}")
+    return "".join(opening) + leaf + "".join(reversed(closing))
 
 
 def norm(text: str) -> str:
@@ -140,18 +157,31 @@ def fuzz_corpus(seed: int, valid_lines: int, broken_lines: int, max_line_bytes: 
         if rng.random() < 0.2:
             obj["quality_score"] = rng.random()
         text = json.dumps(obj, ensure_ascii=rng.random() < 0.5)
+        if rng.random() < 0.05:  # meta nested up to the depth limit (99 or 100 deep in all): kept
+            text = text[:-1] + ', "meta": ' + nested_json(rng.choice((99, 100)) - 1) + "}"
         lines.append(FuzzLine(text.encode(), True, None))
+
+    def deep(field: str, depth: int) -> bytes:
+        """An Alpaca line nesting ``depth`` deep in all through ``field``."""
+        fields = {"instruction": '"Deep?"', "output": '"Yes."', field: nested_json(depth - 1)}
+        return ("{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}").encode()
 
     good = json.dumps({"instruction": "Name a colour.", "output": "Blue."})
     makers = [
         lambda: (good[: rng.randint(1, len(good) - 2)].encode(), "malformed_json"),     # truncated
         lambda: (b'{"instruction": "x", "output": "y",}', "malformed_json"),               # trailing comma
         lambda: (b"{'instruction': 'x', 'output': 'y'}", "malformed_json"),                # python repr
-        lambda: (b"[" * 5000 + b"]" * 5000, "malformed_json"),                             # too deep
+        lambda: (b"[" * 5000 + b"]" * 5000, "too_deep"),
+        lambda: (b"[" * 5000, "too_deep"),                                                 # and cut short
+        lambda: (deep("meta", rng.choice([d for d in DEPTHS if d > 100])), "too_deep"),   # in an extra field
+        lambda: (deep("instruction", d := rng.choice(DEPTHS)), "too_deep" if d > 100 else "non_string_field"),
         lambda: (b'{"instruction": "n", "output": ' + b"9" * 5000 + b"}", "malformed_json"),  # huge int
+        lambda: (b'{"instruction": "n", "output": "y", "meta": {"n": 1' + b"0" * 5000 + b"}}", "malformed_json"),
         lambda: (b'{"instruction": "caf\xe9", "output": "ok"}', "invalid_utf8"),           # latin-1 byte
         lambda: (b'{"instruction": "\xff\xfe", "output": "ok"}', "invalid_utf8"),
         lambda: (b'{"instruction": "\\ud800 lone", "output": "ok"}', "invalid_utf8"),      # escaped surrogate
+        lambda: (b'{"messages": [{"role": "user", "content": "hi"}, '
+                 b'{"role": "assistant", "content": "\\udc00\\ud800"}]}', "invalid_utf8"),    # reversed pair
         lambda: (b"null", "not_an_object"),
         lambda: (b"[1, 2, 3]", "not_an_object"),
         lambda: (b'"just a string"', "not_an_object"),

@@ -21,13 +21,14 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from mergeit_spark.config import IngestSettings
 from mergeit_spark.ids import content_id
 from mergeit_spark.inputs import SAMPLE_PATH, InputError, InputFile, fingerprint_inputs, pinned, resolve_inputs
-from mergeit_spark.parsing import REASONS, ParseLimits, Position, parse_document, parse_text
+from mergeit_spark import parsing
+from mergeit_spark.parsing import REASONS, ParseLimits, Position, parse_document, parse_text, parse_text_batches
 from mergeit_spark.stages import StageContext
 from mergeit_spark.stages.ingest import (RECORD_SCHEMA, Ingest, IngestCountError, check_input_counts, ingest,
                                          input_files_table, parse_outcomes, split_outcomes)
 
-from _ingest_helpers import (expect_alpaca_array, expect_jsonl, expect_seed_tasks, expected_id,
-                             fuzz_corpus, norm)
+from _ingest_helpers import (DEPTHS, expect_alpaca_array, expect_jsonl, expect_seed_tasks, expected_id,
+                             fuzz_corpus, nested_json, norm)
 
 DEFAULT = IngestSettings()
 
@@ -366,6 +367,87 @@ def test_parser_keeps_every_valid_alpaca_object(instruction, input_, output):
     assert outcomes[0]["id"] == expected_id(*triple)
 
 
+def _deep_unit(where: str, depth: int, noisy: bool) -> tuple[str, str | None]:
+    """A unit nesting ``depth`` deep in all through ``where``, and the reason it must get at the
+    default limit of 100 (None: a record)."""
+    if where == "meta":  # an extra field: a record up to the limit
+        return '{"instruction": "Deep?", "output": "Yes.", "meta": %s}' % nested_json(depth - 1, noisy=noisy), None
+    if where in ("instruction", "output"):  # a main field: never text
+        other = "output" if where == "instruction" else "instruction"
+        return '{"%s": %s, "%s": "Yes."}' % (where, nested_json(depth - 1, noisy=noisy), other), "non_string_field"
+    if where == "instance":  # a seed task instance's extra field
+        return ('{"instruction": "Seed?", "instances": [{"input": "a", "output": "b", "meta": %s}]}'
+                % nested_json(depth - 3, noisy=noisy)), None
+    # a chat turn's content
+    return ('{"messages": [{"role": "user", "content": %s}, {"role": "assistant", "content": "ok"}]}'
+            % nested_json(depth - 3, noisy=noisy)), "non_string_field"
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(DEPTHS) | st.integers(4, 1500),
+       st.sampled_from(["meta", "instruction", "output", "instance", "turn"]), st.booleans())
+def test_deep_values_are_rejected_before_parsing(depth, where, noisy):
+    """Past ingest.max_depth (100) a unit is one ``too_deep`` reject, as a JSON Lines line and as
+    an array element alike, wherever the depth is; up to it, the layout rules decide as usual."""
+    text, reason_within = _deep_unit(where, depth, noisy)
+    expected = "too_deep" if depth > 100 else reason_within
+    limits = _limits(max_line_bytes=10 ** 6)
+    as_line = parse_text(text.encode(), None, Position(0, "f", 1, None), limits)
+    as_element = parse_document(("[" + text + ', {"instruction": "Next?", "output": "Yes."}]').encode(),
+                                0, "f", limits)
+    for outcomes in (as_line, as_element[:1]):
+        assert [o["reason"] for o in outcomes] == [expected], (depth, where, outcomes[0]["detail"])
+        if expected == "too_deep":
+            assert outcomes[0]["detail"] == "nested more than ingest.max_depth=100 arrays/objects deep"
+        if expected is None and where == "meta":
+            assert json.loads(outcomes[0]["extra"])["meta"] == json.loads(nested_json(depth - 1, noisy=noisy))
+    assert [o["instruction"] for o in as_element[1:]] == ["Next?"]
+
+
+def test_an_unexpected_error_rejects_only_its_unit(monkeypatch):
+    """An exception no check foresaw (here: hashing a record) makes that unit, or that seed-task
+    instance, an ``unparseable`` reject naming the exception; the others are unaffected."""
+    real = parsing.content_id
+
+    def failing(instruction, input_, output, length):
+        if "boom" in (instruction, input_, output):
+            raise ArithmeticError("boom at the hash")
+        return real(instruction, input_, output, length)
+
+    monkeypatch.setattr(parsing, "content_id", failing)
+    limits = _limits()
+    [line] = parse_text(b'{"instruction": "boom", "output": "x"}', None, Position(0, "f", 7, None), limits)
+    assert (line["reason"], line["line"], line["detail"]) == ("unparseable", 7, "ArithmeticError: boom at the hash")
+    assert line["raw"] == '{"instruction": "boom", "output": "x"}'
+    seed = (b'{"instruction": "Spell.", "instances": '
+            b'[{"input": "cat", "output": "c"}, {"input": "boom", "output": "b"}]}')
+    outcomes = parse_text(seed, None, Position(0, "f", 1, None), limits)
+    assert [(o["sub"], o["reason"], o["instances"]) for o in outcomes] == [(0, None, 2), (1, "unparseable", 2)]
+    assert outcomes[1]["detail"] == "instance 1: ArithmeticError: boom at the hash"
+    array = b'[{"instruction": "boom", "output": "x"}, {"instruction": "fine", "output": "y"}]'
+    assert [o["reason"] for o in parse_document(array, 0, "f", limits)] == ["unparseable", None]
+    assert parsing.describe_exception(ValueError("x" * 1000)) == "ValueError: " + "x" * 300 + "..."
+
+
+def test_a_row_arrow_refuses_becomes_a_reject_not_a_failed_batch(monkeypatch):
+    """An outcome Arrow cannot hold (a lone surrogate that slipped into ``extra``) is replaced by
+    an ``unparseable`` reject of the same unit; the batch around it is written as it was."""
+    real = parsing._extra_json
+    monkeypatch.setattr(parsing, "_extra_json",
+                        lambda extra: "\ud800" if extra.get("poison") else real(extra))
+    lines = [b'{"instruction": "One?", "output": "1."}', b'{"instruction": "Two?", "output": "2.", "poison": 1}',
+             b'{"instruction": "Three?", "output": "3.", "meta": {"a": 1}}']
+    batch = pa.RecordBatch.from_pydict({
+        "file_index": [0, 0, 0], "source": ["f"] * 3, "line": [1, 2, 3], "row": [None] * 3,
+        "raw": lines, "size": [len(line) for line in lines]})
+    [out] = list(parse_text_batches(iter([batch]), _limits()))
+    rows = out.to_pylist()
+    assert [(r["line"], r["reason"]) for r in rows] == [(1, None), (2, "unparseable"), (3, None)]
+    assert rows[1]["detail"].startswith("cannot be stored: UnicodeEncodeError")
+    assert rows[1]["id"] is None and rows[1]["raw"] == lines[1].decode()
+    assert json.loads(rows[2]["extra"]) == {"meta": {"a": 1}}
+
+
 def test_json_array_salvage(spark, tmp_path):
     good = [{"instruction": f"Question {word}?", "output": f"Answer {word}."} for word in ("one", "two", "three")]
     body = ",\n".join(json.dumps(o) for o in good)
@@ -437,7 +519,7 @@ def test_parse_document_streams_and_objects():
     assert list(parse_document(b"  [ ]  ", 0, "f", limits)) == []
     assert list(parse_document(b"", 0, "f", limits)) == []
     [deep] = list(parse_document(b"[" + b"[" * 3000, 0, "f", limits))
-    assert deep["reason"] == "malformed_json"
+    assert deep["reason"] == "too_deep"  # measured before it is parsed, cut short or not
 
 
 def test_duplicates_across_files_keep_the_first_input(spark, tmp_path):

@@ -44,6 +44,14 @@ the run.
 Exact duplicates: the first by (input file position, line/row, instance) is kept, the others are
 rejected as ``exact_duplicate`` with ``detail`` = the kept id.
 
+A bad row never stops the run (:mod:`mergeit_spark.parsing`: ``too_deep``, ``unparseable``); a bad
+file always does, before any table is written. :func:`ingest` reads every input inside the call:
+the framing job, then (``persist``) the parse, counted into Spark's cache that the table writes
+read. A file that cannot be read whole there (a corrupt or truncated ``.gz``, a ``.parquet`` that
+is not Parquet, a file deleted or moved since the run resolved it) fails the call with an
+:class:`~mergeit_spark.inputs.InputReadError` naming the file, not a Java trace; the stage
+returns no tables, so the executor writes none.
+
 Engine: no row reaches the driver. JSON Lines are read with ``spark.read.text``; exact line numbers
 come from a per-block row count (the idea of ``RDD.zipWithIndex``, on the JVM): the framing job
 counts the rows of each file block (one row per block comes back to the driver, with the framed
@@ -59,7 +67,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -71,15 +81,16 @@ from pyspark.sql.types import (DoubleType, FloatType, IntegerType, LongType, Str
                                StructType)
 
 from ..config import IngestSettings, Settings
-from ..inputs import (FORMATS, SAMPLE_PATH, InputError, InputFile, delta_data_files, fingerprint_inputs,
-                      input_bytes, pinned, resolve_inputs)
+from ..inputs import (FORMATS, SAMPLE_PATH, InputError, InputFile, InputReadError, data_file_paths,
+                      delta_data_files, fingerprint_inputs, input_bytes, pinned, resolve_inputs,
+                      unreadable_input)
 from ..jsonstream import count_units
 from ..parsing import (DEFAULT_RAW_CHARS, OUTCOME_ARROW, REASONS, ParseLimits, parse_json_file_batches,
                        parse_text_batches)
 from . import Stage, StageContext, StageOutput
 
-__all__ = ["FORMATS", "REASONS", "SAMPLE_PATH", "InputError", "InputFile", "Ingest", "IngestCountError",
-           "IngestTables", "check_input_counts", "ingest", "resolve_inputs"]
+__all__ = ["FORMATS", "REASONS", "SAMPLE_PATH", "InputError", "InputFile", "InputReadError", "Ingest",
+           "IngestCountError", "IngestTables", "check_input_counts", "ingest", "resolve_inputs"]
 
 RECORD_SCHEMA = StructType([
     StructField("id", StringType(), False),
@@ -275,7 +286,8 @@ def parse_outcomes(spark: SparkSession, files: list[InputFile], limits: ParseLim
 def _count_json_batches(batches: Iterator[pa.RecordBatch], limits: ParseLimits) -> Iterator[pa.RecordBatch]:
     for batch in batches:
         columns = batch.to_pydict()
-        counts = [count_units(source, limits.max_line_bytes, limits.raw_chars) for source in columns["source"]]
+        counts = [count_units(source, limits.max_line_bytes, limits.raw_chars, limits.max_depth)
+                  for source in columns["source"]]
         yield pa.RecordBatch.from_pydict({"file_index": columns["file_index"], "framed": counts},
                                          schema=pa.schema([pa.field("file_index", pa.int32(), False),
                                                            pa.field("framed", pa.int64(), False)]))
@@ -320,9 +332,10 @@ def _framing_rows(spark: SparkSession, files: list[InputFile], limits: ParseLimi
 def frame_inputs(spark: SparkSession, files: list[InputFile], limits: ParseLimits) -> Framing:
     """Count what every input frames, in one Spark job before any parsing (see the module
     docstring); the JSON Lines block counts also give each block its line offset."""
-    frame = _framing_rows(spark, files, limits)
-    # One row per JSON Lines block, table or JSON file: file-scale, not row-scale.
-    rows = frame.collect() if frame is not None else []
+    with reading_inputs(files):
+        frame = _framing_rows(spark, files, limits)
+        # One row per JSON Lines block, table or JSON file: file-scale, not row-scale.
+        rows = frame.collect() if frame is not None else []
     framed: dict[int, int] = {}
     blocks = []
     for row in rows:
@@ -385,21 +398,102 @@ def ingest(spark: SparkSession, files: list[InputFile], settings: IngestSettings
            raw_chars: int = DEFAULT_RAW_CHARS, persist: bool = True, run_id: str | None = None) -> IngestTables:
     """Read ``files`` into (records, rejects, input_files); see the module docstring for the rules.
 
-    The parsed outcomes are persisted (memory and disk) when ``persist`` so that writing the
-    tables parses the input once.
+    With ``persist`` the parsed outcomes are cached (memory and disk) and counted here, so that
+    every input is read inside this call (a file that cannot be read raises
+    :class:`InputReadError` now, not while the caller writes a table) and writing the tables
+    parses the input once.
     """
     for item in files:
         if item.format not in FORMATS:
             raise InputError(f"{item.path}: unknown format {item.format!r}")
     limits = ParseLimits.from_settings(settings, raw_chars)
-    files = [pinned(item) for item in files]
-    framing = frame_inputs(spark, files, limits)  # one job, before parsing: counts and line offsets
-    outcomes = parse_outcomes(spark, files, limits, framing)
-    if persist:
-        outcomes = outcomes.persist(StorageLevel.MEMORY_AND_DISK)
-    records, rejects = split_outcomes(outcomes)
-    return IngestTables(records, rejects,
-                        input_files_table(spark, files, limits, outcomes, run_id or new_run_id(), framing))
+    with reading_inputs(files):
+        files = [pinned(item) for item in files]
+        framing = frame_inputs(spark, files, limits)  # one job, before parsing: counts and line offsets
+        outcomes = parse_outcomes(spark, files, limits, framing)
+        if persist:
+            outcomes = _parsed_into_cache(outcomes)
+        records, rejects = split_outcomes(outcomes)
+        input_files = input_files_table(spark, files, limits, outcomes, run_id or new_run_id(), framing)
+    return IngestTables(records, rejects, input_files)
+
+
+def _parsed_into_cache(outcomes: DataFrame) -> DataFrame:
+    """``outcomes`` persisted and counted: the parse runs now, every input file is read by the
+    time this returns, and the table writes read the cache. A failed count drops the cache."""
+    cached = outcomes.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        cached.count()
+    except BaseException:
+        cached.unpersist()
+        raise
+    return cached
+
+
+# --------------------------------------------------------------------------------------------
+# Input files that cannot be read
+# --------------------------------------------------------------------------------------------
+
+_CAUSED_BY = re.compile(r"^Caused by: ([\w.$]+): (.+)$", re.MULTILINE)
+_PYTHON_ERROR = re.compile(r"^(\w+(?:Error|Exception)): (.+)$", re.MULTILINE)
+_CAUSE_CHARS = 300
+
+
+@contextmanager
+def reading_inputs(files: list[InputFile]) -> Iterator[None]:
+    """Turn a failure to read one of ``files`` (Spark's is a Java trace, or a worker's Python
+    one) into an :class:`InputReadError` that names the file and says what is wrong with it.
+    A failure that no input explains passes unchanged."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised as is unless an input is to blame
+        blamed = blame_input(files, exc)
+        if blamed is None:
+            raise
+        raise blamed from exc
+
+
+def blame_input(files: list[InputFile], exc: BaseException) -> InputReadError | None:
+    """The input to blame for ``exc``, checked on the driver (:func:`unreadable_input`), or
+    the data file the failure names, with the failure's root cause; None when neither."""
+    text = _error_text(exc)
+    try:
+        named = _named_data_file(files, text)
+        blamed = unreadable_input(files, named)
+    except Exception:  # noqa: BLE001 - the diagnosis must not hide the failure it explains
+        return None
+    if blamed is None and named is not None:
+        blamed = InputReadError(f"input {named} could not be read: {_root_cause(text)}; ingest wrote no table")
+    return blamed
+
+
+def _error_text(exc: BaseException) -> str:
+    """The failure's message with Spark's Java trace (``Caused by:`` lines), or Python's."""
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - a JVM gone away cannot render its exception
+        return repr(exc)
+
+
+def _named_data_file(files: list[InputFile], text: str) -> str | None:
+    """The data file whose path (plain, or URI-quoted as Hadoop writes it) the failure's text
+    holds; the longest when several do (``a.jsonl`` is inside ``a.jsonl.gz``)."""
+    named = [path for path in data_file_paths(files) if path in text or quote(path) in text]
+    return max(named, key=len) if named else None
+
+
+def _root_cause(text: str) -> str:
+    """The innermost ``Caused by`` of a Java trace, else the last Python exception line, else
+    the first line: what went wrong, without the trace."""
+    causes = _CAUSED_BY.findall(text) or _PYTHON_ERROR.findall(text)
+    if causes:
+        kind, message = causes[-1]
+        cause = f"{kind.rsplit('.', 1)[-1]}: {message.strip()}"
+    else:
+        cause = next((line.strip() for line in text.splitlines() if line.strip()), "unknown error")
+    return cause if len(cause) <= _CAUSE_CHARS else cause[:_CAUSE_CHARS] + "..."
 
 
 def check_input_counts(records: int, rejects: int, input_files: DataFrame | pa.Table) -> dict[str, int]:
