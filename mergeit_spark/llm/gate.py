@@ -27,12 +27,22 @@ embed stage's own ``encode_texts``: same model, same precision), ``s_i`` the emb
     about 6x the instruction text per merge on a CPU.
 ``output_complete`` (``gate.require_complete_output``)
     The output ends where a sentence or a block ends (punctuation, a closing bracket/quote/tag, a
-    digit, a hashtag, an emoji), not mid-sentence: a cut-off output fails here.
+    digit, a hashtag, an emoji), not mid-sentence: a cut-off output fails here. Every script's
+    sentence ends count (Unicode's sentence terminals: 。！？ of CJK, Devanagari ।, Arabic ؟ and
+    ۔, Armenian ։, Ethiopic ።, ...), and so do the closing brackets and quotes of every script
+    (」』）» ...). Thai and Lao end a sentence with a space, not a sign: there the last letter is an
+    end, and a cut is left to the coverage checks.
 ``output_length``
     ``len(merged output) >= gate.min_output_ratio * len(longest source output)``.
 ``copy``
     ``cos(m, s) >= gate.max_copy_similarity`` for one source ``s`` AND the merged output is at most
     ``copy_length_ratio`` times as long as ``s``'s output: the merge just returned one input.
+
+Words are ``content_words``: for scripts written without spaces (Chinese, Japanese, Thai, ...)
+and for Korean, the character bigrams of each run. The embedding model, all-MiniLM-L6-v2, is an
+English model: on Chinese and Japanese text it puts unrelated texts at cosine 0.4-0.6, so there
+``source_similarity`` seldom refuses a merge about something else and the two coverage checks do;
+the thresholds are those chosen on English.
 
 Every check is computed every time; ``GateResult.failed`` lists the failing ones in the order
 above, and ``describe()`` gives the numbers as JSON (the ``merges.gate`` column), from which the
@@ -47,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
 
@@ -83,10 +94,67 @@ there here also such each both any all some other into over under about after be
 through during up down out off again further once only own same too very just but if because while
 until whether
 """.split())
-_WORD = re.compile(r"[^\W_]+")
+
+
+def _code_ranges(keep: Callable[[str], bool], below: int = 0x20000) -> str:
+    """A regex character-class body of the code points under ``below`` that ``keep`` accepts."""
+    out, start = [], None
+    for code in range(below + 1):
+        inside = code < below and keep(chr(code))
+        if inside and start is None:
+            start = code
+        elif not inside and start is not None:
+            last = code - 1
+            out.append(re.escape(chr(start)) + ("" if last == start else "-" + re.escape(chr(last))))
+            start = None
+    return "".join(out)
+
+
+# Combining marks (Unicode categories Mn, Mc, Me) continue a word: Python's ``\w`` leaves them out,
+# which cut Devanagari, Thai and other words apart at every vowel sign (precomposed Latin text has
+# none, so its words are what they were).
+_MARKS = _code_ranges(lambda ch: unicodedata.category(ch) in ("Mn", "Mc", "Me"))
+_WORD = re.compile(r"[^\W_](?:[^\W_]|[" + _MARKS + r"])*")
+# Scripts written without spaces between words (Han, kana, Thai, Lao, Khmer, Myanmar), and Hangul,
+# whose spaced words carry their particles: a run of them becomes overlapping character bigrams.
+_UNSPACED = re.compile(
+    "[\u0E00-\u0EFF\u1000-\u109F\u1100-\u11FF\u1780-\u17FF\u3005-\u3007\u3040-\u30FF"
+    "\u3130-\u318F\u31F0-\u31FF\u3400-\u4DBF\u4E00-\u9FFF\uA960-\uA97F\uAC00-\uD7FF"
+    "\uF900-\uFAFF\uFF66-\uFF9F\U00020000-\U0003FFFF]+")
 # Where a finished output can end: sentence or clause punctuation, a closing bracket, quote, tag or
 # code fence, a digit, a hashtag, an emoji.
 _COMPLETE_END = re.compile(r"""([.!?…"'”’)\]}>`*;:]|\d|#\w+|[\U0001F000-\U0001FFFF\u2600-\u27BF])\s*$""")
+# The same in every script: the characters with Unicode's Sentence_Terminal property (PropList.txt;
+# tests compare the set with the ``regex`` package's \p{Sentence_Terminal}): 。！？．｡ of CJK,
+# Devanagari danda । ॥, Arabic ؟ ۔, Armenian ։, Ethiopic ። ፧, Myanmar ။, Khmer ។, ... .
+SENTENCE_TERMINALS = frozenset(chr(code) for first, last in (
+    (0x0021, 0x0021), (0x002E, 0x002E), (0x003F, 0x003F), (0x0589, 0x0589), (0x061D, 0x061F),
+    (0x06D4, 0x06D4), (0x0700, 0x0702), (0x07F9, 0x07F9), (0x0837, 0x0837), (0x0839, 0x0839),
+    (0x083D, 0x083E), (0x0964, 0x0965), (0x104A, 0x104B), (0x1362, 0x1362), (0x1367, 0x1368),
+    (0x166E, 0x166E), (0x1735, 0x1736), (0x17D4, 0x17D5), (0x1803, 0x1803), (0x1809, 0x1809),
+    (0x1944, 0x1945), (0x1AA8, 0x1AAB), (0x1B4E, 0x1B4F), (0x1B5A, 0x1B5B), (0x1B5E, 0x1B5F),
+    (0x1B7D, 0x1B7F), (0x1C3B, 0x1C3C), (0x1C7E, 0x1C7F), (0x2024, 0x2024), (0x203C, 0x203D),
+    (0x2047, 0x2049), (0x2CF9, 0x2CFB), (0x2E2E, 0x2E2E), (0x2E3C, 0x2E3C), (0x2E53, 0x2E54),
+    (0x2E60, 0x2E61), (0x3002, 0x3002), (0xA4FF, 0xA4FF), (0xA60E, 0xA60F), (0xA6F3, 0xA6F3),
+    (0xA6F7, 0xA6F7), (0xA876, 0xA877), (0xA8CE, 0xA8CF), (0xA92F, 0xA92F), (0xA9C8, 0xA9C9),
+    (0xAA5D, 0xAA5F), (0xAAF0, 0xAAF1), (0xABEB, 0xABEB), (0xFE12, 0xFE12), (0xFE15, 0xFE16),
+    (0xFE52, 0xFE52), (0xFE56, 0xFE57), (0xFF01, 0xFF01), (0xFF0E, 0xFF0E), (0xFF1F, 0xFF1F),
+    (0xFF61, 0xFF61), (0x10A56, 0x10A57), (0x10F55, 0x10F59), (0x10F86, 0x10F89), (0x11047, 0x11048),
+    (0x110BE, 0x110C1), (0x11141, 0x11143), (0x111C5, 0x111C6), (0x111CD, 0x111CD),
+    (0x111DE, 0x111DF), (0x11238, 0x11239), (0x1123B, 0x1123C), (0x112A9, 0x112A9),
+    (0x113D4, 0x113D5), (0x1144B, 0x1144C), (0x115C2, 0x115C3), (0x115C9, 0x115D7),
+    (0x11641, 0x11642), (0x1173C, 0x1173E), (0x11944, 0x11944), (0x11946, 0x11946),
+    (0x11A42, 0x11A43), (0x11A9B, 0x11A9C), (0x11C41, 0x11C42), (0x11EF7, 0x11EF8),
+    (0x11F43, 0x11F44), (0x16A6E, 0x16A6F), (0x16AF5, 0x16AF5), (0x16B37, 0x16B38),
+    (0x16B44, 0x16B44), (0x16D6E, 0x16D6F), (0x16E98, 0x16E98), (0x1BC9F, 0x1BC9F),
+    (0x1DA88, 0x1DA88),
+) for code in range(first, last + 1))
+# Other ends that are not sentence terminals: ellipses (… is in _COMPLETE_END), the quotes that
+# close German and Polish quotations (“ ‘), the full-width colon and semicolon, Tibetan shads.
+_OTHER_ENDS = frozenset("‥⋯“‘；：\u0F0D\u0F0E\u0F0F\u0F10\u0F11\u0F12")
+# Thai and Lao mark a sentence's end with a space, not a sign: their last letter is an end.
+_NO_TERMINAL_SCRIPTS = re.compile("[\u0E00-\u0EFF]$")
+_TRAILING_SELECTORS = "\uFE0E\uFE0F\u200D"
 
 
 def embedding_text(instruction: str | None, input: str | None) -> str:  # noqa: A002
@@ -95,16 +163,41 @@ def embedding_text(instruction: str | None, input: str | None) -> str:  # noqa: 
     return f"{instruction or ''} {input or ''}".strip()
 
 
+def _add_word(words: set[str], word: str) -> None:
+    """The rules for one word of a spaced script (Latin, Cyrillic, Devanagari, ...)."""
+    if word in _STOP_WORDS or (len(word) < 3 and not word.isdigit()):
+        return
+    if len(word) > 4 and word.endswith("s") and not word.endswith("ss"):
+        word = word[:-1]
+    words.add(word)
+
+
 def content_words(text: str | None) -> frozenset[str]:
     """Lower-cased words of ``text`` without function words, words under 3 letters (numbers are
-    kept whole) and a plural ``s``: what a merge must keep of an example."""
-    words = set()
-    for word in _WORD.findall((text or "").lower()):
-        if word in _STOP_WORDS or (len(word) < 3 and not word.isdigit()):
+    kept whole) and a plural ``s``: what a merge must keep of an example.
+
+    A run of a script written without spaces (Chinese, Japanese, Thai, ...; and Korean) gives its
+    overlapping character bigrams instead (a lone character, itself): such text has no spaces to
+    find its words by, a dictionary segmenter for each language is a dependency the gate can do
+    without, and bigrams are what CJK search indexes use (Lucene's CJK bigram filter) because most
+    words there are two characters long, so a kept word keeps its bigram whatever the wording
+    around it. Single characters would match across unrelated texts, whole runs would be whole
+    clauses that a reworded merge never repeats."""
+    words: set[str] = set()
+    for run in _WORD.findall((text or "").lower()):
+        if _UNSPACED.search(run) is None:
+            _add_word(words, run)
             continue
-        if len(word) > 4 and word.endswith("s") and not word.endswith("ss"):
-            word = word[:-1]
-        words.add(word)
+        at = 0
+        for seg in _UNSPACED.finditer(run):
+            if seg.start() > at:
+                _add_word(words, run[at:seg.start()])
+            chars = seg.group()
+            words.update([chars] if len(chars) == 1 else
+                         (chars[i:i + 2] for i in range(len(chars) - 1)))
+            at = seg.end()
+        if at < len(run):
+            _add_word(words, run[at:])
     return frozenset(words)
 
 
@@ -121,8 +214,16 @@ def distinctive_recall(merged: frozenset[str], sources: Sequence[frozenset[str]]
 
 
 def complete_ending(text: str | None) -> bool:
-    """Whether ``text`` ends where a sentence or block ends."""
-    return bool(_COMPLETE_END.search((text or "").rstrip()))
+    """Whether ``text`` ends where a sentence or block ends, in any script."""
+    text = (text or "").rstrip().rstrip(_TRAILING_SELECTORS)
+    if _COMPLETE_END.search(text):
+        return True
+    if not text:
+        return False
+    last = text[-1]
+    return (last in SENTENCE_TERMINALS or last in _OTHER_ENDS
+            or unicodedata.category(last) in ("Pe", "Pf")      # closing brackets, final quotes
+            or _NO_TERMINAL_SCRIPTS.search(text) is not None)
 
 
 @dataclass
