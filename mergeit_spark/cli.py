@@ -1,4 +1,10 @@
-"""The ``mergeit`` command: run, status, report, export, config, llm serve."""
+"""The ``mergeit`` command: run, status, report, export, config, llm serve.
+
+Exit codes of ``mergeit run``: 0 done; 1 the run failed (bad input, an unreachable LLM server, a
+ledger that does not balance, the bundled LLM server died); 2 bad settings; 3 every table was
+written but more merge groups failed than ``merge.max_failed_share`` allows, for reasons a rerun
+can fix (the message names the top errors; running the same command again retries them).
+"""
 from __future__ import annotations
 
 import argparse
@@ -123,40 +129,78 @@ def _llm_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+EXIT_FAILED = 1
+EXIT_FAILED_SHARE = 3
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from .pipeline import Pipeline, PipelineError
+    from .pipeline import PipelineError
 
     root = Path(settings.output.root).absolute()
     log_path = _setup_logging(root)
     log.info("log file: %s", log_path)
     server = None
-    if args.serve_llm:
-        from .llm.server import LocalLLMServer
-        server = LocalLLMServer(settings.server)
-        server.start()
-        settings.llm.base_url = server.base_url
-        log.info("local LLM server up at %s", server.base_url)
     try:
-        pipeline = Pipeline(settings)
+        if args.serve_llm:
+            server = _start_server(settings, root)
+        pipeline = _pipeline_for(settings, server)
         if args.incremental:
-            return _run_incremental(pipeline, args)
-        results = pipeline.run(only=args.stage, force=args.force, until=args.until)
-    except (PipelineError, ValueError, FileNotFoundError, RuntimeError) as exc:  # LedgerError is a ValueError
+            code = _run_incremental(pipeline, args)
+        else:
+            code = _run_full(pipeline, args)
+    except Exception as exc:  # noqa: BLE001 - every failure ends as a message and an exit code
+        if server is not None and server.died:
+            log.error("run failed: %s", server.death_message())
+            return EXIT_FAILED
+        if not isinstance(exc, (PipelineError, ValueError, FileNotFoundError, RuntimeError)):
+            raise
         log.error("run failed: %s", exc)
-        return 1
+        return EXIT_FAILED
     finally:
         if server is not None:
             server.stop()
+    if server is not None and server.died:
+        log.error("run failed: %s", server.death_message())
+        return EXIT_FAILED
+    return code
+
+
+def _start_server(settings: Settings, root: Path):
+    """The bundled LLM server for this run, its output in ``<root>/_logs/``."""
+    from .llm.server import LocalLLMServer
+    server = LocalLLMServer(settings.server, log_file=root / "_logs" / f"llm-server-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    server.start()
+    settings.llm.base_url = server.base_url
+    log.info("local LLM server up at %s (log: %s)", server.base_url, server.log_file)
+    return server
+
+
+def _pipeline_for(settings: Settings, server):
+    """The pipeline; with a local server, its death cancels the run's Spark jobs at once."""
+    from .pipeline import Pipeline
+    pipeline = Pipeline(settings)
+    if server is not None:
+        server.watch(lambda message: (log.error("%s: cancelling the run", message),
+                                      pipeline.spark.sparkContext.cancelAllJobs()))
+    return pipeline
+
+
+def _run_full(pipeline, args: argparse.Namespace) -> int:
+    results = pipeline.run(only=args.stage, force=args.force, until=args.until)
     for r in results:
         state = "skipped" if r.skipped else f"{r.seconds:.1f}s"
         counts = ", ".join(f"{t}={n}" for t, n in r.counts.items())
         print(f"{r.name:<9} {state:>8}  {counts}")
-    print(f"tables under {root}")
+    print(f"tables under {pipeline.root}")
+    _after_run(pipeline, args)
+    return _shortfall_code([(r.name, r.shortfall) for r in results])
+
+
+def _after_run(pipeline, args: argparse.Namespace) -> None:
     if args.report:
         print(f"report: {_write_report(pipeline)}")
     if args.export:
         _export_final(pipeline, args.export, None)
-    return 0
 
 
 def _run_incremental(pipeline, args: argparse.Namespace) -> int:
@@ -166,6 +210,7 @@ def _run_incremental(pipeline, args: argparse.Namespace) -> int:
     result = pipeline.run_incremental(recluster=args.recluster)
     if not result.changed:
         print("no new input: nothing changed")
+        _after_run(pipeline, args)
         return 0
     counts = ", ".join(f"{k}={v}" for k, v in result.counts.items())
     print(f"increment {result.run_id}: {len(result.new_inputs)} new input(s); {counts}")
@@ -174,7 +219,19 @@ def _run_incremental(pipeline, args: argparse.Namespace) -> int:
               f" ({100 * result.drift['share']:.1f}%)" + ("; full re-cluster advised (--recluster)"
                                                           if result.drift["recluster_advised"] else ""))
     print(f"tables under {pipeline.root}")
-    return 0
+    _after_run(pipeline, args)
+    return _shortfall_code([(name, (pipeline.state(name) or {}).get("shortfall")) for name in pipeline.stage_names()])
+
+
+def _shortfall_code(shortfalls: list[tuple[str, dict | None]]) -> int:
+    """Log each stage's unfinished work; exit 3 when one is past its tolerance."""
+    code = 0
+    for name, short in shortfalls:
+        if short:
+            beyond = short.get("beyond_tolerance")
+            (log.error if beyond else log.warning)("%s: %s", name, short["message"])
+            code = EXIT_FAILED_SHARE if beyond else code
+    return code
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
@@ -183,7 +240,8 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        mark = "current" if row["current"] else ("stale" if row["done"] else "not run")
+        mark = ("current" if row["current"] else "retry" if row.get("shortfall")
+                else "stale" if row["done"] else "not run")
         counts = ", ".join(f"{t}={n}" for t, n in row["counts"].items())
         versions = ", ".join(f"{t}@v{v}" for t, v in row["versions"].items() if v is not None)
         print(f"{row['stage']:<9} {mark:<8} {counts:<40} {versions}")
@@ -222,9 +280,11 @@ def _write_report(pipeline) -> Path:
     from .report import build_report
     summaries = {name: (pipeline.state(name) or {}).get("summary", {}) for name in pipeline.stage_names()}
     checks = {name: (pipeline.state(name) or {}).get("checks", {}) for name in pipeline.stage_names()}
+    shortfalls = {name: (pipeline.state(name) or {}).get("shortfall") for name in pipeline.stage_names()}
     return build_report(pipeline.store, pipeline.root / "report", pipeline.settings,
                         timings=pipeline.timings(),
-                        extra={"stage_summaries": summaries, "stage_checks": {k: v for k, v in checks.items() if v}})
+                        extra={"shortfalls": {k: v for k, v in shortfalls.items() if v},
+                               "stage_summaries": summaries, "stage_checks": {k: v for k, v in checks.items() if v}})
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def knob(default: Any, doc: str, check: Callable[[Any], bool] | None = None,
          rule: str = "", speed_only: bool = False) -> Any:
     """A documented setting. ``check`` validates the value; ``rule`` says what it wants.
 
-    ``speed_only`` marks a knob that changes how fast a result is computed, never the result
+    ``speed_only`` marks a knob that changes how fast a result is computed (or how a run reports or
+    guards it: the preflight, the circuit breaker, the failed-share limit), never the result
     (batch sizes, partitions, threads, concurrency): it is left out of stage fingerprints, so
     changing it does not make a finished stage rerun.
     """
@@ -81,6 +82,8 @@ class IngestSettings:
                           lambda v: 16 <= v <= 64, "16..64")
     reject_raw_chars: int = knob(2000, "Characters of the offending text kept in rejects.raw.",
                                  _positive, "> 0")
+    max_depth: int = knob(100, "Values nested deeper than this many arrays/objects are rejected as "
+                               "too_deep before any recursive code sees them.", _positive, "> 0")
 
 
 @dataclass
@@ -227,6 +230,17 @@ class LLMSettings:
     tokens_per_minute: float = knob(0.0, "Tokens per minute for the whole job (prompt estimate + max_tokens "
                                          "per request, as hosted APIs count), split like requests_per_minute; "
                                          "0 = no limit.", _non_negative, ">= 0", speed_only=True)
+    circuit_breaker_failures: int = knob(20, "A merge task stops sending after this many consecutive transport, "
+                                             "auth or 5xx failures; its remaining groups fail with "
+                                             "circuit_open (a rerun retries them). 0 = never.",
+                                         _non_negative, ">= 0", speed_only=True)
+    context_tokens: int = knob(0, "The model's context window in tokens, used when the server does not say "
+                                  "(its /models entry); a group whose prompt plus max_tokens cannot fit "
+                                  "fails with prompt_too_long, unsent. 0 = no check unless the server says.",
+                               _non_negative, ">= 0")
+    preflight: bool = knob(True, "Before the merge stage starts any task, send one small request to "
+                                 "base_url; a server that cannot answer fails the run there.",
+                         speed_only=True)
 
 
 @dataclass
@@ -235,10 +249,11 @@ class MergeSettings:
                               _non_negative, ">= 0")
     gate_regenerations: int = knob(0, "Extra attempts when a merge fails the quality gate.",
                                    _non_negative, ">= 0")
-    max_requests: int = knob(0, "Budget: stop new LLM calls after this many requests this run; 0 = no cap.",
+    max_requests: int = knob(0, "Budget: LLM requests this run root may send in all, counted from the "
+                                "merge ledger across task retries and reruns; 0 = no cap.",
                              _non_negative, ">= 0")
-    max_total_tokens: int = knob(0, "Budget: stop new LLM calls after this many tokens this run; 0 = no cap.",
-                                 _non_negative, ">= 0")
+    max_total_tokens: int = knob(0, "Budget: tokens this run root may spend in all, counted like "
+                                    "max_requests; 0 = no cap.", _non_negative, ">= 0")
     max_output_chars: int = knob(20_000, "A merged field longer than this many characters is invalid.",
                                  _positive, "> 0")
     partitions: int = knob(0, "Partitions (ledger buckets) for merge requests; 0 = Spark's default parallelism.",
@@ -246,6 +261,10 @@ class MergeSettings:
     retry_failed: bool = knob(False, "Also re-request groups whose reply stayed invalid after every "
                                      "regeneration (`mergeit run --retry-failed`); otherwise a rerun "
                                      "retries only budget, transport and server failures.")
+    max_failed_share: float = knob(0.05, "`mergeit run` exits non-zero when more than this share of the "
+                                         "merge groups failed for a reason a rerun can fix (transport, "
+                                         "server, timeout, circuit_open, budget, a crash).",
+                                   _unit_interval, "in [0, 1]", speed_only=True)
 
 
 @dataclass

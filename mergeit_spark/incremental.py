@@ -107,7 +107,7 @@ from .stages.dedup import (DEDUP_SCHEMA, DUPLICATE, KEPT, ROUTED_SCHEMA, RoutePr
 from .stages.finalize import build_lineage_and_final
 from .stages.group import group_cluster, merge_groups_schema
 from .stages.ingest import (RECORD_SCHEMA, IngestCountError, frame_inputs, input_files_table, new_run_id,
-                            parse_outcomes)
+                            parse_outcomes, reading_inputs)
 from .stages.select import SELECTED_SCHEMA, extend_facility_location
 from .stages.topics import DISTANCE_QUANTILES, assign_to_topics, load_topic_model
 from .tables import TableStore
@@ -249,8 +249,9 @@ def ingest_increment(ctx: StageContext, files: list, run_id: str, records_versio
     cached = tuple(df.persist(StorageLevel.MEMORY_AND_DISK) for df in (records, rejects, input_rows))
     records, rejects, input_rows = cached
     try:
-        counts = {"new_records": records.count(), "new_rejects": rejects.count(),
-                  "new_input_rows": int(input_rows.agg(F.sum("units")).first()[0] or 0)}
+        with reading_inputs(files):   # a file broken or gone while parsed: an error naming it
+            counts = {"new_records": records.count(), "new_rejects": rejects.count(),
+                      "new_input_rows": int(input_rows.agg(F.sum("units")).first()[0] or 0)}
     finally:
         outcomes.unpersist()  # the three are cached whole now (or the step failed)
     if counts["new_records"] + counts["new_rejects"] != counts["new_input_rows"]:
@@ -637,6 +638,9 @@ def _require_finished_run(pipeline: "Pipeline") -> None:
         if stale:
             raise IncrementalError(f"stage {stage.name} is not current (settings or tables changed since "
                                    "the last run); run `mergeit run` before an increment")
+        if state.get("shortfall"):
+            raise IncrementalError(f"stage {stage.name} left work for a rerun ({state['shortfall']['message']}); "
+                                   "run `mergeit run` to finish it before an increment")
 
 
 def run_increment(pipeline: "Pipeline", recluster: bool = False) -> Increment:
@@ -779,7 +783,8 @@ def _finish(pipeline: "Pipeline", run_id: str, fresh: list, counts: dict[str, in
         writes.wait()  # the merges append
     pipeline.spark.catalog.clearCache()  # the steps' cached rows: every table they fed is written
     for name in stages:
-        pipeline.mark_current(name, {"incremental_run": run_id, **_stage_summary(name, result)})
+        pipeline.mark_current(name, {"incremental_run": run_id, **_stage_summary(name, result)},
+                              shortfall=_shortfall(name, result, pipeline.settings))
     if versions is not None:
         check_and_mark_finalize(pipeline, result, versions)
         timer.step("finalize", started)
@@ -851,6 +856,15 @@ def grow_centroids(store: TableStore, added: dict[int, int]) -> int | None:
     grown = pc.add(centroids.column(size), pa.array([added.get(c, 0) for c in centroids.column("cluster").to_pylist()],
                                                      type=centroids.schema.field(size).type))
     return store.overwrite_small(centroids.set_column(size, centroids.schema.field(size), grown), "centroids")
+
+
+def _shortfall(name: str, result: Increment, settings) -> dict[str, Any] | None:
+    """The merge step's groups a plain rerun must retry (see ``stages.Shortfall``)."""
+    if name != "merge" or not result.merge:
+        return None
+    from .stages.merge import merge_shortfall
+    short = merge_shortfall(result.merge.get("errors") or {}, int(result.merge.get("groups") or 0), settings.merge)
+    return short.as_dict() if short else None
 
 
 def _stage_summary(name: str, result: Increment) -> dict[str, Any]:

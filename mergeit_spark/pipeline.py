@@ -14,7 +14,9 @@ current; it recomputes from the first stage that changed. Because the chain carr
 versions, a stage that is rerun (``--force``, ``--stage``) makes everything below it rerun even
 when it computed from unchanged inputs. A driver killed in the middle of a stage leaves no state
 file for it, so the rerun redoes that stage (merge keeps the LLM calls it already paid for in its
-ledger).
+ledger). A stage that wrote its tables but left work a rerun can finish (a ``Shortfall``: merge
+groups that failed on transport, server or budget) is recorded with it and is not current: the
+next run runs it again, and the stages below it.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class StageResult:
     counts: dict[str, int] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
+    shortfall: dict[str, Any] | None = None   # Shortfall.as_dict() of work left for a rerun
 
     @classmethod
     def from_state(cls, name: str, state: dict[str, Any]) -> "StageResult":
@@ -122,12 +125,15 @@ class Pipeline:
         else:
             self._write_state(name, state)
 
-    def mark_current(self, name: str, summary: dict[str, Any], checks: dict[str, Any] | None = None) -> None:
+    def mark_current(self, name: str, summary: dict[str, Any], checks: dict[str, Any] | None = None,
+                     shortfall: dict[str, Any] | None = None) -> None:
         """Record stage ``name`` as done at its tables' current versions (an increment appended
         to them), with today's fingerprint; its earlier state's timing (and checks, unless
-        ``checks`` are given) are kept."""
+        ``checks`` are given) are kept. A ``shortfall`` (work a rerun must finish) leaves the
+        stage not current, as after a full run."""
         stage = self.stages[self._index(name)]
         state = dict(self.state(name) or {})
+        state["shortfall"] = shortfall
         state.update(fingerprint=self.fingerprint(stage),
                      versions={t: self.store.version(t) for t in stage.outputs},
                      counts={t: self.store.count(t) for t in stage.outputs},
@@ -177,7 +183,8 @@ class Pipeline:
         if stage.name not in known:
             state = self.state(stage.name)
             known[stage.name] = bool(
-                state and state.get("fingerprint") == self.fingerprint(stage)
+                state and not state.get("shortfall")
+                and state.get("fingerprint") == self.fingerprint(stage)
                 and all(self.store.version(t) == v for t, v in state.get("versions", {}).items())
                 and all(self.is_current(p, known) for p in map(self._producer, stage.inputs) if p))
         return known[stage.name]
@@ -229,15 +236,18 @@ class Pipeline:
         counts = {t: self.store.count(t) for t in stage.outputs}
         checks = stage.check(self.ctx) or {}
         seconds = time.monotonic() - started
+        shortfall = output.shortfall.as_dict() if output.shortfall else None
         self._write_state(stage.name, {
             "fingerprint": fingerprint, "versions": versions, "counts": counts,
             "seconds": round(seconds, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "summary": output.summary, "checks": checks,
+            "summary": output.summary, "checks": checks, "shortfall": shortfall,
         })
         log.info("stage %-8s done in %.1fs: %s", stage.name, seconds,
                  ", ".join(f"{t}={n}" for t, n in counts.items()))
+        if shortfall:
+            log.warning("stage %-8s is not current: %s", stage.name, shortfall["message"])
         return StageResult(stage.name, False, seconds, fingerprint, versions, counts,  # type: ignore[arg-type]
-                           output.summary, checks)
+                           output.summary, checks, shortfall)
 
     def _write_outputs(self, stage: Stage, output: StageOutput, before: dict[str, int | None]) -> None:
         """Write the tables the stage returned; the others it must have written itself."""
@@ -263,6 +273,7 @@ class Pipeline:
                 "stage": stage.name,
                 "done": state is not None,
                 "current": bool(state) and self.is_current(stage),
+                "shortfall": (state or {}).get("shortfall"),
                 "counts": (state or {}).get("counts", {}),
                 "versions": tables,
                 "seconds": (state or {}).get("seconds"),

@@ -473,6 +473,9 @@ def plot_merge_examples(examples: list[dict[str, Any]], path: Path) -> Path | No
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;background:#f5f6f8;color:#1f2933}
 main{max-width:1280px;margin:0 auto;padding:24px}
+.banner{padding:12px 16px;border-radius:6px;margin:0 0 16px;border:1px solid}
+.banner.failed{background:#fdecea;border-color:#e0a39b;color:#7a1c12}
+.banner.warning{background:#fff6e0;border-color:#e6c77a;color:#6b4a00}
 h1{margin:0 0 4px}h2{margin-top:36px;border-bottom:2px solid #d9dee4;padding-bottom:4px}
 .muted{color:#66717d;font-size:14px}
 .cards{display:flex;flex-wrap:wrap;gap:12px;margin-top:16px}
@@ -622,9 +625,21 @@ def _details(summary: str, value: Any) -> str:
             + html.escape(json.dumps(value, indent=2, default=str)) + "</pre></details>")
 
 
+def _shortfalls_html(shortfalls: dict[str, dict[str, Any]]) -> str:
+    """The banner at the top: stages whose work is partly undone (a rerun retries it)."""
+    notes = []
+    for stage, short in shortfalls.items():
+        level = "failed" if short.get("beyond_tolerance") else "warning"
+        notes.append(f"<div class='banner {level}' role='alert'><strong>{html.escape(stage)}: "
+                     f"{'too many groups failed' if level == 'failed' else 'groups left to retry'}</strong> "
+                     f"{html.escape(str(short.get('message', '')))}</div>")
+    return "".join(notes)
+
+
 def render_html(data: dict[str, Any], pictures: dict[str, Path], examples: list[dict[str, Any]]) -> str:
     """One self-contained page: inline CSS, PNGs as data URIs, no external assets."""
-    parts = [f"<h1>MergeIT run report</h1><div class='muted'>run root {html.escape(data['run_root'])} · "
+    parts = [_shortfalls_html(data.get("extra", {}).get("shortfalls") or {}),
+             f"<h1>MergeIT run report</h1><div class='muted'>run root {html.escape(data['run_root'])} · "
              f"generated {html.escape(data['generated_at'])}</div><p>{_ledger_html(data.get('ledger'))}</p>"
              f"<div class='cards'>{_cards_html(data)}</div>"]
     parts.append("<h2>Stage funnel</h2>" + _img(pictures, "funnel", "stage funnel"))

@@ -16,7 +16,11 @@ Reply kinds:
 
 Options: ``latency_s`` (fixed delay before every answer), ``break_after`` (after that many chat
 requests every further one gets ``broken_reply``, default 503), ``refuse_json_schema`` (answer a
-json_schema response_format with llama-cpp-python's refusal: HTTP 500 naming response_format).
+json_schema response_format with llama-cpp-python's refusal: HTTP 500 naming response_format),
+``preflight_reply`` (what a request without a group gets: the driver's preflight; counted in
+``preflights``, never in ``requests``/``count``, and no script sees it), ``context_tokens`` (listed
+as ``max_model_len`` in ``/v1/models``, as vLLM does), ``port`` (0: any free one; a test that
+"restarts" a server binds the old one's). ``stop_soon`` stops the server from inside a script.
 Counters: ``requests`` (list of ``(n, key, kind)``), ``per_group`` (requests per key),
 ``served_ok`` (200 merge/content replies per key), ``times`` (arrival, monotonic),
 ``response_formats`` (type asked per request), ``max_in_flight``, ``last_messages``.
@@ -47,6 +51,7 @@ class Reply:
     content: str | None = None
     delay_s: float = 0.0
     message: str = "scripted failure"
+    finish_reason: str = "stop"
 
 
 Script = Callable[[int, str, dict], Reply]
@@ -113,8 +118,14 @@ class FakeOpenAI:
 
     def __init__(self, script: Script | None = None, *, latency_s: float = 0.0,
                  break_after: int | None = None, broken_reply: Reply | None = None,
-                 refuse_json_schema: bool = False, model: str = "fake-model") -> None:
+                 refuse_json_schema: bool = False, model: str = "fake-model",
+                 preflight_reply: Reply | None = None, context_tokens: int | None = None,
+                 port: int = 0) -> None:
         self.script = script
+        self.preflight_reply = preflight_reply or Reply(kind="content", content="OK")
+        self.context_tokens = context_tokens
+        self.port = port
+        self.preflights = 0
         self.latency_s = latency_s
         self.break_after = break_after
         self.broken_reply = broken_reply or Reply(kind="status", status=503, message="broken")
@@ -150,8 +161,10 @@ class FakeOpenAI:
 
             def do_GET(self) -> None:  # noqa: N802 - http.server naming
                 if self.path.rstrip("/") == "/v1/models":
-                    self._send(200, {"object": "list", "data": [
-                        {"id": fake.model, "object": "model", "owned_by": "tests"}]})
+                    entry = {"id": fake.model, "object": "model", "owned_by": "tests"}
+                    if fake.context_tokens:
+                        entry["max_model_len"] = fake.context_tokens   # as vLLM lists it
+                    self._send(200, {"object": "list", "data": [entry]})
                 else:
                     self._send(404, {"error": {"message": "not found"}})
 
@@ -189,11 +202,16 @@ class FakeOpenAI:
                 self.wfile.write(data)
                 self.wfile.flush()
 
-        self._server = _QuietServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self
+
+    def stop_soon(self) -> None:
+        """Stop serving from inside a request handler (the server dies mid-run): new connections
+        are refused from then on."""
+        threading.Thread(target=self.stop, daemon=True).start()
 
     def stop(self) -> None:
         if self._server is not None:
@@ -210,6 +228,11 @@ class FakeOpenAI:
     # -- request handling ---------------------------------------------------------------------
     def _handle_chat(self, handler: Any, request: dict) -> None:
         messages = request.get("messages", [])
+        if not _group_turn(messages):   # the driver's preflight: counted apart, scripted apart
+            with self.lock:
+                self.preflights += 1
+            self._answer(handler, request, self.preflight_reply, 0, [], messages)
+            return
         try:
             examples = parse_examples(_group_turn(messages))
         except (ValueError, json.JSONDecodeError):
@@ -237,6 +260,10 @@ class FakeOpenAI:
             self.requests.append((n, key, reply.kind))
             if reply.kind in ("merge", "content"):
                 self.served_ok[key] += 1
+        self._answer(handler, request, reply, n, examples, messages)
+
+    def _answer(self, handler: Any, request: dict, reply: Reply, n: int, examples: list,
+                messages: list) -> None:
         if self.latency_s:
             time.sleep(self.latency_s)
         if reply.delay_s:
@@ -257,7 +284,7 @@ class FakeOpenAI:
         body = {
             "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
             "model": request.get("model", self.model),
-            "choices": [{"index": 0, "finish_reason": "stop",
+            "choices": [{"index": 0, "finish_reason": reply.finish_reason,
                          "message": {"role": "assistant", "content": content}}],
             "usage": {"prompt_tokens": max(1, prompt_chars // 4),
                       "completion_tokens": max(1, len(content) // 4),

@@ -74,7 +74,8 @@ def test_the_speed_knobs_are_marked_and_every_marked_knob_is_left_out():
     for dotted in sorted(marked):
         section, name = dotted.split(".")
         value = getattr(getattr(base, section), name)
-        other = (not value) if isinstance(value, bool) else value * 3 + 5 if isinstance(value, (int, float)) else None
+        other = ((not value) if isinstance(value, bool) else 1 - value if isinstance(value, float) and 0 < value < 1
+                 else value * 3 + 5 if isinstance(value, (int, float)) else None)   # a share stays a share
         if other is None:
             continue  # a text knob: nothing generic to change it to
         changed = load_settings(overrides=[f"{dotted}={other}"], env={})

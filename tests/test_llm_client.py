@@ -148,14 +148,25 @@ def test_bad_request_is_not_retried():
 
 @pytest.mark.parametrize("content", [
     "Sure! Here it is:\n```json\n{\"instruction\": \"Do A and B.\", \"input\": \"\", \"output\": \"A. B.\"}\n```\nHope it helps.",
-    "{\"instruction\": \"Do A and B.\", \"input\": \"\", \"output\": \"A. B.\"} trailing words",
-    "Noise {not json} then {\"instruction\": \"Do A and B.\", \"output\": \"A. B.\"}",
+    "  {\"instruction\": \"Do A and B.\", \"input\": \"\", \"output\": \"A. B.\"}\n",
 ])
-def test_fences_and_stray_text_are_tolerated(content):
+def test_one_object_or_one_fenced_block_is_read(content):
     with FakeOpenAI(lambda n, k, r: Reply(kind="content", content=content)) as fake:
         result = merge_once(llm_settings(fake.base_url))
     assert result.status == "merged"
     assert (result.instruction, result.input, result.output) == ("Do A and B.", "", "A. B.")
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{\"instruction\": \"Do A and B.\", \"input\": \"\", \"output\": \"A. B.\"} trailing words",
+     "text after its JSON object"),
+    ("Noise {not json} then {\"instruction\": \"Do A and B.\", \"output\": \"A. B.\"}",
+     "text before its JSON object"),
+])
+def test_an_object_amid_other_text_is_not_taken(content, why):
+    with FakeOpenAI(lambda n, k, r: Reply(kind="content", content=content)) as fake:
+        result = merge_once(llm_settings(fake.base_url, "merge.regenerations=0"))
+    assert result.status == "failed" and result.error.startswith("invalid_output") and why in result.error
 
 
 def test_schema_violation_is_regenerated_then_fails():
@@ -185,7 +196,8 @@ def test_validation_rules():
     assert validate_merged('{"instruction": "a", "input": "", "output": "bbbbbbbbbbbb"}', 10)[1] == \
         "'output' longer than 10 characters"
     assert validate_merged('[1, 2]', 10)[1] == "reply is not a JSON object"
-    assert extract_json_object('x {"a": {"b": 1}} y') == {"a": {"b": 1}}
+    assert extract_json_object('{"a": {"b": 1}}') == {"a": {"b": 1}}
+    assert extract_json_object('x {"a": {"b": 1}} y') is None    # the first object found is not taken
 
 
 def test_auto_json_mode_falls_back_and_remembers():

@@ -8,11 +8,13 @@ are good.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from deltalake import DeltaTable
 
 from mergeit_spark.config import load_settings
+from mergeit_spark.llm.client import rerun_can_fix
 from mergeit_spark.llm.server import LocalLLMServer, find_default_model, free_port
 from mergeit_spark.stages import StageContext
 from mergeit_spark.stages.merge import run_merge
@@ -40,6 +42,9 @@ def test_real_local_model_merges_groups_end_to_end(spark, store, shared_data, tm
     with LocalLLMServer(settings.server, log_file=tmp_path / "llm-server.log") as server:
         settings.llm.base_url = server.base_url
         summary = run_merge(StageContext(spark, store, settings), groups, records, embeddings)
+        # The ledger says the same: a rerun sends nothing for the terminal groups, nor for those
+        # whose reply stayed invalid or was cut short (only --retry-failed pays for them again).
+        again = run_merge(StageContext(spark, store, settings), groups, records, embeddings)
 
     table = DeltaTable(store.path("merges"))
     out = table.to_pyarrow_table().to_pylist()  # six rows
@@ -55,8 +60,47 @@ def test_real_local_model_merges_groups_end_to_end(spark, store, shared_data, tm
             assert verdict["passed"] == (r["status"] == "merged")
         else:
             assert r["error"] and r["output"] is None
-    # The ledger says the same: a rerun (server gone) sends nothing for the terminal groups, nor
-    # for those whose reply stayed invalid (only --retry-failed pays for them again).
-    settled = sum(r["status"] != "failed" or r["error"].startswith("invalid_output") for r in out)
-    again = run_merge(StageContext(spark, store, settings), groups, records, embeddings)
+    settled = sum(r["status"] != "failed" or r["error"].startswith(("invalid_output", "truncated"))
+                  for r in out)
     assert again.by_source.get("ledger", 0) == settled
+    assert not [r for r in out if r["status"] == "failed" and rerun_can_fix(r["error"])]  # the server served
+
+
+@pytest.mark.slow  # the whole demo: every stage, the real model, the report and the export
+def test_demo_run_merges_with_the_bundled_server(tmp_path):
+    """`make demo` as the CLI runs it (in this test's Spark session): the bundled server answers
+    every request, at least one group is merged, the server's log is under the run root."""
+    from mergeit_spark.cli import main
+    root = tmp_path / "run"
+    code = main(["run", "--conf", str(Path(__file__).resolve().parents[1] / "conf" / "local.yaml"), "--set", f"output.root={root}",
+                 "--set", f"server.port={free_port()}", "--set", "llm.temperature=0",
+                 "--serve-llm", "--report", "--export", "alpaca-json"])
+    assert code == 0
+    merges = DeltaTable(str(root / "merges")).to_pyarrow_table().to_pylist()
+    assert merges and sum(r["status"] == "merged" for r in merges) >= 1
+    transport = [r["error"] for r in merges if r["status"] == "failed" and rerun_can_fix(r["error"])]
+    assert transport == []
+    [server_log] = (root / "_logs").glob("llm-server-*.log")
+    assert "llama" in server_log.read_text(errors="replace").lower()
+    assert (root / "report" / "report.html").is_file() and (root / "export" / "final.json").is_file()
+
+
+@pytest.mark.slow  # the real server process
+def test_server_death_is_reported_with_its_signal_and_log(tmp_path):
+    import os
+    import signal
+    import threading
+    settings = load_settings(overrides=[f"server.port={free_port()}", "server.threads=1", "server.n_ctx=512"])
+    told: list[str] = []
+    seen = threading.Event()
+    log_file = tmp_path / "_logs" / "llm-server.log"
+    server = LocalLLMServer(settings.server, log_file=log_file).start()
+    try:
+        server.watch(lambda message: (told.append(message), seen.set()))
+        os.kill(server.process.pid, signal.SIGSEGV)     # what the AMX build's crash looked like
+        assert seen.wait(30)
+    finally:
+        server.stop()
+    assert server.died and "killed by signal SIGSEGV" in told[0] and str(log_file) in told[0]
+    assert server.death_message() == told[0]
+    assert log_file.stat().st_size > 0     # the server's own output went to the log

@@ -133,7 +133,8 @@ def test_a_canary_key_appears_nowhere(pipeline_run, tmp_path):
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "MERGEIT_LLM_API_KEY": KEY}
     with FakeOpenAI(_echo_the_key) as fake:
         base_url = fake.base_url.replace("http://", f"http://bob:{URL_PASSWORD}@")
-        args = cli_args(root, data, base_url, f"spark.conf={json.dumps(conf)}")
+        # The scripted 401 and 500 fail two groups: tolerated here, so that the run ends in 0.
+        args = cli_args(root, data, base_url, f"spark.conf={json.dumps(conf)}", "merge.max_failed_share=1")
         run = subprocess.run([sys.executable, "-m", "mergeit_spark.cli", "run", "--report", "--export", "jsonl",
                               *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         show = subprocess.run([sys.executable, "-m", "mergeit_spark.cli", "config", "show", *args], cwd=REPO,

@@ -20,15 +20,22 @@ Per HTTP request:
     ``retry-after-ms`` header replaces the backoff, capped by ``llm.backoff_max_s``, and holds back
     every request of the loop until it has passed (the server asked the client, not one request,
     to wait);
-  * other 4xx (bad request, auth, not found) fail at once: retrying cannot help.
+  * other 4xx (bad request, auth, not found) fail at once: retrying cannot help;
+  * a circuit breaker (``llm.circuit_breaker_failures``): after that many consecutive transport,
+    auth or 5xx failures in this loop, the client sends nothing more and every merge asked of it
+    fails at once with ``circuit_open`` (a server that is down is not hammered by every group
+    in turn; the next run retries those groups).
+
+A reply the server cut at ``llm.max_tokens`` (``finish_reason == "length"``) fails the merge with
+``truncated`` at once: regenerating the same request would be cut the same way.
 
 Structured output (``llm.json_mode``): ``schema`` sends ``response_format`` json_schema (OpenAI,
 vLLM); ``json_object`` sends plain JSON mode; ``none`` sends nothing and parses text; ``auto``
 walks the ladder json_schema -> json_object with a ``schema`` (llama-cpp-python's grammar mode)
 -> json_object -> none, stepping down when the server refuses a ``response_format`` (HTTP 400,
 422, or the 500 that llama-cpp-python answers, with ``response_format`` in the message) and
-remembering the step for the process. Replies are parsed leniently: code fences and stray text
-around the JSON object are ignored.
+remembering the step for the process. A reply is read as one JSON object, or one fenced block
+holding one (``llm.reply``): an object found somewhere in other text is not taken.
 
 Per merge (``MergeClient.merge``): the reply must be a JSON object with string ``instruction``,
 ``input`` and ``output``, non-empty instruction and output, each at most
@@ -37,14 +44,20 @@ a reply that fails the quality gate up to ``merge.gate_regenerations`` times. A 
 re-sends the prompt plus the rejected reply and one line saying what was wrong. Nothing raises
 out of ``merge``: every outcome is a ``MergeResult``.
 
-API key: the environment variable ``llm.api_key_env``, else the file ``llm.api_key_file``, else
-the placeholder ``not-needed`` (local servers ignore it). The key is never logged, never stored,
-and scrubbed from error texts.
+API key: the environment variable ``llm.api_key_env``, else the file ``llm.api_key_file``. Only a
+server on a loopback address may go without one (the placeholder ``not-needed``, which local
+servers ignore); for any other address a missing key is a ``MissingAPIKey`` error. The key is
+never logged, never stored, and scrubbed from error texts.
+
+Error texts start with their kind (``kind: detail``); ``rerun_can_fix`` says which kinds a plain
+rerun retries (transport, server, timeout, auth, ``circuit_open``, ``budget_exhausted``, a crash)
+and which it does not (``invalid_output``, ``truncated``, ``prompt_too_long``, ``missing_member``).
 """
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import json
 import logging
 import os
@@ -52,8 +65,9 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
 import openai
@@ -61,7 +75,9 @@ from aiolimiter import AsyncLimiter
 
 from ..config import LLMSettings, MergeSettings
 from ..redact import register_secret
-from .prompt import FIELDS, MERGED_SCHEMA, build_messages
+from .prompt import MERGED_SCHEMA, build_messages
+from .reply import extract_json_object, validate_merged
+from .tokens import estimate_prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +96,60 @@ STATUS_MERGED = "merged"
 STATUS_GATE_FAILED = "gate_failed"
 STATUS_FAILED = "failed"
 ERROR_BUDGET = "budget_exhausted"
+ERROR_CIRCUIT_OPEN = "circuit_open"
+ERROR_TRUNCATED = "truncated"
+ERROR_PROMPT_TOO_LONG = "prompt_too_long"
+ERROR_INVALID = "invalid_output"
+ERROR_MISSING_MEMBER = "missing_member"
+# Failures a plain rerun cannot fix: the same request would fail the same way.
+SETTLED_ERRORS = frozenset({ERROR_INVALID, ERROR_TRUNCATED, ERROR_PROMPT_TOO_LONG, ERROR_MISSING_MEMBER})
+# HTTP statuses that count towards the circuit breaker besides 5xx: the server or the key is down.
+_BREAKER_STATUS = frozenset({401, 403})
+
+
+class MissingAPIKey(ValueError):
+    """No API key for a server that is not on this machine."""
+
+
+def error_kind(error: str | None) -> str:
+    """The kind of a failure text (``"http_503: ..."`` -> ``"http_503"``); "" for none."""
+    return (error or "").split(":", 1)[0].strip()
+
+
+def rerun_can_fix(error: str | None) -> bool:
+    """Whether a failed group's error is one a plain rerun retries (transport, server, timeout,
+    auth, circuit_open, budget_exhausted, a crash), as opposed to one the same request would hit
+    again (invalid output after every regeneration, a truncated reply, a prompt too long for the
+    model, a missing member)."""
+    return error_kind(error) not in SETTLED_ERRORS
+
+
+def is_loopback(base_url: str) -> bool:
+    """Whether ``base_url`` names this machine (localhost or a loopback address)."""
+    host = (urlsplit(base_url).hostname or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any user:password in it replaced by ``***``, for messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
 
 
 def resolve_api_key(llm: LLMSettings, env: Mapping[str, str] | None = None) -> str:
-    """The API key: environment variable, else key file, else a placeholder for local servers."""
+    """The API key: environment variable, else key file; a placeholder only for a loopback server.
+
+    Raises ``MissingAPIKey`` for any other server: a placeholder there fails every request with
+    401, after the run has marked every group."""
     env = os.environ if env is None else env
     value = env.get(llm.api_key_env, "").strip() if llm.api_key_env else ""
     if value:
@@ -94,7 +160,13 @@ def resolve_api_key(llm: LLMSettings, env: Mapping[str, str] | None = None) -> s
             value = path.read_text().strip()
             if value:
                 return register_secret(value)
-    return PLACEHOLDER_KEY
+    if is_loopback(llm.base_url):
+        return PLACEHOLDER_KEY
+    where = f"the environment variable {llm.api_key_env}" if llm.api_key_env else "no variable"
+    if llm.api_key_file:
+        where += f" or the file {llm.api_key_file}"
+    raise MissingAPIKey(f"no API key for {mask_url(llm.base_url)}: set {where} "
+                        "(llm.api_key_env / llm.api_key_file)")
 
 
 def retry_after_seconds(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
@@ -136,51 +208,6 @@ def backoff_delay(retry: int, llm: LLMSettings, retry_after: float | None = None
     return base * (0.5 + 0.5 * (rng or random).random())
 
 
-# -- reply parsing ------------------------------------------------------------------------------
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
-
-
-def extract_json_object(text: str) -> dict | None:
-    """The first JSON object in ``text``, tolerating code fences and stray text around it."""
-    if not text:
-        return None
-    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    decoder = json.JSONDecoder()
-    for chunk in candidates:
-        start = chunk.find("{")
-        while start != -1:
-            try:
-                obj, _ = decoder.raw_decode(chunk, start)
-            except json.JSONDecodeError:
-                start = chunk.find("{", start + 1)
-                continue
-            if isinstance(obj, dict):
-                return obj
-            start = chunk.find("{", start + 1)
-    return None
-
-
-def validate_merged(content: str | None, max_chars: int) -> tuple[dict[str, str] | None, str]:
-    """``(merged example, "")`` when the reply is usable, else ``(None, why)``."""
-    obj = extract_json_object(content or "")
-    if obj is None:
-        return None, "reply is not a JSON object"
-    merged: dict[str, str] = {}
-    for name in FIELDS:
-        value = obj.get(name, "" if name == "input" else None)
-        if value is None:
-            return None, f"missing {name!r}"
-        if not isinstance(value, str):
-            return None, f"{name!r} is not a string"
-        if len(value) > max_chars:
-            return None, f"{name!r} longer than {max_chars} characters"
-        merged[name] = value.strip()
-    for name in ("instruction", "output"):
-        if not merged[name]:
-            return None, f"{name!r} is empty"
-    return merged, ""
-
-
 # -- budget -------------------------------------------------------------------------------------
 class Budget:
     """Request and token allowance for one event loop (one Spark task); ``None`` = no cap.
@@ -188,8 +215,8 @@ class Budget:
     A request is sent only when one more request fits ``max_requests`` and its worst case
     (estimated prompt tokens + ``llm.max_tokens``) fits what is left of ``max_tokens``; the
     estimate is replaced by the real usage when the reply arrives. So requests never exceed the
-    cap, and tokens exceed it only if the server counts more prompt tokens than the estimate (one
-    token per two characters, generous for English text).
+    cap, and tokens exceed it only if the server counts more prompt tokens than the estimate
+    (``llm.tokens``: per-script rates meant never to fall short of a real tokenizer).
     """
 
     def __init__(self, max_requests: int | None = None, max_tokens: int | None = None) -> None:
@@ -209,8 +236,7 @@ class Budget:
 
     @staticmethod
     def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
-        chars = sum(len(str(m.get("content", ""))) for m in messages)
-        return chars // 2 + 8 * len(messages)
+        return estimate_prompt_tokens(messages)
 
     def reserve(self, prompt_estimate: int, completion_max: int) -> int | None:
         """Reserve room for one request; the reservation, or None when the budget is spent."""
@@ -272,6 +298,17 @@ class ChatResult:
     completion_tokens: int = 0
     latency_ms: float = 0.0
     error: str | None = None
+    finish_reason: str | None = None
+
+
+class SpendJournal(Protocol):
+    """Where a task records a request durably before sending it (``merge.max_requests`` and
+    ``merge.max_total_tokens`` are counted from these records, so they hold across task retries
+    and reruns): ``reserve`` returns once the record is durable, ``settle`` records what the
+    request really used."""
+
+    async def reserve(self, tokens: int) -> str: ...
+    def settle(self, reservation: str, used_tokens: int) -> None: ...
 
 
 @dataclass
@@ -344,6 +381,29 @@ class MergeClient:
         self._semaphore: asyncio.Semaphore | None = None
         self._ladder = JSON_LADDERS[llm.json_mode]
         self._ladder_key = (llm.base_url, llm.model, llm.json_mode)
+        self._failures_in_a_row = 0
+        self._last_failure = ""
+
+    @property
+    def circuit_open(self) -> bool:
+        """True once ``llm.circuit_breaker_failures`` transport/auth/5xx failures came in a row."""
+        limit = self.llm.circuit_breaker_failures
+        return limit > 0 and self._failures_in_a_row >= limit
+
+    def _circuit_error(self) -> str:
+        return (f"{ERROR_CIRCUIT_OPEN}: {self._failures_in_a_row} transport/auth/5xx failures in a "
+                f"row; last: {self._last_failure}")
+
+    def _note(self, error: str | None, breaks: bool) -> None:
+        """Count a failure that says the server or the key is down; anything else closes the run."""
+        if breaks:
+            self._failures_in_a_row += 1
+            self._last_failure = (error or "")[:200]
+            if self._failures_in_a_row == self.llm.circuit_breaker_failures:
+                log.error("circuit breaker open after %d failures in a row (last: %s); this task "
+                          "sends no more requests", self._failures_in_a_row, self._last_failure)
+        else:
+            self._failures_in_a_row = 0
 
     async def __aenter__(self) -> "MergeClient":
         self._client = openai.AsyncOpenAI(base_url=self.llm.base_url, api_key=self._api_key,
@@ -388,8 +448,11 @@ class MergeClient:
             text = text.replace(self._api_key, "***")
         return text[:300]
 
-    async def chat(self, messages: list[dict[str, str]]) -> ChatResult:
-        """Send one chat request, retrying transient failures; never raises for server trouble."""
+    async def chat(self, messages: list[dict[str, str]],
+                   journal: SpendJournal | None = None) -> ChatResult:
+        """Send one chat request, retrying transient failures; never raises for server trouble.
+
+        With a ``journal``, each request is recorded there (durably) before it is sent."""
         assert self._client is not None and self._semaphore is not None, "use `async with`"
         assert self._limits is not None
         result = ChatResult()
@@ -401,12 +464,17 @@ class MergeClient:
             mode, kwargs = self._request(messages)
             retry_after: float | None = None
             async with self._semaphore:
+                if self.circuit_open:
+                    result.error = self._circuit_error()
+                    return result
                 reservation = self.budget.reserve(estimate, self.llm.max_tokens)
                 if reservation is None:
                     result.error = ERROR_BUDGET
                     return result
+                spent = await journal.reserve(reservation) if journal is not None else None
                 result.requests += 1
                 used = 0
+                error, breaks = "", False
                 started = time.perf_counter()
                 try:
                     response = await asyncio.wait_for(
@@ -422,21 +490,30 @@ class MergeClient:
                             and mode != "none" and self._step_down(mode)):
                         continue  # a refusal of the json mode, not a failure: try the next rung
                     error = f"http_{status}: {self._scrub(message)}"
+                    breaks = status >= 500 or status in _BREAKER_STATUS
                     if not (status in RETRYABLE_STATUS or status >= 500):
-                        result.error = error
+                        result.error = _context_error(status, message) or error
                         return result
                     retry_after = retry_after_seconds(exc.response.headers)
                 except (openai.APITimeoutError, asyncio.TimeoutError):
                     error = f"timeout: no reply within {self.llm.request_timeout_s:g} s"
+                    breaks = True
                 except openai.APIConnectionError as exc:
                     error = f"connection: {self._scrub(str(exc))}"
+                    breaks = True
                 except (openai.APIResponseValidationError, _Malformed, json.JSONDecodeError,
                         ValueError, TypeError, AttributeError) as exc:
                     error = f"malformed_response: {self._scrub(type(exc).__name__ + ': ' + str(exc))}"
                 finally:
                     result.latency_ms += (time.perf_counter() - started) * 1000.0
                     self.budget.settle(reservation, used)
+                    if spent is not None:
+                        journal.settle(spent, used)
+                    self._note(error, breaks)
             result.error = error
+            if self.circuit_open:
+                result.error = self._circuit_error()
+                return result
             if retry_after is not None:
                 self._pause(min(retry_after, self.llm.backoff_max_s))
             if retries >= self.llm.max_retries:
@@ -467,7 +544,8 @@ class MergeClient:
 
     # -- one merge ------------------------------------------------------------------------------
     async def merge(self, examples: Sequence[Mapping[str, Any]], gate: GateFn | None = None,
-                    messages: list[dict[str, str]] | None = None) -> MergeResult:
+                    messages: list[dict[str, str]] | None = None,
+                    journal: SpendJournal | None = None) -> MergeResult:
         """Merge one group: request, validate, gate, regenerate as allowed. Never raises."""
         base = messages if messages is not None else build_messages(examples)
         attempts = _Attempts()
@@ -476,17 +554,21 @@ class MergeClient:
         follow_up: list[dict[str, str]] = []
         try:
             while True:
-                chat = await self.chat(base + follow_up)
+                chat = await self.chat(base + follow_up, journal)
                 attempts.add(chat)
                 if chat.error is not None:
                     return attempts.result(STATUS_FAILED, error=chat.error)
+                if chat.finish_reason == "length":
+                    return attempts.result(STATUS_FAILED, error=(
+                        f"{ERROR_TRUNCATED}: the reply was cut at llm.max_tokens="
+                        f"{self.llm.max_tokens}; raise llm.max_tokens"))
                 merged, why = validate_merged(chat.content, self.merge_settings.max_output_chars)
                 if merged is None:
                     if invalid_left > 0:
                         invalid_left -= 1
                         follow_up = _feedback(chat.content, f"it could not be used: {why}")
                         continue
-                    return attempts.result(STATUS_FAILED, error=f"invalid_output: {why}")
+                    return attempts.result(STATUS_FAILED, error=f"{ERROR_INVALID}: {why}")
                 if gate is None:
                     return attempts.result(STATUS_MERGED, **merged)
                 verdict = await gate(merged)
@@ -526,7 +608,20 @@ def _read_content(response: Any, result: ChatResult) -> None:
     if not choices or getattr(choices[0], "message", None) is None:
         raise _Malformed("reply has no choices")
     result.content = choices[0].message.content or ""
+    result.finish_reason = getattr(choices[0], "finish_reason", None)
     result.error = None
+
+
+_CONTEXT_WORDS = ("context length", "context window", "maximum context", "context_length",
+                  "too many tokens", "exceeds the context", "n_ctx")
+
+
+def _context_error(status: int, message: str) -> str | None:
+    """A 400/413 that says the prompt does not fit the model's context, as ``prompt_too_long``."""
+    lowered = message.lower()
+    if status in (400, 413, 422) and any(word in lowered for word in _CONTEXT_WORDS):
+        return f"{ERROR_PROMPT_TOO_LONG}: the server says: {message[:200]}"
+    return None
 
 
 def _error_message(exc: openai.APIStatusError) -> str:
@@ -555,12 +650,10 @@ def _feedback(reply: str | None, problem: str) -> list[dict[str, str]]:
     ]
 
 
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
 
 __all__ = [
     "Budget", "ChatResult", "MergeClient", "MergeResult", "RateLimits", "resolve_api_key", "retry_after_seconds",
     "backoff_delay", "extract_json_object", "validate_merged", "STATUS_MERGED", "STATUS_GATE_FAILED",
-    "STATUS_FAILED", "ERROR_BUDGET", "utc_now",
+    "STATUS_FAILED", "ERROR_BUDGET", "ERROR_CIRCUIT_OPEN", "ERROR_TRUNCATED", "ERROR_PROMPT_TOO_LONG",
+    "ERROR_INVALID", "MissingAPIKey", "SpendJournal", "error_kind", "rerun_can_fix", "is_loopback", "mask_url",
 ]

@@ -14,6 +14,13 @@ Order: each line carries ``seq``, a per-bucket sequence. A writer starts a bucke
 the highest ``seq`` already in that bucket (it reads the bucket before it writes to it), so within
 a bucket, across tasks, attempts and runs, a later line has a larger ``seq``: "latest" never
 depends on executor clocks. ``finished_ns`` (wall clock) is kept for people, not for ordering.
+
+Spend: when the run has a budget (``merge.max_requests`` / ``merge.max_total_tokens``), every
+request is recorded in its group's bucket before it is sent (``{"spend": id, "run": run, "requests":
+1, "tokens": reserved}``, durable like a result), and what it really used after its reply
+(``{"settle": id, "tokens": used}``, not waited for: an unsettled request counts its whole
+reservation). A retried task, a recomputed partition and a later run count these lines, so a cap
+holds whatever was killed when (``BucketState.spent``, ``ledger_spend``).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import logging
 import os
 import queue
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, IO
@@ -52,12 +60,36 @@ class BucketState:
     and the highest sequence number written so far."""
     latest: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     max_seq: int = 0
+    reserved: dict[str, tuple[str, int]] = field(default_factory=dict)  # spend id -> (run, tokens)
+    settled: dict[str, int] = field(default_factory=dict)               # spend id -> tokens used
+
+    def spent(self, run: str | None = None) -> tuple[int, int]:
+        """Requests and tokens recorded as spent in this bucket (by run ``run``, or by any)."""
+        requests = tokens = 0
+        for sid, (owner, reserved) in self.reserved.items():
+            if run is None or owner == run:
+                requests += 1
+                tokens += self.settled.get(sid, reserved)
+        return requests, tokens
+
+    def add(self, line: dict[str, Any]) -> None:
+        """Fold one parsed line into the state."""
+        self.max_seq = max(self.max_seq, int(line.get("seq") or 0))
+        if line.get("spend"):
+            self.reserved[str(line["spend"])] = (str(line.get("run")), int(line.get("tokens") or 0))
+        elif line.get("settle"):
+            self.settled[str(line["settle"])] = int(line.get("tokens") or 0)
+        elif line.get("group_id") and line.get("status"):
+            key = (line["group_id"], line.get("request_hash"))
+            if key not in self.latest or line_order(line) >= line_order(self.latest[key]):
+                self.latest[key] = line
 
 
 def read_bucket(root: str | Path, bucket: int) -> BucketState:
     """The latest line per ``(group_id, request_hash)`` of one bucket, by ``seq``.
 
     Lines that do not parse (a task killed mid-write) are skipped: their group is simply retried.
+    Spend lines are summed (``BucketState.spent``).
     """
     state = BucketState()
     folder = Path(root) / f"bucket={bucket}"
@@ -72,13 +104,26 @@ def read_bucket(root: str | Path, bucket: int) -> BucketState:
                     line = json.loads(text)
                 except json.JSONDecodeError:
                     continue
-                if not isinstance(line, dict) or not line.get("group_id") or not line.get("status"):
-                    continue
-                state.max_seq = max(state.max_seq, int(line.get("seq") or 0))
-                key = (line["group_id"], line.get("request_hash"))
-                if key not in state.latest or line_order(line) >= line_order(state.latest[key]):
-                    state.latest[key] = line
+                if isinstance(line, dict):
+                    state.add(line)
     return state
+
+
+class BucketSpend:
+    """The spend journal (``llm.client.SpendJournal``) of one group: its requests are recorded in
+    its bucket, under this run's id, through the task's writer."""
+
+    def __init__(self, writer: "LedgerWriter", bucket: int, run: str) -> None:
+        self.writer, self.bucket, self.run = writer, bucket, run
+
+    async def reserve(self, tokens: int) -> str:
+        spend = uuid.uuid4().hex
+        await self.writer.commit(self.bucket, {"spend": spend, "run": self.run, "requests": 1,
+                                               "tokens": int(tokens)})
+        return spend
+
+    def settle(self, reservation: str, used_tokens: int) -> None:
+        self.writer.submit(self.bucket, {"settle": reservation, "run": self.run, "tokens": int(used_tokens)})
 
 
 class LedgerError(RuntimeError):

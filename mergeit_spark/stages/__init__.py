@@ -15,6 +15,12 @@ the same hooks, in this order:
 
 ``extra_fingerprint`` adds what beyond input tables and settings decides the output (ingest:
 the input files' sizes and times).
+
+Work that failed is never reported as success: a stage whose tables are written but whose work
+is partly undone for reasons a rerun can fix (merge: groups that failed on transport, server,
+budget) returns a :class:`Shortfall`. The executor records it; the stage is then not current, so
+the next run runs it again (and everything below it), and past the shortfall's tolerance the run
+exits non-zero once every stage has written its tables.
 """
 from __future__ import annotations
 
@@ -26,6 +32,32 @@ from pyspark.sql import DataFrame, SparkSession
 
 from ..config import Settings
 from ..tables import TableStore
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as configured; the message says what to change."""
+
+
+@dataclass
+class Shortfall:
+    """Units of a stage's work (``failed`` of ``total``) left for a rerun, and what to tell the user."""
+    failed: int
+    total: int
+    tolerance: float   # the share of ``total`` that may fail before the run exits non-zero
+    message: str
+
+    @property
+    def share(self) -> float:
+        return self.failed / self.total if self.total else 0.0
+
+    @property
+    def beyond_tolerance(self) -> bool:
+        return self.failed > 0 and self.share > self.tolerance
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"failed": self.failed, "total": self.total, "tolerance": self.tolerance,
+                "share": round(self.share, 4), "beyond_tolerance": self.beyond_tolerance,
+                "message": self.message}
 
 
 @dataclass
@@ -42,6 +74,7 @@ class StageOutput(Mapping[str, DataFrame]):
     summary: dict[str, Any] = field(default_factory=dict)       # small, JSON-ready: kept in state
     # Tables the stage found already holding exactly what it would write (no new version needed).
     unchanged: tuple[str, ...] = ()
+    shortfall: Shortfall | None = None   # work a rerun must finish: the stage stays not current
 
     def __getitem__(self, name: str) -> DataFrame:
         return self.tables[name]

@@ -2,6 +2,11 @@
 a ledger so that no merge is ever paid for twice.
 
 How it runs on Spark
+  0. ``plan_requests`` (driver): refuses ``spark.speculation`` (two live attempts of a task would
+     both pay), counts what the ledger has spent when there is a budget, and sends the preflight
+     request (``llm.preflight``): a server that cannot answer fails the run here, before any task
+     starts or any group is marked. The server's context window, when it says, is kept for the
+     ``prompt_too_long`` check.
   1. ``build_jobs``: explode each group's ``member_ids``, join ``records`` (texts) and
      ``embeddings`` (Spark joins), gather the members back per group sorted by id; an Arrow pass
      adds the ledger ``bucket`` and the ``request_hash`` (hash of the exact prompt, model and
@@ -38,7 +43,9 @@ The ledger (``llm.ledger``; ``<run root>/_ledger/merges/bucket=<b>/<task attempt
     every regeneration (``invalid_output``) is not re-paid either, unless ``merge.retry_failed``
     (``mergeit run --retry-failed``), a larger ``merge.regenerations``, or a changed request (other
     prompt, model or request settings: another ``request_hash``). Other failures (transport,
-    server, ``budget_exhausted``, a crash) are retried by the next run.
+    server, ``budget_exhausted``, ``circuit_open``, a crash) are retried by the next run; until
+    then the stage is not current (its ``Shortfall``). A ``truncated`` reply is not re-paid for
+    the same request; a ``prompt_too_long`` group is checked again (it costs nothing).
   * ``bucket = sha256(group_id)[:8] % 256``: fixed, independent of P, so a rerun with other
     partitions (a laptop run continued on a cluster) still finds its ledger. A partition holds
     whole buckets: a contiguous range of them, the same number per task give or take one
@@ -48,25 +55,31 @@ The ledger (``llm.ledger``; ``<run root>/_ledger/merges/bucket=<b>/<task attempt
   * The run root must be a filesystem path that every executor can write and read (local disk in
     local mode; on a cluster a shared mount such as NFS, EFS or a DBFS/HDFS fuse mount). Object
     stores without append (``s3://``) are not supported for the ledger.
-  * Speculative execution (``spark.speculation``, off by default) must stay off for this stage:
-    two live attempts of one task would both pay.
+  * Speculative execution (``spark.speculation``) is refused: two live attempts of one task would
+    both pay.
 
 Budget and rate (``merge.max_requests`` / ``merge.max_total_tokens``, 0 = no cap;
 ``llm.requests_per_minute`` / ``llm.tokens_per_minute``, 0 = no limit)
-  The caps are split across ledger buckets in proportion to their number of groups. A task adds
-  a bucket's share to its own allowance when it reaches that bucket (partitions are sorted by
-  bucket), so no task spends another task's share. Requests (retries included) never exceed
-  ``max_requests``; tokens never exceed ``max_total_tokens`` unless a server counts more prompt
-  tokens than the client's estimate (one token per two characters), since a request is only sent
-  if its worst case (estimate + ``llm.max_tokens``) fits. Groups left when the allowance runs out
-  are recorded ``failed`` with error ``budget_exhausted``. The per-minute limits are split evenly
-  across the tasks that run at once (min(P, Spark's default parallelism)); 429s and Retry-After
-  are honoured on top (``llm.client``).
+  The caps are for the run root, counted from the ledger. With a cap, every request is recorded in
+  its group's bucket before it is sent (``llm.ledger.BucketSpend``), and the preflight's on the
+  driver. A run starts from what the ledger holds as spent (``ledger_spend``: every run before it,
+  killed ones included) and splits what is left across the ledger buckets in proportion to their
+  number of groups. A task adds a bucket's share, less what this run already spent in that bucket
+  (an earlier attempt of the task, a partition Spark computes again), to its allowance when it
+  reaches the bucket (partitions are sorted by bucket), so no task spends another task's share.
+  Requests (retries included) never exceed ``max_requests``; tokens never exceed
+  ``max_total_tokens`` unless a server counts more prompt tokens than the client's estimate, since
+  a request is only sent if its worst case (estimate + ``llm.max_tokens``) fits. Groups left when
+  the allowance runs out are recorded ``failed`` with error ``budget_exhausted``. The per-minute
+  limits are split evenly across the tasks that run at once (min(P, Spark's default
+  parallelism)); 429s and Retry-After are honoured on top (``llm.client``).
 
 Statuses: ``merged`` (valid and passed the gate), ``gate_failed`` (valid reply that failed the
 gate: its text is KEPT in instruction/input/output so the report can show it; finalize uses only
-``merged`` rows), ``failed`` (no valid reply: HTTP errors after retries, invalid output after
-regenerations, budget, a group with a member missing from ``records``/``embeddings``; text null).
+``merged`` rows), ``failed`` (no valid reply; text null). A failure's ``error`` starts with its
+kind: ``http_<status>``, ``connection``, ``timeout``, ``malformed_response``, ``circuit_open``,
+``budget_exhausted``, ``internal`` (a rerun retries these), ``invalid_output``, ``truncated``,
+``prompt_too_long``, ``missing_member`` (it does not; ``llm.client.rerun_can_fix``).
 ``attempts`` counts HTTP requests sent for the result (retries and regenerations included),
 ``latency_ms`` the time spent waiting on them. An attempt counts from the moment it is started, so
 the count errs towards spend: one that timed out may never have reached the server (a worker
@@ -96,13 +109,17 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import EmbedSettings, GateSettings, LLMSettings, MergeSettings, Settings
-from ..llm.client import (ERROR_BUDGET, STATUS_FAILED, STATUS_GATE_FAILED, STATUS_MERGED, Budget,
-                          MergeClient, MergeResult, validate_merged)
+from ..llm.client import (ERROR_BUDGET, ERROR_INVALID, ERROR_MISSING_MEMBER, ERROR_PROMPT_TOO_LONG,
+                          ERROR_TRUNCATED, STATUS_FAILED, STATUS_GATE_FAILED, STATUS_MERGED, Budget,
+                          MergeClient, MergeResult, error_kind, rerun_can_fix, validate_merged)
 from ..llm.gate import BatchGate, GroupSources, model_encoder
-from ..llm.ledger import LEDGER_BUCKETS, BucketState, LedgerWriter, ledger_bucket, read_bucket
+from ..llm.ledger import (LEDGER_BUCKETS, BucketSpend, BucketState, LedgerWriter, ledger_bucket,
+                          read_bucket)
+from ..llm.preflight import Preflight, preflight
 from ..llm.prompt import build_messages, prompt_hash
+from ..llm.tokens import fewest_prompt_tokens
 from ..llm.pump import LoopPump
-from . import Stage, StageContext, StageOutput
+from . import Shortfall, Stage, StageContext, StageError, StageOutput
 from .embed import load_model
 
 log = logging.getLogger(__name__)
@@ -111,7 +128,6 @@ LEDGER_DIR = "_ledger/merges"
 RUNS_FILE = "_ledger/merge_runs.jsonl"
 TERMINAL = (STATUS_MERGED, STATUS_GATE_FAILED)
 MISSING_HASH = ""             # request_hash of a group that cannot be requested (member missing)
-ERROR_INVALID = "invalid_output"
 PASS_ROWS = 256               # result rows per Arrow batch a task streams back
 
 MERGES_SCHEMA = T.StructType([
@@ -299,11 +315,14 @@ def split_budget(total: int, counts: dict[int, int]) -> dict[int, int]:
 
 def settled_failure(line: dict[str, Any], merge: MergeSettings) -> bool:
     """A failed result that a plain rerun does not pay for again: the reply stayed invalid after
-    at least as many regenerations as today's settings allow."""
-    return (line.get("status") == STATUS_FAILED
-            and str(line.get("error") or "").startswith(ERROR_INVALID)
-            and int(line.get("regenerations") or 0) >= merge.regenerations
-            and not merge.retry_failed)
+    at least as many regenerations as today's settings allow, or it was cut at ``llm.max_tokens``
+    (``truncated``: the same request, ``max_tokens`` included in its hash, is cut the same way)."""
+    if line.get("status") != STATUS_FAILED or merge.retry_failed:
+        return False
+    kind = error_kind(line.get("error"))
+    if kind == ERROR_TRUNCATED:
+        return True
+    return kind == ERROR_INVALID and int(line.get("regenerations") or 0) >= merge.regenerations
 
 
 @dataclass
@@ -326,6 +345,13 @@ class _MergePartition:
     shares: BudgetShares
     copy_length_ratio: float
     loops: int = 1   # tasks running at once: they share the per-minute rate limits
+    run_id: str = ""                   # this run of the pass: spend lines carry it
+    context_tokens: int | None = None  # the model's context window, when known
+
+    @property
+    def journaled(self) -> bool:
+        """Requests are recorded before they are sent when the run has a budget."""
+        return self.shares.cap_requests or self.shares.cap_tokens
 
     @cached_property
     def acceptance(self) -> str:
@@ -389,7 +415,11 @@ class _MergePartition:
         if known is None:
             known = state.buckets[bucket] = read_bucket(self.ledger_root, bucket)
             state.writer.open_bucket(bucket, known.max_seq)
-            state.budget.grant(self.shares.requests.get(bucket, 0), self.shares.tokens.get(bucket, 0))
+            # A bucket's share less what this run already spent on it (a killed attempt of this
+            # task, a partition Spark computes again): the cap holds across both.
+            requests, tokens = known.spent(self.run_id)
+            state.budget.grant(self.shares.requests.get(bucket, 0) - requests,
+                               self.shares.tokens.get(bucket, 0) - tokens)
         return known
 
     @asynccontextmanager
@@ -400,31 +430,50 @@ class _MergePartition:
                              max_batch=max(self.embed.batch_size, 4 * self.llm.concurrency))
 
             async def handle(job: Job) -> dict[str, Any]:
-                result, source = await self._outcome(job, client, gate)
+                journal = BucketSpend(state.writer, job.bucket, self.run_id) if self.journaled else None
+                result, source = await self._outcome(job, client, gate, journal)
                 line = self._line(job, result, task)
                 await state.writer.commit(job.bucket, line)   # durable before it is reported
                 return _pass_row(line, source, paid=result if source == "llm" else None)
 
             yield handle
 
-    async def _outcome(self, job: Job, client: MergeClient, gate: BatchGate) -> tuple[MergeResult, str]:
+    async def _outcome(self, job: Job, client: MergeClient, gate: BatchGate,
+                       journal: BucketSpend | None) -> tuple[MergeResult, str]:
         if job.request_hash == MISSING_HASH:
-            return MergeResult(status=STATUS_FAILED, error="missing_member: "
+            return MergeResult(status=STATUS_FAILED, error=f"{ERROR_MISSING_MEMBER}: "
                                + (job.missing or "fewer than 2 members")), "missing"
         try:
             sources = GroupSources(job.members, job.vectors)
             if job.hit is not None:
                 return await _rejudge(job.hit, sources, gate, self.merge.max_output_chars), "rejudged"
+            messages = build_messages(job.members)
+            too_long = self._too_long(messages)
+            if too_long:
+                return MergeResult(status=STATUS_FAILED, error=too_long), "llm"
             judge = lambda merged: gate.judge(merged, sources)  # noqa: E731
-            return await client.merge(job.members, gate=judge, messages=build_messages(job.members)), "llm"
+            return await client.merge(job.members, gate=judge, messages=messages, journal=journal), "llm"
         except Exception as exc:  # noqa: BLE001 - one group must not sink the partition
             log.exception("merge of group %s crashed", job.group_id)
             return MergeResult(status=STATUS_FAILED, error=f"internal: {type(exc).__name__}"), "llm"
 
+    def _too_long(self, messages: list[dict[str, str]]) -> str | None:
+        """Why a prompt cannot fit the model's context with room for ``llm.max_tokens``, or None.
+        Counted at the fewest tokens any tokenizer spends, not the budget's worst case: a prompt
+        is refused only when it surely does not fit (the server's own 400 is the backstop)."""
+        if not self.context_tokens:
+            return None
+        prompt = fewest_prompt_tokens(messages)
+        if prompt + self.llm.max_tokens <= self.context_tokens:
+            return None
+        return (f"{ERROR_PROMPT_TOO_LONG}: at least {prompt} prompt tokens + llm.max_tokens "
+                f"{self.llm.max_tokens} exceed the model's context of {self.context_tokens} tokens")
+
     def _line(self, job: Job, result: MergeResult, task: str) -> dict[str, Any]:
         line = {"group_id": job.group_id, "request_hash": job.request_hash,
                 "model": self.llm.model, "acceptance": self.acceptance,
-                "regenerations": self.merge.regenerations}
+                "regenerations": self.merge.regenerations, "run": self.run_id,
+                "journaled": self.journaled}
         line.update(result.as_dict())
         if result.status == STATUS_FAILED:
             line.update(instruction=None, input=None, output=None)
@@ -508,6 +557,9 @@ class MergeRunSummary:
     errors: dict[str, int] = field(default_factory=dict)         # error kind -> failed groups
     gate_rejections: dict[str, int] = field(default_factory=dict)  # check -> gate_failed groups
     budget_exhausted: int = 0
+    retryable_failed: int = 0    # failed groups a plain rerun retries (rerun_can_fix)
+    preflight_requests: int = 0  # the driver's check before the pass (not in requests)
+    preflight_tokens: int = 0
     partitions: int = 0
     seconds: float = 0.0
     table_version: int | None = None
@@ -523,6 +575,15 @@ class MergeRunSummary:
         out["total_tokens"] = self.total_tokens
         return out
 
+    def add_preflight(self, checked: Preflight) -> None:
+        """The driver's preflight: counted apart from the groups' requests (and in the budget)."""
+        self.preflight_requests += checked.requests
+        self.preflight_tokens += checked.tokens
+
+    def shortfall(self, merge: MergeSettings) -> Shortfall | None:
+        """The groups a rerun must retry, if any: they keep the stage from being current."""
+        return merge_shortfall(self.errors, self.groups, merge)
+
     def add(self, row: Any) -> None:
         """Fold in one aggregate row of the request pass."""
         n = int(row["groups"])
@@ -536,6 +597,8 @@ class MergeRunSummary:
             self.errors[row["error_kind"]] = self.errors.get(row["error_kind"], 0) + n
         if row["error_kind"] == ERROR_BUDGET:
             self.budget_exhausted += n
+        if row["status"] == STATUS_FAILED and rerun_can_fix(row["error_kind"]):
+            self.retryable_failed += n
         for check in (row["gate_failed"] or "").split(","):
             if check:
                 self.gate_rejections[check] = self.gate_rejections.get(check, 0) + n
@@ -544,28 +607,130 @@ class MergeRunSummary:
         self.content = f"{count + n:x}:{(seen_xor ^ xor) & _MASK64:x}:{seen_low + low:x}"
 
 
-def _budget_shares(jobs: DataFrame, merge: MergeSettings) -> BudgetShares:
+def merge_shortfall(errors: dict[str, int], groups: int, merge: MergeSettings) -> Shortfall | None:
+    """From a pass's failed groups per error kind: those a rerun retries, as a ``Shortfall``
+    whose message names the top errors and the command that retries them."""
+    retryable = {k: n for k, n in errors.items() if rerun_can_fix(k)}
+    failed = sum(retryable.values())
+    if not failed:
+        return None
+    top = ", ".join(f"{k} ({n})" for k, n in sorted(retryable.items(), key=lambda kv: -kv[1])[:3])
+    hint = "; raise merge.max_requests / merge.max_total_tokens first" if ERROR_BUDGET in retryable else ""
+    return Shortfall(failed=failed, total=groups, tolerance=merge.max_failed_share,
+                     message=(f"{failed} of {groups} merge groups failed for a reason a rerun can fix: "
+                              f"{top}. Run the same `mergeit run` again to retry exactly those "
+                              f"(nothing already paid is paid again){hint}"))
+
+
+def _budget_shares(jobs: DataFrame, merge: MergeSettings, requests_left: int,
+                   tokens_left: int) -> BudgetShares:
+    """What is left of the caps, split across the buckets in proportion to their groups."""
     if merge.max_requests <= 0 and merge.max_total_tokens <= 0:
         return BudgetShares()  # no caps: no need to count groups per bucket
     counts = {int(r["bucket"]): int(r["count"])
               for r in jobs.groupBy("bucket").count().collect()}  # <= LEDGER_BUCKETS small rows
-    return BudgetShares(requests=split_budget(merge.max_requests, counts),
-                        tokens=split_budget(merge.max_total_tokens, counts),
+    return BudgetShares(requests=split_budget(requests_left, counts),
+                        tokens=split_budget(tokens_left, counts),
                         cap_requests=merge.max_requests > 0, cap_tokens=merge.max_total_tokens > 0)
 
 
+@dataclass
+class RequestPlan:
+    """Decided on the driver before the request pass starts a task: this run's id, the budget
+    left after every earlier run's spend, the preflight's answer."""
+    run_id: str
+    shares: BudgetShares
+    preflight: Preflight = field(default_factory=Preflight)
+    spent_before: tuple[int, int] = (0, 0)   # requests and tokens the ledger held at the start
+
+
+def refuse_speculation(spark: SparkSession) -> None:
+    """Speculative execution runs a second attempt of a slow task beside the first: both would
+    pay for the same merges. The stage refuses to start under it."""
+    if spark.sparkContext.getConf().get("spark.speculation", "false").strip().lower() == "true":
+        raise StageError("the merge stage does not run with spark.speculation=true: two live attempts "
+                         "of one task would both pay for the same LLM calls. Run it with "
+                         "--conf spark.speculation=false (spark.conf in the settings)")
+
+
+def plan_requests(jobs: DataFrame, settings: Settings, ledger_root: str, has_groups: bool) -> RequestPlan:
+    """Refuse speculation, count what the ledger has spent, send the preflight request."""
+    spark = jobs.sparkSession
+    refuse_speculation(spark)
+    merge = settings.merge
+    capped = merge.max_requests > 0 or merge.max_total_tokens > 0
+    plan = RequestPlan(run_id=uuid.uuid4().hex, shares=BudgetShares())
+    if capped:
+        plan.spent_before = ledger_spend(spark, ledger_root)
+    requests_left = merge.max_requests - plan.spent_before[0] if merge.max_requests > 0 else 1
+    if has_groups and settings.llm.preflight and requests_left >= 1:
+        plan.preflight = preflight(settings.llm)
+        if capped:
+            _record_driver_spend(ledger_root, plan)
+    plan.shares = _budget_shares(jobs, merge,
+                                 max(0, merge.max_requests - plan.spent_before[0] - plan.preflight.requests),
+                                 max(0, merge.max_total_tokens - plan.spent_before[1] - plan.preflight.tokens))
+    return plan
+
+
+def _record_driver_spend(ledger_root: str, plan: RequestPlan) -> None:
+    """The preflight's request in the ledger (bucket 0), so that later runs count it too. Its run
+    id is apart from the tasks': their shares were computed with it already taken off."""
+    writer = LedgerWriter(ledger_root, f"driver-{plan.run_id}")
+    try:
+        writer.open_bucket(0, read_bucket(ledger_root, 0).max_seq)
+        for n in range(plan.preflight.requests):
+            writer.submit(0, {"spend": uuid.uuid4().hex, "run": f"{plan.run_id}-preflight", "requests": 1,
+                              "tokens": plan.preflight.tokens if n == 0 else 0}).result()
+    finally:
+        writer.close()
+
+
+def ledger_spend(spark: SparkSession, ledger_root: str) -> tuple[int, int]:
+    """Requests and tokens the ledger records as spent, over every run: the spend lines (an
+    unsettled request counts its whole reservation), plus the requests and tokens of results
+    written without spend lines (runs without a budget). A Spark aggregation: one row to the driver."""
+    if not any(Path(ledger_root).glob("bucket=*/*.jsonl")):
+        return 0, 0
+    lines = (spark.read.schema(SPEND_SCHEMA).option("mode", "DROPMALFORMED")
+             .json(str(Path(ledger_root) / "bucket=*" / "*.jsonl")))
+    reserved = lines.where(F.col("spend").isNotNull()).select(
+        F.col("spend").alias("sid"), F.col("tokens").alias("reserved"))
+    settled = (lines.where(F.col("settle").isNotNull())
+               .groupBy(F.col("settle").alias("sid")).agg(F.max("tokens").alias("used")))
+    spend = (reserved.join(settled, "sid", "left")
+             .agg(F.count("*").alias("requests"),
+                  F.sum(F.coalesce("used", "reserved")).alias("tokens")))
+    unjournaled = (lines.where(F.col("status").isNotNull() & ~F.coalesce(F.col("journaled"), F.lit(False)))
+                   .agg(F.sum("attempts").alias("requests"),
+                        F.sum(F.col("prompt_tokens") + F.col("completion_tokens")).alias("tokens")))
+    rows = spend.unionByName(unjournaled).collect()
+    return (sum(int(r["requests"] or 0) for r in rows), sum(int(r["tokens"] or 0) for r in rows))
+
+
+SPEND_SCHEMA = T.StructType([
+    T.StructField("spend", T.StringType()), T.StructField("settle", T.StringType()),
+    T.StructField("tokens", T.LongType()), T.StructField("status", T.StringType()),
+    T.StructField("journaled", T.BooleanType()), T.StructField("attempts", T.LongType()),
+    T.StructField("prompt_tokens", T.LongType()), T.StructField("completion_tokens", T.LongType()),
+])
+
+
 def request_pass(jobs: DataFrame, settings: Settings, ledger_root: str,
-                 partitions: int | None = None) -> tuple[DataFrame, int]:
+                 partitions: int | None = None, plan: RequestPlan | None = None) -> tuple[DataFrame, int]:
     """The request pass over ``jobs`` (from ``build_jobs``), lazily: one ``PASS_SCHEMA`` row per
-    group, and the number of partitions it runs in."""
+    group, and the number of partitions it runs in. ``plan`` (``plan_requests``) is made here
+    when not given."""
     spark = jobs.sparkSession
     slots = spark.sparkContext.defaultParallelism
     p = min(partitions or settings.merge.partitions or slots, LEDGER_BUCKETS)
     Path(ledger_root).mkdir(parents=True, exist_ok=True)
+    plan = plan or plan_requests(jobs, settings, ledger_root, has_groups=True)
     fn = _MergePartition(llm=settings.llm, merge=settings.merge, gate=settings.gate,
-                         embed=settings.embed, ledger_root=ledger_root,
-                         shares=_budget_shares(jobs, settings.merge),
-                         copy_length_ratio=settings.gate.copy_length_ratio, loops=min(p, slots))
+                         embed=settings.embed, ledger_root=ledger_root, shares=plan.shares,
+                         copy_length_ratio=settings.gate.copy_length_ratio, loops=min(p, slots),
+                         run_id=plan.run_id,
+                         context_tokens=plan.preflight.context_tokens or settings.llm.context_tokens or None)
     return bucket_ranges(jobs, p).sortWithinPartitions("bucket").mapInArrow(fn, PASS_SCHEMA), p
 
 
@@ -628,13 +793,6 @@ def summarise(passed: DataFrame, partitions: int) -> MergeRunSummary:
     return summary
 
 
-def execute_jobs(jobs: DataFrame, settings: Settings, ledger_root: str,
-                 partitions: int | None = None) -> MergeRunSummary:
-    """Run the request pass over ``jobs`` for its side effects (the ledger) and totals only."""
-    passed, p = request_pass(jobs, settings, ledger_root, partitions)
-    return summarise(passed, p)
-
-
 def read_ledger(spark: SparkSession, ledger_root: str) -> DataFrame:
     """Every ledger line as a DataFrame (``LEDGER_SCHEMA`` plus the ``bucket`` folder column), for
     inspection: the stage itself reads the ledger bucket by bucket inside its tasks."""
@@ -666,11 +824,14 @@ def run_merge(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddin
     started = time.perf_counter()
     settings = ctx.settings
     ledger_root = str(Path(ctx.store.root) / LEDGER_DIR)
+    Path(ledger_root).mkdir(parents=True, exist_ok=True)
     jobs = build_jobs(groups, records, embeddings, settings.llm)
-    passed, p = request_pass(jobs, settings, ledger_root, partitions)
+    plan = plan_requests(jobs, settings, ledger_root, has_groups=not groups.isEmpty())
+    passed, p = request_pass(jobs, settings, ledger_root, partitions, plan)
     passed = passed.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         summary = summarise(passed, p)
+        summary.add_preflight(plan.preflight)
         log.info("merge: %d groups, %d requests sent, %d tokens; statuses %s; gate rejections %s",
                  summary.groups, summary.requests, summary.total_tokens, summary.by_status,
                  summary.gate_rejections)
@@ -693,7 +854,10 @@ def record_merge_run(run_root: str | Path, entry: dict[str, Any]) -> None:
     stamped with when it finished; :func:`merge_runs` reads them back."""
     runs = Path(run_root) / RUNS_FILE
     runs.parent.mkdir(parents=True, exist_ok=True)
+    torn = runs.is_file() and runs.stat().st_size > 0 and not runs.read_bytes().endswith(b"\n")
     with open(runs, "a", encoding="utf-8") as handle:
+        if torn:  # end the torn line, so that this one stays whole
+            handle.write("\n")
         handle.write(json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                  **entry}) + "\n")
 
@@ -710,11 +874,23 @@ def _unchanged_version(ctx: StageContext, content: str) -> int | None:
 
 
 def merge_runs(run_root: str | Path) -> list[dict[str, Any]]:
-    """Every merge run's summary for a run root, oldest first (for the report)."""
+    """Every merge run's summary for a run root, oldest first (for the report). A line that does
+    not parse (a driver killed while appending it) is skipped with a warning."""
     path = Path(run_root) / RUNS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    runs = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s line %d is torn (a run killed while writing it); skipped", path, number)
+            continue
+        if isinstance(entry, dict):
+            runs.append(entry)
+    return runs
 
 
 class Merge(Stage):
@@ -729,4 +905,5 @@ class Merge(Stage):
         # run_merge writes `merges` itself (paid calls are durable as they land), so no table
         # goes back to the executor: only what this run paid.
         summary = run_merge(ctx, tables["merge_groups"], tables["records"], tables["embeddings"])
-        return StageOutput(summary=summary.as_dict(), unchanged=() if summary.rewritten else ("merges",))
+        return StageOutput(summary=summary.as_dict(), unchanged=() if summary.rewritten else ("merges",),
+                           shortfall=summary.shortfall(ctx.settings.merge))
