@@ -5,7 +5,7 @@ The executor knows no stage by name: it drives every stage through the hooks of
 verifies the written tables), so a new stage needs no change here.
 
 Resume: after a stage has written all of its tables and its check passed, the executor records a
-fingerprint of what decided them (the stage's code version, the result-deciding knobs of its
+fingerprint of what decided them (the stage's declared ``version``, the result-deciding knobs of its
 settings sections, what the stage adds, e.g. the input files' sizes and times, and for each input
 table the fingerprint of the stage that wrote it AND the table version it wrote) in
 ``<root>/_state/<stage>.json`` with the versions it wrote. A rerun skips a stage whose fingerprint
@@ -31,7 +31,6 @@ from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 
-from . import __version__
 from .config import Settings
 from .redact import register_secret
 from .session import build_session
@@ -169,7 +168,7 @@ class Pipeline:
                 upstream[table] = [self.fingerprint(producer), None]
         payload = {
             "stage": stage.name,
-            "code": __version__,
+            "code": stage.version,
             "settings": self.settings.fingerprint(*stage.settings_sections),
             "inputs": upstream,
             "extra": stage.extra_fingerprint(self.ctx),

@@ -112,3 +112,16 @@ def test_the_topics_fingerprint_does_not_depend_on_spark_partitioning(spark, tmp
                              [f"output.root={root}", f"spark.shuffle_partitions={partitions}"], env={})
     pipeline = Pipeline(settings, spark=spark)
     assert {s.name: pipeline.fingerprint(s) for s in pipeline.stages} == default
+
+
+def test_a_stage_whose_declared_version_changes_reruns_with_everything_below(spark, tmp_path, monkeypatch):
+    """A fix to a stage's algorithm (its ``version`` bumped) reruns it on an existing run root,
+    and the stages below it; the stages above stay current."""
+    from _toy_stages import Double
+    root = tmp_path / "run"
+    _toy(spark, root).run()
+    monkeypatch.setattr(Double, "version", "2")
+    bumped = _toy(spark, root)
+    assert [row["current"] for row in bumped.status()] == [True, False, False]
+    assert _ran(bumped.run()) == ["double", "total"]
+    assert all(row["current"] for row in bumped.status())

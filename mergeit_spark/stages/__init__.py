@@ -16,6 +16,11 @@ the same hooks, in this order:
 ``extra_fingerprint`` adds what beyond input tables and settings decides the output (ingest:
 the input files' sizes and times).
 
+``version`` is the stage's code version in its fingerprint: bump it in the same commit that
+changes what the stage computes from the same inputs and settings (an algorithm, a rule, a schema),
+so that every run root recomputes the stage, and the stages below it, on the next run. A change
+that only makes it faster leaves it alone.
+
 Work that failed is never reported as success: a stage whose tables are written but whose work
 is partly undone for reasons a rerun can fix (merge: groups that failed on transport, server,
 budget) returns a :class:`Shortfall`. The executor records it; the stage is then not current, so
@@ -88,6 +93,7 @@ class StageOutput(Mapping[str, DataFrame]):
 
 class Stage:
     name: ClassVar[str]
+    version: ClassVar[str] = "1"                  # bump when what the stage computes changes
     inputs: ClassVar[tuple[str, ...]] = ()        # tables read from the run root
     outputs: ClassVar[tuple[str, ...]] = ()       # tables written to the run root
     settings_sections: ClassVar[tuple[str, ...]] = ()  # sections whose change forces a rerun

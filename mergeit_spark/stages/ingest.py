@@ -100,14 +100,6 @@ RECORD_SCHEMA = StructType([
     StructField("source", StringType(), False),
     StructField("extra", StringType(), True),
 ])
-REJECT_SCHEMA = StructType([
-    StructField("source", StringType(), True),
-    StructField("line", LongType(), True),
-    StructField("row", LongType(), True),
-    StructField("raw", StringType(), True),
-    StructField("reason", StringType(), False),
-    StructField("detail", StringType(), True),
-])
 INPUT_FILES_SCHEMA = StructType([
     StructField("source", StringType(), False),
     StructField("format", StringType(), False),
