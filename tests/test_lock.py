@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,13 +70,22 @@ def _uv() -> Path:
     return uv
 
 
-def _resolve(lock: str, target: str, extra_env: dict[str, str], python: str) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def uv_cache(tmp_path_factory):
+    """A uv cache for this module, removed after it: uv unpacks the sdists it reads metadata from
+    (pyspark's is 455 MB) into a new cache entry on every call, gigabytes a run in a shared cache."""
+    cache = tmp_path_factory.mktemp("uv-cache")
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def _resolve(lock: str, target: str, extra_env: dict[str, str], python: str, cache: Path) -> dict[str, str]:
     """What uv resolves the lock file to for one platform (it fails where a pin has no wheel for
     that platform, or, for SDIST_ONLY, no sdist)."""
     # --python: this interpreter, not one uv searches the machine for (seconds per call).
     cmd = [str(_uv()), "pip", "compile", lock, "--no-config", "--python", sys.executable,
            "--python-version", python, "--python-platform", target, "--no-header", "--no-annotate",
-           "--quiet"]
+           "--quiet", "--cache-dir", str(cache)]
     for name in _pins(REPO / lock):
         if name not in SDIST_ONLY:
             cmd += ["--only-binary", name]
@@ -91,12 +101,12 @@ def _resolve(lock: str, target: str, extra_env: dict[str, str], python: str) -> 
     return resolved
 
 
-@pytest.mark.slow  # 2-6 s each, about 30 s in all: uv asks PyPI whether its cache is current
+@pytest.mark.slow  # seconds each: the first call downloads the sdists into the module's cache
 @pytest.mark.parametrize("lock, platform, python", CASES, ids=lambda v: str(v))
-def test_lock_resolves_for_platform(lock, platform, python):
+def test_lock_resolves_for_platform(lock, platform, python, uv_cache):
     target, extra_env, markers = PLATFORMS[platform]
     pins = _pins(REPO / lock)
-    resolved = _resolve(lock, target, extra_env, python)
+    resolved = _resolve(lock, target, extra_env, python, uv_cache)
     # Exactly the pins whose markers hold there: nothing unpinned comes in, nothing pinned is lost.
     assert resolved == _expected(pins, markers, python)
     cuda = sorted(n for n in resolved if n.startswith(("nvidia-", "cuda-")) or n == "triton")
