@@ -62,7 +62,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from dataclasses import dataclass
 from datetime import timezone
@@ -395,7 +394,7 @@ class MergeClient:
                 f"row; last: {self._last_failure}")
 
     def _note(self, error: str | None, breaks: bool) -> None:
-        """Count a failure that says the server or the key is down; anything else closes the run."""
+        """Count a failure that says the server or the key is down; any other outcome resets the count."""
         if breaks:
             self._failures_in_a_row += 1
             self._last_failure = (error or "")[:200]
