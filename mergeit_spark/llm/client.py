@@ -233,10 +233,6 @@ class Budget:
         if self.max_tokens is not None:
             self.max_tokens += tokens
 
-    @staticmethod
-    def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
-        return estimate_prompt_tokens(messages)
-
     def reserve(self, prompt_estimate: int, completion_max: int) -> int | None:
         """Reserve room for one request; the reservation, or None when the budget is spent."""
         if self.max_requests is not None and self.requests >= self.max_requests:
@@ -456,7 +452,7 @@ class MergeClient:
         assert self._limits is not None
         result = ChatResult()
         retries = 0
-        estimate = Budget.estimate_prompt_tokens(messages)
+        estimate = estimate_prompt_tokens(messages)
         while True:
             await self._respect_pause()
             await self._limits.acquire(estimate + self.llm.max_tokens)

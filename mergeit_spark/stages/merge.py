@@ -557,7 +557,6 @@ class MergeRunSummary:
     errors: dict[str, int] = field(default_factory=dict)         # error kind -> failed groups
     gate_rejections: dict[str, int] = field(default_factory=dict)  # check -> gate_failed groups
     budget_exhausted: int = 0
-    retryable_failed: int = 0    # failed groups a plain rerun retries (rerun_can_fix)
     preflight_requests: int = 0  # the driver's check before the pass (not in requests)
     preflight_tokens: int = 0
     partitions: int = 0
@@ -570,9 +569,15 @@ class MergeRunSummary:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @property
+    def retryable_failed(self) -> int:
+        """Failed groups a plain rerun retries (``rerun_can_fix``)."""
+        return sum(n for kind, n in self.errors.items() if rerun_can_fix(kind))
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["total_tokens"] = self.total_tokens
+        out["retryable_failed"] = self.retryable_failed
         return out
 
     def add_preflight(self, checked: Preflight) -> None:
@@ -597,8 +602,6 @@ class MergeRunSummary:
             self.errors[row["error_kind"]] = self.errors.get(row["error_kind"], 0) + n
         if row["error_kind"] == ERROR_BUDGET:
             self.budget_exhausted += n
-        if row["status"] == STATUS_FAILED and rerun_can_fix(row["error_kind"]):
-            self.retryable_failed += n
         for check in (row["gate_failed"] or "").split(","):
             if check:
                 self.gate_rejections[check] = self.gate_rejections.get(check, 0) + n
@@ -662,8 +665,8 @@ def plan_requests(jobs: DataFrame, settings: Settings, ledger_root: str, has_gro
     plan = RequestPlan(run_id=uuid.uuid4().hex, shares=BudgetShares())
     if capped:
         plan.spent_before = ledger_spend(spark, ledger_root)
-    requests_left = merge.max_requests - plan.spent_before[0] if merge.max_requests > 0 else 1
-    if has_groups and settings.llm.preflight and requests_left >= 1:
+    can_send = merge.max_requests <= 0 or plan.spent_before[0] < merge.max_requests
+    if has_groups and settings.llm.preflight and can_send:
         plan.preflight = preflight(settings.llm)
         if capped:
             _record_driver_spend(ledger_root, plan)
@@ -824,7 +827,6 @@ def run_merge(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddin
     started = time.perf_counter()
     settings = ctx.settings
     ledger_root = str(Path(ctx.store.root) / LEDGER_DIR)
-    Path(ledger_root).mkdir(parents=True, exist_ok=True)
     jobs = build_jobs(groups, records, embeddings, settings.llm)
     plan = plan_requests(jobs, settings, ledger_root, has_groups=not groups.isEmpty())
     passed, p = request_pass(jobs, settings, ledger_root, partitions, plan)
