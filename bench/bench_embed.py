@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from bench._common import write_section  # noqa: E402
 from bench.bench_filter import RECORDS_DDL, load_records  # noqa: E402
 from mergeit_spark.config import EmbedSettings, load_settings  # noqa: E402
+from mergeit_spark import models as M  # noqa: E402
 from mergeit_spark.stages import embed as E  # noqa: E402
 
 FLAGS_SHOWN = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -64,7 +65,7 @@ def timed(fn):
 
 def reference_model(settings: EmbedSettings):
     from sentence_transformers import SentenceTransformer
-    model = SentenceTransformer(E.resolve_model_path(settings.model), device="cpu")
+    model = SentenceTransformer(M.resolve_model_path(settings.model), device="cpu")
     model.max_seq_length = settings.max_seq_length
     return model
 
@@ -108,7 +109,7 @@ def cosine_stats(ours: np.ndarray, ref: np.ndarray) -> str:
 
 def cpu_facts() -> dict:
     import torch
-    flags = E.cpu_flags()
+    flags = M.cpu_flags()
     mhz = 0.0
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("cpu MHz"):
@@ -116,7 +117,7 @@ def cpu_facts() -> dict:
             break
     return {"flags": [f for f in FLAGS_SHOWN if f in flags], "mhz": mhz, "cores": os.cpu_count(),
             "torch_capability": torch.backends.cpu.get_cpu_capability(),
-            "auto": E.resolve_precision("auto", "cpu"), "torch_threads": torch.get_num_threads()}
+            "auto": M.resolve_precision("auto", "cpu"), "torch_threads": torch.get_num_threads()}
 
 
 def measured_gemm_gflops(threads: int, n: int = 1536, reps: int = 6) -> float:
@@ -232,16 +233,16 @@ def tuning(settings, records: list[dict], model, root: Path) -> str:
          lambda: model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False))
     for batch in (16, 32, 64, 128):
         line(f"stage encoder, token-sorted window of {n}, batch {batch}",
-             lambda b=batch: E.encode_texts(texts, dataclasses.replace(base, batch_size=b)))
+             lambda b=batch: M.encode_texts(texts, dataclasses.replace(base, batch_size=b)))
     line(f"stage encoder, windows of 256 rows, batch {base.batch_size}",
-         lambda: [E.encode_texts(texts[s:s + 256], base) for s in range(0, n, 256)])
+         lambda: [M.encode_texts(texts[s:s + 256], base) for s in range(0, n, 256)])
     line(f"stage encoder, arrival order (no sorting), batch {base.batch_size}",
-         lambda: E.encode_texts(texts, base, sort_by_length=False))
+         lambda: M.encode_texts(texts, base, sort_by_length=False))
     line(f"stage encoder, bf16 autocast, batch {base.batch_size}",
-         lambda: E.encode_texts(texts, dataclasses.replace(base, precision="bf16")))
-    loaded = E.load_model(base)
-    _, tok_wall, _ = timed(lambda: E._tokenise(loaded, texts))
-    vectors = E.encode_texts(texts, base)
+         lambda: M.encode_texts(texts, dataclasses.replace(base, precision="bf16")))
+    loaded = M.load_model(base)
+    _, tok_wall, _ = timed(lambda: M._tokenise(loaded, texts))
+    vectors = M.encode_texts(texts, base)
     _, arrow_wall, _ = timed(lambda: E.embedding_lists(vectors))
     torch.set_num_threads(threads)
     notes = [f"Tokenising all {n} texts in one call: {tok_wall:.2f} s ({n / tok_wall:.0f} rows/s); "
@@ -274,10 +275,10 @@ def profile(embed: EmbedSettings, texts: list[str]) -> str:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     settings = dataclasses.replace(embed, precision="fp32", torch_threads=0)
-    model = E.load_model(settings)
-    E.encode_texts(texts[:32], settings)
+    model = M.load_model(settings)
+    M.encode_texts(texts[:32], settings)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        _, wall, _ = timed(lambda: E.encode_texts(texts, settings))
+        _, wall, _ = timed(lambda: M.encode_texts(texts, settings))
     torch.set_num_threads(threads)
     groups: dict[str, float] = {}
     for event in prof.key_averages():

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from bench._common import write_section  # noqa: E402
 from mergeit_spark.config import GateSettings, load_settings  # noqa: E402
-from mergeit_spark.stages.embed import encode_texts  # noqa: E402
+from mergeit_spark.models import encode_texts  # noqa: E402
 
 from _gate_cases import BAD_KINDS, GOOD_KINDS, choose_thresholds, judge_cases, load_cases  # noqa: E402
 

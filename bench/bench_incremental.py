@@ -12,7 +12,7 @@ server for both, answering after ``--llm-latency`` seconds):
    (without it the full rerun comes after a base run that exercised all its paths, while the
    increment's own steps run for the first time: 4-5 s of the increment on this machine);
 1. full run on the 80% (setup, not timed),
-2. ``Pipeline.run_incremental()`` with both files on a fresh copy of that run root (timed: the
+2. ``Pipeline.extend()`` with both files on a fresh copy of that run root (timed: the
    increment),
 3. a full run on both files in a fresh run root (timed: the full rerun);
    2 and 3 again for each of ``--pairs`` (the machine's speed drifts by several per cent within
@@ -84,7 +84,7 @@ def warm_up(work: Path, rows: int, share: float, files: list[str], base_url: str
     work.mkdir(parents=True)
     old, new = write_split(work, rows, share, files)
     Pipeline(settings_for(work / "inc", [old], base_url, extra), spark=spark).run()
-    Pipeline(settings_for(work / "inc", [old, new], base_url, extra), spark=spark).run_incremental()
+    Pipeline(settings_for(work / "inc", [old, new], base_url, extra), spark=spark).extend()
     Pipeline(settings_for(work / "full", [old, new], base_url, extra), spark=spark).run()
 
 
@@ -103,7 +103,7 @@ def timed_increment(base: Path, root: Path, old: Path, new: Path, llm, extra: li
     sent = len(llm.requests)
     profiler = _profiler() if profile else None
     started = time.perf_counter()
-    result = inc.run_incremental()
+    result = inc.extend()
     seconds = time.perf_counter() - started
     if profiler is not None:
         profiler.stop()
@@ -131,7 +131,7 @@ def report(pairs: list[tuple[dict, dict]], rows: int, files: list[str], args) ->
     for n, (inc, full) in enumerate(pairs, 1):
         tag = f" #{n}" if numbered else ""
         r = inc["result"]
-        lines.append(f"| increment{tag} (`run_incremental`) | {inc['seconds']:.1f} | {inc['requests']} | "
+        lines.append(f"| increment{tag} (`Pipeline.extend`) | {inc['seconds']:.1f} | {inc['requests']} | "
                      f"{', '.join(f'{k} {v:.1f}' for k, v in r.seconds.items())} "
                      f"(Spark jobs: {', '.join(f'{k} {v}' for k, v in (r.jobs or {}).items())}) |")
         lines.append(f"| full rerun on 100%{tag} | {full['seconds']:.1f} | {full['requests']} | "

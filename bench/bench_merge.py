@@ -22,7 +22,7 @@ a few groups (Spark's Python workers started, the gate's model loaded once per w
   5. baseline: the merge stage of git revision ``--baseline-rev`` (HEAD: the code before this
      change) in a subprocess with its own Spark session, then its rerun (last: the slowest).
 The section of BENCHMARKS.md is rewritten after each run, so a cut-short run leaves its rows.
-Stage time is ``run_merge`` end to end (job build, requests, gate, ledger, Delta write); the
+Stage time is the merge stage run by the executor end to end (job build, requests, gate, ledger, Delta write); the
 request phase is first request to last answer as the server saw it. Also timed: the gate's
 encoder alone on 400 merged instruction texts (what bounds the stage on a small CPU).
 
@@ -76,19 +76,29 @@ from pathlib import Path
 args = json.loads(sys.argv[1])
 from mergeit_spark.config import load_settings
 from mergeit_spark.session import build_session
+from mergeit_spark.pipeline import Pipeline
 from mergeit_spark.stages import StageContext
-from mergeit_spark.stages.merge import run_merge
+from mergeit_spark.stages.merge import Merge
 from mergeit_spark.tables import TableStore
+try:  # a baseline tree from before the executor performed every write
+    from mergeit_spark.stages.merge import run_merge
+except ImportError:
+    run_merge = None
 settings = load_settings(overrides=args["overrides"])
 spark = build_session(settings.spark)
 read = lambda name: spark.read.parquet(str(Path(args["inputs"]) / f"{name}.parquet"))
 records, embeddings, groups = read("records").cache(), read("embeddings").cache(), read("groups").cache()
 def once(root, groups):
+    settings.output.root = str(root)
     started = time.perf_counter()
-    s = run_merge(StageContext(spark, TableStore(spark, root), settings), groups, records, embeddings)
-    return {"seconds": time.perf_counter() - started, "requests": s.requests, "groups": s.groups,
-            "by_status": s.by_status, "errors": s.errors,
-            "gate_rejections": getattr(s, "gate_rejections", {})}
+    if run_merge is not None:
+        s = run_merge(StageContext(spark, TableStore(spark, root), settings), groups, records, embeddings).as_dict()
+    else:
+        pipeline = Pipeline(settings, spark=spark, stages=[Merge()])
+        s = pipeline.run_stage(pipeline.stages[0], {"merge_groups": groups, "records": records,
+                                                    "embeddings": embeddings}).summary
+    return {"seconds": time.perf_counter() - started, "requests": s["requests"], "groups": s["groups"],
+            "by_status": s["by_status"], "errors": s["errors"], "gate_rejections": s.get("gate_rejections", {})}
 once(Path(args["root"]) / "warm", groups.limit(8))
 print("WARM", flush=True)
 sys.stdin.readline()  # the parent resets the server's counters, then says go
@@ -120,7 +130,7 @@ def cached_embeddings(rows: list[dict], embed) -> np.ndarray:
     path = CACHE / f"embeddings-{key}.npy"
     if path.is_file():
         return np.load(path)
-    from mergeit_spark.stages.embed import encode_texts
+    from mergeit_spark.models import encode_texts
     print(f"embedding {len(texts)} rows once (cached in {CACHE})", flush=True)
     vectors = encode_texts(texts, embed)
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -200,7 +210,7 @@ def tiny_encoder(into: Path) -> Path:
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from mergeit_spark.stages.embed import resolve_model_path
+    from mergeit_spark.models import resolve_model_path
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
     raw = into.parent / (into.name + "-bert")
@@ -234,7 +244,7 @@ def encoder_rate(groups: list[list[dict]], embed) -> dict:
     (wall) and CPU milliseconds per text, as the gate calls it (calls of 32 texts, its forward
     passes); and the FLOP per merge (dense layers plus attention over the text's tokens)."""
     from mergeit_spark.llm.gate import model_encoder
-    from mergeit_spark.stages.embed import load_model
+    from mergeit_spark.models import load_model
     texts = []
     for members in groups:
         merged = json.loads(merged_content(members))
@@ -321,7 +331,7 @@ def report(results: dict[str, dict], n: int, enc: dict, args: argparse.Namespace
         f"answering each request after {args.latency_ms} ms; local Spark (`local[2]`), "
         f"`merge.partitions={args.partitions}`, `llm.concurrency={args.concurrency}` per task; the "
         f"real MiniLM gate on the executors unless the row says stand-in encoder. Stage time: "
-        f"`run_merge` end to end (job build, requests, gate, ledger, Delta write), after a warm-up "
+        f"the merge stage (executor `run_stage`) end to end (job build, requests, gate, ledger, Delta write), after a warm-up "
         f"run on 8 groups; request phase: first request to last answer at the server. The rerun "
         f"answers every recorded group from the ledger and re-requests only `failed` groups whose "
         f"failure is retryable (transport, server, budget). Faults: {args.fault_rate:.0%} of requests "

@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +58,7 @@ def python_phase(rows: int, reference: Path) -> dict:
 
     from mergeit_spark.session import build_session
     from mergeit_spark.stages.embed import embed_records
-    from mergeit_spark.stages.embed_sparknlp import export_onnx
+    from mergeit_spark.models import export_onnx
 
     settings = load_settings(overrides=[*BASE, "spark.packages=[]", "embed.precision=fp32"], env={})
     write_reference(reference, rows)
@@ -103,9 +102,10 @@ def spark_nlp_pooling(spark, records, settings, truth: dict) -> dict:
     from sparknlp.annotator import BertEmbeddings, E5Embeddings, SentenceEmbeddings, Tokenizer
     from sparknlp.base import DocumentAssembler
 
-    from mergeit_spark.stages.embed_sparknlp import model_dir, record_text
+    from mergeit_spark.models import spark_nlp_model_dir
+    from mergeit_spark.stages.embed_sparknlp import record_text
 
-    plain = str(model_dir(settings.embed) / "onnx-unpooled")
+    plain = str(spark_nlp_model_dir(settings.embed) / "onnx-unpooled")
     texts = records.select("id", record_text().alias("text"))
     document = DocumentAssembler().setInputCol("text").setOutputCol("document")
     found = {}

@@ -97,7 +97,7 @@ def reference_cluster(embeddings: np.ndarray, times: dict[str, float]) -> dict:
 def run_reference(data: Path) -> tuple[dict[str, float], dict]:
     from sentence_transformers import SentenceTransformer
 
-    from mergeit_spark.stages.embed import resolve_model_path
+    from mergeit_spark.models import resolve_model_path
     times: dict[str, float] = {}
     records, times["read"] = timed(lambda: load_records(data))
     texts = [f"{r['instruction']} {r['input']}".strip() for r in records]

@@ -30,7 +30,6 @@ import multiprocessing as mp
 import os
 import sys
 import time
-import types
 from pathlib import Path
 from unittest import mock
 
@@ -90,7 +89,7 @@ def prepare(assets: Path, rows: int) -> None:
     import torch
     from safetensors.torch import load_file, save_file
     from bench.bench_embed import sample_records, texts_of
-    from mergeit_spark.stages.embed import resolve_model_path
+    from mergeit_spark.models import resolve_model_path
     source = Path(resolve_model_path("all-MiniLM-L6-v2"))
     shutil.rmtree(assets, ignore_errors=True)
     shutil.copytree(source, assets / "model")
@@ -135,14 +134,14 @@ def _stage_worker(args):
     os.sched_setaffinity(0, {core})
     import torch
     torch.set_num_threads(1)
-    from mergeit_spark.stages import embed as E
+    from mergeit_spark import models as M
     settings = settings_for(model, precision=precision, torch_threads=1)
-    E.load_model(settings)
-    E.encode_texts(texts[:64], settings)  # warm-up, not timed
+    M.load_model(settings)
+    M.encode_texts(texts[:64], settings)  # warm-up, not timed
     _BARRIER.wait()  # both workers start together, once both models are loaded
     t0 = time.perf_counter()
-    vectors = E.encode_texts(texts, settings)
-    return time.perf_counter() - t0, vectors, E.worker_precision(settings)
+    vectors = M.encode_texts(texts, settings)
+    return time.perf_counter() - t0, vectors, M.worker_precision(settings)
 
 
 def stage_on_two_cores(model: Path, texts: list[str], precision: str, cores: tuple[int, int]):
@@ -200,24 +199,24 @@ def cpu_part(model: Path, texts: list[str], facts: dict) -> dict:
 
 def cuda_part(model: Path, texts: list[str], cpu_ref) -> dict:
     import torch
-    from mergeit_spark.stages import embed as E
+    from mergeit_spark import models as M
     if not torch.cuda.is_available():
         return {"available": False}
     out = {"available": True, "name": torch.cuda.get_device_name(0),
-           "auto": E.resolve_precision("auto", "cuda"), "runs": {}}
+           "auto": M.resolve_precision("auto", "cuda"), "runs": {}}
     wall, ref_vec = reference(model, texts, "cuda")
     out["reference_rows_s"] = len(texts) / wall
     out["reference_cosine_to_cpu_fp32"] = cosine(ref_vec, cpu_ref)
     for precision, batch in (("fp32", 32), ("auto", 32), ("auto", 256)):
         settings = settings_for(model, device="cuda", precision=precision, batch_size=batch, torch_threads=0)
-        E.encode_texts(texts[:256], settings)
+        M.encode_texts(texts[:256], settings)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        vec = E.encode_texts(texts, settings)
+        vec = M.encode_texts(texts, settings)
         torch.cuda.synchronize()
         rate = len(texts) / (time.perf_counter() - t0)
         out["runs"][f"{precision}_b{batch}"] = {
-            "resolved": E.worker_precision(settings), "rows_s": rate, "ratio": rate / out["reference_rows_s"],
+            "resolved": M.worker_precision(settings), "rows_s": rate, "ratio": rate / out["reference_rows_s"],
             "cosine_to_cpu_fp32_reference": cosine(vec, cpu_ref)}
         print(f"cuda stage encoder {precision} batch {batch}: {rate:.0f} rows/s "
               f"({rate / out['reference_rows_s']:.2f}x cuda reference)", flush=True)
@@ -228,15 +227,15 @@ def cuda_variants(model: Path, texts: list[str], cpu_ref) -> dict:
     """The stage's encoder on the GPU at fp32 and bf16 over batch sizes, each timed on a second
     pass (the first one sees every shape)."""
     import torch
-    from mergeit_spark.stages import embed as E
+    from mergeit_spark import models as M
     out = {}
     for precision, batch in (("fp32", 32), ("fp32", 256), ("fp32", 1024),
                              ("bf16", 32), ("bf16", 256), ("bf16", 1024)):
         settings = settings_for(model, device="cuda", precision=precision, batch_size=batch, torch_threads=0)
-        E.encode_texts(texts, settings)
+        M.encode_texts(texts, settings)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        vec = E.encode_texts(texts, settings)
+        vec = M.encode_texts(texts, settings)
         torch.cuda.synchronize()
         rate = len(texts) / (time.perf_counter() - t0)
         out[f"{precision}_b{batch}"] = {"rows_s": rate, "cosine_to_cpu_fp32_reference": cosine(vec, cpu_ref)}
@@ -247,13 +246,13 @@ def cuda_variants(model: Path, texts: list[str], cpu_ref) -> dict:
 
 def facts_of_machine() -> dict:
     import torch
-    from mergeit_spark.stages import embed as E
-    flags = E.cpu_flags()
+    from mergeit_spark import models as M
+    flags = M.cpu_flags()
     model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                        if line.startswith("model name")), "?")
     return {"cpu": model_name, "cores": os.cpu_count(), "flags": [f for f in FLAGS_SHOWN if f in flags],
             "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "auto_cpu": E.resolve_precision("auto", "cpu")}
+            "auto_cpu": M.resolve_precision("auto", "cpu")}
 
 
 def _cos(c: dict) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import Settings, SettingsError, describe, dump_yaml, load_settings
+from .redact import install_log_scrubbing
 
 log = logging.getLogger("mergeit")
 
@@ -100,6 +101,8 @@ def _export_path(root: Path, fmt: str, out: str | None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything logs: every record of this process has secrets and URL credentials masked.
+    install_log_scrubbing()
     # Nothing downloads at run time: models load from installed packages or configured paths.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -207,7 +210,7 @@ def _run_incremental(pipeline, args: argparse.Namespace) -> int:
     from .pipeline import PipelineError
     if args.stage or args.force or args.until:
         raise PipelineError("--incremental takes no --stage, --force or --until")
-    result = pipeline.run_incremental(recluster=args.recluster)
+    result = pipeline.extend(recluster=args.recluster)
     if not result.changed:
         print("no new input: nothing changed")
         _after_run(pipeline, args)

@@ -433,8 +433,10 @@ class _Builder:
 
 
 def load_settings(conf_files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
-                  env: Mapping[str, str] | None = None) -> Settings:
-    """Defaults, then each YAML profile, then ``MERGEIT__*`` variables, then ``--set`` overrides."""
+                  env: Mapping[str, str] | None = None, values: Mapping[str, Any] | None = None) -> Settings:
+    """Defaults, then each YAML profile, then ``values`` (sections as in a profile, or dotted
+    keys: ``{"topics": {"k": 50}}`` or ``{"topics.k": 50}``), then ``MERGEIT__*`` variables,
+    then ``--set`` overrides."""
     b = _Builder()
     for path in conf_files:
         p = Path(path)
@@ -446,8 +448,10 @@ def load_settings(conf_files: Sequence[str | Path] = (), overrides: Sequence[str
             raise SettingsError(f"{p}: not valid YAML: {exc}") from None
         if not isinstance(data, Mapping):
             raise SettingsError(f"{p}: top level must be a mapping of sections")
-        for section, values in data.items():
-            b.set(str(section), values, False, str(p))
+        for section, section_values in data.items():
+            b.set(str(section), section_values, False, str(p))
+    for key, value in (values or {}).items():
+        b.set(str(key), value, False, "settings given in Python")
     env = os.environ if env is None else env
     for var, value in sorted(env.items()):
         if var.startswith(ENV_PREFIX):

@@ -1,22 +1,30 @@
 """The pipeline: a list of stages and the executor that runs them. Engine wiring lives here only.
 
 The executor knows no stage by name: it drives every stage through the hooks of
-:class:`~mergeit_spark.stages.Stage` (``run`` returns the tables to write and a summary, ``check``
-verifies the written tables), so a new stage needs no change here.
+:class:`~mergeit_spark.stages.Stage` (``run`` or ``extend`` returns write intents and a summary,
+``check`` verifies the written tables) and performs every write itself through the run root's
+store, so a new stage needs no change here.
 
 Resume: after a stage has written all of its tables and its check passed, the executor records a
 fingerprint of what decided them (the stage's declared ``version``, the result-deciding knobs of its
 settings sections, what the stage adds, e.g. the input files' sizes and times, and for each input
-table the fingerprint of the stage that wrote it AND the table version it wrote) in
-``<root>/_state/<stage>.json`` with the versions it wrote. A rerun skips a stage whose fingerprint
-matches, whose tables still stand at the recorded versions and whose upstream stages are all
-current; it recomputes from the first stage that changed. Because the chain carries table
-versions, a stage that is rerun (``--force``, ``--stage``) makes everything below it rerun even
-when it computed from unchanged inputs. A driver killed in the middle of a stage leaves no state
-file for it, so the rerun redoes that stage (merge keeps the LLM calls it already paid for in its
-ledger). A stage that wrote its tables but left work a rerun can finish (a ``Shortfall``: merge
-groups that failed on transport, server or budget) is recorded with it and is not current: the
-next run runs it again, and the stages below it.
+table the fingerprint of the stage that wrote it AND the table version it wrote) in the stage's
+state record (``<root>/_state/<stage>.json``) with the versions it wrote, and one line in the run
+log (``<root>/_state/runs.jsonl``). A rerun skips a stage whose fingerprint matches, whose tables
+still stand at the recorded versions and whose upstream stages are all current; it recomputes
+from the first stage that changed. Because the chain carries table versions, a stage that is
+rerun (``--force``, ``--stage``) makes everything below it rerun even when it computed from
+unchanged inputs. A driver killed in the middle of a stage leaves no state for it, so the rerun
+redoes that stage (merge keeps the LLM calls it already paid for in its ledger). A stage that wrote
+its tables but left work a rerun can finish (a ``Shortfall``: merge groups that failed on
+transport, server or budget) is recorded with it and is not current: the next run runs it again,
+and the stages below it.
+
+Increments (``extend``; the rules are in :mod:`mergeit_spark.incremental`): every stage's
+``extend`` in order, each given the rows the stages above added (in memory) while their writes
+run in the background; then every write is waited for, each stage's check runs and its state
+records the new versions. A marker taken before the first write lets a crashed increment be
+rolled back by the next run.
 """
 from __future__ import annotations
 
@@ -25,22 +33,24 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 
+from .background import Writes
 from .config import Settings
-from .redact import register_secret
+from .incremental import Increment, IncrementMarker, require_finished_run
+from .redact import install_log_scrubbing, register_secret
 from .session import build_session
-from .stages import Stage, StageContext, StageOutput
-from .tables import TableStore
+from .stages import Stage, StageContext, StageOutput, new_run_id
+from .tables import RUN_LOG, TableStore
 
 log = logging.getLogger("mergeit")
 
-STATE_DIR = "_state"
-STAGE_ORDER = ("ingest", "embed", "topics", "dedup", "select", "group", "merge", "finalize")
 
 
 class PipelineError(RuntimeError):
@@ -66,7 +76,7 @@ class StageResult:
 
 
 def build_stages(settings: Settings) -> list[Stage]:
-    """The MergeIT stages, in order. Imported here so that the stage modules stay engine-free."""
+    """The MergeIT stages, in order: the pipeline's one list of stages."""
     from .stages.dedup import Dedup
     from .stages.embed import Embed
     from .stages.finalize import Finalize
@@ -77,10 +87,46 @@ def build_stages(settings: Settings) -> list[Stage]:
     from .stages.topics import Topics
 
     # Ingest resolves its inputs here: a missing file or unknown format fails before Spark work.
-    stages = [cls.from_settings(settings)
-              for cls in (Ingest, Embed, Topics, Dedup, Select, Group, Merge, Finalize)]
-    assert tuple(s.name for s in stages) == STAGE_ORDER
-    return stages
+    return [cls.from_settings(settings)
+            for cls in (Ingest, Embed, Topics, Dedup, Select, Group, Merge, Finalize)]
+
+
+class _TablesAt(Mapping[str, DataFrame]):
+    """``names`` read from the store on first use, each at its version in ``versions``."""
+
+    def __init__(self, store: TableStore, names: tuple[str, ...], versions: dict[str, int | None]) -> None:
+        self._store, self._names, self._versions = store, names, versions
+        self._read: dict[str, DataFrame] = {}
+
+    def __getitem__(self, name: str) -> DataFrame:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._read:
+            self._read[name] = self._store.read(name, version=self._versions.get(name))
+        return self._read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class StepTimer:
+    """Seconds and Spark jobs per step (steps run one after another: the jobs since the last step
+    are this step's). Job ids come from the status tracker (``spark.ui.retainedJobs`` recent)."""
+
+    def __init__(self, spark: SparkSession) -> None:
+        self.tracker = spark.sparkContext.statusTracker()
+        self.seconds: dict[str, float] = {}
+        self.jobs: dict[str, int] = {}
+        self._seen = set(self.tracker.getJobIdsForGroup())
+
+    def step(self, name: str, started: float) -> None:
+        self.seconds[name] = round(time.monotonic() - started, 3)
+        now = set(self.tracker.getJobIdsForGroup())
+        self.jobs[name] = len(now - self._seen)
+        self._seen = now
 
 
 class Pipeline:
@@ -88,8 +134,12 @@ class Pipeline:
 
     def __init__(self, settings: Settings, spark: SparkSession | None = None,
                  stages: list[Stage] | None = None) -> None:
+        install_log_scrubbing()
         self.settings = settings
         self.stages = stages if stages is not None else build_stages(settings)
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise PipelineError(f"two stages share a name: {names}")
         # The key variable's value is masked in this process's logs; Spark redacts its conf key.
         register_secret(os.environ.get(settings.llm.api_key_env, "") if settings.llm.api_key_env else "")
         self.spark = spark or build_session(settings.spark, secret_env_names=[settings.llm.api_key_env])
@@ -98,55 +148,40 @@ class Pipeline:
         self.root = Path(settings.output.root).absolute()
 
     # -- state -------------------------------------------------------------------------------
-    def _state_path(self, name: str) -> Path:
-        return self.root / STATE_DIR / f"{name}.json"
-
     def state(self, name: str) -> dict[str, Any] | None:
-        path = self._state_path(name)
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None  # a torn write counts as not done
-
-    def _write_state(self, name: str, state: dict[str, Any]) -> None:
-        path = self._state_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        tmp.replace(path)  # atomic: a state file is whole or absent
+        return self.store.read_state(name)
 
     def write_state(self, name: str, state: dict[str, Any] | None) -> None:
         """Put back a stage's state as recorded (None removes it): an undone increment."""
-        if state is None:
-            self._state_path(name).unlink(missing_ok=True)
-        else:
-            self._write_state(name, state)
+        self.store.write_state(name, state)
 
-    def mark_current(self, name: str, summary: dict[str, Any], checks: dict[str, Any] | None = None,
-                     shortfall: dict[str, Any] | None = None) -> None:
-        """Record stage ``name`` as done at its tables' current versions (an increment appended
-        to them), with today's fingerprint; its earlier state's timing (and checks, unless
-        ``checks`` are given) are kept. A ``shortfall`` (work a rerun must finish) leaves the
-        stage not current, as after a full run."""
-        stage = self.stages[self._index(name)]
-        state = dict(self.state(name) or {})
-        state["shortfall"] = shortfall
+    def mark_current(self, stage: Stage, output: StageOutput, checks: dict[str, Any]) -> None:
+        """Record ``stage`` as done at its tables' current versions after an increment, with
+        today's fingerprint; its earlier state's timing is kept. A shortfall leaves it not current."""
+        state = dict(self.state(stage.name) or {})
         state.update(fingerprint=self.fingerprint(stage),
                      versions={t: self.store.version(t) for t in stage.outputs},
                      counts={t: self.store.count(t) for t in stage.outputs},
                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     summary=summary)
-        if checks is not None:
+                     summary={"incremental_run": self.ctx.run_id, **output.summary},
+                     shortfall=output.shortfall.as_dict() if output.shortfall else None)
+        if checks:
             state["checks"] = checks
-        self._write_state(name, state)
+        self.store.write_state(stage.name, state)
+        self._log_run(stage, state, increment=True)
 
-    def run_incremental(self, recluster: bool = False):
-        """Bring new inputs into a finished run root (``mergeit run --incremental``): the rules
-        are in :mod:`mergeit_spark.incremental`."""
-        from .incremental import run_increment
-        return run_increment(self, recluster=recluster)
+    def _log_run(self, stage: Stage, state: dict[str, Any], increment: bool) -> None:
+        self.store.append_log(RUN_LOG, {
+            "stage": stage.name, "run_id": self.ctx.run_id, "increment": increment,
+            "versions": state["versions"], "counts": state["counts"], "seconds": state.get("seconds"),
+            "summary": state["summary"], "shortfall": state.get("shortfall")})
+
+    def run_log(self, stage: str | None = None) -> list[dict[str, Any]]:
+        """The run log's entries (of ``stage`` only, when given), oldest first."""
+        return [e for e in self.store.read_log(RUN_LOG) if stage is None or e.get("stage") == stage]
+
+    def _outputs(self) -> list[str]:
+        return [t for stage in self.stages for t in stage.outputs]
 
     def _producer(self, table: str) -> Stage | None:
         """The stage of this pipeline that writes ``table``; None for a table made elsewhere."""
@@ -192,11 +227,14 @@ class Pipeline:
     def stage_names(self) -> list[str]:
         return [s.name for s in self.stages]
 
-    def _index(self, name: str) -> int:
+    def stage(self, name: str) -> Stage:
         names = self.stage_names()
         if name not in names:
             raise PipelineError(f"unknown stage {name!r}; stages: {', '.join(names)}")
-        return names.index(name)
+        return self.stages[names.index(name)]
+
+    def _index(self, name: str) -> int:
+        return self.stages.index(self.stage(name))
 
     def run(self, only: str | None = None, force: str | None = None,
             until: str | None = None) -> list[StageResult]:
@@ -204,7 +242,9 @@ class Pipeline:
         ``force`` on regardless of state."""
         forced_from = self._index(force) if force else len(self.stages)
         last = self._index(until) if until else len(self.stages) - 1
-        selected = [self.stages[self._index(only)]] if only else self.stages[:last + 1]
+        selected = [self.stage(only)] if only else self.stages[:last + 1]
+        IncrementMarker(self).roll_back_unfinished()  # else a later increment's rollback would undo this run
+        self.ctx.run_id = new_run_id()
         results = []
         for stage in selected:
             forced = self._index(stage.name) >= forced_from
@@ -216,9 +256,11 @@ class Pipeline:
             results.append(self.run_stage(stage))
         return results
 
-    def run_stage(self, stage: Stage) -> StageResult:
-        """Run one stage: its hooks in order, then its state. Any failure leaves no state."""
-        missing = [t for t in stage.inputs if not self.store.exists(t)]
+    def run_stage(self, stage: Stage, inputs: Mapping[str, DataFrame] | None = None) -> StageResult:
+        """Run one stage: its hooks in order, its writes, then its state. Any failure leaves no
+        state. ``inputs``: the stage's input tables as DataFrames made elsewhere (one stage run
+        on a user's own rows), instead of the run root's tables."""
+        missing = [t for t in stage.inputs if t not in (inputs or {}) and not self.store.exists(t)]
         if missing:
             raise PipelineError(f"stage {stage.name} needs table(s) {', '.join(missing)} under "
                                 f"{self.root}; run the stages before it first")
@@ -226,8 +268,14 @@ class Pipeline:
         log.info("stage %-8s running", stage.name)
         started = time.monotonic()
         before = {t: self.store.version(t) for t in stage.outputs}
-        output = _as_output(stage.run(self.ctx, {t: self.store.read(t) for t in stage.inputs}))
-        self._write_outputs(stage, output, before)
+        tables = {t: (inputs or {}).get(t) or self.store.read(t) for t in stage.inputs}
+        output = _as_output(stage.run(self.ctx, tables))
+        self._check_declared(stage, output)
+        for name, write in output.writes().items():
+            self.store.apply(name, write)
+        self._check_written(stage, output, before)
+        for name, model in output.models.items():
+            self.store.save_model(name, model)
         # Stages may persist what they read twice (ingest parses once for two tables); once the
         # tables are written nothing downstream reads those caches.
         self.spark.catalog.clearCache()
@@ -236,11 +284,13 @@ class Pipeline:
         checks = stage.check(self.ctx) or {}
         seconds = time.monotonic() - started
         shortfall = output.shortfall.as_dict() if output.shortfall else None
-        self._write_state(stage.name, {
+        state = {
             "fingerprint": fingerprint, "versions": versions, "counts": counts,
             "seconds": round(seconds, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "summary": output.summary, "checks": checks, "shortfall": shortfall,
-        })
+        }
+        self.store.write_state(stage.name, state)
+        self._log_run(stage, state, increment=False)
         log.info("stage %-8s done in %.1fs: %s", stage.name, seconds,
                  ", ".join(f"{t}={n}" for t, n in counts.items()))
         if shortfall:
@@ -248,18 +298,85 @@ class Pipeline:
         return StageResult(stage.name, False, seconds, fingerprint, versions, counts,  # type: ignore[arg-type]
                            output.summary, checks, shortfall)
 
-    def _write_outputs(self, stage: Stage, output: StageOutput, before: dict[str, int | None]) -> None:
-        """Write the tables the stage returned; the others it must have written itself."""
+    def _check_declared(self, stage: Stage, output: StageOutput) -> None:
         undeclared = sorted(set(output.tables) - set(stage.outputs))
         if undeclared:
             raise PipelineError(f"stage {stage.name} returned table(s) it does not declare: {undeclared}")
+
+    def _check_written(self, stage: Stage, output: StageOutput, before: dict[str, int | None]) -> None:
+        """Every declared table was written now, or is one the stage called unchanged."""
         for table in stage.outputs:
             if table in output.tables:
-                self.store.write(output.tables[table], table)
-            elif table in output.unchanged and self.store.version(table) is not None:
                 continue
-            elif self.store.version(table) in (None, before[table]):
-                raise PipelineError(f"stage {stage.name} neither returned nor wrote table {table!r}")
+            if table in output.unchanged and self.store.version(table) is not None:
+                continue
+            raise PipelineError(f"stage {stage.name} returned no rows for table {table!r}")
+
+    # -- increments ----------------------------------------------------------------------------
+    def extend(self, recluster: bool = False) -> Increment:
+        """Bring the new inputs into this finished run root (``mergeit run --incremental``): the
+        rules are in :mod:`mergeit_spark.incremental`. With ``recluster``, the stages above the
+        one that ``refits`` are extended, then it and every stage below run in full."""
+        marker = IncrementMarker(self)
+        marker.roll_back_unfinished()
+        require_finished_run(self)
+        self.ctx.run_id = new_run_id()
+        before = {t: self.store.version(t) for stage in self.stages for t in (*stage.inputs, *stage.outputs)}
+        states = {s.name: self.state(s.name) for s in self.stages}
+        timer, writes = StepTimer(self.spark), Writes()
+        added: dict[str, DataFrame] = {}
+        done: list[tuple[Stage, StageOutput]] = []
+        try:
+            for stage in self.stages:
+                if recluster and stage.refits:
+                    break
+                started = time.monotonic()
+                if stage.extends_from_tables:
+                    writes.wait()
+                    added = self._added_from_tables(added, before)
+                tables = _TablesAt(self.store, tuple(before), before)  # every table, as it stood
+                output = _as_output(stage.extend(self.ctx, tables, added))
+                self._check_declared(stage, output)
+                if not done and not output.tables:
+                    log.info("incremental: nothing new; nothing to do")
+                    return Increment(self.ctx.run_id, {stage.name: output.summary})
+                if not done:
+                    marker.begin({t: before[t] for t in self._outputs()}, states)
+                for name, write in output.writes().items():
+                    if write.mode == "append":
+                        added[name] = write.rows
+                added.update(output.carry)
+                writes.start(*[partial(self.store.apply, name, write) for name, write in output.writes().items()])
+                for name, model in output.models.items():
+                    self.store.save_model(name, model)
+                done.append((stage, output))
+                timer.step(stage.name, started)
+            started = time.monotonic()
+            writes.wait()
+        except BaseException:
+            writes.join()  # no write still running when the failure leaves (the next run rolls back)
+            self.spark.catalog.clearCache()
+            raise
+        self.spark.catalog.clearCache()  # the steps' cached rows: every table they fed is written
+        for stage, output in done:
+            self.mark_current(stage, output, stage.check(self.ctx) or {})
+        timer.step("writes and checks", started)
+        result = Increment(self.ctx.run_id, {stage.name: output.summary for stage, output in done},
+                           seconds=timer.seconds, jobs=timer.jobs, recluster=recluster)
+        marker.finish(result)  # the increment is whole; a re-cluster below is a plain run
+        if recluster:
+            self.run(force=next(s.name for s in self.stages if s.refits))
+        log.info("incremental run %s: %s", result.run_id, json.dumps(result.as_dict()))
+        return result
+
+    def _added_from_tables(self, added: dict[str, DataFrame], before: dict[str, int | None]
+                           ) -> dict[str, DataFrame]:
+        """``added`` with each written table's frame replaced by the rows it gained since
+        ``before`` (read from its files); frames handed down in ``carry`` stay."""
+        written = {name: (self.store.read_added(name, before[name]) if before.get(name) is not None
+                          else self.store.read(name))
+                   for name in added if name in before and self.store.exists(name)}
+        return {**added, **written}
 
     # -- reporting ---------------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:

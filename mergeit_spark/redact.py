@@ -6,8 +6,11 @@ Three places a key could leak, one module:
   record, whatever logger made it and whichever handler prints it (a file, the console, Python's
   last-resort stderr handler on executors), has registered secrets and URL credentials replaced
   by ``***`` in its message and its traceback before any handler sees it. Importing
-  ``mergeit_spark`` installs it, so it is active on the driver and in every Python worker.
-  :func:`register_secret` adds a value (the LLM client registers the key it resolves).
+  ``mergeit_spark`` installs nothing (a library must not change the logging of the process that
+  imports it): a run installs it where it starts (``mergeit`` and ``Pipeline`` on the driver, each
+  merge task in its Python worker). :func:`register_secret` adds a value and installs the
+  scrubbing if it is not yet in place, so that the value is masked wherever it was registered (the
+  LLM client registers the key it resolves, on the driver and in workers).
 * **Spark's conf.** Spark hides a conf value in its UI and event log only when the key matches
   ``spark.redaction.regex``; its default does not match ``spark.executorEnv.MERGEIT_LLM_API_KEY``
   (the way the key reaches executors on YARN and Kubernetes). :func:`redaction_regex` extends the
@@ -42,11 +45,13 @@ _installed = False
 
 
 def register_secret(value: str | None) -> str | None:
-    """Mask ``value`` in every later log record of this process; returns ``value`` unchanged."""
+    """Mask ``value`` in every later log record of this process (installing
+    :func:`install_log_scrubbing` if needed); returns ``value`` unchanged."""
     global _secrets
     if value and len(value.strip()) >= _MIN_SECRET_CHARS:
         with _lock:
             _secrets = tuple(sorted({*_secrets, value.strip()}, key=len, reverse=True))
+        install_log_scrubbing()
     return value
 
 
@@ -82,7 +87,10 @@ def _scrub_record(record: logging.LogRecord) -> None:
 
 
 def install_log_scrubbing() -> None:
-    """Scrub every log record of this process (idempotent; chains any existing factory)."""
+    """Scrub every log record of this process: wraps the current log record factory (chaining
+    whatever factory is in place). Idempotent: a second call, from any caller, wraps nothing more,
+    so each record is scrubbed once. Called where a run starts (CLI, ``Pipeline``) and in the
+    worker code that logs (a merge task); importing the package does not call it."""
     global _installed
     with _lock:
         if _installed:

@@ -44,10 +44,10 @@ def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = N
         "spark.python.worker.reuse": "true",
         # delta-rs commits the Parquet Spark writes; Delta readers want microsecond timestamps, not INT96.
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
-        # Spark keeps 100 compiled query classes; a run of the pipeline generates more (an
-        # increment about 420), so a session that runs it again (the next batch) compiled every
-        # one anew (436 in a warm increment, against 4 with room for them) and the JVM their
-        # machine code: about 30% of its finalize step's CPU (BENCHMARKS.md, incremental).
+        # Spark keeps 100 compiled query classes; a run of the pipeline generates several times
+        # more, so a session that runs it again (the next batch) would compile nearly every one
+        # anew, and the JVM its machine code: a large share of the finalize step's CPU
+        # (BENCHMARKS.md, incremental). With room for them, a warm run compiles a handful.
         "spark.sql.codegen.cache.maxEntries": str(CODEGEN_CACHE_ENTRIES),
     }
     # Under spark-submit its --packages/--jars are already on the classpath and win; otherwise
@@ -56,7 +56,7 @@ def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = N
     conf.update(jars)
     conf.update(settings.conf)
     conf.update(extra_conf or {})
-    if _jvm_has_class(DELTA_EXTENSION) if submitted else provides_delta(settings):
+    if jvm_has_class(DELTA_EXTENSION) if submitted else provides_delta(settings):
         _add_delta_conf(conf)
     # The UI and the event log show a conf value unless its key matches this pattern; Spark's
     # default misses spark.executorEnv.<key variable>, how the LLM key reaches YARN/K8s executors.
@@ -102,7 +102,7 @@ def _explain_start_failure(exc: Exception, jars: dict[str, str], settings: Spark
         "Delta's jar (tables are then written through delta-rs).") from None
 
 
-def _jvm_has_class(name: str) -> bool:
+def jvm_has_class(name: str) -> bool:
     """Whether the running JVM (spark-submit's, or the session's) can load class ``name``."""
     from pyspark import SparkContext
 
@@ -124,4 +124,4 @@ def _submitted_with_master() -> bool:
 def has_delta(spark: SparkSession) -> bool:
     """True when Delta Lake's classes are on the JVM classpath and its extension is configured."""
     extensions = spark.conf.get("spark.sql.extensions", "") or ""
-    return DELTA_EXTENSION in extensions and _jvm_has_class(DELTA_EXTENSION)
+    return DELTA_EXTENSION in extensions and jvm_has_class(DELTA_EXTENSION)

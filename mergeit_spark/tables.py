@@ -1,4 +1,13 @@
-"""The one way to write and read a stage table: Delta under the run root.
+"""The run root's store: every table, state record, run log and saved model, by name.
+
+One store per run root; everything the pipeline keeps goes through it, addressed by the root and
+a name: tables (``<root>/<name>``), stage state and the increment marker (``<root>/_state/<name>.json``),
+run logs (``<root>/_state/<name>.jsonl``, one JSON line per entry), saved models
+(``<root>/_models/<name>``) and the merge ledger's folder (``<root>/_ledger``). The verbs: read a
+table (at a version), read what was added since a version, write (overwrite, append, merge by key,
+restore), and read or write state. No other module opens a run-root table or state file itself.
+
+Tables: Delta.
 
 Two writers, one result. With Delta's classes on the session's classpath (``spark.packages``
 holds ``delta``, the default; a cluster with the jar; Databricks) Spark writes Delta itself.
@@ -11,11 +20,13 @@ stay readable (time travel).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
@@ -31,13 +42,49 @@ from pyspark.sql.pandas.types import from_arrow_schema
 
 from .session import has_delta
 
+log = logging.getLogger("mergeit.store")
+
 Mode = Literal["overwrite", "append"]
+STATE_DIR = "_state"
+MODELS_DIR = "_models"
+LEDGER_DIR = "_ledger"
+RUN_LOG = "runs"  # the executor's run log: one line per stage run or extension
 # The first commit file of a Delta log: where convert_to_deltalake leaves a folder's add actions.
 FIRST_COMMIT = "_delta_log/" + "0" * 20 + ".json"
 
 
 class TableWriteError(RuntimeError):
     """Spark's files cannot be committed as written (the driver does not see them all)."""
+
+
+@dataclass(frozen=True)
+class Write:
+    """A write intent: what a stage asks the executor to do with one table.
+
+    ``overwrite`` replaces the table (``rows`` a DataFrame, or a few rows the driver holds as an
+    Arrow table, committed without a Spark job); ``append`` adds ``rows`` in the table's column
+    order and types (``count`` = 0 says there are none: no new version); ``merge`` is MERGE INTO
+    by ``keys`` (see :meth:`TableStore.merge` for ``within`` and ``keep``)."""
+
+    rows: Any  # DataFrame, or pyarrow.Table for a small overwrite
+    mode: Literal["overwrite", "append", "merge"] = "overwrite"
+    keys: tuple[str, ...] = ()
+    within: DataFrame | None = None
+    keep: tuple[str, ...] = ()
+    count: int | None = None
+
+    @classmethod
+    def overwrite(cls, rows: Any) -> "Write":
+        return cls(rows)
+
+    @classmethod
+    def append(cls, rows: DataFrame, count: int | None = None) -> "Write":
+        return cls(rows, "append", count=count)
+
+    @classmethod
+    def merge(cls, rows: DataFrame, keys: Sequence[str], within: DataFrame | None = None,
+              keep: Sequence[str] = ()) -> "Write":
+        return cls(rows, "merge", tuple(keys), within, tuple(keep))
 
 
 class TableStore:
@@ -56,6 +103,101 @@ class TableStore:
 
     def path(self, name: str) -> str:
         return str(self.root / name)
+
+    # -- state, run logs, models ----------------------------------------------------------------
+    def _state_file(self, name: str, suffix: str = ".json") -> Path:
+        return self.root / STATE_DIR / f"{name}{suffix}"
+
+    def read_state(self, name: str) -> dict[str, Any] | None:
+        """State record ``name`` (a stage's, the increment marker), or None when absent or torn."""
+        path = self._state_file(name)
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None  # a torn write counts as not done
+        return state if isinstance(state, dict) else None
+
+    def write_state(self, name: str, state: dict[str, Any] | None) -> None:
+        """Replace state record ``name`` atomically (whole or absent); None removes it."""
+        path = self._state_file(name)
+        if state is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+        tmp.replace(path)
+
+    def append_log(self, name: str, entry: dict[str, Any]) -> None:
+        """One line of run log ``name``, stamped with when it was written."""
+        path = self._state_file(name, ".jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        line = json.dumps({"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **entry})
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(("\n" if torn else "") + line + "\n")  # a torn last line is ended first
+
+    def read_log(self, name: str) -> list[dict[str, Any]]:
+        """Run log ``name``'s entries, oldest first; a torn line (a driver killed while writing
+        it) is skipped with a warning."""
+        path = self._state_file(name, ".jsonl")
+        if not path.is_file():
+            return []
+        entries = []
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s line %d is torn (a run killed while writing it); skipped", path, number)
+                continue
+            if isinstance(entry, dict):
+                entries.append(entry)
+        return entries
+
+    def model_path(self, name: str) -> str:
+        """Where model ``name`` is saved (its ``save`` and ``load`` take this path)."""
+        return str(self.root / MODELS_DIR / name)
+
+    def save_model(self, name: str, model: Any) -> None:
+        """``model.save(path)`` at :meth:`model_path`; None removes a model saved before."""
+        if model is None:
+            shutil.rmtree(self.model_path(name), ignore_errors=True)
+        else:
+            model.save(self.model_path(name))
+
+    def ledger_path(self, name: str) -> str:
+        """A folder of the LLM ledger (``<root>/_ledger/<name>``), written by executor tasks."""
+        return str(self.root / LEDGER_DIR / name)
+
+    # -- tables -------------------------------------------------------------------------------
+    def apply(self, name: str, write: Write) -> int | None:
+        """Perform ``write`` on table ``name``; the new version, or None when nothing was written
+        (an append of no rows)."""
+        if write.mode == "overwrite":
+            if isinstance(write.rows, pa.Table):
+                return self.overwrite_small(write.rows, name)
+            return self.write(write.rows, name)
+        if write.mode == "append":
+            if write.count == 0:
+                return None
+            if not self.exists(name):
+                return self.write(write.rows, name)
+            target = self.read(name).schema
+            aligned = write.rows.select(*[F.col(f"`{f.name}`").cast(f.dataType).alias(f.name)
+                                          for f in target.fields])
+            return self.write(aligned, name, mode="append")
+        if write.mode == "merge":
+            return self.merge(write.rows, name, write.keys, within=write.within, keep=write.keep)
+        raise ValueError(f"unknown write mode {write.mode!r}")
+
+    def restore(self, name: str, version: int) -> None:
+        """Table ``name`` back to the content of ``version`` (Delta RESTORE: a new version)."""
+        if self.version(name) != version:
+            DeltaTable(self.path(name)).restore(version)
 
     def exists(self, name: str) -> bool:
         return DeltaTable.is_deltatable(self.path(name))

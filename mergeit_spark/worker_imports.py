@@ -5,11 +5,10 @@ the job's Python includes on ``sys.path``). On Python 3.10-3.12 that makes every
 ``zipimporter`` re-read its archive's whole central directory, in Python, right away
 (CPython gh-103200; 3.13 re-reads lazily). A worker holds one importer per package directory it
 imported from inside ``pyspark.zip``, plus Spark's core jar and every ``spark.jars.packages`` jar
-(PySpark puts those on the Python path too): measured here, 0.2-0.5 s of every task, whatever its
-rows, and about 0.65 s more with Spark NLP's hundred jars. In an increment's dedup and select it
-was two thirds of the workers' CPU time (py-spy); their wall time barely moved, the driver's
-jobs being the critical path there (BENCHMARKS.md, ``incremental``). Spark 4.2 only invalidates
-when the includes changed (SPARK-54744).
+(PySpark puts those on the Python path too), so every task pays a fixed CPU cost, whatever its
+rows, and more with Spark NLP's hundred jars: most of the workers' CPU time in small tasks, which
+a cluster's executors pay on every task (BENCHMARKS.md, ``incremental``). Spark 4.2 only
+invalidates when the includes changed (SPARK-54744).
 
 :func:`install` replaces ``zipimporter.invalidate_caches`` with :func:`invalidate_when_changed`:
 an archive whose size and modification time are those of its last read keeps the directory

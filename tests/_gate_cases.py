@@ -101,7 +101,7 @@ def judge_cases(cases: tuple[GateCase, ...], gate_settings, embed_settings) -> l
     import numpy as np
 
     from mergeit_spark.llm.gate import GroupSources, embedding_text, judge
-    from mergeit_spark.stages.embed import encode_texts
+    from mergeit_spark.models import encode_texts
 
     sources = {s["id"]: s for case in cases for s in case.sources}
     ids = sorted(sources)

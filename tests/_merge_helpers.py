@@ -43,7 +43,7 @@ def load_rows(shared_data: Path, n: int, offset: int = 0) -> list[dict]:
 
 @lru_cache(maxsize=8)
 def _encode_cached(texts: tuple[str, ...], model: str) -> np.ndarray:
-    from mergeit_spark.stages.embed import encode_texts
+    from mergeit_spark.models import encode_texts
     return encode_texts(list(texts), EmbedSettings(model=model))
 
 
@@ -88,3 +88,21 @@ def finalize_merges(spark: SparkSession, records: DataFrame, groups: DataFrame, 
     final, lineage = build_lineage_and_final(records, rejects, dedup, selected, groups, merges)
     numbers = check_ledger(records, rejects, lineage, final, input_rows=records.count())
     return final, lineage, numbers
+
+
+def run_merge_stage(ctx, groups: DataFrame, records: DataFrame, embeddings: DataFrame):
+    """The merge stage over these frames, run by the executor (which writes ``merges`` and logs
+    the pass) against ``ctx.store``'s run root: its summary, with the version of ``merges`` left."""
+    import copy
+    from dataclasses import fields
+
+    from mergeit_spark.pipeline import Pipeline
+    from mergeit_spark.stages.merge import Merge, MergeRunSummary
+    settings = copy.deepcopy(ctx.settings)
+    settings.output.root, settings.tables.engine = str(ctx.store.root), ctx.store.engine
+    pipeline = Pipeline(settings, spark=ctx.spark, stages=[Merge()])
+    result = pipeline.run_stage(pipeline.stages[0], {"merge_groups": groups, "records": records,
+                                                     "embeddings": embeddings})
+    summary = MergeRunSummary(**{f.name: result.summary[f.name] for f in fields(MergeRunSummary)})
+    summary.table_version = result.versions["merges"]
+    return summary

@@ -99,3 +99,6 @@ def run_whole_pipeline(spark, shared_data: Path, work: Path, base_url: str) -> W
     results = pipeline.run()
     return WholeRun(root=work / "run", data=data, n_input=n_input, base_url=base_url, results=results,
                     final=final_content(work / "run"), outputs={s.name: tuple(s.outputs) for s in pipeline.stages})
+
+# The MergeIT stages in the order the pipeline must run them.
+STAGE_ORDER = ("ingest", "embed", "topics", "dedup", "select", "group", "merge", "finalize")

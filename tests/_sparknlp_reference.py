@@ -2,8 +2,8 @@
 
 Run where torch is (the main venv): ``python tests/_sparknlp_reference.py OUT.parquet [ROWS]``.
 Writes ``id, instruction, input, text, embedding`` for the first ROWS distinct records of
-``../shared/data/mergeit-6k.json``, embedded by embed.py's own path (``encode_texts`` at fp32) on the
-text embed.py builds (``record_texts``). tests/test_sparknlp.py and bench/bench_sparknlp.py compare
+``../shared/data/mergeit-6k.json``, embedded by embed.py's own encoder (``models.encode_texts`` at
+fp32) on the text embed.py builds (``record_texts``). tests/test_sparknlp.py and bench/bench_sparknlp.py compare
 Spark NLP's vectors with these.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "mergeit-6k.json"
 
 
-def real_rows(rows: int) -> list[dict]:
+def real_rows(rows: int, with_output: bool = False) -> list[dict]:
     from mergeit_spark.ids import content_id
 
     seen, picked = set(), []
@@ -28,7 +28,8 @@ def real_rows(rows: int) -> list[dict]:
         rid = content_id(r["instruction"], r["input"], r["output"])
         if rid not in seen:
             seen.add(rid)
-            picked.append({"id": rid, "instruction": r["instruction"], "input": r["input"]})
+            picked.append({"id": rid, "instruction": r["instruction"], "input": r["input"],
+                           **({"output": r["output"]} if with_output else {})})
         if len(picked) == rows:
             break
     return picked
@@ -36,7 +37,8 @@ def real_rows(rows: int) -> list[dict]:
 
 def write_reference(dest: Path, rows: int = 300) -> Path:
     from mergeit_spark.config import load_settings
-    from mergeit_spark.stages.embed import encode_texts, record_texts
+    from mergeit_spark.models import encode_texts
+    from mergeit_spark.stages.embed import record_texts
 
     settings = replace(load_settings(env={}).embed, precision="fp32")
     table = pa.Table.from_pylist(real_rows(rows))

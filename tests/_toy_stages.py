@@ -3,7 +3,9 @@ executor must drive them as it drives MergeIT's stages, knowing none of them by 
 
     source (settings: embed) -> numbers -> double (settings: topics) -> doubled -> total -> total
 
-``total`` checks its table after it is written; ``ledgered`` writes its table itself.
+``total`` checks its table after it is written. ``source`` and ``double`` can extend (an
+increment adds ``NEW`` numbers); ``total`` cannot. ``keyed`` writes by every intent: a merge by
+key, an append, a model.
 """
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from mergeit_spark.stages import Stage, StageContext, StageOutput
+from mergeit_spark.tables import Write
 
 ROWS = 10
+NEW = 5  # the numbers an increment adds
 
 
 class Source(Stage):
@@ -24,6 +28,14 @@ class Source(Stage):
         return StageOutput({"numbers": ctx.spark.range(ROWS).withColumnRenamed("id", "n")},
                            summary={"made": ROWS})
 
+    def extend(self, ctx: StageContext, tables: dict[str, DataFrame],
+               added: dict[str, DataFrame]) -> StageOutput:
+        have = tables["numbers"].count()
+        if have >= ROWS + NEW:
+            return StageOutput()  # nothing new
+        new = ctx.spark.range(have, ROWS + NEW).withColumnRenamed("id", "n").persist()
+        return StageOutput({"numbers": Write.append(new, new.count())}, summary={"counts": {"new": ROWS + NEW - have}})
+
 
 class Double(Stage):
     name = "double"
@@ -33,6 +45,10 @@ class Double(Stage):
 
     def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
         return StageOutput({"doubled": tables["numbers"].select((F.col("n") * 2).alias("n"))})
+
+    def extend(self, ctx: StageContext, tables: dict[str, DataFrame],
+               added: dict[str, DataFrame]) -> StageOutput:
+        return StageOutput({"doubled": Write.append(added["numbers"].select((F.col("n") * 2).alias("n")))})
 
 
 class Total(Stage):
@@ -51,15 +67,30 @@ class Total(Stage):
         return {"total": total}
 
 
-class Ledgered(Stage):
-    """Writes its table through the store as it goes (as merge does), returns only a summary."""
-    name = "ledgered"
+class Model:
+    """A toy model: ``save(path)`` writes its one number into a file there."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def save(self, path: str) -> None:
+        import pathlib
+        pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(path) / "value").write_text(str(self.value))
+
+
+class Keyed(Stage):
+    """numbers -> squares (merged by key n: inserts, updates), log (appended), a saved model."""
+    name = "keyed"
     inputs = ("numbers",)
-    outputs = ("ledger",)
+    outputs = ("squares", "log")
 
     def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
-        version = ctx.store.write(tables["numbers"].filter("n % 2 = 0"), "ledger")
-        return StageOutput(summary={"written_version": version})
+        squares = tables["numbers"].select("n", (F.col("n") * F.col("n")).alias("square"))
+        first = not ctx.store.exists("squares")
+        return StageOutput({"squares": squares if first else Write.merge(squares, ["n"]),
+                            "log": Write.append(ctx.spark.range(1).select(F.lit(ctx.run_id).alias("run_id")))},
+                           models={"toy": Model(tables["numbers"].count())})
 
 
 def toy_stages() -> list[Stage]:

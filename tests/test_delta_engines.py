@@ -16,7 +16,8 @@ import pytest
 from deltalake import DeltaTable
 
 from _pipeline_run import final_content, pipeline_settings
-from mergeit_spark.pipeline import STAGE_ORDER, Pipeline
+from mergeit_spark.pipeline import Pipeline
+from _pipeline_run import STAGE_ORDER
 from mergeit_spark.tables import TableStore
 
 pytestmark = pytest.mark.slow  # a whole-pipeline run of its own (delta-rs): not in `make test-fast`

@@ -15,10 +15,10 @@ import pytest
 from pyspark.sql import functions as F
 
 from _filter_helpers import filter_sample, records_frame, sample_embeddings
+from mergeit_spark import models
+from mergeit_spark.models import cpu_flags, encode_texts, resolve_model_path, resolve_precision, worker_precision
 from mergeit_spark.stages import StageContext
-from mergeit_spark.stages import embed as embed_module
-from mergeit_spark.stages.embed import (Embed, cpu_flags, embed_records, encode_texts, resolve_model_path,
-                                        resolve_precision, row_windows, worker_precision)
+from mergeit_spark.stages.embed import Embed, embed_records, row_windows
 
 
 def _texts(records: list[dict]) -> list[str]:
@@ -139,12 +139,12 @@ def test_bf16_casts_the_weights_on_a_gpu_and_uses_autocast_on_a_cpu():
     # Autocast re-casts operands every operation: 4-5x slower than fp32 on an H200 at batch 32
     # (BENCHMARKS.md, embed-device), so a GPU's bf16 lives in a bf16 copy of the weights.
     from mergeit_spark.config import EmbedSettings
-    assert embed_module.model_key(EmbedSettings(device="cuda", precision="bf16"))[3] == "bf16"
-    assert embed_module.model_key(EmbedSettings(device="cuda", precision="fp32"))[3] == "fp32"
-    assert embed_module.model_key(EmbedSettings(device="cpu", precision="bf16"))[3] == "fp32"
-    assert type(embed_module._autocast("cuda", "bf16")).__name__ == "nullcontext"
-    assert type(embed_module._autocast("cpu", "bf16")).__name__ == "autocast"
-    assert type(embed_module._autocast("cpu", "fp32")).__name__ == "nullcontext"
+    assert models.model_key(EmbedSettings(device="cuda", precision="bf16"))[3] == "bf16"
+    assert models.model_key(EmbedSettings(device="cuda", precision="fp32"))[3] == "fp32"
+    assert models.model_key(EmbedSettings(device="cpu", precision="bf16"))[3] == "fp32"
+    assert type(models._autocast("cuda", "bf16")).__name__ == "nullcontext"
+    assert type(models._autocast("cpu", "bf16")).__name__ == "autocast"
+    assert type(models._autocast("cpu", "fp32")).__name__ == "nullcontext"
 
 
 def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
@@ -158,7 +158,7 @@ def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
 
 
 def test_precision_choice_is_logged_once_per_process(settings, monkeypatch, caplog):
-    monkeypatch.setattr(embed_module, "_PRECISIONS", {})  # as in a fresh worker process
+    monkeypatch.setattr(models, "_PRECISIONS", {})  # as in a fresh worker process
     with caplog.at_level(logging.INFO, logger="mergeit.embed"):
         choices = {worker_precision(settings.embed) for _ in range(3)}
         worker_precision(dataclasses.replace(settings.embed, batch_size=7))  # same precision key
@@ -189,7 +189,7 @@ def test_worker_heap_is_frozen_once_the_model_is_loaded(spark, shared_data, sett
                            dataclasses.replace(settings.embed, partitions=2), with_worker_stats=True)
              .groupBy("worker_pid").agg(F.min("worker_frozen_objects").alias("frozen")).collect())
     assert stats and all(r["frozen"] > 100_000 for r in stats), stats  # the model and torch, frozen
-    embed_module.load_model(settings.embed)  # in this (driver) process
+    models.load_model(settings.embed)  # in this (driver) process
     assert gc.get_freeze_count() == 0
 
 

@@ -7,10 +7,10 @@ import json
 import pytest
 from deltalake import DeltaTable
 
-from _toy_stages import ROWS, Double, Ledgered, Source, Total, toy_stages
+from _toy_stages import NEW, ROWS, Double, Keyed, Source, Total, toy_stages
 from mergeit_spark.config import load_settings
 from mergeit_spark.pipeline import Pipeline, PipelineError
-from mergeit_spark.stages import StageOutput
+from mergeit_spark.stages import CannotExtend, StageOutput
 
 
 def _pipeline(spark, root, stages, *overrides):
@@ -32,11 +32,53 @@ def test_returned_tables_are_written_and_summary_and_checks_recorded(spark, tmp_
     assert _state(root, "total")["counts"] == {"total": 1}
 
 
-def test_a_stage_that_writes_itself_needs_no_executor_help(spark, tmp_path):
+def test_the_executor_performs_every_write_intent_and_saves_models(spark, tmp_path):
+    """A stage writes nothing itself: its merge by key, its append and its model are the
+    executor's to perform, each a new table version."""
     root = tmp_path / "run"
-    result = _pipeline(spark, root, [Source(), Ledgered()]).run()[1]
-    assert result.versions == {"ledger": result.summary["written_version"]}
-    assert len(DeltaTable(str(root / "ledger")).to_pandas()) == ROWS // 2
+    pipeline = _pipeline(spark, root, [Source(), Keyed()])
+    pipeline.run()
+    assert (root / "_models" / "toy" / "value").read_text() == str(ROWS)
+    pipeline.run(force="keyed")  # squares merged by key (all matched, none changed), log appended
+    squares = DeltaTable(str(root / "squares")).to_pandas().sort_values("n")
+    assert squares["square"].tolist() == [n * n for n in range(ROWS)]
+    assert DeltaTable(str(root / "squares")).version() == 1
+    log = DeltaTable(str(root / "log")).to_pandas()["run_id"].tolist()
+    assert len(log) == 2 and len(set(log)) == 2  # one row per run, each run its own id
+    assert [e["stage"] for e in pipeline.run_log()] == ["source", "keyed", "keyed"]
+
+
+def test_an_increment_extends_each_stage_and_leaves_them_current(spark, tmp_path):
+    root = tmp_path / "run"
+    pipeline = _pipeline(spark, root, [Source(), Double()])
+    pipeline.run()
+    increment = pipeline.extend()
+    assert increment.counts == {"new": NEW}
+    doubled = DeltaTable(str(root / "doubled")).to_pandas()["n"].sort_values().tolist()
+    assert doubled == [2 * n for n in range(ROWS + NEW)]
+    assert {t: DeltaTable(str(root / t)).version() for t in ("numbers", "doubled")} == {"numbers": 1, "doubled": 1}
+    assert all(row["current"] for row in pipeline.status())
+    assert [e["increment"] for e in pipeline.run_log()] == [False, False, True, True]
+    again = pipeline.extend()  # nothing new: nothing written
+    assert not again.summaries["source"] and DeltaTable(str(root / "numbers")).version() == 1
+    assert all(r.skipped for r in pipeline.run())
+
+
+def test_a_stage_that_cannot_extend_stops_the_increment_and_it_is_rolled_back(spark, tmp_path):
+    root = tmp_path / "run"
+    pipeline = _pipeline(spark, root, toy_stages())
+    pipeline.run()
+    with pytest.raises(CannotExtend, match="stage total cannot extend"):
+        pipeline.extend()
+    assert DeltaTable(str(root / "numbers")).to_pandas().shape[0] == ROWS + NEW  # written before the stop
+    # Rolled back before it starts: without that, the source would find its rows there already.
+    with pytest.raises(CannotExtend):
+        pipeline.extend()
+    assert pipeline.store.read_state("increment")["status"] == "running"
+    # A plain run rolls the unfinished increment back too, then finds every stage current.
+    assert all(r.skipped for r in pipeline.run())
+    assert DeltaTable(str(root / "numbers")).to_pandas()["n"].sort_values().tolist() == list(range(ROWS))
+    assert pipeline.store.read_state("increment")["status"] == "rolled_back"
 
 
 def test_a_failed_check_fails_the_run_and_leaves_no_state(spark, tmp_path):
@@ -62,11 +104,11 @@ def test_outputs_must_be_declared_and_produced(spark, tmp_path):
 
     with pytest.raises(PipelineError, match=r"returned table\(s\) it does not declare: \['other'\]"):
         _pipeline(spark, tmp_path / "a", [Undeclared()]).run()
-    with pytest.raises(PipelineError, match="neither returned nor wrote table 'numbers'"):
+    with pytest.raises(PipelineError, match="returned no rows for table 'numbers'"):
         _pipeline(spark, tmp_path / "b", [Forgetful()]).run()
     # An old table from an earlier run does not count as written by this one.
     _pipeline(spark, tmp_path / "c", [Source()]).run()
-    with pytest.raises(PipelineError, match="neither returned nor wrote"):
+    with pytest.raises(PipelineError, match="returned no rows for table"):
         _pipeline(spark, tmp_path / "c", [Forgetful()]).run(force="source")
 
 
@@ -78,7 +120,7 @@ def test_a_stage_may_keep_a_table_it_found_unchanged_but_not_a_missing_one(spark
     _pipeline(spark, tmp_path / "d", [Source()]).run()
     [kept] = _pipeline(spark, tmp_path / "d", [AlreadyThere()]).run(force="source")
     assert not kept.skipped and kept.versions == {"numbers": 0}
-    with pytest.raises(PipelineError, match="neither returned nor wrote table 'numbers'"):
+    with pytest.raises(PipelineError, match="returned no rows for table 'numbers'"):
         _pipeline(spark, tmp_path / "e", [AlreadyThere()]).run()
 
 

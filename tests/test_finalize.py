@@ -237,11 +237,14 @@ def test_content_id_col_matches_python(spark):
     got = [r["cid"] for r in df.select(content_id_col(F.col("instruction"), F.col("input"), F.col("output"),
                                                       20).alias("cid")).collect()]
     assert got == [content_id(i, p or "", o, 20) for i, p, o in rows]
+    default = [r["cid"] for r in df.select(content_id_col(F.col("instruction"), F.col("input"),
+                                                          F.col("output")).alias("cid")).collect()]
+    assert default == [content_id(i, p or "", o) for i, p, o in rows]
 
 
-def test_check_ledger_takes_a_store(finalized):
+def test_check_store_ledger_checks_a_run_root(finalized):
     store, exp = finalized
-    numbers = check_ledger(store)
+    numbers = check_store_ledger(store)
     assert numbers["lineage_rows"] == numbers["input_rows"] == exp.records + exp.rejects
     assert issubclass(LedgerError, ValueError)  # the CLI reports it as a failed run, not a crash
 

@@ -16,7 +16,8 @@ import pytest
 
 from _toy_stages import toy_stages
 from mergeit_spark.config import Settings, load_settings
-from mergeit_spark.pipeline import STAGE_ORDER, Pipeline
+from mergeit_spark.pipeline import Pipeline
+from _pipeline_run import STAGE_ORDER
 
 REPO = Path(__file__).resolve().parents[1]
 # The knobs that must never make a stage rerun (issue 10): batch sizes, partitions, threads, concurrency.

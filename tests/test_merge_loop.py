@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from mergeit_spark.llm.ledger import LedgerError, LedgerWriter, read_bucket
-from mergeit_spark.llm.pump import LoopPump
+from mergeit_spark.llm.pump import RequestPump
 
 
 def test_writer_commits_lines_in_groups_and_numbers_them_per_bucket(tmp_path):
@@ -90,7 +90,7 @@ def test_loop_is_fed_continuously_without_a_barrier_between_batches():
         return job
 
     results = []
-    with LoopPump(_session(handle), workers=4, queue_size=8) as pump:
+    with RequestPump(_session(handle), workers=4, queue_size=8) as pump:
         for start in range(0, 48, 8):                  # six "Arrow batches" of eight jobs
             pump.put(list(range(start, start + 8)))
             results.extend(pump.take())
@@ -108,7 +108,7 @@ def test_results_stream_back_before_the_input_ends():
         await asyncio.sleep(0.005)
         return job * 2
 
-    with LoopPump(_session(handle), workers=2, queue_size=2) as pump:
+    with RequestPump(_session(handle), workers=2, queue_size=2) as pump:
         pump.put(list(range(20)))      # returns once the last job is queued: most are done
         early = pump.take()
         late = [r for rows in pump.finish() for r in rows]
@@ -123,7 +123,7 @@ def test_a_failing_handler_stops_the_task():
         return job
 
     with pytest.raises(LedgerError, match="disk full"):
-        with LoopPump(_session(handle), workers=2, queue_size=2) as pump:
+        with RequestPump(_session(handle), workers=2, queue_size=2) as pump:
             for start in range(0, 40, 4):
                 pump.put(list(range(start, start + 4)))
             list(pump.finish())
@@ -136,5 +136,5 @@ def test_a_session_that_cannot_start_fails_at_once():
         yield  # pragma: no cover
 
     with pytest.raises(RuntimeError, match="no client"):
-        with LoopPump(broken, workers=2, queue_size=2):
+        with RequestPump(broken, workers=2, queue_size=2):
             pass

@@ -17,9 +17,9 @@ from mergeit_spark.stages import StageContext
 from mergeit_spark.llm.ledger import LEDGER_BUCKETS
 from mergeit_spark.stages.merge import (LEDGER_DIR, MERGES_SCHEMA, Merge, bucket_ranges, gate_rejections,
                                         ledger_bucket, merge_runs, read_bucket, read_ledger,
-                                        run_merge, split_budget)
+                                        split_budget)
 
-from _merge_helpers import finalize_merges, load_rows, make_inputs
+from _merge_helpers import finalize_merges, load_rows, make_inputs, run_merge_stage
 from fake_openai import REFUSAL, FakeOpenAI, Faults, Reply, group_key
 
 STATUSES = {"merged", "gate_failed", "failed"}
@@ -52,7 +52,7 @@ def stage_settings(base_url: str, *extra: str):
 def run(spark, store, settings, inputs):
     records, embeddings, groups = inputs[:3]
     ctx = StageContext(spark, store, settings)
-    return run_merge(ctx, groups, records, embeddings)
+    return run_merge_stage(ctx, groups, records, embeddings)
 
 
 def merges_rows(store):
@@ -101,7 +101,7 @@ def test_every_group_gets_exactly_one_row_and_rerun_sends_nothing(spark, store, 
         assert third.table_version == first.table_version + 2
         assert sorted(merges_rows(store), key=lambda r: r["group_id"]) == \
             sorted(rows, key=lambda r: r["group_id"])
-    runs = merge_runs(store.root)
+    runs = merge_runs(store)
     assert [r["requests"] for r in runs] == [n_groups, 0, 0]
 
 
@@ -175,7 +175,7 @@ def test_invalid_replies_and_missing_members_end_failed_not_lost(spark, store, i
     with FakeOpenAI(lambda n, k, r: Reply(kind="content", content=bad)) as fake:
         settings = stage_settings(fake.base_url, "merge.regenerations=1")
         ctx = StageContext(spark, store, settings)
-        summary = run_merge(ctx, with_ghost[0].unionByName(with_ghost[1]), records, embeddings)
+        summary = run_merge_stage(ctx, with_ghost[0].unionByName(with_ghost[1]), records, embeddings)
     n_groups = len(inputs[3])
     assert fake.count == 2 * n_groups  # first try + one regeneration each; the ghost costs nothing
     rows = {r["group_id"]: r for r in merges_rows(store)}
@@ -221,24 +221,27 @@ def test_request_pass_tasks_hold_equal_ranges_of_whole_buckets(spark, partitions
     assert max(per_task.values()) - min(per_task.values()) <= 1 and len(per_task) == partitions
 
 
-def test_merge_stage_class_writes_itself(spark, store, inputs):
+def test_merge_stage_pays_into_its_ledger_and_hands_its_rows_to_the_executor(spark, store, inputs):
+    """The paid calls are durable in the ledger as they land; the ``merges`` table is the
+    executor's to write: the stage writes no table itself."""
     records, embeddings, groups = inputs[:3]
     assert Merge.inputs == ("merge_groups", "records", "embeddings")
     with FakeOpenAI() as fake:
         ctx = StageContext(spark, store, stage_settings(fake.base_url))
         stage = Merge()
         out = stage.run(ctx, {"merge_groups": groups, "records": records, "embeddings": embeddings})
-    assert not out.tables  # written through the store as results landed, not by the executor
-    merges = store.read("merges")
-    assert merges.count() == len(inputs[3]) == out.summary["groups"]
+    assert not store.exists("merges")
     assert any(Path(store.root, LEDGER_DIR).glob("bucket=*/*.jsonl"))
+    merges = out["merges"]
+    assert merges.count() == len(inputs[3]) == out.summary["groups"] == fake.count
     assert merges.where(F.col("status").isNull()).count() == 0
+    spark.catalog.clearCache()
 
 
 def test_no_groups_gives_an_empty_merges_table(spark, store, inputs):
     records, embeddings, groups = inputs[:3]
     with FakeOpenAI() as fake:
-        summary = run_merge(StageContext(spark, store, stage_settings(fake.base_url)),
+        summary = run_merge_stage(StageContext(spark, store, stage_settings(fake.base_url)),
                             groups.limit(0), records, embeddings)
     assert summary.groups == 0 and summary.requests == 0 and fake.count == 0
     assert store.exists("merges") and store.read("merges").count() == 0

@@ -14,7 +14,8 @@ import pytest
 
 from _pipeline_run import cli_args, final_content, pipeline_settings, read
 from fake_openai import FakeOpenAI
-from mergeit_spark.pipeline import STAGE_ORDER, Pipeline
+from mergeit_spark.pipeline import Pipeline
+from _pipeline_run import STAGE_ORDER
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_TABLES = ("records", "rejects", "embeddings", "topics", "centroids", "dedup", "selected",

@@ -11,7 +11,6 @@ from PIL import Image
 
 from mergeit_spark.config import load_settings
 from mergeit_spark.report import PICTURES, build_report, project_2d
-from mergeit_spark.tables import TableStore
 
 from _pipeline_tables import finalized_run
 

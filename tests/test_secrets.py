@@ -59,6 +59,52 @@ def test_log_records_and_tracebacks_are_scrubbed_in_a_worker_process(source, tmp
     assert KEY not in err and URL_PASSWORD not in err
 
 
+def test_importing_the_package_leaves_the_log_record_factory_alone():
+    done = _python("""
+        import logging
+        import mergeit_spark, mergeit_spark.cli, mergeit_spark.redact, mergeit_spark.llm.client
+        assert logging.getLogRecordFactory() is logging.LogRecord, logging.getLogRecordFactory()
+    """, {})
+    assert done.returncode == 0, done.stderr
+
+
+def test_installing_twice_scrubs_each_record_once():
+    done = _python(f"""
+        import logging
+        from mergeit_spark import redact
+
+        redact.install_log_scrubbing()
+        installed = logging.getLogRecordFactory()
+        assert installed is not logging.LogRecord
+        redact.install_log_scrubbing()
+        assert logging.getLogRecordFactory() is installed       # not wrapped a second time
+        calls = []
+        scrub_record = redact._scrub_record
+        redact._scrub_record = lambda record: (calls.append(record), scrub_record(record))
+        redact.register_secret({KEY!r})
+        logging.getLogger("mergeit").warning("key %s", {KEY!r})
+        assert len(calls) == 1, calls
+        assert calls[0].getMessage() == "key ***", calls[0].getMessage()
+    """, {})
+    assert done.returncode == 0, done.stderr
+    assert "key ***" in done.stderr and KEY not in done.stderr
+
+
+def test_a_merge_task_scrubs_its_worker_process():
+    """A merge task installs the scrubbing in its Python worker, key or no key registered."""
+    done = _python(f"""
+        import logging
+        from mergeit_spark.stages.merge import _worker_logging
+
+        assert logging.getLogRecordFactory() is logging.LogRecord
+        _worker_logging()
+        logging.getLogger("mergeit_spark.llm.client").warning("retrying against %s",
+                                                               "https://bob:{URL_PASSWORD}@llm.example/v1")
+    """, {})
+    assert done.returncode == 0, done.stderr
+    assert "retrying against https://***@llm.example/v1" in done.stderr and URL_PASSWORD not in done.stderr
+
+
 @pytest.mark.parametrize("text, shown", [
     ("https://bob:pw@llm.example/v1", "https://***@llm.example/v1"),
     ("https://bob:p@ss@llm.example:8/v1?to=a@b", "https://***@llm.example:8/v1?to=a@b"),  # @ in the password

@@ -25,7 +25,7 @@ from deltalake import DeltaTable
 
 from mergeit_spark.config import load_settings
 from mergeit_spark.jars import jar_conf, resolution_failure, spark_nlp_coordinate
-from mergeit_spark.stages.embed_sparknlp import EXPORT_INFO, model_dir
+from mergeit_spark.models import EXPORT_INFO, spark_nlp_model_dir
 
 pytestmark = pytest.mark.slow  # a child Spark session with Spark NLP: not in `make test-fast`
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def overrides() -> list[str]:
     return ["spark.master=local[2]", "spark.driver_memory=2g", "embed.backend=spark-nlp", *jars]
 
 
-JAR_FAILURE = "mergeit_spark.jars.JarsError: Spark could not start: spark.packages"
+JAR_FAILURE = "Spark could not start: spark.packages"  # the JarsError, raised or logged by the command
 
 
 def skip_unresolved(settings, why: str) -> None:
@@ -70,15 +70,16 @@ def embedded(tmp_path_factory):
     # fixed upstream by spark-nlp PR 14792): keep those copies under pytest's own temp folder.
     jvm_tmp = tmp_path_factory.mktemp("jvm-tmp")
     env = {**os.environ, "JAVA_TOOL_OPTIONS": f"-Djava.io.tmpdir={jvm_tmp}"}
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "_sparknlp_child.py"), str(REFERENCE), str(root),
-                           *args], capture_output=True, text=True, timeout=1800, check=False, env=env)
+    reference = pq.read_table(REFERENCE).to_pylist()
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "_sparknlp_child.py"), str(len(reference)),
+                           str(root), *args], capture_output=True, text=True, timeout=1800, check=False,
+                          env=dict(env, PYTHONPATH=str(REPO / "tests")))
     # No resolution ahead of the child (a whole spark-submit): where the jar does not resolve, the
     # child's session start fails with the JarsError that names the setting and quotes Ivy.
     if done.returncode != 0 and JAR_FAILURE in done.stderr:
         ivy = done.stderr[done.stderr.rindex(JAR_FAILURE):].split("Ivy said:\n", 1)[-1]
         skip_unresolved(settings, ivy.splitlines()[0] if ivy.strip() else "see the JarsError")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    reference = pq.read_table(REFERENCE).to_pylist()
     table = DeltaTable(str(root / "embeddings"))
     rows = {r["id"]: r for r in table.to_pyarrow_table().to_pylist()}
     return settings, reference, rows, table
@@ -124,7 +125,7 @@ def without_nullability(dtype):
 
 def test_the_export_and_the_imported_model_are_kept_for_reuse(embedded):
     settings, *_ = embedded
-    folder = model_dir(settings.embed)
+    folder = spark_nlp_model_dir(settings.embed)
     info = json.loads((folder / "onnx" / EXPORT_INFO).read_text())
     assert info["graph"] == "pooled-per-token" and info["max_seq_length"] == settings.embed.max_seq_length
     assert (folder / "e5" / "metadata").is_dir()

@@ -13,13 +13,14 @@ from deltalake import DeltaTable
 from pyspark.ml.functions import array_to_vector
 
 from _filter_helpers import sample_embeddings, sample_topics
+from mergeit_spark.config import TopicsSettings
+from mergeit_spark.models import (TOPICS_SCHEMA, TopicClustering, TopicModel, cluster_count, components_for_variance,
+                                  kmeans_partitions, saved_pca_components)
 from mergeit_spark.stages import StageContext
 from mergeit_spark.tables import TableStore
-from mergeit_spark.stages.topics import (DISTANCE_QUANTILES, Topics, assign_to_topics, assign_topics, cluster_count,
-                                         components_for_variance, fit_topics, kmeans_partitions, load_topic_model,
-                                         saved_pca_components, topic_model_path)
+from mergeit_spark.stages.topics import DISTANCE_QUANTILES, MODEL_NAME, Topics, assign_topics, fit_topics
 
-STAGES = Path(__file__).resolve().parents[1] / "mergeit_spark" / "stages"
+PACKAGE = Path(__file__).resolve().parents[1] / "mergeit_spark"
 
 
 @pytest.mark.parametrize("n, expected", [(0, 0), (1, 1), (2, 1), (7, 1), (8, 2), (200, 10), (412, 14),
@@ -162,6 +163,8 @@ def stage_run(spark, shared_data, settings, tmp_path_factory):
                                                                                              settings.embed)})
     for table in ("topics", "centroids"):
         store.write(out[table], table)
+    for name, model in out.models.items():  # as the executor saves them
+        store.save_model(name, model)
     spark.catalog.clearCache()
     return store, out
 
@@ -174,15 +177,15 @@ def test_saved_model_reloads_and_assigns_rows_as_the_stage_did(spark, shared_dat
     written = DeltaTable(store.path("topics")).to_pandas().set_index("id")
     centroids = DeltaTable(store.path("centroids")).to_pandas().sort_values("cluster")
 
-    model = load_topic_model(store.root)
-    assert topic_model_path(store.root).parent.parent == store.root
-    assert saved_pca_components(topic_model_path(store.root) / "pipeline") is not None  # no fallback
+    model = TopicModel.load(store.model_path(MODEL_NAME))
+    assert Path(store.model_path(MODEL_NAME)).parent.parent == store.root
+    assert saved_pca_components(Path(store.model_path(MODEL_NAME)) / "pipeline") is not None  # no fallback
     basis = model.basis  # a loaded model reads it from the saved PCA's data file, not through Spark
     assert [type(s).__name__ for s in model.pipeline.stages] == ["PCAModel", "VectorSlicer", "KMeansModel"]
     np.testing.assert_array_equal(basis, model.pipeline.stages[0].pc.toArray()[:, :model.components])
     assert model.k == len(centroids) and model.components == centroids["pca_components"].iloc[0]
     np.testing.assert_array_equal(model.centers, np.stack(centroids["center"].to_numpy()))
-    again = assign_to_topics(embeddings, model).toPandas().set_index("id")  # test-only: a few hundred rows
+    again = model.transform(embeddings).toPandas().set_index("id")  # test-only: a few hundred rows
     assert sorted(again.index) == sorted(written.index)
     assert (again["cluster"] == written.loc[again.index, "cluster"]).all()
     np.testing.assert_allclose(again["distance"], written.loc[again.index, "distance"], rtol=0, atol=1e-12)
@@ -196,7 +199,7 @@ def test_saved_model_reloads_and_assigns_rows_as_the_stage_did(spark, shared_dat
 def test_new_rows_go_to_their_nearest_saved_centre_without_refit(spark, shared_data, settings, stage_run):
     store, _ = stage_run
     embeddings = sample_embeddings(spark, shared_data, settings.embed)
-    model = load_topic_model(store.root)
+    model = TopicModel.load(store.model_path(MODEL_NAME))
     # New rows: real embeddings nudged off their place (test-only, a few dozen rows).
     rng = np.random.default_rng(5)
     rows = []
@@ -204,7 +207,7 @@ def test_new_rows_go_to_their_nearest_saved_centre_without_refit(spark, shared_d
         v = np.asarray(r["embedding"], dtype=np.float64) + rng.normal(scale=0.05, size=len(r["embedding"]))
         rows.append((f"new-{r['id']}", (v / np.linalg.norm(v)).astype(np.float32).tolist()))
     new = spark.createDataFrame(rows, "id string, embedding array<float>")
-    got = {r["id"]: r for r in assign_to_topics(new, model).collect()}
+    got = {r["id"]: r for r in model.transform(new).collect()}
     assert len(got) == len(rows)
     centers, basis = model.centers, model.basis
     for rid, vector in rows:
@@ -219,28 +222,104 @@ def test_no_rows_no_model(spark, settings, store):
     out = Topics().run(StageContext(spark, store, settings), {"embeddings": empty})
     assert out["topics"].count() == 0 and out["centroids"].count() == 0
     with pytest.raises(FileNotFoundError):
-        load_topic_model(store.root)
+        TopicModel.load(store.model_path(MODEL_NAME))
+
+
+# --- the estimator and its model (models.py) ---------------------------------------------------
+def _blobs(spark, n_per_blob=30, dim=8, seed=3):
+    """Test-only: three tight blobs of unit vectors (id, embedding), 90 rows, created on the driver."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for blob in range(3):
+        centre = np.zeros(dim)
+        centre[blob] = 1.0
+        for i in range(n_per_blob):
+            v = centre + rng.normal(scale=0.05, size=dim)
+            rows.append((f"b{blob}-{i:02d}", (v / np.linalg.norm(v)).astype(np.float32).tolist()))
+    return spark.createDataFrame(rows, "id string, embedding array<float>")
+
+
+def test_topic_clustering_takes_its_defaults_and_parameters_from_the_settings():
+    defaults = TopicsSettings()
+    names = [f.name for f in dataclasses.fields(TopicsSettings)]
+    assert [f.name for f in dataclasses.fields(TopicClustering)] == names  # a new knob must be a parameter
+    assert dataclasses.asdict(TopicClustering()) == {n: getattr(defaults, n) for n in names}
+    tuned = dataclasses.replace(defaults, k=7, variance=0.8, seed=1, partition_rows=64)
+    assert dataclasses.asdict(TopicClustering.from_settings(tuned)) == dataclasses.asdict(tuned)
+    with pytest.raises(ValueError, match="variance"):
+        TopicClustering(variance=0.0)
+
+
+def test_topic_model_saves_and_loads_back_assigning_the_same_topics(spark, tmp_path):
+    embeddings = _blobs(spark)
+    fitted = TopicClustering(k=3, partition_rows=32).fit(embeddings)
+    assert fitted.k == 3 and fitted.summary["rows"] == 90 and fitted.summary["kmeans_partitions"] == 3
+    assert fitted.summary["k"] == 3 and fitted.summary["pca_components"] == fitted.components
+    assert fitted.explained_variance == pytest.approx(fitted.summary["explained_variance"])
+    before = fitted.transform(embeddings)
+    assert before.schema == TOPICS_SCHEMA
+    before = before.toPandas().set_index("id").sort_index()  # test-only: 90 rows
+    assert before.groupby("cluster").size().tolist() == [30, 30, 30]  # the three blobs
+
+    path = str(tmp_path / "model")
+    fitted.save(path)
+    fitted.save(path)  # replaces what is there
+    loaded = TopicModel.load(path)
+    assert loaded.fitted is None and loaded.summary == {} and loaded.path == path
+    assert saved_pca_components(tmp_path / "model" / "pipeline") is not None  # the basis without Spark
+    assert loaded.k == fitted.k and loaded.components == fitted.components
+    assert loaded.explained_variance == fitted.explained_variance
+    assert loaded.centroids == fitted.centroids  # the fit's rows, as they were
+    np.testing.assert_array_equal(loaded.centers, fitted.centers)
+    np.testing.assert_array_equal(loaded.basis, fitted.basis)
+    assert [type(s).__name__ for s in loaded.pipeline.stages] == ["PCAModel", "VectorSlicer", "KMeansModel"]
+    after = loaded.transform(embeddings).toPandas().set_index("id").sort_index()
+    assert list(after.index) == list(before.index)
+    assert (after["cluster"] == before["cluster"]).all()
+    np.testing.assert_array_equal(after["distance"].to_numpy(), before["distance"].to_numpy())
+
+    # A file:// URI names the same folder; a folder without a model is an error.
+    uri = TopicModel.load((tmp_path / "model").as_uri())
+    assert uri.centroids == loaded.centroids
+    np.testing.assert_array_equal(uri.basis, loaded.basis)
+    with pytest.raises(FileNotFoundError):
+        TopicModel.load(str(tmp_path / "nothing"))
+    TopicModel.remove(path)
+    with pytest.raises(FileNotFoundError):
+        TopicModel.load(path)
+
+
+def test_topic_clustering_refuses_no_rows(spark):
+    with pytest.raises(ValueError, match="no rows"):
+        TopicClustering().fit(spark.createDataFrame([], "id string, embedding array<float>"))
 
 
 # --- engine rule: no row-scale data on the driver ---------------------------------------------
 # Every driver-side fetch in the filtering stages, with why it is small. Anything else fails.
 DRIVER_FETCHES = {
-    "embed.py": [
+    "models.py": [
         ("collect", "gc"),  # the garbage collector's pass in a worker (freeze_worker_heap), no rows
-    ],
-    "topics.py": [
         ("count", "embeddings"),                                        # one number
         ("first", 'embeddings.select(F.size("embedding")'),             # one row: the dimension
         ("first", "projected.agg(Summarizer.mean("),                    # one row (k = 1 only)
+    ],
+    "stages/embed.py": [
+        ("count", "embedded"),            # one number: an increment's new rows, embedded into the cache
+    ],
+    "stages/topics.py": [
         ("collect", 'topics.join(embeddings.select("id", "embedding"), "id")'),  # k rows: per-cluster stats
     ],
-    "dedup.py": [
+    "stages/dedup.py": [
         ("take", 'batch.column("id")'),  # pyarrow take inside the executor-side probe router
         ("take", "embedding"),           # same
         ("collect", 'centroids.filter(F.col("size") > 0)'),  # k rows: the centroid matrix
         ("count", "first"),              # one number: materialises the cached first pass
+        ("collect", 'curated.groupBy("table", "status").count()'),  # a few rows: the increment's counts
+        ("count", 'curated.groupBy("table", "status")'),  # (GroupedData.count: the aggregate collected above)
     ],
-    "select.py": [],
+    "stages/select.py": [
+        ("count", "rows"),                # one number: an increment's new picks
+    ],
 }
 FETCH_METHODS = {"collect", "toPandas", "toLocalIterator", "first", "take", "head", "tail", "count",
                  "toArrow", "collectAsList"}
@@ -248,7 +327,7 @@ FETCH_METHODS = {"collect", "toPandas", "toLocalIterator", "first", "take", "hea
 
 @pytest.mark.parametrize("module", sorted(DRIVER_FETCHES))
 def test_stages_fetch_only_small_things_to_the_driver(module):
-    source = (STAGES / module).read_text()
+    source = (PACKAGE / module).read_text()
     calls = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in FETCH_METHODS:

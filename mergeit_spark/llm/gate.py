@@ -3,8 +3,8 @@ code used Deita anyway).
 
 A merged example is accepted only if every check passes. ``m`` is the embedding of the merged
 instruction text (``instruction + " " + input``, the text the embed stage embeds, encoded by the
-embed stage's own ``encode_texts``: same model, same precision), ``s_i`` the embedding of source
-``i``'s instruction text (read from the ``embeddings`` table, never recomputed).
+embed stage's own encoder, ``models.encode_texts``: same model, same precision), ``s_i`` the
+embedding of source ``i``'s instruction text (read from the ``embeddings`` table, never recomputed).
 
 ``source_similarity``
     ``cos(m, s_i) >= gate.min_source_similarity`` for every source: the merge is about its sources
@@ -24,7 +24,7 @@ embed stage's own ``encode_texts``: same model, same precision), ``s_i`` the emb
     source only, a copy of one source, or an output cut before the second answer carries ~none.
     Lexical on purpose: on the labelled set an embedding of the outputs separated good merges from
     one-answer merges worse (see ``tests/test_gate.py``), and outputs are long: embedding them costs
-    about 6x the instruction text per merge on a CPU.
+    several times what the instruction text costs per merge on a CPU.
 ``output_complete`` (``gate.require_complete_output``)
     The output ends where a sentence or a block ends (punctuation, a closing bracket/quote/tag, a
     digit, a hashtag, an emoji), not mid-sentence: a cut-off output fails here. Every script's
@@ -366,16 +366,16 @@ class Batcher(Generic[T, R]):
 # Texts per forward pass of the gate. A gate call holds the few dozen merges that finished
 # together, of mixed lengths (10-250 tokens); ``encode_texts`` orders them by token count and cuts
 # them into forward passes, each padded to its longest text. At the embed stage's 32 a call is one
-# pass padded to its longest text: on 300 merged texts in calls of 32 (2-core AVX2 CPU, one torch
-# thread) that cost 49 ms of CPU per text, against 26 ms in passes of 8 (little padding, matrices
-# still large enough). Only the padding changes: the vectors are the same to float rounding.
+# pass, and most of its texts are padded far beyond their length; passes of 8 pad little while
+# their matrices stay large enough to run at full speed (BENCHMARKS.md, merge-gate). Only the
+# padding changes: the vectors are the same to float rounding.
 GATE_FORWARD_ROWS = 8
 
 
 def model_encoder(settings: EmbedSettings) -> Callable[[list[str]], np.ndarray]:
     """``encode(texts)`` with the embed stage's model and precision (loaded once per process),
     in forward passes of at most ``GATE_FORWARD_ROWS`` texts of similar length."""
-    from ..stages.embed import encode_texts
+    from ..models import encode_texts
 
     gate_settings = replace(settings, batch_size=min(settings.batch_size, GATE_FORWARD_ROWS))
 

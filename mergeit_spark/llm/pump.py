@@ -1,9 +1,9 @@
 """One asyncio event loop per Spark task, fed continuously.
 
-``LoopPump`` runs an event loop in a background thread for the whole life of a task. The task's
-own thread (the one Spark calls with Arrow batches) feeds jobs into a bounded ``asyncio.Queue``;
-``workers`` coroutines take jobs from it one at a time and hand each to ``handle(job)``, whose
-result goes back to the task's thread. There is no barrier between batches of input: a slow job
+``RequestPump`` runs the merge requests of one task: an event loop in a background thread for the
+whole life of the task. The task's own thread (the one Spark calls with Arrow batches) feeds jobs
+into a bounded ``asyncio.Queue``; ``workers`` coroutines take jobs from it one at a time and hand
+each to ``handle(job)``, whose result goes back to the task's thread. There is no barrier between batches of input: a slow job
 holds up one worker, not the others, and the queue is topped up as soon as there is room, so the
 number of jobs in progress stays at ``workers`` until the input runs dry.
 
@@ -25,8 +25,8 @@ _END = object()
 _POLL_S = 0.25
 
 
-class LoopPump:
-    """``with LoopPump(session, workers, queue_size) as pump``: ``put`` jobs (blocks while the
+class RequestPump:
+    """``with RequestPump(session, workers, queue_size) as pump``: ``put`` jobs (blocks while the
     queue is full), ``take`` the results ready so far, ``finish`` for the rest.
 
     ``session()`` is an async context manager yielding ``handle``; it is entered inside the loop
@@ -48,7 +48,7 @@ class LoopPump:
         self._thread = threading.Thread(target=self._run, name="merge-loop", daemon=True)
 
     # -- the task's thread ------------------------------------------------------------------------
-    def __enter__(self) -> "LoopPump":
+    def __enter__(self) -> "RequestPump":
         self._thread.start()
         self._ready.wait()
         self._raise_if_failed()

@@ -8,10 +8,10 @@ A reply is usable when either
   object, and the text around that block holds no JSON object of its own.
 
 Anything else is refused with a reason: two objects, an object followed or preceded by other text,
-two code blocks, a JSON value that is not an object. The old rule, "the first object found
-anywhere", took whatever came first: an example the model quoted before its answer, the first of
-two candidate merges, a draft it then corrected. Which object is the merge must not be a guess;
-a refused reply is regenerated with the reason (``merge.regenerations``).
+two code blocks, a JSON value that is not an object. Taking "the first object found anywhere"
+would take whatever came first: an example the model quoted before its answer, the first of two
+candidate merges, a draft it then corrected. Which object is the merge must not be a guess; a
+refused reply is regenerated with the reason (``merge.regenerations``).
 
 Prose around a single code block is allowed: a chat model asked for JSON without a server-side
 JSON mode (the bottom of the client's json-mode ladder) often writes "Here is the merged example:"

@@ -249,5 +249,7 @@ def serve_forever(settings: "ServerSettings | Settings") -> int:
 
 if __name__ == "__main__":  # pragma: no cover - convenience: python -m mergeit_spark.llm.server
     from ..config import load_settings
+    from ..redact import install_log_scrubbing
+    install_log_scrubbing()
     logging.basicConfig(level=logging.INFO)
     sys.exit(serve_forever(load_settings(overrides=sys.argv[1:])))

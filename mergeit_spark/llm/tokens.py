@@ -16,13 +16,13 @@ non-Latin text into fewer tokens than it does, and none spends more than one tok
 * ASCII digits, punctuation, line breaks and tabs: 1 token each, and a space before a digit one
   more half. SmolLM2 (like Llama 2 and Mistral) gives every digit a token of its own, which no
   space joins, and a sign or a line break is its own token more often than not: a list or a table
-  of numbers is one token per character, twice the old rate of "one token per two characters".
+  of numbers is one token per character, twice the rate of letters.
 * Greek and Cyrillic 1.25, other Latin letters (accents, Latin Extended) 1.5, Hebrew and Arabic
   1.5: SmolLM2 spends 0.8-0.9, about 1.4 and 1.0-1.3 tokens per such character.
 * Han ideographs, kana and the CJK punctuation and full-width forms: 2.5. SmolLM2 has few merges
   for them and spends 1.6-2 tokens per character of Chinese or Japanese text (a rare character
   falls back to its 3 bytes); BERT-style tokenizers (MiniLM) and the large hosted models, about 1
-  or less. Counting them at English's rate, as before, fell short by a factor of 3.5.
+  or less. English's rate would count SmolLM2's tokens for them 3-4 times short.
 * Anything else (Hangul, Thai, Devanagari, Ethiopic, Armenian, Georgian, emoji, ...): its UTF-8
   length in bytes, the most a byte-level BPE or a byte-fallback SentencePiece model can spend on
   it; SmolLM2 comes close on several (Hangul about 2.4 of 3, Armenian 2 of 2, Ethiopic 2.4 of 3,

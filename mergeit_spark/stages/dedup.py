@@ -62,7 +62,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import DedupSettings
-from . import Stage, StageContext, StageOutput
+from ..tables import Write
+from . import Stage, StageContext, StageOutput, with_added
 
 KEPT = "kept"
 DUPLICATE = "duplicate"
@@ -347,3 +348,17 @@ class Dedup(Stage):
     def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
         return StageOutput({"dedup": find_duplicates(tables["embeddings"], tables["topics"],
                                                      tables["centroids"], ctx.settings.dedup)})
+
+    def extend(self, ctx: StageContext, tables: dict[str, DataFrame],
+               added: dict[str, DataFrame]) -> StageOutput:
+        """The new rows against the kept rows of their own and neighbouring clusters, then the
+        touched clusters' one pass (``cluster_increment``: dedup, selection extension, groups),
+        cached and counted once, handed down to the select and group stages."""
+        from .cluster_increment import CARRY, curate_new_rows, curated_rows
+        curated = curate_new_rows(added["topics"], with_added(tables, added, "embeddings"),
+                                  {t: tables[t] for t in ("dedup", "selected", "merge_groups", "centroids")},
+                                  ctx.settings).persist(StorageLevel.MEMORY_AND_DISK)
+        found = {(r["table"], r["status"]): r["count"] for r in curated.groupBy("table", "status").count().collect()}
+        counts = {"new_kept": found.get(("dedup", KEPT), 0), "new_duplicates": found.get(("dedup", DUPLICATE), 0)}
+        return StageOutput({"dedup": Write.append(curated_rows(curated, "dedup"), sum(counts.values()))},
+                           summary={"counts": counts}, carry={CARRY: curated})

@@ -43,9 +43,9 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from ..ids import _SEP  # the separator content_id hashes with; shared so the ids agree
-from ..tables import TableStore
-from . import Stage, StageContext, StageOutput
+from ..ids import DEFAULT_ID_LENGTH, ID_SEPARATOR, MERGED_ID_TAG  # shared: the Spark ids equal ids.py's
+from ..tables import TableStore, Write
+from . import Stage, StageContext, StageOutput, with_added
 
 FATES = ("rejected", "duplicate", "not_selected", "kept", "merged")
 ORIGINS = ("original", "merged")
@@ -70,18 +70,19 @@ class LedgerError(ValueError):
         super().__init__("ledger does not balance: " + "; ".join(problems))
 
 
-def content_id_col(instruction: Column, input_: Column, output: Column, length: int = 32) -> Column:
+def content_id_col(instruction: Column, input_: Column, output: Column,
+                   length: int = DEFAULT_ID_LENGTH) -> Column:
     """Spark-native twin of :func:`mergeit_spark.ids.content_id` (SHA-256 of the joined fields).
 
     ``concat_ws`` drops nulls, so nulls become empty strings first to hash exactly what the Python
     function would hash for ``""``.
     """
-    joined = F.concat_ws(_SEP, F.coalesce(instruction, F.lit("")), F.coalesce(input_, F.lit("")),
+    joined = F.concat_ws(ID_SEPARATOR, F.coalesce(instruction, F.lit("")), F.coalesce(input_, F.lit("")),
                          F.coalesce(output, F.lit("")))
     return F.substring(F.sha2(joined, 256), 1, length)
 
 
-def choose_merges(merges: DataFrame, merge_groups: DataFrame, id_length: int = 32) -> DataFrame:
+def choose_merges(merges: DataFrame, merge_groups: DataFrame, id_length: int = DEFAULT_ID_LENGTH) -> DataFrame:
     """One outcome per merge group: ``group_id, member_ids, cluster, status, accepted, merged_id``
     plus the merged text. Groups without any merge row come out with ``status`` null."""
     rank = F.coalesce(*[F.when(F.col("status") == s, F.lit(r)) for s, r in _STATUS_RANK.items()],
@@ -99,7 +100,7 @@ def choose_merges(merges: DataFrame, merge_groups: DataFrame, id_length: int = 3
     # The merge's id hashes its group id with its text (ids.merged_id): unique per group, so two
     # groups answered alike, or a merge equal to a kept record, cannot put one id twice in final.
     merged_id = F.substring(F.sha2(F.concat_ws(
-        _SEP, F.lit("merge"), F.col("group_id"), F.coalesce(F.col("instruction"), F.lit("")),
+        ID_SEPARATOR, F.lit(MERGED_ID_TAG), F.col("group_id"), F.coalesce(F.col("instruction"), F.lit("")),
         F.coalesce(F.col("input"), F.lit("")), F.coalesce(F.col("output"), F.lit(""))), 256), 1, id_length)
     return (groups.join(best, "group_id", "left")
             .withColumn("accepted", F.coalesce(accepted, F.lit(False)))
@@ -108,7 +109,7 @@ def choose_merges(merges: DataFrame, merge_groups: DataFrame, id_length: int = 3
 
 def build_lineage_and_final(records: DataFrame, rejects: DataFrame, dedup: DataFrame,
                             selected: DataFrame, merge_groups: DataFrame, merges: DataFrame,
-                            id_length: int = 32) -> tuple[DataFrame, DataFrame]:
+                            id_length: int = DEFAULT_ID_LENGTH) -> tuple[DataFrame, DataFrame]:
     """Return ``(final, lineage)``; see the module docstring for their shape and meaning.
 
     Both read the merge outcomes and the fated record rows: those two are cached (the caller
@@ -201,9 +202,9 @@ def _one_row(df: DataFrame, **aggs: Column) -> DataFrame:
 
 def _numbers(*rows: DataFrame) -> dict[str, int]:
     """The one-row aggregates ``rows`` together, computed by ONE Spark action: their stages run at
-    once and the query is planned once (seven actions one after another cost seconds of planning
-    and idle cores on a small run). Each row goes as JSON through a union (a cross join of the
-    rows would broadcast each one: a Spark job apiece)."""
+    once and the query is planned once (an action per aggregate would plan a query each and leave
+    cores idle between them, which dominates on a small run). Each row goes as JSON through a
+    union (a cross join of the rows would broadcast each one: a Spark job apiece)."""
     names = [c for row in rows for c in row.columns]
     as_json = [row.select(F.to_json(F.struct(*[F.col(c).cast("long").alias(c) for c in row.columns])).alias("n"))
                for row in rows]
@@ -263,16 +264,20 @@ def _final_numbers(final: DataFrame) -> DataFrame:
     )
 
 
-# The counts each tagged row carries (see _tagged_rows).
-_KEY_FLAGS = ("rec", "lin", "fin", "claim", "told")
+# The counts each tagged row carries (see _tagged_rows): where the row comes from, and which
+# side says that a record went into a final row.
+_KEY_FLAGS = ("in_records", "in_lineage", "in_final", "final_claim", "lineage_claim")
 
 
 def _tagged_rows(records: DataFrame, lineage: DataFrame, final: DataFrame) -> DataFrame:
-    """Rows keyed by (record id, final id, kind) with a count in each of ``_KEY_FLAGS``: a records
-    row (``rec``); a lineage row (``lin`` when it has an id; ``told`` when its fate is kept or
-    merged, keyed by its final id and fate); a final row (``fin``, by its own id) and its claims
-    (``claim``: an original claims (id, id, kept), a merge (source, merge id, merged) for each
-    source)."""
+    """Rows keyed by (record id, final id, kind) with a count in each of ``_KEY_FLAGS``:
+
+    * a records row: ``in_records``, keyed by its id;
+    * a lineage row: ``in_lineage`` when it has an id (a record's row); ``lineage_claim`` when its
+      fate is kept or merged, keyed by its final id and fate (lineage says the record went there);
+    * a final row: ``in_final``, by its own id, and its claims, ``final_claim`` (final says which
+      records it holds): an original claims (id, id, kept), a merge (source, merge id, merged)
+      for each source."""
     null = F.lit(None).cast("string")
 
     def tagged(id_: Column, final_id: Column, kind: Column, **flags: Column) -> Column:
@@ -280,52 +285,56 @@ def _tagged_rows(records: DataFrame, lineage: DataFrame, final: DataFrame) -> Da
                         *[flags.get(f, F.lit(0)).cast("long").alias(f) for f in _KEY_FLAGS])
 
     fate, origin = F.col("fate"), F.col("origin")
-    told = fate.isin("kept", "merged")
-    record_rows = records.select(tagged(F.col("id"), null, null, rec=F.lit(1)).alias("t"))
-    lineage_rows = (lineage.filter(F.col("id").isNotNull() | told).select(tagged(
-        F.col("id"), F.when(told, F.col("final_id")), F.when(told, fate),
-        lin=F.col("id").isNotNull(), told=told).alias("t")))
+    into_final = fate.isin("kept", "merged")
+    record_rows = records.select(tagged(F.col("id"), null, null, in_records=F.lit(1)).alias("t"))
+    lineage_rows = (lineage.filter(F.col("id").isNotNull() | into_final).select(tagged(
+        F.col("id"), F.when(into_final, F.col("final_id")), F.when(into_final, fate),
+        in_lineage=F.col("id").isNotNull(), lineage_claim=into_final).alias("t")))
     sources = F.coalesce(F.col("source_ids"), F.array().cast("array<string>"))
     final_rows = final.select(F.explode(F.concat(
-        F.array(tagged(F.col("id"), null, null, fin=F.lit(1))),
-        F.filter(F.array(tagged(F.col("id"), F.col("id"), F.lit("kept"), claim=F.lit(1))),
+        F.array(tagged(F.col("id"), null, null, in_final=F.lit(1))),
+        F.filter(F.array(tagged(F.col("id"), F.col("id"), F.lit("kept"), final_claim=F.lit(1))),
                  lambda _: F.coalesce(origin == "original", F.lit(False))),
-        F.filter(F.transform(sources, lambda source: tagged(source, F.col("id"), F.lit("merged"), claim=F.lit(1))),
+        F.filter(F.transform(sources, lambda source: tagged(source, F.col("id"), F.lit("merged"),
+                                                            final_claim=F.lit(1))),
                  lambda _: F.coalesce(origin == "merged", F.lit(False))))).alias("t"))
     return record_rows.unionByName(lineage_rows).unionByName(final_rows).select("t.*")
 
 
 def _keyed_numbers(records: DataFrame, lineage: DataFrame, final: DataFrame) -> DataFrame:
-    """Every number that matches rows of the three tables by id, from ONE shuffle by id (two
-    full outer joins and three distinct counts took a shuffle each: 28 Spark jobs per check
-    against 7 now; 1.5-1.9 s against 1.2-1.5 s on a run root of 13.6k records).
+    """Every number that matches rows of the three tables by id, from ONE shuffle by id: full
+    outer joins and distinct counts giving the same numbers would take a shuffle, and Spark jobs,
+    each (BENCHMARKS.md, incremental).
 
-    The tables' :func:`_tagged_rows`, summed per key, then per id, give exactly what the joins
-    gave: rows on one side of a key the other side lacks (a key with a null never matches, as in
+    The tables' :func:`_tagged_rows`, summed per key, then per id, give exactly what those joins
+    give: rows on one side of a key the other side lacks (a key with a null never matches, as in
     a join)."""
     # Grouped by id first: the per-key and the per-id sums then run inside its partitions.
     by_key = (_tagged_rows(records, lineage, final).repartition("id")
               .groupBy("id", "final_id", "kind").agg(*[F.sum(f).alias(f) for f in _KEY_FLAGS]))
-    matched = (F.col("id").isNotNull() & F.col("final_id").isNotNull() & (F.col("claim") > 0) & (F.col("told") > 0))
+    # A claim is matched when final and lineage both make it (and it names both ids).
+    matched = (F.col("id").isNotNull() & F.col("final_id").isNotNull()
+               & (F.col("final_claim") > 0) & (F.col("lineage_claim") > 0))
 
     def unmatched(kind: str, side: str) -> Column:
         return F.when((F.col("kind") == kind) & ~matched, F.col(side)).otherwise(0)
 
-    per_key = by_key.select("id", "rec", "lin", "fin",
-                            unmatched("kept", "claim").alias("originals_unmatched"),
-                            unmatched("kept", "told").alias("kept_unmatched"),
-                            unmatched("merged", "claim").alias("sources_unmatched"),
-                            unmatched("merged", "told").alias("merged_unmatched"))
+    per_key = by_key.select("id", "in_records", "in_lineage", "in_final",
+                            unmatched("kept", "final_claim").alias("originals_unmatched"),
+                            unmatched("kept", "lineage_claim").alias("kept_unmatched"),
+                            unmatched("merged", "final_claim").alias("sources_unmatched"),
+                            unmatched("merged", "lineage_claim").alias("merged_unmatched"))
     by_id = per_key.groupBy("id").agg(*[F.sum(c).alias(c) for c in per_key.columns[1:]])
-    rec, lin, fin, has_id = F.col("rec"), F.col("lin"), F.col("fin"), F.col("id").isNotNull()
+    in_records, in_lineage, in_final = F.col("in_records"), F.col("in_lineage"), F.col("in_final")
+    has_id = F.col("id").isNotNull()
     return _one_row(
         by_id,
-        records=F.sum(rec),
-        records_distinct_ids=_count_if(has_id & (rec > 0)),
-        lineage_distinct_ids=_count_if(has_id & (lin > 0)),
-        final_distinct_ids=_count_if(has_id & (fin > 0)),
-        records_missing_from_lineage=F.sum(F.when(lin == 0, rec).otherwise(0)),
-        lineage_ids_not_in_records=F.sum(F.when(rec == 0, lin).otherwise(0)),
+        records=F.sum(in_records),
+        records_distinct_ids=_count_if(has_id & (in_records > 0)),
+        lineage_distinct_ids=_count_if(has_id & (in_lineage > 0)),
+        final_distinct_ids=_count_if(has_id & (in_final > 0)),
+        records_missing_from_lineage=F.sum(F.when(in_lineage == 0, in_records).otherwise(0)),
+        lineage_ids_not_in_records=F.sum(F.when(in_records == 0, in_lineage).otherwise(0)),
         final_originals_without_kept_row=F.sum("originals_unmatched"),
         kept_rows_not_in_final=F.sum("kept_unmatched"),
         merged_sources_without_merged_row=F.sum("sources_unmatched"),
@@ -397,24 +406,16 @@ def ledger_problems(numbers: Numbers) -> list[str]:
     return [text(numbers) for holds, text in _RULES if not holds(numbers)]
 
 
-def check_ledger(records: DataFrame | TableStore, rejects: DataFrame | None = None,
-                 lineage: DataFrame | None = None, final: DataFrame | None = None,
+def check_ledger(records: DataFrame, rejects: DataFrame, lineage: DataFrame, final: DataFrame,
                  input_rows: int | None = None) -> dict[str, int]:
-    """Verify that lineage and final balance against records and rejects, and records + rejects
-    against the input count.
-
-    Call it with the four DataFrames (``input_rows``, the units the input held, adds the input
-    check), or with a :class:`TableStore` alone to check the tables written under its run root
-    against ingest's independent count in ``input_files``.
+    """Verify that lineage and final balance against records and rejects, and, when
+    ``input_rows`` (the units the input held) is given, records + rejects against it.
+    :func:`check_store_ledger` checks the tables written under a run root.
 
     Every number comes from Spark aggregations (one action; the rows matched by id in one shuffle,
     :func:`_keyed_numbers`); no row reaches the driver.
     Returns the numbers (for the report) or raises :class:`LedgerError` naming every mismatch.
     """
-    if isinstance(records, TableStore):
-        return check_store_ledger(records, input_rows=input_rows)
-    if rejects is None or lineage is None or final is None:
-        raise TypeError("check_ledger needs records, rejects, lineage and final (or one TableStore)")
     numbers = _ledger_numbers(records, rejects, lineage, final)
     if input_rows is not None:
         numbers["input_rows"] = int(input_rows)
@@ -436,8 +437,9 @@ def _balanced(numbers: Numbers) -> Numbers:
 
 
 def check_store_ledger(store: TableStore, input_rows: int | None = None) -> dict[str, int]:
-    """:func:`check_ledger` on the tables written under ``store``'s run root; the input count is
-    ``input_rows`` when given, else ingest's own count (``input_files``, required)."""
+    """:func:`check_ledger` on the tables written under ``store``'s run root, against ingest's
+    independent input count; the input count is ``input_rows`` when given, else ingest's own
+    (``input_files``, required)."""
     counted = [_input_numbers(store)] if input_rows is None else []
     # (Lineage and final are scanned twice, at the few columns used: cheaper than caching them.)
     numbers = _ledger_numbers(store.read("records").select("id"), store.read("rejects"),
@@ -459,6 +461,16 @@ def with_arrival_run(lineage: DataFrame, store: TableStore) -> DataFrame:
             .select(*lineage.columns, "run_id"))
 
 
+def finalize_scope(new_records: DataFrame, new_groups: DataFrame) -> DataFrame:
+    """The record ids (column ``id``) whose lineage or final rows an increment can change: its new
+    records and the members of its new groups. No other record's fate moves: dedup decisions are
+    never revisited, the selection only grows by new records (``mergeit_spark.incremental`` step 5), and the new groups hold
+    only rows that were in no group before (step 6), so every older group, merge and merged row
+    stays as it is. Rejects only arrive (new rows, outside any bound)."""
+    members = new_groups.select(F.explode("member_ids").alias("id"))
+    return new_records.select("id").unionByName(members).distinct()
+
+
 class Finalize(Stage):
     """Selected originals + accepted merges → ``final``; every input row's fate → ``lineage``."""
 
@@ -467,6 +479,7 @@ class Finalize(Stage):
     outputs: ClassVar[tuple[str, ...]] = ("final", "lineage")
     # ingest.id_length decides the length of a merge's content id.
     settings_sections: ClassVar[tuple[str, ...]] = ("ingest",)
+    extends_from_tables: ClassVar[bool] = True
 
     def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
         final, lineage = build_lineage_and_final(
@@ -477,3 +490,25 @@ class Finalize(Stage):
     def check(self, ctx: StageContext) -> dict[str, Any]:
         """The run fails unless the ledger balances against ingest's independent input count."""
         return check_store_ledger(ctx.store)
+
+    def extend(self, ctx: StageContext, tables: dict[str, DataFrame],
+               added: dict[str, DataFrame]) -> StageOutput:
+        """``final`` and ``lineage`` brought up to date by a merge by record ``id``, one new
+        version each. Only the rows an increment can change are computed (:func:`finalize_scope`):
+        the stage's rows for the records of the scope, the new rejects, and the new groups with
+        their merges. A row of a scope record is inserted or updated; a ``final`` row of a scope
+        record that left the set (a new merge absorbed it) is deleted; a reject's row (null id) is
+        inserted. A lineage row already there keeps its ``run_id``; every other row arrived in
+        this increment."""
+        def new(name: str) -> DataFrame:
+            return added[name] if name in added else tables[name].limit(0)
+
+        new_groups = new("merge_groups")
+        scope = finalize_scope(new("records"), new_groups).persist()
+        final, lineage = build_lineage_and_final(
+            with_added(tables, added, "records").join(scope, "id", "left_semi"), new("rejects"),
+            with_added(tables, added, "dedup"), with_added(tables, added, "selected"), new_groups,
+            new("merges"), id_length=ctx.settings.ingest.id_length)
+        lineage = lineage.withColumn("run_id", F.lit(ctx.run_id))
+        return StageOutput({"final": Write.merge(final, ["id"], within=scope),
+                            "lineage": Write.merge(lineage, ["id"], within=scope, keep=["run_id"])})

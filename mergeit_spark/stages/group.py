@@ -3,8 +3,8 @@ merge groups, best match first.
 
 Space: cosine similarity on the full embedding (unit-length MiniLM vectors from ``embeddings``),
 not the PCA-reduced space k-means used. Grouping asks "are these two instructions about the same
-thing?", and the full embedding is the space in which the 0.55 threshold was set; PCA only served
-to make k-means fast and stable.
+thing?", and the full embedding is the space in which ``group.threshold`` (0.55) is meant; PCA
+only serves to make k-means fast and stable.
 
 Algorithm (per cluster, in ``group_cluster``):
   1. All pairs with cosine similarity strictly above ``group.threshold`` are candidates, sorted by
@@ -28,6 +28,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
 from ..ids import group_id
+from ..tables import Write
 from . import Stage, StageContext, StageOutput
 
 
@@ -135,3 +136,12 @@ class Group(Stage):
         cfg = ctx.settings.group
         groups = build_merge_groups(tables["selected"], tables["embeddings"], cfg.threshold, cfg.size)
         return StageOutput({"merge_groups": groups})
+
+    def extend(self, ctx: StageContext, tables: dict[str, DataFrame],
+               added: dict[str, DataFrame]) -> StageOutput:
+        """The groups holding a new row, from the dedup stage's one pass (``cluster_increment``);
+        existing groups stay."""
+        from .cluster_increment import CARRY, curated_rows
+        groups = curated_rows(added[CARRY], "merge_groups")
+        found = groups.count()
+        return StageOutput({"merge_groups": Write.append(groups, found)}, summary={"counts": {"new_groups": found}})

@@ -65,8 +65,6 @@ whatever the file's size. Parquet and Delta rows become JSON text with ``to_json
 from __future__ import annotations
 
 import re
-import time
-import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple
 from urllib.parse import quote
@@ -87,7 +85,8 @@ from ..inputs import (FORMATS, SAMPLE_PATH, InputError, InputFile, InputReadErro
 from ..jsonstream import count_units
 from ..parsing import (DEFAULT_RAW_CHARS, OUTCOME_ARROW, REASONS, ParseLimits, parse_json_file_batches,
                        parse_text_batches)
-from . import Stage, StageContext, StageOutput
+from ..tables import Write
+from . import Stage, StageContext, StageOutput, new_run_id
 
 __all__ = ["FORMATS", "REASONS", "SAMPLE_PATH", "InputError", "InputFile", "InputReadError", "Ingest",
            "IngestCountError", "IngestTables", "check_input_counts", "ingest", "resolve_inputs"]
@@ -367,23 +366,58 @@ def delta_version(item: InputFile) -> int | None:
     return pinned(item).version if item.format == "delta" else None
 
 
-def split_outcomes(outcomes: DataFrame) -> tuple[DataFrame, DataFrame]:
+def split_outcomes(outcomes: DataFrame, existing_ids: DataFrame | None = None,
+                   partitions: int | None = None) -> tuple[DataFrame, DataFrame]:
     """(records, rejects): the first of each content id is the record, the rest are
-    ``exact_duplicate`` rejects (a window per id: partitioned, so it scales)."""
+    ``exact_duplicate`` rejects with ``detail`` = that id (a window per id: partitioned, so it
+    scales). An id in ``existing_ids`` (an increment: the records ingested before) is a duplicate
+    too. With ``partitions``, the rule's shuffle by id spreads the rows over that many
+    partitions (content ids are hashes: about equal shares), so the records come out ready to
+    embed, one task per core, without a second shuffle."""
     parsed = outcomes.filter(F.col("reason").isNull())
+    if partitions:
+        parsed = parsed.repartition(partitions, "id")
     first = Window.partitionBy("id").orderBy("file_index", "line", "row", "sub")
     ranked = parsed.withColumn("_rank", F.row_number().over(first))
-    records = ranked.filter(F.col("_rank") == 1).select(
+    is_record = F.col("_rank") == 1
+    if existing_ids is not None:
+        ranked = ranked.join(existing_ids.select("id", F.lit(True).alias("_known")), "id", "left")
+        is_record = is_record & F.col("_known").isNull()
+    records = ranked.filter(is_record).select(
         *[F.col(f.name).cast(f.dataType).alias(f.name) for f in RECORD_SCHEMA.fields])
-    duplicates = ranked.filter(F.col("_rank") > 1).select(
+    duplicates = ranked.filter(~is_record).select(
         "source", "line", "row", "raw", F.lit("exact_duplicate").alias("reason"), F.col("id").alias("detail"))
     rejects = outcomes.filter(F.col("reason").isNotNull()).select(
         "source", "line", "row", "raw", "reason", "detail").unionByName(duplicates)
     return records, rejects
 
 
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+def ingest_new_inputs(ctx: StageContext, files: list[InputFile], records_before: DataFrame
+                      ) -> tuple[dict[str, int], tuple[DataFrame, DataFrame, DataFrame]]:
+    """An increment's ingest of ``files``: the counts, and its (records, rejects, input_files)
+    rows, cached and counted (the counts must balance before anything is written; the embed
+    step takes the new records from memory). A content id already in ``records_before`` is an
+    ``exact_duplicate`` reject, exactly as in a full run."""
+    from .embed import embed_partitions
+    settings = ctx.settings.ingest
+    limits = ParseLimits.from_settings(settings, settings.reject_raw_chars)
+    files = [pinned(item) for item in files]  # a new Delta source: one version for every read
+    framing = frame_inputs(ctx.spark, files, limits)  # counted once, for the parse and the count
+    outcomes = parse_outcomes(ctx.spark, files, limits, framing).persist(StorageLevel.MEMORY_AND_DISK)
+    # Counted, then appended: the split (a window and a join against records) runs once.
+    records, rejects = split_outcomes(outcomes, records_before, embed_partitions(ctx.settings.embed, ctx.spark))
+    input_rows = input_files_table(ctx.spark, files, limits, outcomes, ctx.run_id, framing)
+    cached = tuple(df.persist(StorageLevel.MEMORY_AND_DISK) for df in (records, rejects, input_rows))
+    try:
+        with reading_inputs(files):   # a file broken or gone while parsed: an error naming it
+            counts = {"new_records": cached[0].count(), "new_rejects": cached[1].count(),
+                      "new_input_rows": int(cached[2].agg(F.sum("units")).first()[0] or 0)}
+    finally:
+        outcomes.unpersist()  # the three are cached whole now (or the step failed)
+    if counts["new_records"] + counts["new_rejects"] != counts["new_input_rows"]:
+        raise IngestCountError(f"new inputs: records {counts['new_records']} + rejects "
+                               f"{counts['new_rejects']} != {counts['new_input_rows']} input units")
+    return counts, cached
 
 
 def ingest(spark: SparkSession, files: list[InputFile], settings: IngestSettings,
@@ -529,18 +563,31 @@ class Ingest(Stage):
         return cls(resolve_inputs(paths, settings.input.format))
 
     def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
-        run_id = new_run_id()
         out = ingest(ctx.spark, self.files, ctx.settings.ingest,
-                     raw_chars=ctx.settings.ingest.reject_raw_chars, run_id=run_id)
-        return StageOutput(dict(out._asdict()), summary={"run_id": run_id, "input_files": len(self.files)})
+                     raw_chars=ctx.settings.ingest.reject_raw_chars, run_id=ctx.run_id)
+        return StageOutput(dict(out._asdict()), summary={"run_id": ctx.run_id, "input_files": len(self.files)})
+
+    def extend(self, ctx: StageContext, tables: dict[str, DataFrame],
+               added: dict[str, DataFrame]) -> StageOutput:
+        """The inputs not yet in ``input_files`` (``incremental.new_inputs``), appended; no
+        output (nothing to do) when there are none."""
+        from ..incremental import new_inputs
+        fresh = new_inputs(ctx.store, self.files)
+        if not fresh:
+            return StageOutput(summary={"new_inputs": []})
+        counts, (records, rejects, input_rows) = ingest_new_inputs(ctx, fresh, tables["records"])
+        return StageOutput(
+            {"records": Write.append(records, counts["new_records"]),
+             "rejects": Write.append(rejects, counts["new_rejects"]),
+             "input_files": Write.append(input_rows, len(fresh))},
+            summary={"run_id": ctx.run_id, "input_files": len(fresh), "new_inputs": [f.path for f in fresh],
+                     "counts": counts})
 
     def check(self, ctx: StageContext) -> dict[str, Any]:
-        """The run stops here unless records + rejects equal the units ingest counted.
-
-        ``input_files`` (one row per input file) is read back with delta-rs: a Spark read of a
-        fresh Delta table costs seconds of snapshot jobs for a handful of rows."""
-        from deltalake import DeltaTable
-        written = pa.table(DeltaTable(ctx.store.path("input_files")).to_pyarrow_table(columns=["units", "framed"]))
+        """The run stops here unless records + rejects equal the units ingest counted (over
+        every row ever ingested, after an increment). ``input_files`` (one row per input) is
+        read on the driver: a Spark read of a fresh Delta table costs snapshot jobs."""
+        written = ctx.store.read_small("input_files").select(["units", "framed"])
         return check_input_counts(ctx.store.count("records"), ctx.store.count("rejects"), written)
 
     def extra_fingerprint(self, ctx: StageContext) -> str:

@@ -14,9 +14,9 @@ How it runs on Spark
      Arrow).
   2. ``request_pass``: P partitions of contiguous bucket ranges (``bucket_ranges``; P =
      ``merge.partitions`` or Spark's default parallelism), sorted by bucket inside each
-     partition, then ``mapInArrow``. Each task runs ONE event loop for its whole partition
-     (``llm.pump.LoopPump``): its thread reads the Arrow batches, answers from the ledger what
-     the ledger already holds, and feeds the rest into a bounded queue (2 x
+     partition, then ``mapInArrow`` with ``MergeTask``. Each task runs ONE event loop for its
+     whole partition (``llm.pump.RequestPump``): its thread reads the Arrow batches, answers
+     from the ledger what the ledger already holds, and feeds the rest into a bounded queue (2 x
      ``llm.concurrency``) that ``llm.concurrency`` workers drain, one group at a time each, with
      no barrier between batches. Member embeddings go from Arrow to numpy directly. Results
      stream back as Arrow batches of a few hundred rows.
@@ -118,14 +118,16 @@ from ..llm.ledger import (LEDGER_BUCKETS, BucketSpend, BucketState, LedgerWriter
 from ..llm.preflight import Preflight, preflight
 from ..llm.prompt import build_messages, prompt_hash
 from ..llm.tokens import fewest_prompt_tokens
-from ..llm.pump import LoopPump
-from . import Shortfall, Stage, StageContext, StageError, StageOutput
-from .embed import load_model
+from ..llm.pump import RequestPump
+from ..models import load_model
+from ..redact import install_log_scrubbing
+from ..tables import RUN_LOG, TableStore, Write
+from . import Shortfall, Stage, StageContext, StageError, StageOutput, with_added
 
 log = logging.getLogger(__name__)
 
-LEDGER_DIR = "_ledger/merges"
-RUNS_FILE = "_ledger/merge_runs.jsonl"
+LEDGER_NAME = "merges"        # the ledger's folder: <root>/_ledger/merges (TableStore.ledger_path)
+LEDGER_DIR = "_ledger/" + LEDGER_NAME
 TERMINAL = (STATUS_MERGED, STATUS_GATE_FAILED)
 MISSING_HASH = ""             # request_hash of a group that cannot be requested (member missing)
 PASS_ROWS = 256               # result rows per Arrow batch a task streams back
@@ -315,7 +317,7 @@ def split_budget(total: int, counts: dict[int, int]) -> dict[int, int]:
 
 def settled_failure(line: dict[str, Any], merge: MergeSettings) -> bool:
     """A failed result that a plain rerun does not pay for again: the reply stayed invalid after
-    at least as many regenerations as today's settings allow, or it was cut at ``llm.max_tokens``
+    at least as many regenerations as the current settings allow, or it was cut at ``llm.max_tokens``
     (``truncated``: the same request, ``max_tokens`` included in its hash, is cut the same way)."""
     if line.get("status") != STATUS_FAILED or merge.retry_failed:
         return False
@@ -335,8 +337,9 @@ class _TaskState:
 
 
 @dataclass(frozen=True)
-class _MergePartition:
-    """Per-partition request pass, shipped to executors (settings and paths only)."""
+class MergeTask:
+    """The request pass over one partition: the callable ``mapInArrow`` runs in each task,
+    shipped to executors (settings and paths only)."""
     llm: LLMSettings
     merge: MergeSettings
     gate: GateSettings
@@ -365,7 +368,7 @@ class _MergePartition:
                                   0 if self.shares.cap_tokens else None))
         workers = self.llm.concurrency
         try:
-            with LoopPump(lambda: self._session(state, task), workers, 2 * workers) as pump:
+            with RequestPump(lambda: self._session(state, task), workers, 2 * workers) as pump:
                 for batch in batches:
                     rows, todo = self._triage(decode_jobs(batch), state)
                     if todo:
@@ -520,7 +523,10 @@ def _pass_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
 
 
 def _worker_logging() -> None:
-    """Progress lines from executors go to the executor's stderr (its log), at INFO."""
+    """Progress lines from executors go to the executor's stderr (its log), at INFO, with
+    secrets and URL credentials masked in every record of the worker process (the task's, the
+    LLM client's, the ledger's): importing the package installs no scrubbing, so the task does."""
+    install_log_scrubbing()
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -729,11 +735,11 @@ def request_pass(jobs: DataFrame, settings: Settings, ledger_root: str,
     p = min(partitions or settings.merge.partitions or slots, LEDGER_BUCKETS)
     Path(ledger_root).mkdir(parents=True, exist_ok=True)
     plan = plan or plan_requests(jobs, settings, ledger_root, has_groups=True)
-    fn = _MergePartition(llm=settings.llm, merge=settings.merge, gate=settings.gate,
-                         embed=settings.embed, ledger_root=ledger_root, shares=plan.shares,
-                         copy_length_ratio=settings.gate.copy_length_ratio, loops=min(p, slots),
-                         run_id=plan.run_id,
-                         context_tokens=plan.preflight.context_tokens or settings.llm.context_tokens or None)
+    fn = MergeTask(llm=settings.llm, merge=settings.merge, gate=settings.gate,
+                   embed=settings.embed, ledger_root=ledger_root, shares=plan.shares,
+                   copy_length_ratio=settings.gate.copy_length_ratio, loops=min(p, slots),
+                   run_id=plan.run_id,
+                   context_tokens=plan.preflight.context_tokens or settings.llm.context_tokens or None)
     return bucket_ranges(jobs, p).sortWithinPartitions("bucket").mapInArrow(fn, PASS_SCHEMA), p
 
 
@@ -741,7 +747,7 @@ def bucket_ranges(jobs: DataFrame, partitions: int) -> DataFrame:
     """``jobs`` in ``partitions`` partitions, partition i holding the buckets b with
     ``b * partitions // LEDGER_BUCKETS == i``: whole buckets, the same number per task give or
     take one. Hash partitioning on the bucket itself gives the tasks unequal shares of the 256
-    buckets (111 and 145 for two tasks): a straggler the whole stage waits for."""
+    buckets: a straggler the whole stage waits for (BENCHMARKS.md, incremental)."""
     keys = partition_keys(jobs.sparkSession, partitions)
     part = F.floor(F.col("bucket") * partitions / LEDGER_BUCKETS).cast("int")
     return jobs.repartition(partitions, F.element_at(F.array(*[F.lit(k) for k in keys]), part + 1))
@@ -816,87 +822,62 @@ def gate_rejections(merges: DataFrame) -> dict[str, int]:
 
 
 # -- the stage ----------------------------------------------------------------------------------
-def run_merge(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddings: DataFrame,
-              partitions: int | None = None) -> MergeRunSummary:
-    """Build jobs, run the request pass, write its rows as the ``merges`` table.
-
-    The pass output is persisted between the summary and the write; should Spark recompute a
-    piece of it, the ledger answers every group already recorded, so nothing is paid twice.
-    Returns this run's summary (also appended to ``<run root>/_ledger/merge_runs.jsonl``).
-    """
+def merge_pass(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddings: DataFrame,
+               partitions: int | None = None) -> tuple[MergeRunSummary, DataFrame]:
+    """Build jobs, check the server (preflight) and run the request pass over ``groups``: this
+    pass's summary and its rows in the columns of ``merges``, cached for the executor to write.
+    Should Spark recompute a piece of them, the ledger answers every group already recorded, so
+    nothing is paid twice."""
     started = time.perf_counter()
     settings = ctx.settings
-    ledger_root = str(Path(ctx.store.root) / LEDGER_DIR)
+    ledger_root = ctx.store.ledger_path(LEDGER_NAME)
     jobs = build_jobs(groups, records, embeddings, settings.llm)
     plan = plan_requests(jobs, settings, ledger_root, has_groups=not groups.isEmpty())
     passed, p = request_pass(jobs, settings, ledger_root, partitions, plan)
     passed = passed.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         summary = summarise(passed, p)
-        summary.add_preflight(plan.preflight)
-        log.info("merge: %d groups, %d requests sent, %d tokens; statuses %s; gate rejections %s",
-                 summary.groups, summary.requests, summary.total_tokens, summary.by_status,
-                 summary.gate_rejections)
-        summary.table_version = _unchanged_version(ctx, summary.content)
-        if summary.table_version is None:
-            summary.table_version = ctx.store.write(passed.select(*_merges_columns()), "merges")
-        else:
-            summary.rewritten = False
-            log.info("merge: `merges` version %d already holds these rows; not rewritten",
-                     summary.table_version)
-    finally:
+    except BaseException:
         passed.unpersist()
+        raise
+    summary.add_preflight(plan.preflight)
     summary.seconds = round(time.perf_counter() - started, 3)
-    record_merge_run(ctx.store.root, summary.as_dict())
-    return summary
+    log.info("merge: %d groups, %d requests sent, %d tokens; statuses %s; gate rejections %s",
+             summary.groups, summary.requests, summary.total_tokens, summary.by_status,
+             summary.gate_rejections)
+    return summary, passed.select(*_merges_columns())
 
 
-def record_merge_run(run_root: str | Path, entry: dict[str, Any]) -> None:
-    """One line of ``_ledger/merge_runs.jsonl`` for a merge pass (the stage's or an increment's),
-    stamped with when it finished; :func:`merge_runs` reads them back."""
-    runs = Path(run_root) / RUNS_FILE
-    runs.parent.mkdir(parents=True, exist_ok=True)
-    torn = runs.is_file() and runs.stat().st_size > 0 and not runs.read_bytes().endswith(b"\n")
-    with open(runs, "a", encoding="utf-8") as handle:
-        if torn:  # end the torn line, so that this one stays whole
-            handle.write("\n")
-        handle.write(json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 **entry}) + "\n")
+def merge_runs(store: TableStore) -> list[dict[str, Any]]:
+    """Every merge pass's summary under the store's run root (full runs and increments), oldest
+    first, from the run log: ``finished_at``, ``table_version`` (the version of ``merges`` it
+    left), ``incremental_run`` for an increment's pass."""
+    runs = []
+    for entry in store.read_log(RUN_LOG):
+        if entry.get("stage") != Merge.name:
+            continue
+        run = dict(entry.get("summary") or {}, finished_at=entry.get("written_at"),
+                   table_version=(entry.get("versions") or {}).get("merges"))
+        if entry.get("increment"):
+            run["incremental_run"] = entry.get("run_id")
+        runs.append(run)
+    return runs
 
 
 def _unchanged_version(ctx: StageContext, content: str) -> int | None:
-    """The current version of ``merges`` when the last merge run wrote it (no other writer
+    """The current version of ``merges`` when the last full merge run wrote it (no other writer
     since) from rows with fingerprint ``content``, else None: a rerun that changed nothing (every
     group answered by the ledger as before) writes no new version."""
-    written = [r for r in merge_runs(ctx.store.root) if r.get("content") and r.get("table_version") is not None]
+    written = [r for r in merge_runs(ctx.store)
+               if r.get("content") and r.get("table_version") is not None and "incremental_run" not in r]
     if not content or not written or written[-1]["content"] != content:
         return None
     version = ctx.store.version("merges")
     return version if version == written[-1]["table_version"] else None
 
 
-def merge_runs(run_root: str | Path) -> list[dict[str, Any]]:
-    """Every merge run's summary for a run root, oldest first (for the report). A line that does
-    not parse (a driver killed while appending it) is skipped with a warning."""
-    path = Path(run_root) / RUNS_FILE
-    if not path.is_file():
-        return []
-    runs = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s line %d is torn (a run killed while writing it); skipped", path, number)
-            continue
-        if isinstance(entry, dict):
-            runs.append(entry)
-    return runs
-
-
 class Merge(Stage):
-    """LLM merging of each group, gated, ledgered; writes ``merges`` itself as it goes."""
+    """LLM merging of each group, gated, ledgered: ``merges``, one row per group."""
 
     name = "merge"
     inputs = ("merge_groups", "records", "embeddings")
@@ -904,8 +885,23 @@ class Merge(Stage):
     settings_sections = ("llm", "merge", "gate", "embed")
 
     def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
-        # run_merge writes `merges` itself (paid calls are durable as they land), so no table
-        # goes back to the executor: only what this run paid.
-        summary = run_merge(ctx, tables["merge_groups"], tables["records"], tables["embeddings"])
-        return StageOutput(summary=summary.as_dict(), unchanged=() if summary.rewritten else ("merges",),
+        summary, rows = merge_pass(ctx, tables["merge_groups"], tables["records"], tables["embeddings"])
+        summary.table_version = _unchanged_version(ctx, summary.content)
+        if summary.table_version is not None:
+            summary.rewritten = False
+            log.info("merge: `merges` version %d already holds these rows; not rewritten", summary.table_version)
+        return StageOutput({"merges": rows} if summary.rewritten else {}, summary=summary.as_dict(),
+                           unchanged=() if summary.rewritten else ("merges",),
+                           shortfall=summary.shortfall(ctx.settings.merge))
+
+    def extend(self, ctx: StageContext, tables: dict[str, DataFrame],
+               added: dict[str, DataFrame]) -> StageOutput:
+        """The request pass over the new groups only; merges paid before stay (the ledger
+        answers any group already recorded without a request)."""
+        groups = added.get("merge_groups")
+        if groups is None or groups.isEmpty():
+            return StageOutput(summary={"groups": 0, "requests": 0})
+        summary, rows = merge_pass(ctx, groups, with_added(tables, added, "records"),
+                                   with_added(tables, added, "embeddings"))
+        return StageOutput({"merges": Write.append(rows, summary.groups)}, summary=summary.as_dict(),
                            shortfall=summary.shortfall(ctx.settings.merge))

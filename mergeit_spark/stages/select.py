@@ -26,6 +26,7 @@ rank 0), ``gain`` (double, the marginal gain f(S + {row}) - f(S) when it was pic
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import SelectSettings
+from ..tables import Write
 from . import Stage, StageContext, StageOutput
 from .dedup import KEPT, embedding_matrix
 
@@ -117,6 +119,13 @@ def _lazy_greedy(vectors: np.ndarray, nearest: np.ndarray, heap: list[tuple[floa
     return np.asarray(picks, dtype=np.int64), np.asarray(gains, dtype=np.float64)
 
 
+def selection_target(budget: int, kept: int, kept_before: int, selected_before: int) -> int:
+    """The cluster's selection size after an increment (``mergeit_spark.incremental``, step 5)."""
+    if kept_before <= 0:
+        return min(kept, budget)
+    return min(kept, max(budget, math.ceil(selected_before * kept / kept_before)))
+
+
 @dataclass(frozen=True)
 class _SelectCluster:
     """One cluster's kept rows (id, cluster, embedding) → its picks in greedy order."""
@@ -156,3 +165,12 @@ class Select(Stage):
     def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
         return StageOutput({"selected": select_representatives(tables["embeddings"], tables["dedup"],
                                                               ctx.settings.select)})
+
+    def extend(self, ctx: StageContext, tables: dict[str, DataFrame],
+               added: dict[str, DataFrame]) -> StageOutput:
+        """The touched clusters' selections extended (the dedup stage's one pass: see
+        ``cluster_increment``); the existing picks stay."""
+        from .cluster_increment import CARRY, curated_rows
+        rows = curated_rows(added[CARRY], "selected")
+        picks = rows.count()
+        return StageOutput({"selected": Write.append(rows, picks)}, summary={"counts": {"new_selected": picks}})
