@@ -66,11 +66,3 @@ class Writes:
         for df in cached:
             df.unpersist()
         return running
-
-
-def concurrently(*calls: Callable[[], Result]) -> list[Result]:
-    """The results of ``calls``, run at once (each to its end); then the first failure, if any,
-    is raised."""
-    writes = Writes()
-    writes.start(*calls)
-    return writes.wait()

@@ -317,6 +317,13 @@ class IncrementalSettings:
 
 
 @dataclass
+class RunSettings:
+    lease_timeout_s: float = knob(300.0, "A run holds its run root by a lease whose heartbeat its driver renews every "
+                                  "quarter of this; a lease not renewed for this long belongs to a run that died, "
+                                  "and the next run takes it over.", _positive, "> 0", speed_only=True)
+
+
+@dataclass
 class Settings:
     input: InputSettings = field(default_factory=InputSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
@@ -334,6 +341,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
     incremental: IncrementalSettings = field(default_factory=IncrementalSettings)
+    run: RunSettings = field(default_factory=RunSettings)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

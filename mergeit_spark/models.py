@@ -15,11 +15,11 @@ and embeddings move as numpy/torch arrays: there is no per-row Python loop in th
 
 Precision (``embed.precision``): on a CPU, ``bf16`` runs the forward pass under
 ``torch.autocast`` (matrix products in bfloat16, normalisation and softmax in fp32; vectors come
-out fp32). It pays only where the hardware multiplies bf16 natively (AVX-512 BF16, AMX): 2.8x
-fp32 there; without it (AVX2) bf16 is emulated and several times slower, so ``auto`` picks it
-only there. On a GPU, ``bf16`` casts the model's weights to bfloat16 once instead: autocast
-re-casts operands on every operation, which made this small model 4-5x slower than fp32 at batch
-32 on an H200 (BENCHMARKS.md, embed on a device). Each process resolves ``auto`` for its own
+out fp32). It pays only where the hardware multiplies bf16 natively (AVX-512 BF16, AMX); without it
+(AVX2) bf16 is emulated and slower than fp32, so ``auto`` picks it only there. On a GPU, ``bf16``
+casts the model's weights to bfloat16 once instead: autocast re-casts operands on every
+operation, which makes a model this small slower than fp32 (figures: BENCHMARKS.md, embed and
+embed on a device). Each process resolves ``auto`` for its own
 device (:func:`worker_precision`) and logs the choice once.
 
 **The same model inside the JVM** (``embed.backend=spark-nlp``): Spark NLP's ``E5Embeddings``
@@ -231,9 +231,9 @@ def freeze_worker_heap() -> None:
     the garbage collector's permanent generation; elsewhere, nothing.
 
     PySpark's daemon calls ``gc.collect()`` after every task a reused worker runs. With the model
-    loaded that collection walks about 570k objects, 0.26 s of CPU each time on the machine of
-    BENCHMARKS.md, for objects that live as long as the process; frozen, it walks only what
-    tasks allocated since. Not on the driver: a cycle a notebook drops later would never be
+    loaded that collection walks every object of torch and the model, for objects that live as
+    long as the process (its cost: BENCHMARKS.md); frozen, it walks only what tasks allocated
+    since. Not on the driver: a cycle a notebook drops later would never be
     collected."""
     if not in_pyspark_worker():
         return
@@ -387,9 +387,9 @@ def _encoder_graph(encoder: Any, pooled: bool) -> Any:
     Spark NLP's E5 pools ``last_hidden_state`` itself (masked mean, then L2). Pooling inside the
     graph and handing it the pooled vector at every position makes its pooling a no-op, because
     the mean of identical vectors is that vector. That matters: Spark NLP 5.5.3's own pooling
-    of a padded batch is wrong (measured on 64 real rows against sentence-transformers: mean
-    cosine 0.998 at batch size 1, 0.884 at 8, 0.945 at 32); with the pooling in the graph it is
-    0.998 at every batch size."""
+    of a padded batch is wrong (its vectors drift from sentence-transformers' as the batch
+    grows); with the pooling in the graph they do not depend on the batch size (figures:
+    BENCHMARKS.md, sparknlp)."""
     import torch
 
     class PooledPerToken(torch.nn.Module):

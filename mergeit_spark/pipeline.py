@@ -34,6 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -44,9 +45,10 @@ from pyspark.sql import DataFrame, SparkSession
 from .background import Writes
 from .config import Settings
 from .incremental import Increment, IncrementMarker, require_finished_run
+from .lease import RunLease
 from .redact import install_log_scrubbing, register_secret
 from .session import build_session
-from .stages import Stage, StageContext, StageOutput, new_run_id
+from .stages import ROWS_ADDED, Stage, StageContext, StageOutput, new_run_id
 from .tables import RUN_LOG, TableStore
 
 log = logging.getLogger("mergeit")
@@ -146,6 +148,7 @@ class Pipeline:
         self.store = TableStore(self.spark, settings.output.root, settings.tables.engine)
         self.ctx = StageContext(self.spark, self.store, settings)
         self.root = Path(settings.output.root).absolute()
+        self._lease: RunLease | None = None
 
     # -- state -------------------------------------------------------------------------------
     def state(self, name: str) -> dict[str, Any] | None:
@@ -157,7 +160,7 @@ class Pipeline:
 
     def mark_current(self, stage: Stage, output: StageOutput, checks: dict[str, Any]) -> None:
         """Record ``stage`` as done at its tables' current versions after an increment, with
-        today's fingerprint; its earlier state's timing is kept. A shortfall leaves it not current."""
+        the fingerprint it has now; its earlier state's timing is kept. A shortfall leaves it not current."""
         state = dict(self.state(stage.name) or {})
         state.update(fingerprint=self.fingerprint(stage),
                      versions={t: self.store.version(t) for t in stage.outputs},
@@ -211,7 +214,7 @@ class Pipeline:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
     def is_current(self, stage: Stage, _known: dict[str, bool] | None = None) -> bool:
-        """Done with today's fingerprint, its tables at the versions it wrote, and every stage
+        """Done with the fingerprint it has now, its tables at the versions it wrote, and every stage
         above it current too."""
         known = {} if _known is None else _known
         if stage.name not in known:
@@ -236,10 +239,30 @@ class Pipeline:
     def _index(self, name: str) -> int:
         return self.stages.index(self.stage(name))
 
+    @contextmanager
+    def holding_root(self) -> Iterator[None]:
+        """Hold the run root's lease (:mod:`mergeit_spark.lease`) for what runs inside: a second
+        run on the root fails at once, naming this one. Re-entrant within this pipeline."""
+        if self._lease is not None:
+            self._lease.check()
+            yield
+            return
+        lease = RunLease(self.store, self.settings.run.lease_timeout_s).acquire()
+        self._lease = lease
+        try:
+            yield
+        finally:
+            self._lease = None
+            lease.release()
+
     def run(self, only: str | None = None, force: str | None = None,
             until: str | None = None) -> list[StageResult]:
         """Run every stage up to ``until`` (default: all), or ``only`` one; recompute from
-        ``force`` on regardless of state."""
+        ``force`` on regardless of state. Holds the run root's lease while it runs."""
+        with self.holding_root():
+            return self._run(only, force, until)
+
+    def _run(self, only: str | None, force: str | None, until: str | None) -> list[StageResult]:
         forced_from = self._index(force) if force else len(self.stages)
         last = self._index(until) if until else len(self.stages) - 1
         selected = [self.stage(only)] if only else self.stages[:last + 1]
@@ -247,19 +270,24 @@ class Pipeline:
         self.ctx.run_id = new_run_id()
         results = []
         for stage in selected:
+            self._lease.check()  # type: ignore[union-attr]
             forced = self._index(stage.name) >= forced_from
             if not forced and self.is_current(stage):
                 state = self.state(stage.name) or {}
                 log.info("stage %-8s up to date (fingerprint %s), skipped", stage.name, state.get("fingerprint"))
                 results.append(StageResult.from_state(stage.name, state))
                 continue
-            results.append(self.run_stage(stage))
+            results.append(self._run_stage(stage))
         return results
 
     def run_stage(self, stage: Stage, inputs: Mapping[str, DataFrame] | None = None) -> StageResult:
         """Run one stage: its hooks in order, its writes, then its state. Any failure leaves no
         state. ``inputs``: the stage's input tables as DataFrames made elsewhere (one stage run
         on a user's own rows), instead of the run root's tables."""
+        with self.holding_root():
+            return self._run_stage(stage, inputs)
+
+    def _run_stage(self, stage: Stage, inputs: Mapping[str, DataFrame] | None = None) -> StageResult:
         missing = [t for t in stage.inputs if t not in (inputs or {}) and not self.store.exists(t)]
         if missing:
             raise PipelineError(f"stage {stage.name} needs table(s) {', '.join(missing)} under "
@@ -316,23 +344,32 @@ class Pipeline:
     def extend(self, recluster: bool = False) -> Increment:
         """Bring the new inputs into this finished run root (``mergeit run --incremental``): the
         rules are in :mod:`mergeit_spark.incremental`. With ``recluster``, the stages above the
-        one that ``refits`` are extended, then it and every stage below run in full."""
+        one that ``refits`` are extended, then it and every stage below run in full. Holds the
+        run root's lease while it runs."""
+        with self.holding_root():
+            return self._extend(recluster)
+
+    def _extend(self, recluster: bool) -> Increment:
         marker = IncrementMarker(self)
         marker.roll_back_unfinished()
         require_finished_run(self)
         self.ctx.run_id = new_run_id()
         before = {t: self.store.version(t) for stage in self.stages for t in (*stage.inputs, *stage.outputs)}
         states = {s.name: self.state(s.name) for s in self.stages}
-        timer, writes = StepTimer(self.spark), Writes()
+        timer, pending = StepTimer(self.spark), []  # each stage's writes, oldest first
         added: dict[str, DataFrame] = {}
         done: list[tuple[Stage, StageOutput]] = []
         try:
             for stage in self.stages:
                 if recluster and stage.refits:
                     break
+                self._lease.check()  # type: ignore[union-attr]
                 started = time.monotonic()
+                # A stage's writes overlap the next stage's work, and are done before the one after
+                # starts (more at once only compete for the same cores).
+                while len(pending) > (0 if stage.extends_from_tables else 1):
+                    pending.pop(0).wait()
                 if stage.extends_from_tables:
-                    writes.wait()
                     added = self._added_from_tables(added, before)
                 tables = _TablesAt(self.store, tuple(before), before)  # every table, as it stood
                 output = _as_output(stage.extend(self.ctx, tables, added))
@@ -345,16 +382,21 @@ class Pipeline:
                 for name, write in output.writes().items():
                     if write.mode == "append":
                         added[name] = write.rows
+                        if write.count is not None:
+                            added.setdefault(ROWS_ADDED, {})[name] = write.count
                 added.update(output.carry)
-                writes.start(*[partial(self.store.apply, name, write) for name, write in output.writes().items()])
+                pending.append(Writes())
+                pending[-1].start(*[partial(self.store.apply, name, write) for name, write in output.writes().items()])
                 for name, model in output.models.items():
                     self.store.save_model(name, model)
                 done.append((stage, output))
                 timer.step(stage.name, started)
             started = time.monotonic()
-            writes.wait()
+            while pending:
+                pending.pop(0).wait()
         except BaseException:
-            writes.join()  # no write still running when the failure leaves (the next run rolls back)
+            for writes in pending:
+                writes.join()  # no write still running when the failure leaves (the next run rolls back)
             self.spark.catalog.clearCache()
             raise
         self.spark.catalog.clearCache()  # the steps' cached rows: every table they fed is written

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -129,6 +130,45 @@ class TableStore:
         tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
         tmp.replace(path)
+
+    def create_state(self, name: str, state: dict[str, Any]) -> bool:
+        """Create state record ``name`` only where none is (an exclusive create: ``O_EXCL``);
+        False when one is there. Of two callers at once, exactly one gets True."""
+        path = self._state_file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(state, indent=2, sort_keys=True))
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
+
+    def retire_state(self, name: str, expected: dict[str, Any]) -> bool:
+        """Move state record ``name`` aside (atomically: one caller of several wins) if it still
+        holds ``expected``; True for the caller that did. A record that changed meanwhile is put
+        back where no new one was made."""
+        path = self._state_file(name)
+        aside = path.with_name(f"{path.name}.retired-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            moved = json.loads(aside.read_text())
+        except json.JSONDecodeError:
+            moved = None
+        if moved != expected:
+            try:
+                os.link(aside, path)  # put back, unless a new record is there already
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        return True
 
     def append_log(self, name: str, entry: dict[str, Any]) -> None:
         """One line of run log ``name``, stamped with when it was written."""
@@ -391,8 +431,8 @@ class TableStore:
         column mapping: those files are exactly its rows; the session's table defaults keep it
         so) and it has no partition columns (their values live in the log, not the files).
         Delta's own reader plans each read with Spark jobs that rebuild the table's snapshot
-        after every commit (1.2-2 s per read here, against 0.35-0.5 s for its files; a pipeline reads
-        a table right after writing it all the time). Other tables go through Delta's reader."""
+        after every commit, several times the cost of reading its files, and a pipeline reads a
+        table right after writing it all the time. Other tables go through Delta's reader."""
         target = self.path(name)
         if not self.exists(name):
             raise FileNotFoundError(f"no Delta table {name!r} at {target}")

@@ -15,7 +15,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from _pipeline_run import BROKEN_LINES, pipeline_settings, read
 from fake_openai import FakeOpenAI
-from mergeit_spark.background import Writes, concurrently
+from mergeit_spark.background import Writes
 from mergeit_spark.pipeline import Pipeline
 from mergeit_spark.stages.select import extend_facility_location, lazy_greedy_facility_location, selection_target
 from mergeit_spark.tables import TableStore
@@ -344,23 +344,6 @@ def test_extension_continues_the_plain_greedy():
 ])
 def test_selection_target(budget, kept, kept_before, selected_before, expected):
     assert selection_target(budget, kept, kept_before, selected_before) == expected
-
-
-def test_concurrent_writes_all_land_and_a_failure_is_raised_after_the_others(spark, store):
-    """Independent tables are written at once (``concurrently``): every write lands,
-    results come back in call order, and one that fails is raised only once the others are
-    committed (the crash marker then rolls them back)."""
-    rows = spark.createDataFrame([("a", 1), ("b", 2)], "id string, n long")
-    assert concurrently(lambda: store.write(rows, "one"), lambda: store.write(rows.limit(1), "two"),
-                        lambda: 7) == [0, 0, 7]
-    assert sorted(r.id for r in store.read("one").collect()) == ["a", "b"] and store.read("two").count() == 1
-
-    def fails():
-        raise ValueError("no such column")
-
-    with pytest.raises(ValueError, match="no such column"):
-        concurrently(fails, lambda: store.write(rows, "one", mode="append"))
-    assert store.version("one") == 1 and store.read("one").count() == 4
 
 
 def test_background_writes_land_release_their_rows_and_raise_the_first_failure(spark, store):

@@ -16,7 +16,7 @@ from mergeit_spark.llm import client as client_mod
 from mergeit_spark.stages import StageContext
 from mergeit_spark.llm.ledger import LEDGER_BUCKETS
 from mergeit_spark.stages.merge import (LEDGER_DIR, MERGES_SCHEMA, Merge, bucket_ranges, gate_rejections,
-                                        ledger_bucket, merge_runs, read_bucket, read_ledger,
+                                        ledger_bucket, merge_runs, read_bucket,
                                         split_budget)
 
 from _merge_helpers import finalize_merges, load_rows, make_inputs, run_merge_stage
@@ -53,6 +53,13 @@ def run(spark, store, settings, inputs):
     records, embeddings, groups = inputs[:3]
     ctx = StageContext(spark, store, settings)
     return run_merge_stage(ctx, groups, records, embeddings)
+
+
+def read_ledger(spark, ledger_root: str):
+    """Every ledger line as a DataFrame (``LEDGER_SCHEMA`` plus the ``bucket`` folder column)."""
+    from mergeit_spark.stages.merge import LEDGER_SCHEMA
+    return (spark.read.schema(LEDGER_SCHEMA).option("mode", "DROPMALFORMED")
+            .json(ledger_root).where(F.col("group_id").isNotNull() & F.col("status").isNotNull()))
 
 
 def merges_rows(store):

@@ -303,9 +303,7 @@ DRIVER_FETCHES = {
         ("first", 'embeddings.select(F.size("embedding")'),             # one row: the dimension
         ("first", "projected.agg(Summarizer.mean("),                    # one row (k = 1 only)
     ],
-    "stages/embed.py": [
-        ("count", "embedded"),            # one number: an increment's new rows, embedded into the cache
-    ],
+    "stages/embed.py": [],
     "stages/topics.py": [
         ("collect", 'topics.join(embeddings.select("id", "embedding"), "id")'),  # k rows: per-cluster stats
     ],
@@ -317,9 +315,7 @@ DRIVER_FETCHES = {
         ("collect", 'curated.groupBy("table", "status").count()'),  # a few rows: the increment's counts
         ("count", 'curated.groupBy("table", "status")'),  # (GroupedData.count: the aggregate collected above)
     ],
-    "stages/select.py": [
-        ("count", "rows"),                # one number: an increment's new picks
-    ],
+    "stages/select.py": [],
 }
 FETCH_METHODS = {"collect", "toPandas", "toLocalIterator", "first", "take", "head", "tail", "count",
                  "toArrow", "collectAsList"}

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 
 from ..config import Settings
@@ -106,8 +107,8 @@ class StageOutput(Mapping[str, DataFrame]):
     unchanged: tuple[str, ...] = ()
     shortfall: Shortfall | None = None   # work a rerun must finish: the stage stays not current
     models: dict[str, Any] = field(default_factory=dict)  # name -> object with save(path); None removes
-    # In an increment: frames for the stages below (in ``added``), not written.
-    carry: dict[str, DataFrame] = field(default_factory=dict)
+    # In an increment: frames (or small values) for the stages below, in their ``added``; not written.
+    carry: dict[str, Any] = field(default_factory=dict)
 
     def writes(self) -> dict[str, Write]:
         """Each returned table as a write intent (a plain DataFrame is an overwrite)."""
@@ -124,9 +125,26 @@ class StageOutput(Mapping[str, DataFrame]):
         return len(self.tables)
 
 
-def with_added(tables: Mapping[str, DataFrame], added: Mapping[str, DataFrame], name: str) -> DataFrame:
-    """In an increment: table ``name`` as it stood before, plus the rows added to it above."""
-    return tables[name].unionByName(added[name]) if name in added else tables[name]
+def with_added(tables: Mapping[str, DataFrame], added: dict[str, Any], name: str, cache: bool = False) -> DataFrame:
+    """In an increment: table ``name`` as it stood before, plus the rows added to it above. With
+    ``cache``, the rows are read and decoded once for every stage below that asks with ``cache``
+    too (kept in ``added``; the executor releases them when the increment ends)."""
+    key = f"{name} with added rows"
+    if cache and key in added:
+        return added[key]
+    rows = tables[name].unionByName(added[name]) if name in added else tables[name]
+    if cache:
+        rows = added[key] = rows.persist(StorageLevel.MEMORY_AND_DISK)
+    return rows
+
+
+ROWS_ADDED = "rows added"  # in ``added``: per table, how many rows the stages above appended, where known
+
+
+def rows_added(added: Mapping[str, Any], name: str) -> int | None:
+    """How many rows the stages above appended to table ``name`` in this increment (None: not
+    known, or nothing appended)."""
+    return added.get(ROWS_ADDED, {}).get(name)
 
 
 class CannotExtend(StageError):

@@ -25,6 +25,7 @@ from .group import group_cluster, merge_groups_schema
 from .select import SELECTED_SCHEMA, extend_facility_location, selection_target
 
 CARRY = "cluster_increment"  # the name the dedup stage hands the pass down under
+COUNTS = "cluster_increment rows"  # and its rows per table (counted with the dedup rows)
 
 # The schemas of the three tables one pass over a cluster adds to, by table.
 CURATED_TABLES = {"dedup": DEDUP_SCHEMA, "selected": SELECTED_SCHEMA,

@@ -354,11 +354,12 @@ class Dedup(Stage):
         """The new rows against the kept rows of their own and neighbouring clusters, then the
         touched clusters' one pass (``cluster_increment``: dedup, selection extension, groups),
         cached and counted once, handed down to the select and group stages."""
-        from .cluster_increment import CARRY, curate_new_rows, curated_rows
-        curated = curate_new_rows(added["topics"], with_added(tables, added, "embeddings"),
+        from .cluster_increment import CARRY, COUNTS, curate_new_rows, curated_rows
+        curated = curate_new_rows(added["topics"], with_added(tables, added, "embeddings", cache=True),
                                   {t: tables[t] for t in ("dedup", "selected", "merge_groups", "centroids")},
                                   ctx.settings).persist(StorageLevel.MEMORY_AND_DISK)
         found = {(r["table"], r["status"]): r["count"] for r in curated.groupBy("table", "status").count().collect()}
         counts = {"new_kept": found.get(("dedup", KEPT), 0), "new_duplicates": found.get(("dedup", DUPLICATE), 0)}
+        rows = {table: sum(n for (t, _), n in found.items() if t == table) for table in ("selected", "merge_groups")}
         return StageOutput({"dedup": Write.append(curated_rows(curated, "dedup"), sum(counts.values()))},
-                           summary={"counts": counts}, carry={CARRY: curated})
+                           summary={"counts": counts}, carry={CARRY: curated, COUNTS: rows})

@@ -23,14 +23,13 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
 from ..config import EmbedSettings
 from ..models import encode_texts, model_loads, worker_precision
 from ..tables import Write
-from . import Stage, StageContext, StageOutput
+from . import Stage, StageContext, StageOutput, rows_added
 
 EMBEDDINGS_SCHEMA = T.StructType([
     T.StructField("id", T.StringType(), False),
@@ -160,9 +159,9 @@ class Embed(Stage):
 
     def extend(self, ctx: StageContext, tables: dict[str, DataFrame],
                added: dict[str, DataFrame]) -> StageOutput:
-        """Embed only the new records, into memory (the stages below read them while they are
-        appended). Ingest spread them over the embed partitions already: no second shuffle."""
-        embedded = embed_with_backend(added["records"], ctx.settings.embed, spread=False
-                                      ).persist(StorageLevel.MEMORY_AND_DISK)
-        rows = embedded.count()
+        """Embed only the new records (one vector each), as they are appended: the embedding
+        runs once, inside the write (the topics stage reads the new rows back from the table).
+        Ingest spread them over the embed partitions already: no second shuffle."""
+        rows = rows_added(added, "records")
+        embedded = embed_with_backend(added["records"], ctx.settings.embed, spread=False)
         return StageOutput({"embeddings": Write.append(embedded, rows)}, summary={"counts": {"embedded": rows}})

@@ -141,7 +141,6 @@ class Group(Stage):
                added: dict[str, DataFrame]) -> StageOutput:
         """The groups holding a new row, from the dedup stage's one pass (``cluster_increment``);
         existing groups stay."""
-        from .cluster_increment import CARRY, curated_rows
-        groups = curated_rows(added[CARRY], "merge_groups")
-        found = groups.count()
+        from .cluster_increment import CARRY, COUNTS, curated_rows
+        groups, found = curated_rows(added[CARRY], "merge_groups"), added[COUNTS]["merge_groups"]
         return StageOutput({"merge_groups": Write.append(groups, found)}, summary={"counts": {"new_groups": found}})

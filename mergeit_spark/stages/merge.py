@@ -122,7 +122,7 @@ from ..llm.pump import RequestPump
 from ..models import load_model
 from ..redact import install_log_scrubbing
 from ..tables import RUN_LOG, TableStore, Write
-from . import Shortfall, Stage, StageContext, StageError, StageOutput, with_added
+from . import Shortfall, Stage, StageContext, StageError, StageOutput, rows_added, with_added
 
 log = logging.getLogger(__name__)
 
@@ -802,16 +802,6 @@ def summarise(passed: DataFrame, partitions: int) -> MergeRunSummary:
     return summary
 
 
-def read_ledger(spark: SparkSession, ledger_root: str) -> DataFrame:
-    """Every ledger line as a DataFrame (``LEDGER_SCHEMA`` plus the ``bucket`` folder column), for
-    inspection: the stage itself reads the ledger bucket by bucket inside its tasks."""
-    root = Path(ledger_root)
-    if not any(root.glob("bucket=*/*")):
-        return spark.createDataFrame([], LEDGER_SCHEMA)
-    return (spark.read.schema(LEDGER_SCHEMA).option("mode", "DROPMALFORMED")
-            .json(str(root)).where(F.col("group_id").isNotNull() & F.col("status").isNotNull()))
-
-
 def gate_rejections(merges: DataFrame) -> dict[str, int]:
     """Per gate check, how many groups of ``merges`` ended ``gate_failed`` with that check failing
     (a merge failing two checks counts under both). A Spark aggregation: a few rows to the driver."""
@@ -823,16 +813,17 @@ def gate_rejections(merges: DataFrame) -> dict[str, int]:
 
 # -- the stage ----------------------------------------------------------------------------------
 def merge_pass(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddings: DataFrame,
-               partitions: int | None = None) -> tuple[MergeRunSummary, DataFrame]:
+               partitions: int | None = None, has_groups: bool | None = None) -> tuple[MergeRunSummary, DataFrame]:
     """Build jobs, check the server (preflight) and run the request pass over ``groups``: this
     pass's summary and its rows in the columns of ``merges``, cached for the executor to write.
     Should Spark recompute a piece of them, the ledger answers every group already recorded, so
-    nothing is paid twice."""
+    nothing is paid twice. ``has_groups``: whether ``groups`` has a row, when the caller knows."""
     started = time.perf_counter()
     settings = ctx.settings
     ledger_root = ctx.store.ledger_path(LEDGER_NAME)
     jobs = build_jobs(groups, records, embeddings, settings.llm)
-    plan = plan_requests(jobs, settings, ledger_root, has_groups=not groups.isEmpty())
+    plan = plan_requests(jobs, settings, ledger_root,
+                         has_groups=not groups.isEmpty() if has_groups is None else has_groups)
     passed, p = request_pass(jobs, settings, ledger_root, partitions, plan)
     passed = passed.persist(StorageLevel.MEMORY_AND_DISK)
     try:
@@ -898,10 +889,10 @@ class Merge(Stage):
                added: dict[str, DataFrame]) -> StageOutput:
         """The request pass over the new groups only; merges paid before stay (the ledger
         answers any group already recorded without a request)."""
-        groups = added.get("merge_groups")
-        if groups is None or groups.isEmpty():
+        groups, count = added.get("merge_groups"), rows_added(added, "merge_groups")
+        if groups is None or count == 0 or (count is None and groups.isEmpty()):
             return StageOutput(summary={"groups": 0, "requests": 0})
         summary, rows = merge_pass(ctx, groups, with_added(tables, added, "records"),
-                                   with_added(tables, added, "embeddings"))
+                                   with_added(tables, added, "embeddings", cache=True), has_groups=True)
         return StageOutput({"merges": Write.append(rows, summary.groups)}, summary=summary.as_dict(),
                            shortfall=summary.shortfall(ctx.settings.merge))

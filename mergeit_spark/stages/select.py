@@ -170,7 +170,6 @@ class Select(Stage):
                added: dict[str, DataFrame]) -> StageOutput:
         """The touched clusters' selections extended (the dedup stage's one pass: see
         ``cluster_increment``); the existing picks stay."""
-        from .cluster_increment import CARRY, curated_rows
-        rows = curated_rows(added[CARRY], "selected")
-        picks = rows.count()
+        from .cluster_increment import CARRY, COUNTS, curated_rows
+        rows, picks = curated_rows(added[CARRY], "selected"), added[COUNTS]["selected"]
         return StageOutput({"selected": Write.append(rows, picks)}, summary={"counts": {"new_selected": picks}})

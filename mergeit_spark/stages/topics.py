@@ -159,6 +159,7 @@ class Topics(Stage):
     outputs = ("topics", "centroids")
     settings_sections = ("topics",)
     refits = True
+    extends_from_tables = True  # the new embeddings, read back once embed's append is done
 
     def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
         result = fit_topics(tables["embeddings"], ctx.settings.topics)

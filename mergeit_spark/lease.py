@@ -1,0 +1,123 @@
+"""One run per run root: a lease with a heartbeat.
+
+Every run and increment takes the lease on its root before it reads any state, and gives it back
+when it ends. The lease is the store's state record ``lease`` (holder id, host, pid, when it
+started, its last heartbeat), made by an exclusive create (:meth:`TableStore.create_state`), so
+of two runs starting at once exactly one gets it; the other fails at once with
+:class:`RootBusy`, naming the holder. The holder's driver renews the heartbeat every
+``run.lease_timeout_s / 4`` seconds from a daemon thread. A lease whose heartbeat is older than
+``run.lease_timeout_s`` belongs to a run that died (a killed driver leaves its lease behind): the
+next run takes it over, and only then rolls back what that run left unfinished. A holder that
+finds its lease taken over (it stalled past the timeout) stops before its next stage
+(:class:`LeaseLost`) rather than write beside the run that took it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from .tables import TableStore
+
+log = logging.getLogger("mergeit.lease")
+
+LEASE = "lease"  # the store's state record
+
+
+class RootBusy(RuntimeError):
+    """Another run holds the run root."""
+
+
+class LeaseLost(RuntimeError):
+    """This run's lease was taken over by another run (its heartbeat had stopped too long)."""
+
+
+class RunLease:
+    """The lease on one run root, for one run: :meth:`acquire`, then :meth:`release` (or use it
+    as a context manager)."""
+
+    def __init__(self, store: TableStore, timeout_s: float) -> None:
+        self.store = store
+        self.timeout_s = float(timeout_s)
+        self.holder = uuid.uuid4().hex
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def record(self) -> dict[str, Any]:
+        return {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+                "started": self.started, "heartbeat": time.time(), "timeout_s": self.timeout_s}
+
+    def acquire(self) -> "RunLease":
+        """Take the lease, or take over one whose heartbeat stopped; else raise :class:`RootBusy`."""
+        for _ in range(3):
+            if self.store.create_state(LEASE, self.record()):
+                self._start_heartbeat()
+                return self
+            current = self.store.read_state(LEASE)
+            if current is None:
+                continue  # released (or still being written) since the create failed: try again
+            age = time.time() - float(current.get("heartbeat", 0))
+            if age <= self.timeout_s:
+                raise RootBusy(f"run root {self.store.root} is held by another run ({describe(current, age)}); "
+                               "wait for it to end. A run that died gives the root up "
+                               f"{self.timeout_s:g} s after its last heartbeat (run.lease_timeout_s)")
+            log.warning("taking over the lease on %s of a run that stopped beating (%s)",
+                        self.store.root, describe(current, age))
+            self.store.retire_state(LEASE, current)
+        raise RootBusy(f"run root {self.store.root}: the lease changed hands three times while this run "
+                       "tried to take it; another run is starting there")
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="mergeit-lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.timeout_s / 4):
+            try:
+                self.renew()
+            except Exception as exc:  # noqa: BLE001 - a failed renewal is retried at the next beat
+                log.warning("could not renew the lease on %s: %s", self.store.root, exc)
+            if self.lost:
+                return
+
+    def renew(self) -> None:
+        """A new heartbeat, unless another run has taken the lease over (then :attr:`lost`)."""
+        current = self.store.read_state(LEASE)
+        if current is None or current.get("holder") != self.holder:
+            self.lost = True
+            log.error("the lease on %s was taken over by another run", self.store.root)
+            return
+        self.store.write_state(LEASE, dict(current, heartbeat=time.time()))
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` when another run has taken the lease over."""
+        if self.lost:
+            raise LeaseLost(f"run root {self.store.root}: another run took this run's lease over (its "
+                            "heartbeat was older than run.lease_timeout_s); this run stops here")
+
+    def release(self) -> None:
+        """Stop the heartbeat and give the lease back (unless another run holds it now)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        current = self.store.read_state(LEASE)
+        if current is not None and current.get("holder") == self.holder:
+            self.store.write_state(LEASE, None)
+
+    def __enter__(self) -> "RunLease":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def describe(record: dict[str, Any], age: float) -> str:
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(record.get("started", 0))))
+    return (f"holder {record.get('holder')}, host {record.get('host')}, pid {record.get('pid')}, "
+            f"started {started}, last heartbeat {age:.0f} s ago")

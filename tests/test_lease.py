@@ -1,0 +1,116 @@
+"""One run per run root: the lease (exclusive create, heartbeat, takeover of a dead run's lease),
+on the toy stages with real Spark and Delta."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from _toy_stages import Source
+from mergeit_spark.config import load_settings
+from mergeit_spark.lease import LEASE, LeaseLost, RootBusy, RunLease
+from mergeit_spark.pipeline import Pipeline
+
+
+class Waiting(Source):
+    """The source stage, held open until the test lets it finish."""
+    entered = threading.Event()
+    go = threading.Event()
+
+    def run(self, ctx, tables):
+        Waiting.entered.set()
+        assert Waiting.go.wait(60)
+        return super().run(ctx, tables)
+
+
+def _pipeline(spark, root, stages, *overrides):
+    settings = load_settings(overrides=[f"output.root={root}", *overrides], env={})
+    return Pipeline(settings, spark=spark, stages=stages)
+
+
+def _until(condition, seconds=20.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_second_run_on_a_held_root_fails_at_once_naming_the_holder(spark, tmp_path):
+    root = tmp_path / "run"
+    first, second = _pipeline(spark, root, [Waiting()]), _pipeline(spark, root, [Source()])
+    errors = []
+    thread = threading.Thread(target=lambda: errors.extend(_run_catching(first)))
+    thread.start()
+    try:
+        assert Waiting.entered.wait(60)
+        holder = first.store.read_state(LEASE)
+        assert holder["pid"] == os.getpid() and holder["host"]
+        with pytest.raises(RootBusy, match=f"held by another run \\(holder {holder['holder']}"):
+            second.run()
+        with pytest.raises(RootBusy):
+            second.extend()
+    finally:
+        Waiting.go.set()
+        thread.join()
+    assert errors == [] and first.store.read_state(LEASE) is None  # given back at the end
+    assert [r.skipped for r in second.run(force="source")] == [False]  # the root is free again
+
+
+def _run_catching(pipeline):
+    try:
+        pipeline.run()
+    except Exception as exc:  # noqa: BLE001 - handed to the test thread
+        return [exc]
+    return []
+
+
+def test_a_dead_runs_lease_is_taken_over_after_the_timeout(spark, tmp_path, caplog):
+    root = tmp_path / "run"
+    pipeline = _pipeline(spark, root, [Source()], "run.lease_timeout_s=30")
+    dead = {"holder": "gone", "host": "elsewhere", "pid": 1, "started": time.time() - 100,
+            "heartbeat": time.time() - 31, "timeout_s": 30}
+    assert pipeline.store.create_state(LEASE, dead)
+    with caplog.at_level("WARNING", logger="mergeit.lease"):
+        [result] = pipeline.run()
+    assert not result.skipped and "taking over the lease" in caplog.text and "holder gone" in caplog.text
+    assert pipeline.store.read_state(LEASE) is None
+    # A lease beating within the timeout is not taken.
+    assert pipeline.store.create_state(LEASE, dict(dead, heartbeat=time.time()))
+    with pytest.raises(RootBusy, match="holder gone, host elsewhere, pid 1"):
+        pipeline.run()
+
+
+def test_the_heartbeat_renews_and_a_lease_taken_over_stops_its_run(store):
+    lease = RunLease(store, timeout_s=0.4).acquire()
+    try:
+        first = store.read_state(LEASE)["heartbeat"]
+        _until(lambda: store.read_state(LEASE)["heartbeat"] > first)
+        lease.check()  # still ours
+        store.write_state(LEASE, dict(store.read_state(LEASE), holder="another run"))
+        _until(lambda: lease.lost)
+        with pytest.raises(LeaseLost, match="took this run's lease over"):
+            lease.check()
+    finally:
+        lease.release()
+    assert store.read_state(LEASE)["holder"] == "another run"  # not ours to remove
+    store.write_state(LEASE, None)
+
+
+def test_of_runs_starting_at_once_exactly_one_gets_the_lease(store):
+    start, won = threading.Barrier(8), []
+
+    def take():
+        start.wait()
+        won.append(store.create_state(LEASE, {"holder": threading.get_ident(), "heartbeat": time.time()}))
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(won) == [False] * 7 + [True]
+    record = store.read_state(LEASE)
+    assert store.retire_state(LEASE, record) and store.read_state(LEASE) is None
+    assert not store.retire_state(LEASE, record)  # a second taker finds it gone
