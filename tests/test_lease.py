@@ -82,6 +82,25 @@ def test_a_dead_runs_lease_is_taken_over_after_the_timeout(spark, tmp_path, capl
         pipeline.run()
 
 
+def test_a_lease_whose_process_is_gone_on_this_host_is_taken_over_at_once(spark, tmp_path):
+    import socket
+    pipeline = _pipeline(spark, tmp_path / "run", [Source()])
+    dead = {"holder": "killed", "host": socket.gethostname(), "pid": _gone_pid(),
+            "started": time.time(), "heartbeat": time.time(), "timeout_s": 300}
+    assert pipeline.store.create_state(LEASE, dead)
+    [result] = pipeline.run()
+    assert not result.skipped and pipeline.store.read_state(LEASE) is None
+
+
+def _gone_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def test_the_heartbeat_renews_and_a_lease_taken_over_stops_its_run(store):
     lease = RunLease(store, timeout_s=0.4).acquire()
     try:
