@@ -154,10 +154,6 @@ class Pipeline:
     def state(self, name: str) -> dict[str, Any] | None:
         return self.store.read_state(name)
 
-    def write_state(self, name: str, state: dict[str, Any] | None) -> None:
-        """Put back a stage's state as recorded (None removes it): an undone increment."""
-        self.store.write_state(name, state)
-
     def mark_current(self, stage: Stage, output: StageOutput, checks: dict[str, Any]) -> None:
         """Record ``stage`` as done at its tables' current versions after an increment, with
         the fingerprint it has now; its earlier state's timing is kept. A shortfall leaves it not current."""
@@ -295,13 +291,13 @@ class Pipeline:
         fingerprint = self.fingerprint(stage)
         log.info("stage %-8s running", stage.name)
         started = time.monotonic()
-        before = {t: self.store.version(t) for t in stage.outputs}
-        tables = {t: (inputs or {}).get(t) or self.store.read(t) for t in stage.inputs}
+        given = inputs or {}
+        tables = {t: given[t] if t in given else self.store.read(t) for t in stage.inputs}
         output = _as_output(stage.run(self.ctx, tables))
         self._check_declared(stage, output)
+        self._check_complete(stage, output)
         for name, write in output.writes().items():
             self.store.apply(name, write)
-        self._check_written(stage, output, before)
         for name, model in output.models.items():
             self.store.save_model(name, model)
         # Stages may persist what they read twice (ingest parses once for two tables); once the
@@ -331,8 +327,8 @@ class Pipeline:
         if undeclared:
             raise PipelineError(f"stage {stage.name} returned table(s) it does not declare: {undeclared}")
 
-    def _check_written(self, stage: Stage, output: StageOutput, before: dict[str, int | None]) -> None:
-        """Every declared table was written now, or is one the stage called unchanged."""
+    def _check_complete(self, stage: Stage, output: StageOutput) -> None:
+        """Every declared table is to be written now, or is one the stage called unchanged."""
         for table in stage.outputs:
             if table in output.tables:
                 continue

@@ -174,10 +174,13 @@ class TableStore:
         """One line of run log ``name``, stamped with when it was written."""
         path = self._state_file(name, ".jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
-        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
         line = json.dumps({"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **entry})
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(("\n" if torn else "") + line + "\n")  # a torn last line is ended first
+        with open(path, "a+b") as handle:  # appends land at the end whatever is read before them
+            torn = False
+            if handle.tell() > 0:  # only the last byte says whether the last line was torn
+                handle.seek(-1, os.SEEK_END)
+                torn = handle.read(1) != b"\n"
+            handle.write((("\n" if torn else "") + line + "\n").encode("utf-8"))  # a torn line is ended first
 
     def read_log(self, name: str) -> list[dict[str, Any]]:
         """Run log ``name``'s entries, oldest first; a torn line (a driver killed while writing

@@ -11,14 +11,14 @@ the same hooks. A stage never writes a table, a model or a state file: it return
   JSON-ready (kept in the stage's state and the run log). A table the stage finds already
   holding what it would write goes in ``unchanged`` (no new version).
 - ``extend(ctx, tables, added)``, an increment (``mergeit run --incremental``): ``tables`` holds
-  the stage's inputs AND its own outputs as they stood before the increment; ``added`` holds,
+  every table of the run root (its own outputs included) as it stood before the increment; ``added`` holds,
   per table, the rows the stages above appended in this increment (in memory: the executor
   writes them in the background meanwhile), plus what they handed down in ``carry``. The stage
   returns the writes that bring its outputs up to date (an append of its new rows, a merge by
   key, a small overwrite). A stage with ``extends_from_tables`` gets ``added`` as the rows its
   tables gained, read back once every write above it is done: a short plan, where the frames
-  in memory carry the plans of every stage above (finalize's MERGE source). The default says the stage cannot extend: the increment stops and
-  asks for a full run.
+  in memory carry the plans of every stage above (finalize's MERGE source). The default says the
+  stage cannot extend: the increment stops and asks for a full run.
 - ``check(ctx)`` runs once every output is written (after ``run`` or ``extend``): it verifies what
   the stage promises (finalize: the ledger balances) and returns numbers for the state and the
   report, or raises to fail the run. A stage whose check fails records no state, so a rerun
