@@ -30,7 +30,11 @@ def test_writer_commits_lines_in_groups_and_numbers_them_per_bucket(tmp_path):
     assert sorted(s for b, s in seqs if b == 3) == list(range(1, 101))
     assert sorted(s for b, s in seqs if b == 7) == list(range(42, 142))
     assert writer.lines == 200 and writer.commits < 200   # several lines per write + fsync
-    lines = [json.loads(x) for x in (tmp_path / "bucket=7" / "task-a.jsonl").read_text().splitlines()]
+    # One new object per bucket a commit touched, named by the writer and its commit counter.
+    objects = sorted((tmp_path / "bucket=7").glob("*.jsonl"))
+    assert objects and all(o.name.startswith("task-a-") for o in objects)
+    assert writer.objects == len(objects) + len(list((tmp_path / "bucket=3").glob("*.jsonl")))
+    lines = [json.loads(x) for o in objects for x in o.read_text().splitlines()]
     assert len(lines) == 100 and all(line["seq"] >= 42 for line in lines)
 
     # A later writer (another attempt, another run) numbers after what the bucket holds.

@@ -238,7 +238,7 @@ def test_merge_stage_pays_into_its_ledger_and_hands_its_rows_to_the_executor(spa
         stage = Merge()
         out = stage.run(ctx, {"merge_groups": groups, "records": records, "embeddings": embeddings})
     assert not store.exists("merges")
-    assert any(Path(store.root, LEDGER_DIR).glob("bucket=*/*.jsonl"))
+    assert any(Path(store.root.local, LEDGER_DIR).glob("bucket=*/*.jsonl"))
     merges = out["merges"]
     assert merges.count() == len(inputs[3]) == out.summary["groups"] == fake.count
     assert merges.where(F.col("status").isNull()).count() == 0
@@ -377,12 +377,19 @@ def test_gate_rejections_are_counted_per_check(spark, store, inputs):
 
 
 def test_ledger_lines_carry_a_sequence_and_the_merges_row_is_the_latest(spark, store, inputs):
+    ledger_root = store.ledger_path("merges")
     with FakeOpenAI() as fake:
         run(spark, store, stage_settings(fake.base_url), inputs)
+        first = {r["group_id"]: r["seq"] for r in read_ledger(spark, ledger_root.uri).collect()}
         run(spark, store, stage_settings(fake.base_url, "gate.min_source_similarity=0.999"), inputs)
-    ledger = read_ledger(spark, str(Path(store.root) / LEDGER_DIR))
+    # Each pass ends with the ledger compacted: one object per bucket, the re-judging (a later
+    # seq) kept and the result it superseded dropped.
+    buckets = list(Path(ledger_root.local).glob("bucket=*"))
+    assert buckets and all(len(list(b.glob("*.jsonl"))) == 1 for b in buckets)
+    ledger = read_ledger(spark, ledger_root.uri)
     per_group = ledger.groupBy("group_id").agg(F.count("*").alias("lines"), F.max("seq").alias("seq"))
-    assert {r["lines"] for r in per_group.collect()} == {2}      # the result, then its re-judging
-    latest = per_group.join(ledger, ["group_id", "seq"]).select("group_id", "status")
-    assert {r["status"] for r in latest.collect()} == {"gate_failed"}
+    assert {r["lines"] for r in per_group.collect()} == {1}
+    latest = {r["group_id"]: r for r in per_group.join(ledger, ["group_id", "seq"]).collect()}
+    assert set(latest) == set(first) and all(latest[g]["seq"] > first[g] for g in first)
+    assert {r["status"] for r in latest.values()} == {"gate_failed"}
     assert {r["status"] for r in merges_rows(store)} == {"gate_failed"}
