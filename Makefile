@@ -18,7 +18,7 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-fast bench install dist llm-serve clean lock jars sparknlp-prep
+.PHONY: demo test test-fast bench install dist llm-serve clean lock jars sparknlp-prep weed
 
 install: $(STAMP)
 
@@ -83,6 +83,11 @@ sparknlp-prep: $(STAMP)
 	$(PY) -m mergeit_spark.stages.embed_sparknlp export
 	test -f $(SNLP_REF) || $(PY) tests/_sparknlp_reference.py $(SNLP_REF)
 
+# SeaweedFS's S3 gateway, the real S3 server the tests start on 127.0.0.1 (tests/s3server.py): built
+# once from the pinned Go module into ~/.cache/mergeit-spark (MERGEIT_WEED_DIR); needs Go.
+weed:
+	scripts/build-weed.sh
+
 demo: $(STAMP)
 	$(VENV)/bin/mergeit run --conf conf/local.yaml --set output.root=$(OUT) \
 		$(if $(DATA),--set 'input.paths=$(DATA)') --serve-llm --report --export alpaca-json
@@ -90,13 +95,14 @@ demo: $(STAMP)
 # The whole suite, as CI runs it.
 # tests/test_sparknlp.py runs in the Spark NLP venv only: in the main venv it can only skip, once
 # Ivy has failed to resolve a jar that does not exist for its Spark (up to 80 s here, under load).
-test: $(STAMP) jars $(SNLP_STAMP) sparknlp-prep
+test: $(STAMP) jars $(SNLP_STAMP) sparknlp-prep weed
 	$(PY) -m pytest -q --durations=15 --ignore=tests/test_sparknlp.py
 	MERGEIT_SPARKNLP_REFERENCE=$(SNLP_REF) $(SNLP_VENV)/bin/python -m pytest -q tests/test_sparknlp.py
 
 # Everyday subset: everything but the tests marked slow (a standalone cluster, the real local LLM,
-# a killed driver, whole-pipeline subprocess runs, a big JSON array); the slowest are listed at the end.
-test-fast: $(STAMP)
+# a killed driver, whole-pipeline subprocess runs (on S3 too), a big JSON array); the slowest are
+# listed at the end.
+test-fast: $(STAMP) weed
 	$(PY) -m pytest -q -m "not slow" --durations=10
 
 bench: $(STAMP)

@@ -31,6 +31,7 @@ from pyspark.sql import functions as F
 from .config import Settings, load_settings
 from .incremental import Increment
 from .pipeline import Pipeline, StageResult
+from .fs import Storage
 from .tables import TableStore
 
 ALPACA_COLUMNS = ("instruction", "input", "output")
@@ -107,7 +108,8 @@ def snapshot_input(df: DataFrame, settings: Settings, columns: Mapping[str, str]
     """Write ``df``'s rows under the run root as a Delta table named by their content, unless a
     snapshot of the same rows is there already; its path."""
     frame = alpaca_frame(df, columns)
-    store = TableStore(frame.sparkSession, settings.output.root, settings.tables.engine)
+    store = TableStore(frame.sparkSession, settings.output.root, settings.tables.engine,
+                       Storage.from_settings(settings.storage))
     name = f"{INPUTS_DIR}/{content_hash(frame)}"
     if not store.exists(name):
         store.write(frame, name)

@@ -1,4 +1,4 @@
-"""The ``mergeit`` command: run, status, report, export, config, llm serve.
+"""The ``mergeit`` command: run, status, report, export, config, llm serve, ledger compact.
 
 Exit codes of ``mergeit run``: 0 done; 1 the run failed (bad input, an unreachable LLM server, a
 ledger that does not balance, the bundled LLM server died); 2 bad settings; 3 every table was
@@ -12,11 +12,13 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import Settings, SettingsError, describe, dump_yaml, load_settings
+from .fs import Location, Storage, resolve
 from .redact import install_log_scrubbing
 
 log = logging.getLogger("mergeit")
@@ -70,10 +72,27 @@ def _parser() -> argparse.ArgumentParser:
     llm_sub = llm.add_subparsers(dest="llm_command", required=True)
     serve = llm_sub.add_parser("serve", help="serve the bundled SmolLM2 GGUF on server.host:server.port")
     _settings_args(serve)
+    _ledger_args(sub)
     return parser
 
 
-def _setup_logging(root: Path | None) -> Path | None:
+def _log_dir(root: Location) -> Path:
+    """Where this run's logs are written: ``<root>/_logs`` on a local root; elsewhere a local
+    folder, copied to ``<root>/_logs`` when the run ends (object stores cannot append)."""
+    if root.local is not None:
+        return Path(root.local) / "_logs"
+    return Path(tempfile.mkdtemp(prefix="mergeit-logs-"))
+
+
+def _keep_logs(root: Location, log_dir: Path) -> None:
+    if root.local is None:
+        try:
+            (root / "_logs").upload(log_dir)
+        except OSError as exc:
+            log.warning("could not copy the logs in %s to %s: %s", log_dir, root / "_logs", exc)
+
+
+def _setup_logging(log_dir: Path | None) -> Path | None:
     logger = logging.getLogger("mergeit")
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -82,9 +101,8 @@ def _setup_logging(root: Path | None) -> Path | None:
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(console)
-    if root is None:
+    if log_dir is None:
         return None
-    log_dir = root / "_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     handler = logging.FileHandler(path)
@@ -93,9 +111,9 @@ def _setup_logging(root: Path | None) -> Path | None:
     return path
 
 
-def _export_path(root: Path, fmt: str, out: str | None) -> Path:
+def _export_path(root: Location, fmt: str, out: str | None) -> str | Location:
     if out:
-        return Path(out)
+        return out
     ext = {"alpaca-json": "json", "jsonl": "jsonl", "parquet": "parquet"}[fmt]
     return root / "export" / f"final.{ext}"
 
@@ -139,13 +157,14 @@ EXIT_FAILED_SHARE = 3
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from .pipeline import PipelineError
 
-    root = Path(settings.output.root).absolute()
-    log_path = _setup_logging(root)
+    root = resolve(settings.output.root, Storage.from_settings(settings.storage))
+    log_dir = _log_dir(root)
+    log_path = _setup_logging(log_dir)
     log.info("log file: %s", log_path)
     server = None
     try:
         if args.serve_llm:
-            server = _start_server(settings, root)
+            server = _start_server(settings, log_dir)
         pipeline = _pipeline_for(settings, server)
         if args.incremental:
             code = _run_incremental(pipeline, args)
@@ -162,16 +181,17 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if server is not None:
             server.stop()
+        _keep_logs(root, log_dir)
     if server is not None and server.died:
         log.error("run failed: %s", server.death_message())
         return EXIT_FAILED
     return code
 
 
-def _start_server(settings: Settings, root: Path):
-    """The bundled LLM server for this run, its output in ``<root>/_logs/``."""
+def _start_server(settings: Settings, log_dir: Path):
+    """The bundled LLM server for this run, its output in the run's log folder."""
     from .llm.server import LocalLLMServer
-    server = LocalLLMServer(settings.server, log_file=root / "_logs" / f"llm-server-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    server = LocalLLMServer(settings.server, log_file=log_dir / f"llm-server-{time.strftime('%Y%m%d-%H%M%S')}.log")
     server.start()
     settings.llm.base_url = server.base_url
     log.info("local LLM server up at %s (log: %s)", server.base_url, server.log_file)
@@ -267,6 +287,35 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
 }
 
 
+# -- mergeit ledger compact ----------------------------------------------------------------------
+def _ledger_args(sub) -> None:
+    ledger = sub.add_parser("ledger", help="maintain the merge ledger under <root>/_ledger")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    compact = ledger_sub.add_parser("compact", help="fold each ledger bucket's objects into one (takes the "
+                                    "run root's lease: never while a run is going)")
+    _settings_args(compact)
+
+
+def _ledger(args: argparse.Namespace, settings: Settings) -> int:
+    from .lease import RootBusy, RunLease
+    from .llm.ledger import compact
+    from .stages.merge import LEDGER_NAME
+    store = _pipeline(settings).store
+    ledger = store.ledger_path(LEDGER_NAME)
+    try:
+        with RunLease(store, settings.run.lease_timeout_s):
+            done = compact(ledger)
+    except RootBusy as exc:
+        print(f"mergeit: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"ledger {ledger}: {done['objects_before']} objects -> {done['objects_after']} "
+          f"in {done['buckets']} buckets")
+    return 0
+
+
+_COMMANDS["ledger"] = _ledger
+
+
 def _pipeline(settings: Settings):
     from .pipeline import Pipeline
     _setup_logging(None)
@@ -279,12 +328,24 @@ def _export_final(pipeline, fmt: str, out: str | None) -> None:
     print(f"export: {path}")
 
 
-def _write_report(pipeline) -> Path:
+def _write_report(pipeline) -> str:
+    """The report under ``<root>/report`` (built in a local folder and copied there when the
+    root is not local); where its page is."""
+    root = pipeline.root
+    if root.local is not None:
+        return str(_build_report(pipeline, Path(root.local) / "report"))
+    with tempfile.TemporaryDirectory(prefix="mergeit-report-") as folder:
+        page = _build_report(pipeline, Path(folder))
+        (root / "report").upload(folder)
+    return (root / "report" / page.name).uri
+
+
+def _build_report(pipeline, out_dir: Path) -> Path:
     from .report import build_report
     summaries = {name: (pipeline.state(name) or {}).get("summary", {}) for name in pipeline.stage_names()}
     checks = {name: (pipeline.state(name) or {}).get("checks", {}) for name in pipeline.stage_names()}
     shortfalls = {name: (pipeline.state(name) or {}).get("shortfall") for name in pipeline.stage_names()}
-    return build_report(pipeline.store, pipeline.root / "report", pipeline.settings,
+    return build_report(pipeline.store, out_dir, pipeline.settings,
                         timings=pipeline.timings(),
                         extra={"shortfalls": {k: v for k, v in shortfalls.items() if v},
                                "stage_summaries": summaries, "stage_checks": {k: v for k, v in checks.items() if v}})

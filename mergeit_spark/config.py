@@ -88,7 +88,12 @@ class IngestSettings:
 
 @dataclass
 class OutputSettings:
-    root: str = knob("out/run", "Run root: every stage table is written to <root>/<table>.")
+    root: str = knob("out/run", "Run root, a path or a URI (s3a://, gs://, abfss://, hdfs://, file://): every "
+                                "stage table is written to <root>/<table>, state, ledger and models below it.")
+    catalog: str = knob("", "Catalog that output.schema is in ('' = the session's current catalog).")
+    schema: str = knob("", "Schema (database) in which every stage table is also a table of the session's "
+                           "catalog, external at <root>/<table>: SELECT * FROM <schema>.final ('' = path "
+                           "tables only).")
 
 
 @dataclass
@@ -125,6 +130,18 @@ class TablesSettings:
     engine: str = knob("auto", "Delta writer: auto (delta-spark when the session has Delta's classes, "
                                "else delta-rs), delta-spark or delta-rs.",
                        _one_of("auto", "delta-spark", "delta-rs"), "one of auto, delta-spark, delta-rs")
+
+
+@dataclass
+class StorageSettings:
+    endpoint_url: str = knob("", "S3-compatible endpoint for s3a:// and s3:// paths (e.g. http://127.0.0.1:8333), "
+                                 "addressed path-style; '' = AWS_ENDPOINT_URL from the environment, else AWS "
+                                 "itself. Credentials are never settings: the AWS variables, the shared "
+                                 "credentials file or the instance role.")
+    region: str = knob("", "S3 region; '' = AWS_REGION / AWS_DEFAULT_REGION, else us-east-1.")
+    options: dict[str, str] = knob({}, "Extra delta-rs storage options (object_store keys), e.g. "
+                                       "AWS_S3_LOCKING_PROVIDER: dynamodb with DELTA_DYNAMO_TABLE_NAME, or "
+                                       "conditional_put: etag: what the delta-rs engine needs to commit on S3.")
 
 
 @dataclass
@@ -330,6 +347,7 @@ class Settings:
     output: OutputSettings = field(default_factory=OutputSettings)
     spark: SparkSettings = field(default_factory=SparkSettings)
     tables: TablesSettings = field(default_factory=TablesSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     embed: EmbedSettings = field(default_factory=EmbedSettings)
     topics: TopicsSettings = field(default_factory=TopicsSettings)
     dedup: DedupSettings = field(default_factory=DedupSettings)

@@ -6,6 +6,10 @@ unknown format never reaches Spark. Also here: the live data files of a Delta ta
 its log (:func:`delta_data_files`), the size of an input (:func:`input_bytes`), the
 fingerprint of the inputs that decides whether ingest must rerun (:func:`fingerprint_inputs`),
 and, once a read has failed, which input was to blame and why (:func:`unreadable_input`).
+
+A path is a local path or a URI (``s3a://``, ``gs://``, ``abfss://``, ``hdfs://``, ``file://``),
+listed and read through :mod:`mergeit_spark.fs`. An input's ``path`` (every row's ``source``) is
+the absolute local path for a local file, else its URI.
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ from typing import Any, Iterable
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
+from pyarrow import fs as pafs
+
+from .fs import Location, StorageError, resolve
 
 SAMPLE_PATH = str(Path(__file__).resolve().parent / "data" / "sample.jsonl")
 """The bundled demo sample, used when ``input.paths`` is empty."""
@@ -42,7 +49,7 @@ class InputReadError(InputError):
 @dataclass(frozen=True)
 class InputFile:
     """One input: a file (json, jsonl, parquet) or a Delta table directory (delta)."""
-    path: str     # absolute
+    path: str     # absolute local path, or a URI
     format: str   # one of FORMATS
     # A Delta table read by an incremental run: only the data files added after ``after_version``
     # up to ``version``, their rows numbered on from ``row_offset`` (the rows read before).
@@ -58,8 +65,7 @@ def pinned(item: InputFile) -> InputFile:
     framed but not parsed, or a recorded version past the rows read)."""
     if item.format != "delta" or item.version is not None:
         return item
-    from deltalake import DeltaTable
-    return replace(item, version=DeltaTable(item.path).version())
+    return replace(item, version=_delta_table(item.path).version())
 
 
 def resolve_inputs(paths: list[str], fmt: str) -> list[InputFile]:
@@ -85,47 +91,52 @@ def resolve_inputs(paths: list[str], fmt: str) -> list[InputFile]:
     return resolved
 
 
+def _name(location: Location) -> str:
+    """An input's name: its local path, or its URI."""
+    return location.local if location.local is not None else location.uri
+
+
 def _resolve_one(given: str, fmt: str) -> list[InputFile]:
-    scheme = urlparse(given).scheme
-    if scheme == "file":
-        given = unquote(urlparse(given).path)
-    elif len(scheme) > 1:  # a one-letter scheme is a Windows drive
-        raise InputError(f"{given}: only local (or mounted) paths are supported, not {scheme}:// URIs")
-    path = os.path.abspath(os.path.expanduser(given))
-    if not os.path.exists(path):
+    try:
+        location = resolve(given)
+        kind = location.info().type
+    except (StorageError, OSError) as exc:
+        raise InputError(f"{given}: {exc}") from None
+    if kind == pafs.FileType.NotFound:
         raise InputError(f"input not found: {given}")
-    if not os.access(path, os.R_OK):
+    if location.local is not None and not os.access(location.local, os.R_OK):
         raise InputError(f"input not readable: {given}")
-    if os.path.isdir(path):
-        return _resolve_directory(path, given, fmt)
-    return [InputFile(path, _file_format(path, fmt))]
+    if kind == pafs.FileType.Directory:
+        return _resolve_directory(location, given, fmt)
+    return [InputFile(_name(location), _file_format(_name(location), fmt))]
 
 
-def _resolve_directory(path: str, given: str, fmt: str) -> list[InputFile]:
-    if os.path.isdir(os.path.join(path, "_delta_log")):
+def _resolve_directory(folder: Location, given: str, fmt: str) -> list[InputFile]:
+    if (folder / "_delta_log").is_dir():
         if fmt not in ("auto", "delta"):
             raise InputError(f"{given} is a Delta table; read it with format delta (or auto), not {fmt}")
-        _check_delta(path)
-        return [InputFile(path, "delta")]
+        _check_delta(_name(folder))
+        return [InputFile(_name(folder), "delta")]
     if fmt == "delta":
         raise InputError(f"{given} is not a Delta table (no _delta_log directory)")
     found: list[InputFile] = []
     unknown: list[str] = []
-    for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
-        if root != path and os.path.isdir(os.path.join(root, "_delta_log")):
-            _check_delta(root)
-            found.append(InputFile(root, "delta"))
-            dirs[:] = []
+    pending = [folder]
+    while pending:  # depth first, by name, as os.walk with sorted folders
+        here = pending.pop()
+        if here is not folder and (here / "_delta_log").is_dir():
+            _check_delta(_name(here))
+            found.append(InputFile(_name(here), "delta"))
             continue
-        for name in sorted(files):
-            if name.startswith((".", "_")):
+        entries = [e for e in here.children() if not e.name.startswith((".", "_"))]
+        for entry in entries:
+            if entry.info().type != pafs.FileType.File:
                 continue
-            full = os.path.join(root, name)
             try:
-                found.append(InputFile(full, _file_format(full, fmt)))
+                found.append(InputFile(_name(entry), _file_format(_name(entry), fmt)))
             except InputError:
-                unknown.append(os.path.relpath(full, path))
+                unknown.append(entry.path[len(folder.path):].lstrip("/"))
+        pending += reversed([e for e in entries if e.info().type == pafs.FileType.Directory])
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise InputError(f"{given}: files of unknown format: {shown} (move them out, or set input.format)")
@@ -157,7 +168,7 @@ def _file_format(path: str, fmt: str) -> str:
 
 
 def _first_significant_byte(path: str) -> bytes:
-    with open(path, "rb") as handle:
+    with resolve(path).open_input() as handle:
         head = handle.read(65536)
         while head:
             stripped = head.lstrip(b" \t\r\n")
@@ -170,10 +181,16 @@ def _first_significant_byte(path: str) -> bytes:
     return b""
 
 
-def _check_delta(path: str) -> None:
+def _delta_table(path: str, version: int | None = None):
+    """delta-rs's table at ``path`` (a local path or a URI, with the storage options)."""
     from deltalake import DeltaTable
+    location = resolve(path)
+    return DeltaTable(location.delta_uri, version=version, storage_options=location.delta_options())
+
+
+def _check_delta(path: str) -> None:
     try:
-        table = DeltaTable(path)
+        table = _delta_table(path)
     except Exception as exc:  # TableNotFoundError, a damaged log, ...
         raise InputError(f"{path}: cannot open Delta table: {exc}") from None
     features = set(table.protocol().reader_features or ())
@@ -189,10 +206,9 @@ def delta_data_files(path: str, version: int | None = None,
                      after_version: int | None = None) -> list[tuple[str, int | None, dict[str, Any], int]]:
     """(absolute data file, row count if logged, partition values, bytes) for the table's live
     files (at ``version``; only those not live at ``after_version`` when given), sorted by path."""
-    from deltalake import DeltaTable
-    actions = pa.table(DeltaTable(path, version=version).get_add_actions(flatten=True)).to_pylist()
+    actions = pa.table(_delta_table(path, version).get_add_actions(flatten=True)).to_pylist()
     if after_version is not None:
-        seen = set(pa.table(DeltaTable(path, version=after_version).get_add_actions(flatten=True))
+        seen = set(pa.table(_delta_table(path, after_version).get_add_actions(flatten=True))
                    .column("path").to_pylist())
         actions = [a for a in actions if a["path"] not in seen]
     files = []
@@ -201,10 +217,10 @@ def delta_data_files(path: str, version: int | None = None,
         parsed = urlparse(rel)
         if parsed.scheme == "file":
             full = unquote(parsed.path)
-        elif parsed.scheme:
-            raise InputError(f"{path}: data file {rel} is not local")
+        elif len(parsed.scheme) > 1:  # an absolute URI (a shallow clone's files)
+            full = rel
         else:
-            full = os.path.join(path, unquote(rel))
+            full = f"{path.rstrip('/')}/{unquote(rel)}"
         partition = {key[len("partition."):]: value for key, value in action.items()
                      if key.startswith("partition.")}
         files.append((full, action.get("num_records"), partition, int(action.get("size_bytes") or 0)))
@@ -215,7 +231,7 @@ def input_bytes(item: InputFile) -> int:
     """Bytes of an input: the file's size, or a Delta table's live data files."""
     if item.format == "delta":
         return sum(size for *_, size in delta_data_files(item.path, item.version, item.after_version))
-    return os.path.getsize(item.path)
+    return int(resolve(item.path).info().size or 0)
 
 
 def fingerprint_inputs(files: Iterable[InputFile]) -> str:
@@ -223,16 +239,15 @@ def fingerprint_inputs(files: Iterable[InputFile]) -> str:
     digest = hashlib.sha256()
     for item in files:
         digest.update(f"{item.format}\0{item.path}\n".encode())
-        if not os.path.exists(item.path):
+        location = resolve(item.path)
+        info = location.info()
+        if info.type == pafs.FileType.NotFound:
             raise InputError(f"input not found: {item.path}")
-        targets = [item.path]
-        if os.path.isdir(item.path):
-            targets = sorted(os.path.join(root, name) for root, _, names in os.walk(item.path)
-                             for name in names)
+        targets = [location] if info.type == pafs.FileType.File else location.files(recursive=True)
         for target in targets:
-            stat = os.stat(target)
-            rel = os.path.relpath(target, item.path)
-            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            stat = target.info() if target is not location else info
+            rel = target.path[len(location.path):].lstrip("/") or "."
+            digest.update(f"{rel}\0{stat.size}\0{stat.mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -246,7 +261,7 @@ def unreadable_input(files: Iterable[InputFile], named: str | None = None) -> In
     footers, then gzip streams to their end). None when nothing is found."""
     parts = [(item, data_file, fmt) for item in files for data_file, fmt in _data_files(item)]
     for item, data_file, _ in parts:
-        if not os.path.exists(data_file):
+        if not resolve(data_file).exists():
             return _read_error(item, data_file, "no longer exists (deleted or moved while the run read it)")
     if named is not None:
         parts = [part for part in parts if part[1] == named]
@@ -266,9 +281,10 @@ def data_file_paths(files: Iterable[InputFile]) -> list[str]:
 
 def data_file_problem(path: str, fmt: str) -> str | None:
     """Why one data file cannot be read whole (``fmt``: its input's format), or None."""
-    if not os.path.exists(path):
+    location = resolve(path)
+    if not location.exists():
         return "no longer exists (deleted or moved while the run read it)"
-    if not os.access(path, os.R_OK):
+    if location.local is not None and not os.access(path, os.R_OK):
         return "is no longer readable (permissions)"
     if fmt in ("parquet", "delta"):
         return _parquet_problem(path)
@@ -294,16 +310,16 @@ def _read_error(item: InputFile, data_file: str, problem: str) -> InputReadError
 
 
 def _parquet_problem(path: str) -> str | None:
-    if os.path.isdir(path):  # a Delta table whose log could not be read
+    if resolve(path).is_dir():  # a Delta table whose log could not be read
         try:
-            from deltalake import DeltaTable
-            DeltaTable(path)
+            _delta_table(path)
             return None
         except Exception as exc:  # noqa: BLE001
             return f"cannot be opened as a Delta table: {exc}"
     import pyarrow.parquet as pq
     try:
-        pq.read_metadata(path)
+        with resolve(path).open_input() as handle:
+            pq.read_metadata(handle)
     except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError: not Parquet, either way
         return f"is not a readable Parquet file: {exc}"
     return None
@@ -312,7 +328,7 @@ def _parquet_problem(path: str) -> str | None:
 def _gzip_problem(path: str) -> str | None:
     """Read a gzip file to its end: the damage shows only where the stream breaks off."""
     try:
-        with gzip.open(path, "rb") as stream:
+        with resolve(path).open_input() as raw, gzip.open(raw, "rb") as stream:
             while stream.read(_PROBE_CHUNK):
                 pass
     except EOFError:

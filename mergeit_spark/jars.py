@@ -6,7 +6,8 @@ go on the classpath as they are, the air-gapped route. Two names stand for coord
 from what is installed, so they are never written down twice: ``delta`` (what delta-spark's
 ``configure_spark_with_delta_pip`` picks for the installed pyspark) and ``spark-nlp`` (what Spark
 NLP's resolver picks). Ivy reads a settings file written here that lists ``spark.repositories``
-and nothing else: Spark's built-in chain also consults ``~/.m2``, and a ~/.m2 holding poms without
+and nothing else (``hadoop-aws`` too: Hadoop's s3a connector, in the version of the Hadoop that
+pyspark bundles, added by the pipeline itself when a path is on S3). Spark's built-in chain also consults ``~/.m2``, and a ~/.m2 holding poms without
 their jars (what a failed ``mvn dependency:get`` leaves) makes Ivy fail on jars Maven Central has.
 
 ``python -m mergeit_spark.jars fetch DEST`` resolves the packages once and copies every jar into
@@ -29,6 +30,7 @@ from .config import SparkSettings
 
 DELTA = "delta"
 SPARK_NLP = "spark-nlp"
+HADOOP_AWS = "hadoop-aws"
 # What Ivy prints when it cannot resolve or download something.
 _IVY_FAILURE = re.compile(r"download failed|unresolved dependency|not found|UNRESOLVED|"
                           r"FAILED|Server access error|ERROR", re.IGNORECASE)
@@ -59,9 +61,22 @@ def spark_nlp_coordinate() -> str:
     return resolve_spark_nlp_coordinate(pyspark.__version__, sparknlp.version())
 
 
+def hadoop_aws_coordinate() -> str:
+    """Hadoop's s3a connector in the version of the Hadoop client inside the installed pyspark
+    (the two must match; its AWS SDK bundle comes with it)."""
+    from pyspark.find_spark_home import _find_spark_home
+
+    found = sorted(Path(_find_spark_home(), "jars").glob("hadoop-client-api-*.jar"))
+    if not found:
+        raise JarsError("pyspark bundles no hadoop-client-api jar: name org.apache.hadoop:hadoop-aws:<your "
+                        "Hadoop version> in spark.packages")
+    return f"org.apache.hadoop:hadoop-aws:{found[-1].name[len('hadoop-client-api-'):-len('.jar')]}"
+
+
 def package_coordinates(settings: SparkSettings) -> list[str]:
-    """``spark.packages`` with the names ``delta`` and ``spark-nlp`` replaced by coordinates."""
-    named = {DELTA: delta_coordinate, SPARK_NLP: spark_nlp_coordinate}
+    """``spark.packages`` with the names ``delta``, ``spark-nlp`` and ``hadoop-aws`` replaced by
+    coordinates."""
+    named = {DELTA: delta_coordinate, SPARK_NLP: spark_nlp_coordinate, HADOOP_AWS: hadoop_aws_coordinate}
     return [named[p]() if p in named else p for p in settings.packages]
 
 

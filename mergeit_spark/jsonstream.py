@@ -440,14 +440,17 @@ def count_units(path: str, max_bytes: int, keep_chars: int, max_depth: int | Non
     """Units of one JSON file (see the module docstring): ijson's element count for a clean array,
     else the framer's count (``max_depth`` as the parser's framer uses it: deep elements are
     framed, not decoded)."""
+    from .fs import resolve
+
     ijson = _ijson()
-    with open(path, "rb") as handle:
+    location = resolve(path)
+    with location.open_input() as handle:
         clean_array = starts_with_array(handle)
     if clean_array:
         try:
-            with open(path, "rb") as handle:
+            with location.open_input() as handle:
                 return _array_elements(ijson.basic_parse(handle, use_float=True))
         except Exception:  # any complaint (damage, NaN, a BOM, bad UTF-8): count by framing
             pass
-    with open(path, "rb") as handle:
+    with location.open_input() as handle:
         return sum(1 for _ in JsonFramer(handle, max_bytes, keep_chars, max_depth=max_depth).elements())

@@ -1,10 +1,13 @@
 """One run per run root: a lease with a heartbeat.
 
 Every run and increment takes the lease on its root before it reads any state, and gives it back
-when it ends. The lease is the store's state record ``lease`` (holder id, host, pid, when it
-started, its last heartbeat), made by an exclusive create (:meth:`TableStore.create_state`), so
-of two runs starting at once exactly one gets it; the other fails at once with
-:class:`RootBusy`, naming the holder. The holder's driver renews the heartbeat every
+when it ends. A lease is a generation: state record ``lease-<n>`` (holder id, host, pid, when it
+started, its last heartbeat), made by an exclusive create (:meth:`TableStore.create_state`:
+``O_EXCL`` on POSIX, a conditional PUT on S3), and the highest generation is the current lease.
+A run takes the root by creating generation n + 1 where generation n is released or dead, so of
+two runs starting (or taking over) at once exactly one gets it, on any store with an exclusive
+create and no rename; the other fails at once with :class:`RootBusy`, naming the holder. Only the
+holder writes its generation (heartbeats, then ``released``); older generations are removed. The holder's driver renews the heartbeat every
 ``run.lease_timeout_s / 4`` seconds from a daemon thread. A lease whose heartbeat is older than
 ``run.lease_timeout_s`` belongs to a run that died (a killed driver leaves its lease behind): the
 next run takes it over, and only then rolls back what that run left unfinished; on the holder's
@@ -26,7 +29,7 @@ from .tables import TableStore
 
 log = logging.getLogger("mergeit.lease")
 
-LEASE = "lease"  # the store's state record
+LEASE = "lease-"  # the store's state records: lease-<generation>
 
 
 class RootBusy(RuntimeError):
@@ -49,6 +52,7 @@ class RunLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
+        self.generation = -1
 
     def record(self) -> dict[str, Any]:
         return {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
@@ -57,22 +61,30 @@ class RunLease:
     def acquire(self) -> "RunLease":
         """Take the lease, or take over one whose heartbeat stopped; else raise :class:`RootBusy`."""
         for _ in range(3):
-            if self.store.create_state(LEASE, self.record()):
+            generation, current = current_lease(self.store)
+            if generation >= 0 and current is None:  # being created this instant: look again
+                time.sleep(0.2)
+                continue
+            if current is not None and not current.get("released"):
+                age = time.time() - float(current.get("heartbeat", 0))
+                if age <= self.timeout_s and not _holder_gone(current):
+                    raise RootBusy(f"run root {self.store.root} is held by another run ({describe(current, age)}); "
+                                   "wait for it to end. A run that died gives the root up "
+                                   f"{self.timeout_s:g} s after its last heartbeat (run.lease_timeout_s)")
+                log.warning("taking over the lease on %s of a run that stopped beating (%s)",
+                            self.store.root, describe(current, age))
+            if self.store.create_state(_name(generation + 1), self.record()):
+                self.generation = generation + 1
                 self._start_heartbeat()
+                self._remove_older()
                 return self
-            current = self.store.read_state(LEASE)
-            if current is None:
-                continue  # released (or still being written) since the create failed: try again
-            age = time.time() - float(current.get("heartbeat", 0))
-            if age <= self.timeout_s and not _holder_gone(current):
-                raise RootBusy(f"run root {self.store.root} is held by another run ({describe(current, age)}); "
-                               "wait for it to end. A run that died gives the root up "
-                               f"{self.timeout_s:g} s after its last heartbeat (run.lease_timeout_s)")
-            log.warning("taking over the lease on %s of a run that stopped beating (%s)",
-                        self.store.root, describe(current, age))
-            self.store.retire_state(LEASE, current)
         raise RootBusy(f"run root {self.store.root}: the lease changed hands three times while this run "
                        "tried to take it; another run is starting there")
+
+    def _remove_older(self) -> None:
+        for name in self.store.state_names(LEASE):
+            if _generation(name) < self.generation:
+                self.store.write_state(name, None)
 
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="mergeit-lease-heartbeat", daemon=True)
@@ -89,12 +101,16 @@ class RunLease:
 
     def renew(self) -> None:
         """A new heartbeat, unless another run has taken the lease over (then :attr:`lost`)."""
-        current = self.store.read_state(LEASE)
-        if current is None or current.get("holder") != self.holder:
+        if not self.held():
             self.lost = True
             log.error("the lease on %s was taken over by another run", self.store.root)
             return
-        self.store.write_state(LEASE, dict(current, heartbeat=time.time()))
+        self.store.write_state(_name(self.generation), self.record())
+
+    def held(self) -> bool:
+        """Whether this run's generation is still the current lease."""
+        generation, current = current_lease(self.store)
+        return generation == self.generation and current is not None and current.get("holder") == self.holder
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` when another run has taken the lease over."""
@@ -107,15 +123,35 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        current = self.store.read_state(LEASE)
-        if current is not None and current.get("holder") == self.holder:
-            self.store.write_state(LEASE, None)
+        if self.generation >= 0 and self.held():
+            self.store.write_state(_name(self.generation), dict(self.record(), released=time.time()))
 
     def __enter__(self) -> "RunLease":
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def current_lease(store: TableStore) -> tuple[int, dict[str, Any] | None]:
+    """The current lease: (its generation, its record); (-1, None) when the root never had one.
+    A record still being created reads as None: it beats within the timeout once written."""
+    names = store.state_names(LEASE)
+    if not names:
+        return -1, None
+    latest = max(names, key=_generation)
+    return _generation(latest), store.read_state(latest)
+
+
+def _name(generation: int) -> str:
+    return f"{LEASE}{generation:012d}"
+
+
+def _generation(name: str) -> int:
+    try:
+        return int(name[len(LEASE):])
+    except ValueError:
+        return -1
 
 
 def describe(record: dict[str, Any], age: float) -> str:

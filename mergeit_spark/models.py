@@ -85,6 +85,7 @@ from pyspark.sql import types as T
 from pyspark.sql.pandas.types import to_arrow_schema
 
 from .config import EmbedSettings, TopicsSettings
+from .fs import Location, resolve
 from .session import jvm_has_class
 from .worker_imports import in_pyspark_worker
 
@@ -519,23 +520,18 @@ def rows_and_dim(embeddings: DataFrame) -> tuple[int, int]:
     return n, int(embeddings.select(F.size("embedding").alias("d")).first()["d"])  # one row
 
 
-def _location(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str, str]:
-    """``path`` (a local path or a URI) as (pyarrow filesystem, path in it, what Spark reads)."""
-    text = os.fspath(path)
-    if "://" not in text:  # a plain local path, as the run root is
-        local = str(Path(text).absolute())
-        return pafs.LocalFileSystem(), local, local
-    scheme, rest = text.split("://", 1)
-    # Hadoop's s3a/s3n are pyarrow's s3.
-    fs, inner = pafs.FileSystem.from_uri(("s3://" + rest) if scheme in ("s3a", "s3n") else text)
-    return fs, inner.rstrip("/"), text.rstrip("/")
+def _location(path: "str | os.PathLike[str] | Location") -> tuple[pafs.FileSystem, str, str]:
+    """``path`` (a :class:`~mergeit_spark.fs.Location`, a local path or a URI) as (pyarrow
+    filesystem, path in it, what Spark reads)."""
+    location = path if isinstance(path, Location) else resolve(path)
+    return location.filesystem, location.path, location.uri
 
 
 def _child(location: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}"
 
 
-def saved_pca_components(pipeline_path: str | os.PathLike[str]) -> np.ndarray | None:
+def saved_pca_components(pipeline_path: "str | os.PathLike[str] | Location") -> np.ndarray | None:
     """The principal components (d x d, columns) of the PCAModel saved as the first stage of
     the PipelineModel at ``pipeline_path``, read from its data file in MLlib's matrix layout
     (dense; column-major unless transposed); None when the file is not that (then load the model)."""
@@ -630,14 +626,14 @@ class TopicModel:
 
     centroids: list[dict[str, Any]] = field(repr=False)
     fitted: PipelineModel | None = None
-    path: str | None = None
+    path: Location | None = None
     summary: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @cached_property
     def pipeline(self) -> PipelineModel:
         if self.fitted is not None:
             return self.fitted
-        return PipelineModel.load(_child(self.path, "pipeline"))
+        return PipelineModel.load((self.path / "pipeline").uri)
 
     @property
     def k(self) -> int:
@@ -663,7 +659,7 @@ class TopicModel:
         """d x m: MLlib's principal components (columns), the first m. Like MLlib's transform,
         the projection is x @ basis (no centring: distances do not change)."""
         if self.fitted is None:
-            saved = saved_pca_components(_child(self.path, "pipeline"))
+            saved = saved_pca_components(self.path / "pipeline")
             if saved is not None:
                 return saved[:, :self.components]
         pca: PCAModel = self.pipeline.stages[0]
@@ -690,7 +686,7 @@ class TopicModel:
         rows have): the layout of centroids.parquet."""
         return centroids_arrow(self.centroids)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: "str | os.PathLike[str] | Location") -> None:
         """Save at ``path`` (a local path or a URI; a folder), replacing a model saved there:
         ``pipeline`` (the MLlib PipelineModel) and ``centroids.parquet`` (k rows, written from the
         driver)."""
@@ -700,11 +696,12 @@ class TopicModel:
         pq.write_table(self.centroids_arrow(), _child(base, CENTROIDS_FILE), filesystem=fs)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "TopicModel":
+    def load(cls, path: "str | os.PathLike[str] | Location") -> "TopicModel":
         """The model :meth:`save` saved at ``path``; raises FileNotFoundError when there is none.
         Reads the k centroid rows only; the PipelineModel loads (needing an active session) when
         :attr:`pipeline` is first asked for."""
-        fs, base, location = _location(path)
+        location = path if isinstance(path, Location) else resolve(path)
+        fs, base = location.filesystem, location.path
         if (fs.get_file_info(_child(base, CENTROIDS_FILE)).type != pafs.FileType.File
                 or fs.get_file_info(_child(base, "pipeline")).type != pafs.FileType.Directory):
             raise FileNotFoundError(f"no topic model under {location}")
@@ -712,7 +709,7 @@ class TopicModel:
         return cls(rows, path=location)
 
     @staticmethod
-    def remove(path: str | os.PathLike[str]) -> None:
+    def remove(path: "str | os.PathLike[str] | Location") -> None:
         """Delete the model saved at ``path``, if any."""
         fs, base, _ = _location(path)
         if fs.get_file_info(base).type == pafs.FileType.Directory:

@@ -76,6 +76,7 @@ from typing import Any, BinaryIO, Iterator
 import pyarrow as pa
 
 from .config import IngestSettings
+from .fs import Storage, default_storage, resolve
 from .ids import content_id
 from .jsonstream import RECURSION_DETAIL, Element, JsonFramer, nests_deeper_than, too_deep_detail
 
@@ -108,11 +109,13 @@ class ParseLimits:
     id_length: int
     raw_chars: int = DEFAULT_RAW_CHARS
     max_depth: int = DEFAULT_MAX_DEPTH
+    storage: Storage | None = None  # how executors reach an input on an object store
 
     @classmethod
-    def from_settings(cls, settings: IngestSettings, raw_chars: int = DEFAULT_RAW_CHARS) -> "ParseLimits":
+    def from_settings(cls, settings: IngestSettings, raw_chars: int = DEFAULT_RAW_CHARS,
+                      storage: Storage | None = None) -> "ParseLimits":
         return cls(settings.max_record_chars, settings.max_line_bytes, settings.id_length, raw_chars,
-                   settings.max_depth)
+                   settings.max_depth, storage or default_storage())
 
 
 @dataclass(frozen=True)
@@ -496,7 +499,7 @@ def parse_json_file_batches(batches: Iterator[pa.RecordBatch], limits: ParseLimi
     for batch in batches:
         columns = batch.to_pydict()
         for file_index, source in zip(columns["file_index"], columns["source"]):
-            with open(source, "rb") as handle:
+            with resolve(source, limits.storage).open_input() as handle:
                 for outcome in parse_json_file(handle, file_index, source, limits):
                     full = batcher.add([outcome])
                     if full is not None:

@@ -37,7 +37,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
@@ -47,7 +46,8 @@ from .config import Settings
 from .incremental import Increment, IncrementMarker, require_finished_run
 from .lease import RunLease
 from .redact import install_log_scrubbing, register_secret
-from .session import build_session
+from .fs import Storage
+from .session import build_session, object_store_session
 from .stages import ROWS_ADDED, Stage, StageContext, StageOutput, new_run_id
 from .tables import RUN_LOG, TableStore
 
@@ -144,10 +144,15 @@ class Pipeline:
             raise PipelineError(f"two stages share a name: {names}")
         # The key variable's value is masked in this process's logs; Spark redacts its conf key.
         register_secret(os.environ.get(settings.llm.api_key_env, "") if settings.llm.api_key_env else "")
-        self.spark = spark or build_session(settings.spark, secret_env_names=[settings.llm.api_key_env])
-        self.store = TableStore(self.spark, settings.output.root, settings.tables.engine)
+        if spark is None:
+            spark_settings, conf = object_store_session(settings)
+            spark = build_session(spark_settings, conf, secret_env_names=[settings.llm.api_key_env])
+        self.spark = spark
+        self.store = TableStore(self.spark, settings.output.root, settings.tables.engine,
+                                Storage.from_settings(settings.storage), settings.output.catalog,
+                                settings.output.schema)
         self.ctx = StageContext(self.spark, self.store, settings)
-        self.root = Path(settings.output.root).absolute()
+        self.root = self.store.root
         self._lease: RunLease | None = None
 
     # -- state -------------------------------------------------------------------------------

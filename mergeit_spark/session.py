@@ -1,14 +1,17 @@
 """One builder for the Spark session, local mode and cluster masters alike."""
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from typing import Sequence
+from urllib.parse import urlparse
 
 from pyspark.sql import SparkSession
 
-from .config import SparkSettings
-from .jars import JarsError, jar_conf, provides_delta, resolution_failure
+from .config import Settings, SparkSettings
+from .fs import S3_SCHEMES, Storage
+from .jars import HADOOP_AWS, JarsError, jar_conf, provides_delta, resolution_failure
 from .redact import redaction_regex
 
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
@@ -20,6 +23,21 @@ DELTA_TABLE_DEFAULTS = {
     "spark.databricks.delta.properties.defaults.columnMapping.mode": "none",
 }
 CODEGEN_CACHE_ENTRIES = 2000
+
+
+def object_store_session(settings: Settings) -> tuple[SparkSettings, dict[str, str]]:
+    """The Spark settings and extra configuration for a run whose root or inputs are on S3:
+    Hadoop's s3a connector (``hadoop-aws`` in ``spark.packages``, unless the packages or jars
+    already name it) and s3a's endpoint and region (``storage.*``); unchanged otherwise."""
+    paths = [settings.output.root, *settings.input.paths]
+    if not any(urlparse(str(p)).scheme in S3_SCHEMES for p in paths):
+        return settings.spark, {}
+    spark = copy.deepcopy(settings.spark)
+    named = " ".join([*spark.packages, *spark.jars])
+    if "hadoop-aws" not in named:
+        spark.packages = [*spark.packages, HADOOP_AWS]
+    conf = {f"spark.hadoop.{k}": v for k, v in Storage.from_settings(settings.storage).hadoop_conf().items()}
+    return spark, {k: v for k, v in conf.items() if k not in spark.conf}  # the user's spark.conf wins
 
 
 def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = None,

@@ -7,6 +7,13 @@ run logs (``<root>/_state/<name>.jsonl``, one JSON line per entry), saved models
 table (at a version), read what was added since a version, write (overwrite, append, merge by key,
 restore), and read or write state. No other module opens a run-root table or state file itself.
 
+The root is a path or a URI (``s3a://``, ``gs://``, ``abfss://``, ``hdfs://``, ``file://``; a plain
+path is local, qualified as ``file://`` so that a cluster whose default filesystem is HDFS writes
+where the driver looks). Spark gets table URIs; delta-rs gets them with the storage options of
+``storage.*``; state files, logs and model side files go through :mod:`mergeit_spark.fs`. Nothing
+is appended to: a state record or a run log is replaced whole (a rename on POSIX, one PUT on an
+object store), which only one writer does at a time (the run lease).
+
 Tables: Delta.
 
 Two writers, one result. With Delta's classes on the session's classpath (``spark.packages``
@@ -22,11 +29,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Sequence
 from urllib.parse import unquote, urlparse
 
@@ -41,6 +46,7 @@ from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
+from .fs import Location, Storage, StorageError, qualify, resolve, use_storage
 from .session import has_delta
 
 log = logging.getLogger("mergeit.store")
@@ -52,6 +58,11 @@ LEDGER_DIR = "_ledger"
 RUN_LOG = "runs"  # the executor's run log: one line per stage run or extension
 # The first commit file of a Delta log: where convert_to_deltalake leaves a folder's add actions.
 FIRST_COMMIT = "_delta_log/" + "0" * 20 + ".json"
+
+
+# delta-rs storage options that make its commits safe on S3 (a commit is a put-if-absent).
+S3_COMMIT_OPTIONS = ("aws_s3_locking_provider", "conditional_put", "aws_conditional_put",
+                     "aws_s3_allow_unsafe_rename")
 
 
 class TableWriteError(RuntimeError):
@@ -91,31 +102,90 @@ class Write:
 class TableStore:
     """Delta tables under one run root: ``<root>/<name>``."""
 
-    def __init__(self, spark: SparkSession, root: str | Path, engine: str = "auto") -> None:
+    def __init__(self, spark: SparkSession, root: str | os.PathLike[str], engine: str = "auto",
+                 storage: Storage | None = None, catalog: str = "", schema: str = "") -> None:
         self.spark = spark
-        self.root = Path(root).absolute()
+        self.schema = ".".join(f"`{part}`" for part in (catalog, schema) if part) if schema else ""
+        self._registered: set[str] = set()
+        self.storage = storage or Storage()
+        use_storage(self.storage)  # paths this driver reads outside the store (inputs, exports)
+        self.root: Location = resolve(root, self.storage)
+        if self.root.s3:
+            _configure_s3a(spark, self.storage)
         if engine == "auto":
             engine = "delta-spark" if has_delta(spark) else "delta-rs"
         if engine == "delta-spark" and not has_delta(spark):
             raise RuntimeError("tables.engine=delta-spark but the session has no Delta classes: keep "
                                "`delta` in spark.packages, put Delta's jars in spark.jars, or give "
                                "spark-submit --packages with Delta's coordinate")
+        if engine == "delta-rs" and not self._delta_rs_commits_safely():
+            raise StorageError(
+                f"tables.engine=delta-rs cannot commit safely under {self.root} : S3 has no atomic "
+                "rename, so delta-rs needs a locking provider or conditional puts. Set storage.options "
+                "AWS_S3_LOCKING_PROVIDER: dynamodb (with DELTA_DYNAMO_TABLE_NAME), or conditional_put: "
+                "etag where the store supports If-None-Match (AWS S3 does), or use tables.engine="
+                "delta-spark (auto picks it when the session has Delta's classes)")
+        if self.schema and engine != "delta-spark":
+            raise RuntimeError(f"output.schema {schema!r}: catalog tables need Delta's classes in the "
+                               "session (tables.engine=delta-spark, `delta` in spark.packages)")
         self.engine = engine
 
+    def catalog_name(self, name: str) -> str | None:
+        """Table ``name``'s name in the session's catalog (``catalog.schema.name``), or None."""
+        return f"{self.schema}.`{name}`" if self.schema and "/" not in name else None
+
+    def register(self, name: str) -> None:
+        """Make table ``name`` an external catalog table at its location (once per store). A
+        catalog table of that name at another location is an error: its readers would read
+        another run root."""
+        table = self.catalog_name(name)
+        if table is None or name in self._registered:
+            return
+        location = self.path(name)
+        if self.spark.catalog.tableExists(table.replace("`", "")):
+            rows = self.spark.sql(f"DESCRIBE TABLE EXTENDED {table}").collect()
+            there = next((r["data_type"] for r in rows if r["col_name"] == "Location"), None)
+            if there is not None and qualify(there) != location:
+                raise RuntimeError(f"catalog table {table} is at {there}, not at this run root's {location}: "
+                                   f"DROP TABLE {table} (an external table: its files stay) or set another "
+                                   "output.schema")
+        else:
+            self.spark.sql(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+            self.spark.sql(f"CREATE TABLE IF NOT EXISTS {table} USING DELTA LOCATION '{_sql_string(location)}'")
+        self._registered.add(name)
+
     def path(self, name: str) -> str:
-        return str(self.root / name)
+        """Table ``name``'s URI (what Spark and delta-rs are given)."""
+        return (self.root / name).uri
+
+    def location(self, *names: str) -> Location:
+        """``<root>/<names...>`` for reading or writing files outside Spark."""
+        location = self.root
+        for name in names:
+            location = location / name
+        return location
+
+    def _delta_rs_commits_safely(self) -> bool:
+        """Whether delta-rs may commit here: anywhere but S3, or S3 with a locking option."""
+        return not self.root.s3 or any(k.lower() in S3_COMMIT_OPTIONS for k in self.storage.options)
+
+    def _delta_uri(self, name: str) -> str:
+        return (self.root / name).delta_uri
+
+    def _delta(self, name: str, version: int | None = None) -> DeltaTable:
+        return DeltaTable(self._delta_uri(name), version=version, storage_options=self.root.delta_options())
 
     # -- state, run logs, models ----------------------------------------------------------------
-    def _state_file(self, name: str, suffix: str = ".json") -> Path:
-        return self.root / STATE_DIR / f"{name}{suffix}"
+    def _state_file(self, name: str, suffix: str = ".json") -> Location:
+        return self.location(STATE_DIR, f"{name}{suffix}")
 
     def read_state(self, name: str) -> dict[str, Any] | None:
         """State record ``name`` (a stage's, the increment marker), or None when absent or torn."""
-        path = self._state_file(name)
-        if not path.is_file():
+        data = self._state_file(name).read_bytes()
+        if data is None:
             return None
         try:
-            state = json.loads(path.read_text())
+            state = json.loads(data)
         except json.JSONDecodeError:
             return None  # a torn write counts as not done
         return state if isinstance(state, dict) else None
@@ -124,72 +194,40 @@ class TableStore:
         """Replace state record ``name`` atomically (whole or absent); None removes it."""
         path = self._state_file(name)
         if state is None:
-            path.unlink(missing_ok=True)
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        tmp.replace(path)
+            path.delete()
+        else:
+            path.write_bytes(json.dumps(state, indent=2, sort_keys=True).encode("utf-8"))
 
     def create_state(self, name: str, state: dict[str, Any]) -> bool:
-        """Create state record ``name`` only where none is (an exclusive create: ``O_EXCL``);
-        False when one is there. Of two callers at once, exactly one gets True."""
-        path = self._state_file(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(state, indent=2, sort_keys=True))
-            handle.flush()
-            os.fsync(handle.fileno())
-        return True
+        """Create state record ``name`` only where none is (an exclusive create: ``O_EXCL`` on
+        POSIX, a conditional PUT on S3); False when one is there. Of two callers at once,
+        exactly one gets True."""
+        return self._state_file(name).create(json.dumps(state, indent=2, sort_keys=True).encode("utf-8"))
 
-    def retire_state(self, name: str, expected: dict[str, Any]) -> bool:
-        """Move state record ``name`` aside (atomically: one caller of several wins) if it still
-        holds ``expected``; True for the caller that did. A record that changed meanwhile is put
-        back where no new one was made."""
-        path = self._state_file(name)
-        aside = path.with_name(f"{path.name}.retired-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return False
-        try:
-            moved = json.loads(aside.read_text())
-        except json.JSONDecodeError:
-            moved = None
-        if moved != expected:
-            try:
-                os.link(aside, path)  # put back, unless a new record is there already
-            except FileExistsError:
-                pass
-            aside.unlink(missing_ok=True)
-            return False
-        aside.unlink(missing_ok=True)
-        return True
+    def state_names(self, prefix: str) -> list[str]:
+        """The names of the state records starting with ``prefix``, sorted."""
+        return [f.name[:-len(".json")] for f in self.location(STATE_DIR).files()
+                if f.name.startswith(prefix) and f.name.endswith(".json")]
 
     def append_log(self, name: str, entry: dict[str, Any]) -> None:
-        """One line of run log ``name``, stamped with when it was written."""
+        """One line of run log ``name``, stamped with when it was written. The log is replaced
+        whole with the line added (object stores cannot append); one run writes it at a time."""
         path = self._state_file(name, ".jsonl")
-        path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **entry})
-        with open(path, "a+b") as handle:  # appends land at the end whatever is read before them
-            torn = False
-            if handle.tell() > 0:  # only the last byte says whether the last line was torn
-                handle.seek(-1, os.SEEK_END)
-                torn = handle.read(1) != b"\n"
-            handle.write((("\n" if torn else "") + line + "\n").encode("utf-8"))  # a torn line is ended first
+        before = path.read_bytes() or b""
+        if before and not before.endswith(b"\n"):
+            before += b"\n"  # a torn last line (an older writer killed mid-append) is ended first
+        path.write_bytes(before + line.encode("utf-8") + b"\n")
 
     def read_log(self, name: str) -> list[dict[str, Any]]:
         """Run log ``name``'s entries, oldest first; a torn line (a driver killed while writing
         it) is skipped with a warning."""
         path = self._state_file(name, ".jsonl")
-        if not path.is_file():
+        data = path.read_bytes()
+        if data is None:
             return []
         entries = []
-        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -201,25 +239,31 @@ class TableStore:
                 entries.append(entry)
         return entries
 
-    def model_path(self, name: str) -> str:
-        """Where model ``name`` is saved (its ``save`` and ``load`` take this path)."""
-        return str(self.root / MODELS_DIR / name)
+    def model_path(self, name: str) -> Location:
+        """Where model ``name`` is saved (its ``save`` and ``load`` take this location)."""
+        return self.location(MODELS_DIR, name)
 
     def save_model(self, name: str, model: Any) -> None:
-        """``model.save(path)`` at :meth:`model_path`; None removes a model saved before."""
+        """``model.save(location)`` at :meth:`model_path`; None removes a model saved before."""
         if model is None:
-            shutil.rmtree(self.model_path(name), ignore_errors=True)
+            self.model_path(name).delete_tree()
         else:
             model.save(self.model_path(name))
 
-    def ledger_path(self, name: str) -> str:
+    def ledger_path(self, name: str) -> Location:
         """A folder of the LLM ledger (``<root>/_ledger/<name>``), written by executor tasks."""
-        return str(self.root / LEDGER_DIR / name)
+        return self.location(LEDGER_DIR, name)
 
     # -- tables -------------------------------------------------------------------------------
     def apply(self, name: str, write: Write) -> int | None:
         """Perform ``write`` on table ``name``; the new version, or None when nothing was written
-        (an append of no rows)."""
+        (an append of no rows). With a catalog schema, the table is also a catalog table."""
+        version = self._apply(name, write)
+        if version is not None:
+            self.register(name)
+        return version
+
+    def _apply(self, name: str, write: Write) -> int | None:
         if write.mode == "overwrite":
             if isinstance(write.rows, pa.Table):
                 return self.overwrite_small(write.rows, name)
@@ -239,16 +283,20 @@ class TableStore:
 
     def restore(self, name: str, version: int) -> None:
         """Table ``name`` back to the content of ``version`` (Delta RESTORE: a new version)."""
-        if self.version(name) != version:
-            DeltaTable(self.path(name)).restore(version)
+        if self.version(name) == version:
+            return
+        if self._delta_rs_commits_safely():
+            self._delta(name).restore(version)
+        else:  # delta-spark's own RESTORE: its S3 log store is the one writing this table
+            self.spark.sql(f"RESTORE TABLE delta.`{_quoted(self.path(name))}` TO VERSION AS OF {int(version)}")
 
     def exists(self, name: str) -> bool:
-        return DeltaTable.is_deltatable(self.path(name))
+        return DeltaTable.is_deltatable(self._delta_uri(name), storage_options=self.root.delta_options())
 
     def version(self, name: str) -> int | None:
         """Latest committed version, or None when the table does not exist."""
         try:
-            return DeltaTable(self.path(name)).version()
+            return self._delta(name).version()
         except TableNotFoundError:
             return None
 
@@ -256,7 +304,7 @@ class TableStore:
         """Row count from the Delta log's per-file statistics (no Spark job); Spark counts when a
         writer left the statistics out."""
         try:
-            actions = pa.table(DeltaTable(self.path(name)).get_add_actions(flatten=True))
+            actions = pa.table(self._delta(name).get_add_actions(flatten=True))
             if "num_records" in actions.column_names and actions.column("num_records").null_count == 0:
                 return int(pc.sum(actions.column("num_records")).as_py() or 0)
         except Exception:  # noqa: BLE001 - any trouble reading stats: fall back to counting
@@ -274,21 +322,24 @@ class TableStore:
                 writer = writer.option("overwriteSchema", "true")
             writer.save(target)
         else:
-            self._write_through_delta_rs(df, target, mode)
-        return DeltaTable(target).version()
+            self._write_through_delta_rs(df, name, mode)
+        return self.version(name)
 
     def read_small(self, name: str) -> pa.Table:
         """Table ``name``'s rows on the driver, read by delta-rs without a Spark job: only for a
         table of a few rows (the k centroids), never for row-scale data."""
-        return DeltaTable(self.path(name)).to_pyarrow_table()
+        return self._delta(name).to_pyarrow_table()
 
     def overwrite_small(self, rows: pa.Table, name: str) -> int:
         """Replace table ``name`` by ``rows`` (a few rows the driver holds, in the table's schema,
         e.g. from :meth:`read_small`), whichever the engine: delta-rs writes and commits them
         itself, so no Spark job runs (Spark's overwrite of k rows costs seconds of planning and
-        log work). Returns the new version."""
-        write_deltalake(self.path(name), rows, mode="overwrite")
-        return DeltaTable(self.path(name)).version()
+        log work). On S3 without a locking option for delta-rs, Spark writes them. Returns the
+        new version."""
+        if not self._delta_rs_commits_safely():
+            return self.write(self.spark.createDataFrame(rows), name)
+        write_deltalake(self._delta_uri(name), rows, mode="overwrite", storage_options=self.root.delta_options())
+        return self.version(name)
 
     def merge(self, source: DataFrame, name: str, keys: Sequence[str], within: DataFrame | None = None,
               keep: Sequence[str] = ()) -> int:
@@ -332,7 +383,7 @@ class TableStore:
             same = " AND ".join(f"t.`{c}` <=> s.`{c}`" for c in values)
             update = (f"WHEN MATCHED AND NOT ({same}) THEN UPDATE SET "
                       + ", ".join(f"t.`{c}` = s.`{c}`" for c in values))
-        target = self.path(name).replace("`", "``")
+        target = _quoted(self.path(name))
         try:
             self.spark.sql(
                 f"MERGE INTO delta.`{target}` AS t USING {view} AS s "
@@ -368,55 +419,58 @@ class TableStore:
                 return F.when(from_table, F.col(f"_t_{c}")).otherwise(F.col(f"`{c}`")).alias(c)
             rewrite = joined.filter(F.col("_t").isNull() | (~removed & F.col("_t_file").isin(sorted(touched)))
                                     ).select(*[value(c) for c in columns])
-            self._write_through_delta_rs(rewrite, self.path(name), "append",
-                                         self._remove_actions(self.path(name), touched))
+            self._write_through_delta_rs(rewrite, name, "append",
+                                         self._remove_actions(name, touched))
         finally:
             joined.unpersist()
 
-    @staticmethod
-    def _remove_actions(target: str, file_uris: set[str]) -> list[RemoveAction]:
-        """Remove actions for the table's files that Spark named by URI (``_metadata.file_path``)."""
-        wanted = {str(Path(unquote(urlparse(uri).path))) for uri in file_uris}
+    def _remove_actions(self, name: str, file_uris: set[str]) -> list[RemoveAction]:
+        """Remove actions for the table's files that Spark named by URI (``_metadata.file_path``),
+        matched by their path below the table's folder."""
+        table = unquote(urlparse(self.path(name)).path).rstrip("/") + "/"
+        wanted = {unquote(urlparse(uri).path).removeprefix(table) for uri in file_uris}
         now = int(time.time() * 1000)
-        actions = pa.table(DeltaTable(target).get_add_actions(flatten=True)).to_pylist()
+        actions = pa.table(self._delta(name).get_add_actions(flatten=True)).to_pylist()
         removes = [RemoveAction(a["path"], True, now, a["size_bytes"]) for a in actions
-                   if str(Path(target) / unquote(a["path"])) in wanted]
+                   if unquote(a["path"]) in wanted]
         if len(removes) != len(wanted):
-            raise TableWriteError(f"{target}: {len(wanted) - len(removes)} file(s) to rewrite are not in the table")
+            raise TableWriteError(f"{table}: {len(wanted) - len(removes)} file(s) to rewrite are not in the table")
         return removes
 
-    def _write_through_delta_rs(self, df: DataFrame, target: str, mode: Mode,
+    def _write_through_delta_rs(self, df: DataFrame, name: str, mode: Mode,
                                 removes: Sequence[RemoveAction] = ()) -> None:
         """Spark writes Parquet into ``<table>/<write id>/``; delta-rs commits exactly those files
         (with ``removes``, in the same append transaction). Overwrite removes the old files
         logically (remove actions) and replaces the schema."""
         write_id = uuid.uuid4().hex
-        folder = Path(target) / write_id
+        target, folder = self._delta_uri(name), self.location(name, write_id)
+        options = self.root.delta_options()
         written = Observation()
         try:
-            df.observe(written, F.count(F.lit(1)).alias("rows")).write.parquet(str(folder))
+            df.observe(written, F.count(F.lit(1)).alias("rows")).write.parquet(folder.uri)
             rows = int(written.get["rows"])
             actions = self._add_actions(folder, write_id, rows)
             schema = Schema.from_json(df.schema.json())  # Delta's schema is Spark's, nullability and all
-            if DeltaTable.is_deltatable(target):
-                DeltaTable(target).create_write_transaction([*actions, *removes], mode, schema)
+            if DeltaTable.is_deltatable(target, storage_options=options):
+                DeltaTable(target, storage_options=options).create_write_transaction(
+                    [*actions, *removes], mode, schema)
             else:
-                create_table_with_add_actions(target, schema, actions, mode="error")
+                create_table_with_add_actions(target, schema, actions, mode="error", storage_options=options)
         except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)  # uncommitted files: nobody references them
+            folder.delete_tree()  # uncommitted files: nobody references them
             raise
 
-    def _add_actions(self, folder: Path, write_id: str, rows: int) -> list[AddAction]:
+    def _add_actions(self, folder: Location, write_id: str, rows: int) -> list[AddAction]:
         """Add actions for the Parquet files Spark wrote into ``folder``, with delta-rs's own
         statistics from their footers; fails unless they hold every row Spark wrote."""
-        seen = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+        seen = [f for f in folder.files() if f.name.endswith(".parquet")]
         if not seen:
             adds = []
         else:  # delta-rs reads the footers (in Rust, not the rows) and logs stats as its writer does
-            convert_to_deltalake(str(folder))
-            log = folder / FIRST_COMMIT
-            adds = [a["add"] for a in map(json.loads, log.read_text().splitlines()) if "add" in a]
-            shutil.rmtree(folder / "_delta_log")
+            convert_to_deltalake(folder.delta_uri, storage_options=folder.delta_options())
+            log = (folder / FIRST_COMMIT).read_bytes() or b""
+            adds = [a["add"] for a in map(json.loads, log.decode("utf-8").splitlines()) if "add" in a]
+            (folder / "_delta_log").delete_tree()
         found = sum(json.loads(a["stats"])["numRecords"] for a in adds)
         if found != rows:
             raise TableWriteError(
@@ -439,7 +493,7 @@ class TableStore:
         target = self.path(name)
         if not self.exists(name):
             raise FileNotFoundError(f"no Delta table {name!r} at {target}")
-        table = DeltaTable(target, version=version)
+        table = self._delta(name, version)
         if self.engine == "delta-spark" and (table.protocol().min_reader_version > 1
                                              or table.metadata().partition_columns):
             reader = self.spark.read.format("delta")
@@ -450,8 +504,7 @@ class TableStore:
         """The rows appended to table ``name`` after version ``since``: the data files added
         since, read straight (no join against the older rows). Only for a table that was only
         appended to in between; a file removed since fails."""
-        target = self.path(name)
-        now, then = DeltaTable(target), DeltaTable(target, version=since)
+        now, then = self._delta(name), self._delta(name, since)
         live, before = set(now.file_uris()), set(then.file_uris())
         if not before <= live:
             raise ValueError(f"table {name!r} lost files since version {since}: not an append")
@@ -463,11 +516,28 @@ class TableStore:
         schema = from_arrow_schema(pa.schema(table.schema().to_arrow()))
         if not files:
             return self.spark.createDataFrame([], schema)
-        return self.spark.read.schema(schema).parquet(*files)
+        return self.spark.read.schema(schema).parquet(*map(qualify, files))  # delta-rs lists local files bare
 
     def history(self, name: str) -> list[dict]:
         """Commit history, newest first (small: one entry per version)."""
-        return DeltaTable(self.path(name)).history()
+        return self._delta(name).history()
+
+
+def _sql_string(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _quoted(uri: str) -> str:
+    """``uri`` inside SQL backticks."""
+    return uri.replace("`", "``")
+
+
+def _configure_s3a(spark: SparkSession, storage: Storage) -> None:
+    """s3a's endpoint and region from ``storage.*`` / the environment, where the session has
+    none of its own (a user's session keeps what it set; credentials are s3a's own chain)."""
+    for key, value in storage.hadoop_conf().items():
+        if not spark.conf.get(key, None) and not spark.conf.get(f"spark.hadoop.{key}", None):
+            spark.conf.set(key, value)
 
 
 def _all(conditions: list[Column]) -> Column:

@@ -106,3 +106,24 @@ def run_merge_stage(ctx, groups: DataFrame, records: DataFrame, embeddings: Data
     summary = MergeRunSummary(**{f.name: result.summary[f.name] for f in fields(MergeRunSummary)})
     summary.table_version = result.versions["merges"]
     return summary
+
+
+def kill_a_merge_worker(driver: list, killed: list, at: int = 3):
+    """A script for the scripted LLM: at request ``at`` a merge task has requests in flight; kill
+    the Python worker running it (the first process in ``driver``'s tree that is a pyspark daemon's
+    fork), so that Spark runs the task again. The pids killed go to ``killed``."""
+    import psutil
+
+    from fake_openai import Reply
+
+    def script(n, key, request):
+        if n == at and driver:
+            for proc in psutil.Process(driver[0].pid).children(recursive=True):
+                try:
+                    if "pyspark.daemon" in " ".join(proc.cmdline()) and proc.parent().name() != "java":
+                        proc.kill()
+                        killed.append(proc.pid)
+                except psutil.Error:
+                    pass
+        return Reply()
+    return script

@@ -68,15 +68,13 @@ class Total(Stage):
 
 
 class Model:
-    """A toy model: ``save(path)`` writes its one number into a file there."""
+    """A toy model: ``save(location)`` writes its one number into a file there."""
 
     def __init__(self, value: int) -> None:
         self.value = value
 
-    def save(self, path: str) -> None:
-        import pathlib
-        pathlib.Path(path).mkdir(parents=True, exist_ok=True)
-        (pathlib.Path(path) / "value").write_text(str(self.value))
+    def save(self, location) -> None:
+        (location / "value").write_bytes(str(self.value).encode())
 
 
 class Keyed(Stage):

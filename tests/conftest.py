@@ -75,3 +75,30 @@ def _no_cache_across_modules():
     active = SparkSession.getActiveSession()
     if active is not None:
         active.catalog.clearCache()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One real S3 server (SeaweedFS on 127.0.0.1, tests/s3server.py) for the whole test run;
+    needs the binary that `make weed` builds."""
+    from s3server import S3Server
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    """A fresh, uniquely named bucket on ``s3_server``; removed afterwards (with what it holds),
+    so that a long run does not pile up buckets (each one is a SeaweedFS collection)."""
+    import uuid
+    name = s3_server.make_bucket(f"test-{uuid.uuid4().hex[:16]}")
+    yield name
+    client = s3_server.client()
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=name, Delete={"Objects": keys})
+        client.delete_bucket(Bucket=name)
+    except Exception:  # best effort: the server's temp folder goes at the end of the run anyway
+        pass

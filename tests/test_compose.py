@@ -104,11 +104,17 @@ def _volumes(services):
             yield name, parts[0], parts[1], mode
 
 
-def test_volumes_well_formed(services):
+def _is_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~"))
+
+
+def test_volumes_well_formed(compose, services):
+    """Host paths, or named volumes declared under the top-level `volumes:` (the s3 service's data)."""
     for name, source, target, mode in _volumes(services):
         assert target.startswith("/"), f"{name}: container path must be absolute: {target}"
         assert mode in ("ro", "rw"), f"{name}: mode {mode}"
-        assert source.startswith(("/", "./", "../", "~")), f"{name}: host path {source} must be a path, not a named volume"
+        assert _is_path(source) or source in (compose.get("volumes") or {}), \
+            f"{name}: {source} is neither a host path nor a volume declared under the top-level volumes:"
 
 
 def test_mounted_paths_exist(services):
@@ -116,6 +122,8 @@ def test_mounted_paths_exist(services):
     tracked sources (docker creates them)."""
     ignored = (REPO / ".gitignore").read_text().split()
     for name, source, target, mode in _volumes(services):
+        if not _is_path(source):
+            continue  # a named volume: docker's, not the repo's
         host = (REPO / source).resolve() if not source.startswith(("/", "~")) else Path(source).expanduser()
         if mode == "ro":
             assert host.exists(), f"{name}: read-only mount {source} does not exist ({host})"
@@ -338,6 +346,60 @@ def test_compose_variables_are_documented():
     for var in sorted({m["name"] for m in _VAR.finditer(code)}):
         assert re.search(rf"\b{var}\b", header), f"${{{var}}} is not documented in the header"
     assert "127.0.0.1" in header and "MERGEIT_UID" in header
+
+
+# --- The S3 service -----------------------------------------------------------------------------
+
+S3_IMAGE = "chrislusf/seaweedfs"
+
+
+def test_s3_service(compose, services):
+    """SeaweedFS's S3 gateway at a pinned image tag, run as MERGEIT_UID:GID, published on loopback
+    only, its data on a declared named volume, every other listener (master, volume server, filer:
+    no authentication) on the container's loopback, and its credentials from the environment."""
+    s3 = services["s3"]
+    image, _, tag = s3["image"].partition(":")
+    assert image == S3_IMAGE and tag and tag != "latest", f"pin the image: {s3['image']}"
+    assert s3["user"] == "${MERGEIT_UID:-1000}:${MERGEIT_GID:-1000}"
+    assert [expand(p) for p in s3["ports"]] == ["127.0.0.1:8333:8333"]
+    assert "s3-data:/data" in s3["volumes"] and "s3-data" in compose["volumes"]
+    cmd = _command(s3)
+    assert cmd[0] == "server" and "-s3" in cmd and "-s3.port=8333" in cmd
+    assert "-ip.bind=127.0.0.1" in cmd and "-s3.ip.bind=0.0.0.0" in cmd
+    assert {"-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"} <= set(cmd)
+    env = s3["environment"]
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert _VAR.fullmatch(env[var]), f"s3: {var} must come from the environment: {env[var]!r}"
+    assert "/healthz" in " ".join(s3["healthcheck"]["test"])
+
+
+def test_services_point_at_s3(services):
+    """Every service of our image reaches the s3 service with the identity it was started with;
+    the submitter waits until it is healthy."""
+    s3_env = services["s3"]["environment"]
+    for name, service in services.items():
+        if not _builds_from_repo(service):
+            continue
+        env = service.get("environment") or {}
+        assert env.get("AWS_ENDPOINT_URL") == "http://s3:8333", f"{name}: AWS_ENDPOINT_URL"
+        assert env.get("AWS_REGION"), f"{name}: AWS_REGION"
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env.get(var) == s3_env[var], f"{name}: {var} differs from the s3 service's"
+    assert services["submitter"]["depends_on"]["s3"]["condition"] == "service_healthy"
+
+
+def test_s3_flags_exist_in_weed(services):
+    """The flags given to `weed server` are real flags of the release the tests build (skipped
+    until `make weed` has built it)."""
+    from s3server import weed_binary
+    try:
+        weed = weed_binary()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    help_text = subprocess.run([str(weed), "server", "-h"], capture_output=True, text=True, timeout=60)
+    known = set(re.findall(r"^\s+-([\w.]+)", help_text.stdout + help_text.stderr, re.M))
+    for arg in _command(services["s3"])[1:]:
+        assert arg.lstrip("-").split("=", 1)[0] in known, f"weed server has no flag {arg}"
 
 
 # --- The image installs the lock ---------------------------------------------------------------

@@ -3,6 +3,7 @@ gives exactly the rows of ``final``."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
@@ -20,7 +21,7 @@ LOADER = {"alpaca-json": "json", "jsonl": "json", "parquet": "parquet"}
 def exported(spark, settings, shared_data, tmp_path_factory):
     store, _ = finalized_run(spark, settings, shared_data, tmp_path_factory)
     out = tmp_path_factory.mktemp("export")
-    files = {fmt: export_final(store, out / f"final.{SUFFIX[fmt]}", fmt) for fmt in FORMATS}
+    files = {fmt: Path(export_final(store, out / f"final.{SUFFIX[fmt]}", fmt).local) for fmt in FORMATS}
     # test-side only: final has a couple of dozen rows here
     rows = sorted((r.asDict() for r in store.read("final").collect()), key=lambda r: r["id"])
     return store, out, files, rows
@@ -68,7 +69,7 @@ def test_alpaca_json_is_one_array_of_the_three_fields(exported):
 
 def test_export_is_deterministic_and_leaves_no_parts(exported):
     store, out, files, _ = exported
-    again = export_final(store, out / "again.jsonl", "jsonl")
+    again = Path(export_final(store, out / "again.jsonl", "jsonl").local)
     assert again.read_bytes() == files["jsonl"].read_bytes()
     assert sorted(p.name for p in out.iterdir()) == sorted(["again.jsonl", *(p.name for p in files.values())])
 
@@ -77,7 +78,7 @@ def test_empty_final_exports_valid_files(exported, store, tmp_path):
     source, _, _, _ = exported
     store.write(source.read("final").limit(0), "final")
     for fmt in FORMATS:
-        path = export_final(store, tmp_path / f"empty.{SUFFIX[fmt]}", fmt)
+        path = Path(export_final(store, tmp_path / f"empty.{SUFFIX[fmt]}", fmt).local)
         assert _plain_read(path, fmt) == []
 
 

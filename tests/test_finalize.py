@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -252,7 +253,7 @@ def test_check_store_ledger_checks_a_run_root(finalized):
 def test_the_stage_check_ran_through_the_executor_and_was_recorded(finalized):
     store, exp = finalized
     assert exp.checks["input_rows"] == exp.checks["lineage_rows"] == exp.records + exp.rejects
-    state = json.loads((store.root / "_state" / "finalize.json").read_text())
+    state = json.loads((Path(store.root.local) / "_state" / "finalize.json").read_text())
     assert state["checks"] == exp.checks
     assert state["versions"] == {"final": store.version("final"), "lineage": store.version("lineage")}
 
@@ -303,4 +304,4 @@ def test_a_failed_check_fails_the_stage_and_records_no_state(finalized, store, s
     store.write(more, INPUT_FILES)
     with pytest.raises(LedgerError, match=f"!= input rows {exp.records + exp.rejects + 2}"):
         run_finalize(store.spark, store, settings)
-    assert store.exists("final") and not (store.root / "_state" / "finalize.json").exists()
+    assert store.exists("final") and not (Path(store.root.local) / "_state" / "finalize.json").exists()

@@ -621,8 +621,11 @@ def test_resolve_inputs_errors_before_spark(tmp_path):
     empty_dir.mkdir()
     with pytest.raises(InputError, match="no data files"):
         resolve_inputs([str(empty_dir)], "auto")
-    with pytest.raises(InputError, match="only local"):
-        resolve_inputs(["s3://bucket/data.jsonl"], "auto")
+    with pytest.raises(InputError, match="unknown scheme ftp://"):
+        resolve_inputs(["ftp://host/data.jsonl"], "auto")  # object stores are inputs (tests/test_s3.py)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "x"}\n')
+    assert resolve_inputs([data.as_uri()], "auto") == resolve_inputs([str(data)], "auto")  # file:// is local
 
 
 def test_resolve_inputs_formats_and_directories(tmp_path):

@@ -24,7 +24,7 @@ from mergeit_spark.stages.merge import (LEDGER_DIR, build_jobs, ledger_spend, me
                                         plan_requests, request_pass)
 from mergeit_spark.tables import RUN_LOG, STATE_DIR
 
-from _merge_helpers import load_rows, make_inputs, run_merge_stage
+from _merge_helpers import kill_a_merge_worker, load_rows, make_inputs, run_merge_stage
 from _pipeline_run import cli_args
 from fake_openai import FakeOpenAI, Reply
 
@@ -151,7 +151,7 @@ def run(spark, store, settings, inputs):
 
 def ledger_lines(store) -> list[dict]:
     lines = []
-    for path in Path(store.root, LEDGER_DIR).glob("bucket=*/*.jsonl"):
+    for path in Path(store.ledger_path("merges").local).glob("bucket=*/*.jsonl"):
         lines += [json.loads(t) for t in path.read_text().splitlines() if t.strip()]
     return lines
 
@@ -184,7 +184,7 @@ def test_request_cap_holds_when_spark_computes_the_pass_twice(spark, store, inpu
     records, embeddings, groups = inputs[:3]
     with FakeOpenAI() as fake:
         settings = stage_settings(fake.base_url, "merge.max_requests=6", "llm.concurrency=1")
-        ledger_root = str(Path(store.root) / LEDGER_DIR)
+        ledger_root = store.ledger_path("merges")
         jobs = build_jobs(groups, records, embeddings, settings.llm)
         plan = plan_requests(jobs, settings, ledger_root, has_groups=True)
         passed, _ = request_pass(jobs, settings, ledger_root, plan=plan)
@@ -212,7 +212,7 @@ def test_request_cap_holds_across_reruns_and_counts_the_preflight(spark, store, 
 
 def test_torn_run_log_line_is_skipped_and_the_next_line_stays_whole(store):
     store.append_log(RUN_LOG, {"stage": "merge", "summary": {"groups": 1}})
-    with open(Path(store.root) / STATE_DIR / f"{RUN_LOG}.jsonl", "a") as handle:
+    with open(Path(store.root.local) / STATE_DIR / f"{RUN_LOG}.jsonl", "a") as handle:
         handle.write('{"stage": "merge", "summary": {"groups": 2, "finish')  # a driver killed mid-append
     store.append_log(RUN_LOG, {"stage": "merge", "summary": {"groups": 3}})
     assert [r["groups"] for r in merge_runs(store)] == [1, 3]
@@ -279,30 +279,16 @@ def test_server_dying_halfway_fails_the_run_and_a_plain_rerun_pays_only_the_fail
 
 @pytest.mark.slow   # its own driver, whose merge task is killed mid-flight
 def test_request_cap_holds_when_a_task_is_killed(pipeline_run, tmp_path):
-    import psutil
     root = pipeline_run.copy_to(tmp_path / "run", until="group")
-    cap, killed = 8, []
-    driver: subprocess.Popen | None = None
-
-    def kill_workers(n, key, request):
-        if n == 3 and driver is not None:     # a task has requests in flight: kill its worker
-            for proc in psutil.Process(driver.pid).children(recursive=True):
-                try:
-                    if "pyspark.daemon" in " ".join(proc.cmdline()) and proc.parent().name() != "java":
-                        proc.kill()
-                        killed.append(proc.pid)
-                except psutil.Error:
-                    pass
-        return Reply()
-
-    with FakeOpenAI(script=kill_workers) as fake:
+    cap, killed, driver = 8, [], []
+    with FakeOpenAI(script=kill_a_merge_worker(driver, killed)) as fake:
         args = cli_args(root, pipeline_run.data, fake.base_url, f"merge.max_requests={cap}",
                         "llm.concurrency=2", "spark.master=local[2,4]")   # up to 4 attempts a task
-        driver = subprocess.Popen([sys.executable, "-m", "mergeit_spark.cli", "run", "--until", "merge", *args],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        output, _ = driver.communicate(timeout=900)
+        driver.append(subprocess.Popen([sys.executable, "-m", "mergeit_spark.cli", "run", "--until", "merge",
+                                        *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        output, _ = driver[0].communicate(timeout=900)
     assert killed, "no worker was killed: the test proved nothing"
-    assert driver.returncode in (0, 3), output[-3000:]
+    assert driver[0].returncode in (0, 3), output[-3000:]
     assert fake.count + fake.preflights <= cap      # every request the server saw, retries included
     assert "Lost task" in output              # Spark saw the attempt die and ran it again
     requests, _ = ledger_spend_of(root)

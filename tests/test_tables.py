@@ -13,7 +13,7 @@ import pytest
 from deltalake import DeltaTable
 from pyspark.sql import types as T
 
-from mergeit_spark.tables import TableStore, TableWriteError
+from mergeit_spark.tables import TableStore
 
 ENGINES = ["delta-spark", "delta-rs"]
 OTHER = {"delta-spark": "delta-rs", "delta-rs": "delta-spark"}
@@ -144,7 +144,7 @@ def test_delta_rs_commits_the_files_spark_wrote_with_stats(spark, tmp_path):
     store = TableStore(spark, tmp_path / "run", engine="delta-rs")
     df = spark.range(3000).selectExpr("cast(id as string) as id", "id * 2 as twice").repartition(3)
     store.write(df, "big")
-    table = Path(store.path("big"))
+    table = Path(store.location("big").local)
     adds = [a["add"] for a in log_actions(table) if "add" in a]
     on_disk = sorted(str(p.relative_to(table)) for p in table.glob("*/*.parquet"))
     assert sorted(a["path"] for a in adds) == on_disk and len(on_disk) == 3
@@ -161,12 +161,12 @@ def test_delta_rs_commits_the_files_spark_wrote_with_stats(spark, tmp_path):
 def test_delta_rs_overwrite_removes_old_files_logically(spark, tmp_path):
     store = TableStore(spark, tmp_path / "run", engine="delta-rs")
     store.write(spark.range(10).repartition(2), "t")
-    first_files = {a["add"]["path"] for a in log_actions(Path(store.path("t"))) if "add" in a}
+    first_files = {a["add"]["path"] for a in log_actions(Path(store.location("t").local)) if "add" in a}
     store.write(spark.range(5), "t")
-    actions = log_actions(Path(store.path("t")))
+    actions = log_actions(Path(store.location("t").local))
     removed = {a["remove"]["path"] for a in actions if "remove" in a}
     assert removed == first_files
-    assert all((Path(store.path("t")) / f).is_file() for f in first_files)  # still there for time travel
+    assert all((Path(store.location("t").local) / f).is_file() for f in first_files)  # still there for time travel
     assert store.count("t") == 5 and store.read("t", version=0).count() == 10
 
 
@@ -181,7 +181,7 @@ def test_delta_rs_driver_never_holds_the_rows(spark, tmp_path):
             "id", "concat(sha2(cast(id as string), 512), sha2(cast(id as string), 256)) as text")
         read_before, rss_before = me.io_counters().read_chars, me.memory_info().rss
         store.write(df, f"t{rows}")
-        table_bytes = sum(p.stat().st_size for p in Path(store.path(f"t{rows}")).glob("*/*.parquet"))
+        table_bytes = sum(p.stat().st_size for p in Path(store.location(f"t{rows}").local).glob("*/*.parquet"))
         return me.io_counters().read_chars - read_before, me.memory_info().rss - rss_before, table_bytes
 
     small_read, _, small_bytes = write(20_000)
@@ -192,24 +192,26 @@ def test_delta_rs_driver_never_holds_the_rows(spark, tmp_path):
     assert big_rss < big_bytes / 2            # no batch of rows, let alone the table, in the driver
 
 
-def test_delta_rs_fails_naming_output_root_when_the_driver_cannot_see_the_files(spark, tmp_path):
-    """An output root that is not shared storage: the executors' writes land where the driver does
-    not look (a Hadoop viewfs mount sends the table folder elsewhere; the driver's os calls see the
-    real folder). The write must fail naming output.root, and commit nothing (no empty table)."""
-    store = TableStore(spark, tmp_path / "run", engine="delta-rs")
+@pytest.mark.parametrize("engine", ["delta-rs", "delta-spark"])
+def test_a_plain_root_is_local_disk_whatever_the_default_filesystem(spark, tmp_path, engine):
+    """A cluster whose default filesystem is not the driver's disk (HDFS; here a Hadoop viewfs
+    mount that sends the run root's folder elsewhere): a plain output.root is qualified as
+    ``file://``, so Spark writes where the driver and delta-rs look, and nothing lands elsewhere."""
+    store = TableStore(spark, tmp_path / "run", engine=engine)
+    assert store.path("t") == (tmp_path / "run" / "t").as_uri()
     elsewhere = tmp_path / "executors-disk"
     elsewhere.mkdir()
     mount = f"hidden{uuid.uuid4().hex[:8]}"  # a fresh name: Hadoop caches file systems per mount
-    spark.conf.set(f"fs.viewfs.mounttable.{mount}.link.{store.root}", elsewhere.as_uri())
+    spark.conf.set(f"fs.viewfs.mounttable.{mount}.link.{store.root.local}", elsewhere.as_uri())
     spark.conf.set(f"fs.viewfs.mounttable.{mount}.linkFallback", "file:///")
     spark.conf.set("fs.defaultFS", f"viewfs://{mount}/")
     try:
-        with pytest.raises(TableWriteError, match="output.root"):
-            store.write(spark.range(100).repartition(3), "t")
+        store.write(spark.range(100).repartition(3), "t")
+        assert store.read("t").count() == 100
     finally:
         spark.conf.unset("fs.defaultFS")
-    assert list(elsewhere.rglob("*.parquet")), "the executors did write"
-    assert not store.exists("t") and store.version("t") is None
+    assert not list(elsewhere.rglob("*.parquet"))
+    assert DeltaTable(str(tmp_path / "run" / "t")).to_pyarrow_table().num_rows == 100
 
 
 def test_merge_inserts_and_updates_by_key_in_one_version(spark, engine_store):
@@ -273,7 +275,7 @@ def test_an_older_version_with_deletion_vectors_is_read_through_delta(spark, tmp
     deleted_at = store.version("t")
     store.write(spark.createDataFrame([("d",)], "id string"), "t", mode="append")
     assert DeltaTable(store.path("t")).protocol().min_reader_version > 1
-    assert any(a.get("add", {}).get("deletionVector") for a in log_actions(Path(store.path("t"))))
+    assert any(a.get("add", {}).get("deletionVector") for a in log_actions(Path(store.location("t").local)))
     assert sorted(r.id for r in store.read("t", version=deleted_at).collect()) == ["a", "c"]
     assert sorted(r.id for r in store.read("t").collect()) == ["a", "c", "d"]
 

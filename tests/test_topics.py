@@ -178,8 +178,8 @@ def test_saved_model_reloads_and_assigns_rows_as_the_stage_did(spark, shared_dat
     centroids = DeltaTable(store.path("centroids")).to_pandas().sort_values("cluster")
 
     model = TopicModel.load(store.model_path(MODEL_NAME))
-    assert Path(store.model_path(MODEL_NAME)).parent.parent == store.root
-    assert saved_pca_components(Path(store.model_path(MODEL_NAME)) / "pipeline") is not None  # no fallback
+    assert store.model_path(MODEL_NAME).uri == f"{store.root.uri}/_models/{MODEL_NAME}"
+    assert saved_pca_components(store.model_path(MODEL_NAME) / "pipeline") is not None  # no fallback
     basis = model.basis  # a loaded model reads it from the saved PCA's data file, not through Spark
     assert [type(s).__name__ for s in model.pipeline.stages] == ["PCAModel", "VectorSlicer", "KMeansModel"]
     np.testing.assert_array_equal(basis, model.pipeline.stages[0].pc.toArray()[:, :model.components])
@@ -265,7 +265,7 @@ def test_topic_model_saves_and_loads_back_assigning_the_same_topics(spark, tmp_p
     fitted.save(path)
     fitted.save(path)  # replaces what is there
     loaded = TopicModel.load(path)
-    assert loaded.fitted is None and loaded.summary == {} and loaded.path == path
+    assert loaded.fitted is None and loaded.summary == {} and loaded.path.local == path
     assert saved_pca_components(tmp_path / "model" / "pipeline") is not None  # the basis without Spark
     assert loaded.k == fitted.k and loaded.components == fitted.components
     assert loaded.explained_variance == fitted.explained_variance

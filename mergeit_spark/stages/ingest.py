@@ -82,6 +82,7 @@ from ..config import IngestSettings, Settings
 from ..inputs import (FORMATS, SAMPLE_PATH, InputError, InputFile, InputReadError, data_file_paths,
                       delta_data_files, fingerprint_inputs, input_bytes, pinned, resolve_inputs,
                       unreadable_input)
+from ..fs import qualify
 from ..jsonstream import count_units
 from ..parsing import (DEFAULT_RAW_CHARS, OUTCOME_ARROW, REASONS, ParseLimits, parse_json_file_batches,
                        parse_text_batches)
@@ -130,8 +131,9 @@ class IngestTables(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 def _spark_path(path: str) -> str:
-    """Hadoop treats * ? [ ] { } as a glob; escape them so a file name is taken literally."""
-    return _GLOB_CHARS.sub(r"\\\1", path)
+    """``path`` for Spark: qualified (a local path as ``file://``, whatever the cluster's default
+    filesystem), with * ? [ ] { } escaped (Hadoop's globs) so a file name is taken literally."""
+    return _GLOB_CHARS.sub(r"\\\1", qualify(path))
 
 
 # A text unit (a JSON Lines line, a table row as JSON) goes to the parser as (file_index, source,

@@ -31,11 +31,13 @@ Per group (one worker): request, validate, regenerate, gate (``llm.gate.BatchGat
 of the groups finishing together are embedded in one ``encode_texts`` call on a worker thread,
 with the embed stage's model and precision), then the result goes to the ledger.
 
-The ledger (``llm.ledger``; ``<run root>/_ledger/merges/bucket=<b>/<task attempt>.jsonl``)
-  * Group commit: a writer thread writes every waiting line, flushes and fsyncs, then releases
-    them; a worker reports its group (and takes the next one) only once its line is fsynced. So a
-    task killed at any moment never re-pays a recorded result and loses at most the requests in
-    flight; the event loop never waits on the disk. A ledger that cannot be written fails the task.
+The ledger (``llm.ledger``; ``<run root>/_ledger/merges/bucket=<b>/<task attempt>-<n>.jsonl``)
+  * Group commit: a writer thread takes every waiting line and writes, per bucket they fall in,
+    one new immutable object (never an append: the same on POSIX and object stores), then
+    releases them; a worker reports its group (and takes the next one) only once its line is
+    durable. So a task killed at any moment never re-pays a recorded result and loses at most the
+    requests in flight; the event loop never waits on the disk. A ledger that cannot be written
+    fails the task.
   * Before calling the LLM, a task reads the ledger buckets it holds. A group whose latest line
     for its ``(group_id, request_hash)`` is terminal (``merged``/``gate_failed``) is answered from
     the ledger; judged under other gate settings (``gate.*``, ``merge.max_output_chars``, the
@@ -52,9 +54,13 @@ The ledger (``llm.ledger``; ``<run root>/_ledger/merges/bucket=<b>/<task attempt
     (``bucket_ranges``).
   * "Latest" is the per-bucket sequence ``seq`` (a writer numbers its lines after the highest
     ``seq`` in the bucket), never an executor's clock.
-  * The run root must be a filesystem path that every executor can write and read (local disk in
-    local mode; on a cluster a shared mount such as NFS, EFS or a DBFS/HDFS fuse mount). Object
-    stores without append (``s3://``) are not supported for the ledger.
+  * The run root must be a place every executor can write and read: local disk in local mode; on
+    a cluster a shared mount (NFS, EFS) or an object store (``s3a://``, ``gs://``, ``abfss://``;
+    ``fs.resolve``). A bucket is read by listing its objects.
+  * Compaction: once the request pass is done (and again with ``mergeit ledger compact``), the
+    driver folds each bucket's objects into one (``llm.ledger.compact``): the latest line per
+    ``(group_id, request_hash)``, every spend line, the latest settle, the highest ``seq``. So a
+    task never lists thousands of objects; nothing it answers or counts changes.
   * Speculative execution (``spark.speculation``) is refused: two live attempts of one task would
     both pay.
 
@@ -97,7 +103,6 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import numpy as np
@@ -109,12 +114,13 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import EmbedSettings, GateSettings, LLMSettings, MergeSettings, Settings
+from ..fs import Location, resolve
 from ..llm.client import (ERROR_BUDGET, ERROR_INVALID, ERROR_MISSING_MEMBER, ERROR_PROMPT_TOO_LONG,
                           ERROR_TRUNCATED, STATUS_FAILED, STATUS_GATE_FAILED, STATUS_MERGED, Budget,
                           MergeClient, MergeResult, error_kind, rerun_can_fix, validate_merged)
 from ..llm.gate import BatchGate, GroupSources, model_encoder
-from ..llm.ledger import (LEDGER_BUCKETS, BucketSpend, BucketState, LedgerWriter, ledger_bucket,
-                          read_bucket)
+from ..llm.ledger import (IDENTITY, LEDGER_BUCKETS, BucketSpend, BucketState, LedgerWriter, compact,
+                          ledger_bucket, ledger_buckets, read_bucket)
 from ..llm.preflight import Preflight, preflight
 from ..llm.prompt import build_messages, prompt_hash
 from ..llm.tokens import fewest_prompt_tokens
@@ -344,7 +350,7 @@ class MergeTask:
     merge: MergeSettings
     gate: GateSettings
     embed: EmbedSettings
-    ledger_root: str
+    ledger_root: Location
     shares: BudgetShares
     copy_length_ratio: float
     loops: int = 1   # tasks running at once: they share the per-minute rate limits
@@ -570,6 +576,7 @@ class MergeRunSummary:
     table_version: int | None = None
     content: str = ""            # fingerprint of the merges rows this run produced (see summarise)
     rewritten: bool = True       # False: `merges` already held exactly these rows, no new version
+    ledger_objects: dict[str, int] = field(default_factory=dict)  # compaction: objects before, after
 
     @property
     def total_tokens(self) -> int:
@@ -662,9 +669,11 @@ def refuse_speculation(spark: SparkSession) -> None:
                          "--conf spark.speculation=false (spark.conf in the settings)")
 
 
-def plan_requests(jobs: DataFrame, settings: Settings, ledger_root: str, has_groups: bool) -> RequestPlan:
+def plan_requests(jobs: DataFrame, settings: Settings, ledger_root: Location | str,
+                  has_groups: bool) -> RequestPlan:
     """Refuse speculation, count what the ledger has spent, send the preflight request."""
     spark = jobs.sparkSession
+    ledger_root = resolve(ledger_root)
     refuse_speculation(spark)
     merge = settings.merge
     capped = merge.max_requests > 0 or merge.max_total_tokens > 0
@@ -682,7 +691,7 @@ def plan_requests(jobs: DataFrame, settings: Settings, ledger_root: str, has_gro
     return plan
 
 
-def _record_driver_spend(ledger_root: str, plan: RequestPlan) -> None:
+def _record_driver_spend(ledger_root: Location, plan: RequestPlan) -> None:
     """The preflight's request in the ledger (bucket 0), so that later runs count it too. Its run
     id is apart from the tasks': their shares were computed with it already taken off."""
     writer = LedgerWriter(ledger_root, f"driver-{plan.run_id}")
@@ -695,26 +704,39 @@ def _record_driver_spend(ledger_root: str, plan: RequestPlan) -> None:
         writer.close()
 
 
-def ledger_spend(spark: SparkSession, ledger_root: str) -> tuple[int, int]:
+def ledger_spend(spark: SparkSession, ledger_root: Location | str) -> tuple[int, int]:
     """Requests and tokens the ledger records as spent, over every run: the spend lines (an
     unsettled request counts its whole reservation), plus the requests and tokens of results
-    written without spend lines (runs without a budget). A Spark aggregation: one row to the driver."""
-    if not any(Path(ledger_root).glob("bucket=*/*.jsonl")):
+    written without spend lines (runs without a budget; those a compaction superseded count
+    through their ``superseded`` lines). A line counts once however many copies the ledger holds
+    (a compaction killed before its deletes): spends by id, results by ``llm.ledger.IDENTITY``.
+    A Spark aggregation: one row to the driver."""
+    root = resolve(ledger_root)
+    if not _has_ledger_objects(root):
         return 0, 0
     lines = (spark.read.schema(SPEND_SCHEMA).option("mode", "DROPMALFORMED")
-             .json(str(Path(ledger_root) / "bucket=*" / "*.jsonl")))
-    reserved = lines.where(F.col("spend").isNotNull()).select(
-        F.col("spend").alias("sid"), F.col("tokens").alias("reserved"))
+             .json(f"{root.uri}/bucket=*/*.jsonl"))
+    reserved = (lines.where(F.col("spend").isNotNull())
+                .select(F.col("spend").alias("sid"), F.col("tokens").alias("reserved"))
+                .dropDuplicates(["sid"]))
     settled = (lines.where(F.col("settle").isNotNull())
                .groupBy(F.col("settle").alias("sid")).agg(F.max("tokens").alias("used")))
     spend = (reserved.join(settled, "sid", "left")
              .agg(F.count("*").alias("requests"),
                   F.sum(F.coalesce("used", "reserved")).alias("tokens")))
-    unjournaled = (lines.where(F.col("status").isNotNull() & ~F.coalesce(F.col("journaled"), F.lit(False)))
-                   .agg(F.sum("attempts").alias("requests"),
-                        F.sum(F.col("prompt_tokens") + F.col("completion_tokens")).alias("tokens")))
+    results = (lines.where((F.col("status").isNotNull() | F.coalesce(F.col("superseded"), F.lit(False)))
+                           & ~F.coalesce(F.col("journaled"), F.lit(False)))
+               .dropDuplicates(list(IDENTITY)))
+    unjournaled = results.agg(F.sum("attempts").alias("requests"),
+                              F.sum(F.col("prompt_tokens") + F.col("completion_tokens")).alias("tokens"))
     rows = spend.unionByName(unjournaled).collect()
     return (sum(int(r["requests"] or 0) for r in rows), sum(int(r["tokens"] or 0) for r in rows))
+
+
+def _has_ledger_objects(root: Location) -> bool:
+    """Whether any bucket of the ledger holds an object Spark would read."""
+    return any(f.name.endswith(".jsonl") for b in ledger_buckets(root)
+               for f in (root / f"bucket={b}").files())
 
 
 SPEND_SCHEMA = T.StructType([
@@ -722,10 +744,27 @@ SPEND_SCHEMA = T.StructType([
     T.StructField("tokens", T.LongType()), T.StructField("status", T.StringType()),
     T.StructField("journaled", T.BooleanType()), T.StructField("attempts", T.LongType()),
     T.StructField("prompt_tokens", T.LongType()), T.StructField("completion_tokens", T.LongType()),
+    T.StructField("superseded", T.BooleanType()), T.StructField("group_id", T.StringType()),
+    T.StructField("request_hash", T.StringType()), T.StructField("seq", T.LongType()),
+    T.StructField("finished_ns", T.LongType()), T.StructField("task", T.StringType()),
 ])
 
 
-def request_pass(jobs: DataFrame, settings: Settings, ledger_root: str,
+def compact_ledger(ledger_root: Location | str) -> dict[str, int] | None:
+    """Fold each bucket of the ledger into one object (``llm.ledger.compact``), on the driver,
+    while no task writes it. A compaction that fails leaves the ledger as written (it reads the
+    same, just slower) and does not fail the stage; the next one folds it."""
+    root = resolve(ledger_root)
+    try:
+        done = compact(root)
+    except Exception as exc:  # noqa: BLE001 - the results are recorded; compaction only tidies
+        log.warning("ledger compaction under %s failed, the ledger stays as written: %s", root, exc)
+        return None
+    log.info("ledger compacted: %d objects -> %d", done["objects_before"], done["objects_after"])
+    return done
+
+
+def request_pass(jobs: DataFrame, settings: Settings, ledger_root: Location | str,
                  partitions: int | None = None, plan: RequestPlan | None = None) -> tuple[DataFrame, int]:
     """The request pass over ``jobs`` (from ``build_jobs``), lazily: one ``PASS_SCHEMA`` row per
     group, and the number of partitions it runs in. ``plan`` (``plan_requests``) is made here
@@ -733,7 +772,7 @@ def request_pass(jobs: DataFrame, settings: Settings, ledger_root: str,
     spark = jobs.sparkSession
     slots = spark.sparkContext.defaultParallelism
     p = min(partitions or settings.merge.partitions or slots, LEDGER_BUCKETS)
-    Path(ledger_root).mkdir(parents=True, exist_ok=True)
+    ledger_root = resolve(ledger_root)
     plan = plan or plan_requests(jobs, settings, ledger_root, has_groups=True)
     fn = MergeTask(llm=settings.llm, merge=settings.merge, gate=settings.gate,
                    embed=settings.embed, ledger_root=ledger_root, shares=plan.shares,
@@ -820,7 +859,7 @@ def merge_pass(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddi
     nothing is paid twice. ``has_groups``: whether ``groups`` has a row, when the caller knows."""
     started = time.perf_counter()
     settings = ctx.settings
-    ledger_root = ctx.store.ledger_path(LEDGER_NAME)
+    ledger_root = resolve(ctx.store.ledger_path(LEDGER_NAME))
     jobs = build_jobs(groups, records, embeddings, settings.llm)
     plan = plan_requests(jobs, settings, ledger_root,
                          has_groups=not groups.isEmpty() if has_groups is None else has_groups)
@@ -832,6 +871,8 @@ def merge_pass(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddi
         passed.unpersist()
         raise
     summary.add_preflight(plan.preflight)
+    # The pass is done and its rows cached: no task writes the ledger until the next pass.
+    summary.ledger_objects = compact_ledger(ledger_root) or {}
     summary.seconds = round(time.perf_counter() - started, 3)
     log.info("merge: %d groups, %d requests sent, %d tokens; statuses %s; gate rejections %s",
              summary.groups, summary.requests, summary.total_tokens, summary.by_status,
