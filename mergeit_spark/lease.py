@@ -7,8 +7,9 @@ started, its last heartbeat), made by an exclusive create (:meth:`TableStore.cre
 A run takes the root by creating generation n + 1 where generation n is released or dead, so of
 two runs starting (or taking over) at once exactly one gets it, on any store with an exclusive
 create and no rename; the other fails at once with :class:`RootBusy`, naming the holder. Only the
-holder writes its generation (heartbeats, then ``released``); older generations are removed. The holder's driver renews the heartbeat every
-``run.lease_timeout_s / 4`` seconds from a daemon thread. A lease whose heartbeat is older than
+holder writes its generation (heartbeats, then ``released``); older generations are removed. The
+holder's driver renews the heartbeat every ``run.lease_timeout_s / 4`` seconds from a daemon
+thread. A lease whose heartbeat is older than
 ``run.lease_timeout_s`` belongs to a run that died (a killed driver leaves its lease behind): the
 next run takes it over, and only then rolls back what that run left unfinished; on the holder's
 own host a holder whose process is gone is known dead at once (a killed local driver). A holder that
@@ -25,7 +26,7 @@ import time
 import uuid
 from typing import Any
 
-from .tables import TableStore
+from .tables import STATE_DIR, TableStore
 
 log = logging.getLogger("mergeit.lease")
 
@@ -62,9 +63,6 @@ class RunLease:
         """Take the lease, or take over one whose heartbeat stopped; else raise :class:`RootBusy`."""
         for _ in range(3):
             generation, current = current_lease(self.store)
-            if generation >= 0 and current is None:  # being created this instant: look again
-                time.sleep(0.2)
-                continue
             if current is not None and not current.get("released"):
                 age = time.time() - float(current.get("heartbeat", 0))
                 if age <= self.timeout_s and not _holder_gone(current):
@@ -135,12 +133,19 @@ class RunLease:
 
 def current_lease(store: TableStore) -> tuple[int, dict[str, Any] | None]:
     """The current lease: (its generation, its record); (-1, None) when the root never had one.
-    A record still being created reads as None: it beats within the timeout once written."""
+    A record that is not whole (being written this instant, or by a run killed between its
+    create and its write: POSIX only, a PUT is whole) stands for a holder that beat when the file
+    was last modified, so that it is taken over once that is older than the timeout."""
     names = store.state_names(LEASE)
     if not names:
         return -1, None
     latest = max(names, key=_generation)
-    return _generation(latest), store.read_state(latest)
+    record = store.read_state(latest)
+    if record is None:
+        modified = store.location(STATE_DIR, f"{latest}.json").info().mtime
+        stamp = modified.timestamp() if modified is not None else time.time()
+        record = {"holder": "(a record not written whole)", "started": stamp, "heartbeat": stamp}
+    return _generation(latest), record
 
 
 def _name(generation: int) -> str:

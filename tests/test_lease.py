@@ -160,3 +160,21 @@ def assert_one_of_eight_takes(store):
         store.write_state(f"lease-{winner.generation:012d}", dict(_holder(store), heartbeat=time.time() - 61))
     for name in store.state_names("lease-"):
         store.write_state(name, None)
+
+
+def test_a_lease_record_never_written_whole_is_busy_then_taken_over(store):
+    """A run killed between its exclusive create and its write leaves an empty record: a run
+    starting beside it is refused (it may be a run starting this instant), and once the file is
+    older than the timeout the root is taken over, not stuck for good."""
+    torn = os.path.join(store.root.local, "_state", "lease-000000000000.json")
+    os.makedirs(os.path.dirname(torn), exist_ok=True)
+    open(torn, "w").close()
+    with pytest.raises(RootBusy, match="not written whole"):
+        RunLease(store, timeout_s=30).acquire()
+    os.utime(torn, (time.time() - 31, time.time() - 31))
+    lease = RunLease(store, timeout_s=30).acquire()
+    try:
+        assert current_lease(store)[0] == 1 and _holder(store)["holder"] == lease.holder
+        assert not os.path.exists(torn)  # the older generation removed
+    finally:
+        lease.release()
