@@ -262,8 +262,13 @@ class Location:
 
     def children(self) -> list["Location"]:
         """Files and folders directly under this folder, by name."""
+        return [child for child, _ in self.entries()]
+
+    def entries(self) -> list[tuple["Location", pafs.FileType]]:
+        """(location, File or Directory) of what is directly under this folder, by name: one
+        listing, no request per entry."""
         infos = self.filesystem.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return [self._below(p) for p in sorted(i.path for i in infos)]
+        return [(self._below(i.path), i.type) for i in sorted(infos, key=lambda i: i.path)]
 
     def _below(self, path: str) -> "Location":
         rel = path[len(self.path):].lstrip("/")

@@ -128,15 +128,15 @@ def _resolve_directory(folder: Location, given: str, fmt: str) -> list[InputFile
             _check_delta(_name(here))
             found.append(InputFile(_name(here), "delta"))
             continue
-        entries = [e for e in here.children() if not e.name.startswith((".", "_"))]
-        for entry in entries:
-            if entry.info().type != pafs.FileType.File:
+        entries = [(e, kind) for e, kind in here.entries() if not e.name.startswith((".", "_"))]
+        for entry, kind in entries:
+            if kind != pafs.FileType.File:
                 continue
             try:
                 found.append(InputFile(_name(entry), _file_format(_name(entry), fmt)))
             except InputError:
                 unknown.append(entry.path[len(folder.path):].lstrip("/"))
-        pending += reversed([e for e in entries if e.info().type == pafs.FileType.Directory])
+        pending += reversed([e for e, kind in entries if kind == pafs.FileType.Directory])
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise InputError(f"{given}: files of unknown format: {shown} (move them out, or set input.format)")

@@ -146,3 +146,33 @@ def test_the_whole_pipeline_on_s3_matches_local_disk_and_pays_each_group_once(
     assert read.returncode == 0, read.stderr[-3000:]
     assert f"IDS {json.dumps(sorted(r['id'] for r in final))}" in read.stdout
     assert not any(k.endswith(".tmp") or "/." in k for k in keys), keys  # no leftovers of atomic writes
+
+
+def test_inputs_on_s3_resolve_count_and_fingerprint_as_on_disk(s3_env, s3_server, s3_bucket, shared_data, tmp_path):
+    """A folder of inputs on S3 (an array, JSON Lines in a subfolder, a Delta table, hidden files)
+    resolves to the same inputs, formats, sizes and units as the same folder on local disk."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from mergeit_spark.inputs import fingerprint_inputs, input_bytes, resolve_inputs
+    from mergeit_spark.jsonstream import count_units
+
+    local = tmp_path / "in"
+    (local / "sub").mkdir(parents=True)
+    (local / "array.json").write_bytes((shared_data / "gpteacher-roleplay.json").read_bytes())
+    (local / "sub" / "lines.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 3)
+    (local / "_SUCCESS").write_text("")
+    client = s3_server.client()
+    for path in (p for p in local.rglob("*") if p.is_file()):
+        client.upload_file(str(path), s3_bucket, f"in/{path.relative_to(local)}")
+    table = pa.table({"instruction": ["x", "y"], "output": ["1", "2"]})
+    write_deltalake(str(local / "table"), table)
+    write_deltalake(f"s3a://{s3_bucket}/in/table", table, storage_options=Storage().delta_options(f"s3a://{s3_bucket}"))
+
+    on_disk, on_s3 = resolve_inputs([str(local)], "auto"), resolve_inputs([f"s3a://{s3_bucket}/in"], "auto")
+    assert [(i.path[len(str(local)):], i.format) for i in on_disk] == \
+        [(i.path[len(f"s3a://{s3_bucket}/in"):], i.format) for i in on_s3] == \
+        [("/array.json", "json"), ("/sub/lines.jsonl", "jsonl"), ("/table", "delta")]
+    assert [input_bytes(i) for i in on_disk[:2]] == [input_bytes(i) for i in on_s3[:2]]
+    assert count_units(on_s3[0].path, 1 << 20, 100) == count_units(on_disk[0].path, 1 << 20, 100) > 100
+    assert fingerprint_inputs(on_s3) == fingerprint_inputs(on_s3) != fingerprint_inputs(on_disk)
