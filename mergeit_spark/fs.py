@@ -41,8 +41,8 @@ class StorageError(RuntimeError):
 
 @dataclass(frozen=True)
 class Storage:
-    """How to reach object stores: what ``storage.*`` settings and the environment say, with the
-    environment read once here (never a credential: those stay with the SDKs)."""
+    """How to reach object stores: the ``storage.*`` settings, else what the environment says
+    (never a credential: those stay with the SDKs, which read them themselves)."""
 
     endpoint_url: str = ""
     region: str = ""
@@ -115,10 +115,6 @@ def default_storage() -> Storage:
 def _scheme(uri: str) -> str:
     scheme = urlparse(uri).scheme
     return scheme if len(scheme) > 1 else ""  # a one-letter scheme is a Windows drive
-
-
-def is_local(uri: str) -> bool:
-    return _scheme(str(uri)) in ("", "file")
 
 
 def qualify(uri: str | os.PathLike[str]) -> str:
