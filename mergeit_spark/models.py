@@ -523,7 +523,7 @@ def rows_and_dim(embeddings: DataFrame) -> tuple[int, int]:
 def _location(path: "str | os.PathLike[str] | Location") -> tuple[pafs.FileSystem, str, str]:
     """``path`` (a :class:`~mergeit_spark.fs.Location`, a local path or a URI) as (pyarrow
     filesystem, path in it, what Spark reads)."""
-    location = path if isinstance(path, Location) else resolve(path)
+    location = resolve(path)  # a Location comes back as it is
     return location.filesystem, location.path, location.uri
 
 
@@ -700,7 +700,7 @@ class TopicModel:
         """The model :meth:`save` saved at ``path``; raises FileNotFoundError when there is none.
         Reads the k centroid rows only; the PipelineModel loads (needing an active session) when
         :attr:`pipeline` is first asked for."""
-        location = path if isinstance(path, Location) else resolve(path)
+        location = resolve(path)  # a Location comes back as it is
         fs, base = location.filesystem, location.path
         if (fs.get_file_info(_child(base, CENTROIDS_FILE)).type != pafs.FileType.File
                 or fs.get_file_info(_child(base, "pipeline")).type != pafs.FileType.Directory):

@@ -127,10 +127,6 @@ class BucketState:
                 self.latest[key] = line
 
 
-def _location(root: "Location | str | os.PathLike[str]") -> Location:
-    return root if isinstance(root, Location) else resolve(root)
-
-
 def _is_object(name: str) -> bool:
     """A ledger object (not a hidden file, not a write in progress)."""
     return not name.startswith((".", "_")) and not name.endswith(".tmp")
@@ -138,7 +134,7 @@ def _is_object(name: str) -> bool:
 
 def bucket_objects(root: "Location | str | os.PathLike[str]", bucket: int) -> list[Location]:
     """The objects of one bucket, by name (appended files of older ledgers included)."""
-    return [f for f in (_location(root) / f"bucket={bucket}").files() if _is_object(f.name)]
+    return [f for f in (resolve(root) / f"bucket={bucket}").files() if _is_object(f.name)]
 
 
 def _read_all(objects: list[Location]) -> list[bytes | None]:
@@ -246,7 +242,7 @@ def compact_bucket(root: "Location | str | os.PathLike[str]", bucket: int) -> tu
     the number of objects before and after. A bucket of one object is left as it is. Run it only
     while no task writes the ledger (a line committed meanwhile to an object listed before could
     be deleted unread)."""
-    folder = _location(root) / f"bucket={bucket}"
+    folder = resolve(root) / f"bucket={bucket}"
     objects, lines = _read_lines(root, bucket)
     listed = len(objects)
     if listed <= 1:
@@ -261,7 +257,7 @@ def compact_bucket(root: "Location | str | os.PathLike[str]", bucket: int) -> tu
 def ledger_buckets(root: "Location | str | os.PathLike[str]") -> list[int]:
     """The buckets of a ledger that have a folder (a prefix, on an object store)."""
     buckets = []
-    for child in _location(root).children():
+    for child in resolve(root).children():
         key, _, number = child.name.partition("=")
         if key == "bucket" and number.isdigit():
             buckets.append(int(number))
@@ -271,7 +267,7 @@ def ledger_buckets(root: "Location | str | os.PathLike[str]") -> list[int]:
 def compact(root: "Location | str | os.PathLike[str]", threads: int = COMPACT_THREADS) -> dict[str, int]:
     """:func:`compact_bucket` over every bucket of the ledger (a few at once): the number of
     buckets and the objects before and after."""
-    root = _location(root)
+    root = resolve(root)
     buckets = ledger_buckets(root)
     if not buckets:
         return {"buckets": 0, "objects_before": 0, "objects_after": 0}
@@ -313,7 +309,7 @@ class LedgerWriter:
     """
 
     def __init__(self, root: "Location | str | os.PathLike[str]", task: str, max_lines: int = 1024) -> None:
-        self.root = _location(root)
+        self.root = resolve(root)
         self.task = task
         self.max_lines = max_lines
         self.commits = 0          # group commits (each: one object per bucket touched)
