@@ -79,6 +79,10 @@ from mergeit_spark.session import build_session
 from mergeit_spark.pipeline import Pipeline
 from mergeit_spark.stages import StageContext
 from mergeit_spark.stages.merge import Merge
+try:  # a baseline tree from before the decontam stage: the merge stage reads no evaluation set
+    from mergeit_spark.stages.decontam import no_evaluation
+except ImportError:
+    no_evaluation = lambda spark: {}
 from mergeit_spark.tables import TableStore
 try:  # a baseline tree from before the executor performed every write
     from mergeit_spark.stages.merge import run_merge
@@ -96,7 +100,7 @@ def once(root, groups):
     else:
         pipeline = Pipeline(settings, spark=spark, stages=[Merge()])
         s = pipeline.run_stage(pipeline.stages[0], {"merge_groups": groups, "records": records,
-                                                    "embeddings": embeddings}).summary
+                                                    "embeddings": embeddings, **no_evaluation(spark)}).summary
     return {"seconds": time.perf_counter() - started, "requests": s["requests"], "groups": s["groups"],
             "by_status": s["by_status"], "errors": s["errors"], "gate_rejections": s.get("gate_rejections", {})}
 once(Path(args["root"]) / "warm", groups.limit(8))

@@ -203,6 +203,34 @@ class DedupSettings:
                                               "their cluster count as far.", _unit_interval, "in [0, 1]")
     cross_cluster_neighbours: int = knob(2, "How many nearest other clusters a far row is checked against.",
                                          _non_negative, ">= 0")
+    minhash: bool = knob(True, "Also find lexical near-copies (case, punctuation, a prefix, dropped words) by "
+                               "MinHash over word shingles with LSH banding; a pair found by either method "
+                               "is a duplicate.")
+    minhash_shingle: int = knob(3, "Words per shingle of the MinHash pass.", _positive, "> 0")
+    minhash_bands: int = knob(50, "LSH bands: rows sharing every hash of one band are candidates.",
+                              _positive, "> 0")
+    minhash_rows: int = knob(3, "MinHash values per LSH band (bands x rows hashes per row).", _positive, "> 0")
+    minhash_threshold: float = knob(0.5, "Jaccard similarity of the shingle sets at or above which a "
+                                         "candidate pair is a lexical duplicate.", _open_unit, "in (0, 1]")
+    minhash_seed: int = knob(1, "Seed of the MinHash permutations.")
+
+
+@dataclass
+class DecontamSettings:
+    eval_paths: list[str] = knob([], "Evaluation sets to keep out of the training data: files or folders in any "
+                                     "format ingest reads (JSON, JSON Lines, Parquet, Delta) or plain text "
+                                     "(.txt, one item a line). Empty: the step removes nothing.")
+    fields: list[str] = knob(["question", "answer", "instruction", "input", "output", "prompt"],
+                             "Fields of an evaluation row joined (in this order) into its item's text.")
+    ngram: int = knob(13, "Words per n-gram: a record sharing one with an evaluation item is contaminated.",
+                      _positive, "> 0")
+    min_item_words: int = knob(3, "Evaluation items with fewer normalised words are ignored (a one-word answer "
+                                  "such as 'Paris' is not a contamination signal); items from this up to "
+                                  "ngram - 1 words must appear whole.", _positive, "> 0")
+    broadcast_max_ngrams: int = knob(5_000_000, "Up to this many distinct evaluation n-grams are shipped to every "
+                                                "executor (a sorted array, 8 bytes each) and looked up in place; "
+                                                "above it, record n-grams are joined to them by a shuffle.",
+                                     _positive, "> 0", speed_only=True)
 
 
 @dataclass
@@ -350,6 +378,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     embed: EmbedSettings = field(default_factory=EmbedSettings)
     topics: TopicsSettings = field(default_factory=TopicsSettings)
+    decontam: DecontamSettings = field(default_factory=DecontamSettings)
     dedup: DedupSettings = field(default_factory=DedupSettings)
     select: SelectSettings = field(default_factory=SelectSettings)
     group: GroupSettings = field(default_factory=GroupSettings)

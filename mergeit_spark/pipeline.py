@@ -79,6 +79,7 @@ class StageResult:
 
 def build_stages(settings: Settings) -> list[Stage]:
     """The MergeIT stages, in order: the pipeline's one list of stages."""
+    from .stages.decontam import Decontam
     from .stages.dedup import Dedup
     from .stages.embed import Embed
     from .stages.finalize import Finalize
@@ -88,9 +89,10 @@ def build_stages(settings: Settings) -> list[Stage]:
     from .stages.select import Select
     from .stages.topics import Topics
 
-    # Ingest resolves its inputs here: a missing file or unknown format fails before Spark work.
+    # Ingest (and decontam, its evaluation sets) resolve their inputs here: a missing file or
+    # unknown format fails before Spark work.
     return [cls.from_settings(settings)
-            for cls in (Ingest, Embed, Topics, Dedup, Select, Group, Merge, Finalize)]
+            for cls in (Ingest, Decontam, Embed, Topics, Dedup, Select, Group, Merge, Finalize)]
 
 
 class _TablesAt(Mapping[str, DataFrame]):

@@ -3,7 +3,9 @@
 ``build_report`` reads the stage tables under a run root and writes into ``out_dir``:
 
 * ``report.json``: counts per stage and per fate, input rows (ingest's own count of the input
-  files' units, from ``input_files``), rejects by reason, embedding precision, k, PCA components,
+  files' units, from ``input_files``), rejects by reason, decontamination per evaluation set
+  (items, records removed, merges rejected, the most matched items, examples; ``{"eval_sets": 0}``
+  when the run was not checked), embedding precision, k, PCA components,
   cluster sizes, merge outcomes, rejections per gate check, tokens, latency, the ledger check,
   timings, the settings (credentials masked);
 * ``funnel.png``, ``cluster_sizes.png``, ``topic_map.png``, ``merge_examples.png``;
@@ -30,7 +32,7 @@ matplotlib.use("Agg")  # no display on drivers and CI; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401 - FuncFormatter for thousands separators
 import numpy as np  # noqa: E402
-from pyspark.sql import DataFrame  # noqa: E402
+from pyspark.sql import DataFrame, Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from .config import Settings  # noqa: E402
@@ -38,15 +40,22 @@ from .redact import redact_settings  # noqa: E402
 from .stages.finalize import FATES, INPUT_FILES, LedgerError, check_store_ledger  # noqa: E402
 from .tables import TableStore  # noqa: E402
 
-STAGE_TABLES = (INPUT_FILES, "records", "rejects", "embeddings", "topics", "centroids", "dedup",
-                "selected", "merge_groups", "merges", "final", "lineage")
+STAGE_TABLES = (INPUT_FILES, "records", "rejects", "eval_items", "eval_ngrams", "contamination", "embeddings",
+                "topics", "centroids", "dedup", "selected", "merge_groups", "merges", "final", "lineage")
 PICTURES = ("funnel", "cluster_sizes", "topic_map", "merge_examples")
 TOP_ERRORS = 5          # distinct merge error messages listed in the report
 INPUT_FILES_LISTED = 50  # input sources listed one by one (the totals cover all of them)
 EXAMPLE_FIELD_CHARS = 600  # characters of one field shown in a merge example
+TOP_MATCHED_ITEMS = 5      # most matched evaluation items listed per evaluation set
+DECONTAM_EXAMPLES = 3      # contaminated records shown per evaluation set
+DECONTAM_TEXT_CHARS = 200  # characters of an item's text, a record's instruction, a match
 
-_COLOURS = {"input": "#9aa5b1", "records": "#5b8def", "dedup": "#3fa796", "selected": "#e0a030",
-            "original": "#4c72b0", "merged": "#dd5555"}
+_COLOURS = {"input": "#9aa5b1", "records": "#5b8def", "decontam": "#8c6bb1", "dedup": "#3fa796",
+            "selected": "#e0a030", "original": "#4c72b0", "merged": "#dd5555"}
+DECONTAM_STEP = "after decontamination"
+_STEP_COLOURS = {"input rows": _COLOURS["input"], "records (valid, unique)": _COLOURS["records"],
+                 DECONTAM_STEP: _COLOURS["decontam"], "kept after dedup": _COLOURS["dedup"],
+                 "selected": _COLOURS["selected"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,6 +89,7 @@ def collect_report_data(store: TableStore, settings: Settings, timings: dict | N
     rows = {name: info["rows"] for name, info in data["tables"].items()}
     data.update(_input_numbers(t))
     data.update(_row_numbers(t))
+    data["decontamination"] = decontam_numbers(t, settings.decontam.min_item_words)
     data["topics"] = _topic_numbers(t, rows)
     data["merging"] = _merge_numbers(t)
     data["funnel"] = _funnel(data, rows)
@@ -207,12 +217,110 @@ def _merge_numbers(t: dict[str, DataFrame]) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Decontamination
+# --------------------------------------------------------------------------------------------
+
+_ITEM = ("eval_set", "file", "item")
+_CONTAMINATED_GATE = "struct<failed:array<string>,contaminated:struct<eval_set:string,file:string,item:bigint>>"
+
+
+def _shorten(text: str | None, chars: int = DECONTAM_TEXT_CHARS) -> str:
+    """``text`` cut to ``chars`` characters (an ellipsis marks the cut)."""
+    text = " ".join((text or "").split())
+    return text if len(text) <= chars else text[:chars].rstrip() + " …"
+
+
+def _head(column: str, alias: str | None = None) -> Any:
+    """The first characters of a text column, cut on Spark so long texts never reach the driver."""
+    return F.substring(F.col(column), 1, DECONTAM_TEXT_CHARS + 1).alias(alias or column)
+
+
+def decontam_numbers(t: dict[str, DataFrame], min_item_words: int) -> dict[str, Any]:
+    """Per evaluation set: items, items too short to count, records removed, merges rejected, the
+    most matched items and a few contaminated records. ``{"eval_sets": 0, "checked": ...}`` when
+    no evaluation item exists: the report must say that the run was not checked."""
+    if "eval_items" not in t:
+        return {"eval_sets": 0, "checked": "not_run"}
+    items = {r["eval_set"]: {"items": int(r["items"]), "ignored_short": int(r["short"] or 0)}
+             for r in t["eval_items"].groupBy("eval_set").agg(
+                 F.count(F.lit(1)).alias("items"),
+                 F.sum(F.when(F.col("words") < min_item_words, 1).otherwise(0)).alias("short")).collect()}
+    if not items:
+        return {"eval_sets": 0, "checked": "no_eval_items"}
+    found = t.get("contamination")
+    removed = {} if found is None else {r["eval_set"]: int(r["count"])
+                                       for r in found.groupBy("eval_set").count().collect()}
+    rejected = contaminated_merges(t["merges"]) if "merges" in t and "gate" in t["merges"].columns else {}
+    top = _top_items(found, t["eval_items"]) if found is not None else {}
+    examples = _contaminated_examples(found, t["eval_items"], t.get("records")) if found is not None else {}
+    sets = [{"eval_set": name, **items.get(name, {"items": 0, "ignored_short": 0}),
+             "records_removed": removed.get(name, 0), "merges_rejected": rejected.get(name, 0),
+             "top_items": top.get(name, []), "examples": examples.get(name, [])}
+            for name in sorted(set(items) | set(removed) | set(rejected))]
+    sets.sort(key=lambda s: (-s["records_removed"], s["eval_set"]))
+    totals = {key: sum(s[key] for s in sets) for key in ("items", "ignored_short", "records_removed",
+                                                          "merges_rejected")}
+    return {"eval_sets": len(sets), "checked": "yes", "min_item_words": min_item_words, **totals, "sets": sets}
+
+
+def contaminated_merges(merges: DataFrame) -> dict[str, int]:
+    """``{eval_set: merges rows}`` of the merges the gate rejected as copying evaluation text
+    (status gate_failed, ``contaminated`` among the gate's failed checks), counted as
+    ``merge.gate_rejections`` counts them. A Spark aggregation: one row per set to the driver."""
+    gate = F.from_json("gate", _CONTAMINATED_GATE)
+    rows = (merges.where((F.col("status") == "gate_failed")
+                         & F.array_contains(gate.getField("failed"), "contaminated"))
+            .groupBy(F.coalesce(gate.getField("contaminated").getField("eval_set"), F.lit("(unknown)"))
+                     .alias("eval_set")).count().collect())
+    return {r["eval_set"]: int(r["count"]) for r in rows}
+
+
+def _top_items(found: DataFrame, eval_items: DataFrame) -> dict[str, list[dict[str, Any]]]:
+    """Per set, the ``TOP_MATCHED_ITEMS`` items most records matched (count desc, file, item),
+    with the start of their text."""
+    order = Window.partitionBy("eval_set").orderBy(F.desc("count"), "file", "item")
+    top = (found.groupBy(*_ITEM).count().withColumn("_rank", F.row_number().over(order))
+           .where(F.col("_rank") <= TOP_MATCHED_ITEMS)
+           .join(eval_items.select(*_ITEM, _head("text")), list(_ITEM), "left").collect())
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(top, key=lambda r: (r["eval_set"], r["_rank"])):
+        out.setdefault(r["eval_set"], []).append({"eval_set": r["eval_set"], "file": r["file"], "item": int(r["item"]),
+                                                  "records": int(r["count"]), "text": _shorten(r["text"])})
+    return out
+
+
+def _contaminated_examples(found: DataFrame, eval_items: DataFrame,
+                           records: DataFrame | None) -> dict[str, list[dict[str, Any]]]:
+    """Per set, up to ``DECONTAM_EXAMPLES`` contaminated records, one per item first (so that one
+    item matched by many records does not fill the examples), then by id."""
+    per_item = Window.partitionBy(*_ITEM).orderBy("id")
+    per_set = Window.partitionBy("eval_set").orderBy("_nth", "id")
+    picked = (found.withColumn("_nth", F.row_number().over(per_item))
+              .withColumn("_rank", F.row_number().over(per_set)).where(F.col("_rank") <= DECONTAM_EXAMPLES)
+              .select("id", *_ITEM, "kind", _head("match"), "_rank")
+              .join(eval_items.select(*_ITEM, _head("text", "item_text")), list(_ITEM), "left"))
+    if records is not None:
+        picked = picked.join(records.select("id", _head("instruction")), "id", "left")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(picked.collect(), key=lambda r: (r["eval_set"], r["_rank"])):
+        out.setdefault(r["eval_set"], []).append({
+            "id": r["id"], "instruction": _shorten(r["instruction"] if records is not None else None),
+            "match": _shorten(r["match"]), "kind": r["kind"], "file": r["file"], "item": int(r["item"]),
+            "item_text": _shorten(r["item_text"])})
+    return out
+
+
 def _funnel(data: dict[str, Any], rows: dict[str, int]) -> list[dict[str, Any]]:
     steps: list[dict[str, Any]] = []
     if "input_rows" in data:
         steps.append({"step": "input rows", "rows": data["input_rows"]})
     if "records" in rows:
         steps.append({"step": "records (valid, unique)", "rows": rows["records"]})
+        if data.get("decontamination", {}).get("eval_sets"):
+            # contaminated records leave before embedding: the lineage fate equals this count
+            steps.append({"step": DECONTAM_STEP,
+                          "rows": rows["records"] - data["decontamination"]["records_removed"]})
     if "dedup" in data:
         steps.append({"step": "kept after dedup", "rows": data["dedup"].get("kept", 0)})
     if "selected" in rows:
@@ -289,7 +397,6 @@ def plot_funnel(funnel: list[dict[str, Any]], path: Path) -> Path | None:
     top = max(s["rows"] for s in funnel) or 1
     base = funnel[0]["rows"] or 1
     fig, ax = plt.subplots(figsize=(10, 0.8 * len(funnel) + 1.6), dpi=110)
-    colours = [_COLOURS["input"], _COLOURS["records"], _COLOURS["dedup"], _COLOURS["selected"]]
     labels = []
     for i, step in enumerate(funnel):
         y = len(funnel) - 1 - i
@@ -302,7 +409,7 @@ def plot_funnel(funnel: list[dict[str, Any]], path: Path) -> Path | None:
                 note += f" (from {_fmt(step['merged_sources'])} sources)"
             ax.legend(loc="lower right", frameon=False, fontsize=9)
         else:
-            ax.barh(y, step["rows"], color=colours[min(i, len(colours) - 1)])
+            ax.barh(y, step["rows"], color=_STEP_COLOURS.get(step["step"], _COLOURS["selected"]))
             note = ""
         share = f"{100 * step['rows'] / base:.1f}% of input"
         ax.text(step["rows"] + top * 0.01, y, f"{_fmt(step['rows'])}  ({share})" + (f"\n{note}" if note else ""),
@@ -543,6 +650,7 @@ def _cards_html(data: dict[str, Any]) -> str:
     tables = data.get("tables", {})
     cards = [("input rows", data.get("input_rows")), ("records", tables.get("records", {}).get("rows")),
              ("rejects", tables.get("rejects", {}).get("rows")),
+             ("contaminated", data.get("decontamination", {}).get("records_removed")),
              ("kept after dedup", funnel.get("kept after dedup")), ("selected", funnel.get("selected")),
              ("final", funnel.get("final")), ("merged rows in final", data.get("final", {}).get("merged"))]
     if data.get("input_rows") and funnel.get("final") is not None:
@@ -581,6 +689,47 @@ def _rows_html(data: dict[str, Any]) -> list[str]:
         parts.append("<h2>Rejects by reason</h2>")
         parts.append(_table(["reason", "rows"], [[k, v] for k, v in data["rejects_by_reason"].items()])
                      if data["rejects_by_reason"] else '<p class="muted">No rejects.</p>')
+    return parts
+
+
+def _item_label(eval_set: str, file: str, item: int) -> str:
+    """An evaluation item as a reader finds it under its set's heading: its 0-based row, after
+    its file (relative to the set's folder) unless the set is that one file."""
+    if file == eval_set:
+        return f"row {item}"
+    name = file[len(eval_set):].lstrip("/") if file.startswith(eval_set) else Path(file).name
+    return f"{name} · row {item}"
+
+
+def _decontam_html(dec: dict[str, Any] | None) -> list[str]:
+    """The Decontamination section: one line when the run was not checked for contamination,
+    else per evaluation set its numbers, its most matched items and a few removed records."""
+    if not dec:
+        return []
+    parts = ["<h2>Decontamination</h2>"]
+    if not dec.get("eval_sets"):
+        why = ("the decontam stage has not run" if dec.get("checked") == "not_run"
+               else "no evaluation set was configured (decontam.eval_paths is empty or its files hold no item)")
+        return parts + [f'<p><span class="bad">This run was NOT checked for contamination</span>: '
+                        f"{html.escape(why)}.</p>"]
+    words = dec["min_item_words"]
+    parts.append(f"<p>{_fmt(dec['eval_sets'])} evaluation set(s), {_fmt(dec['items'])} items "
+                 f"({_fmt(dec['ignored_short'])} under {words} words ignored): "
+                 f"<b>{_fmt(dec['records_removed'])} records removed</b>, "
+                 f"{_fmt(dec['merges_rejected'])} merges rejected by the gate.</p>")
+    for s in dec["sets"]:
+        parts.append(f"<h3>{html.escape(s['eval_set'])}</h3>")
+        parts.append(_table(["items", f"ignored (under {words} words)", "records removed", "merges rejected"],
+                            [[s["items"], s["ignored_short"], s["records_removed"], s["merges_rejected"]]]))
+        if s["top_items"]:
+            parts.append(_table(["most matched item", "records", "item text"],
+                                [[_item_label(s["eval_set"], i["file"], i["item"]), i["records"], i["text"]]
+                                 for i in s["top_items"]]))
+        if s["examples"]:
+            parts.append(_table(["removed record", "its instruction", "matched words", "item"],
+                                [[e["id"], e["instruction"], e["match"],
+                                  f"{_item_label(s['eval_set'], e['file'], e['item'])}: {e['item_text']}"]
+                                 for e in s["examples"]]))
     return parts
 
 
@@ -646,6 +795,7 @@ def render_html(data: dict[str, Any], pictures: dict[str, Path], examples: list[
     if data.get("funnel"):
         parts.append(_table(["step", "rows"], [[s["step"], s["rows"]] for s in data["funnel"]]))
     parts += _rows_html(data)
+    parts += _decontam_html(data.get("decontamination"))
     parts += _topics_html(data, pictures)
     parts += _merging_html(data.get("merging", {}))
     parts.append("<h2>Merge examples</h2>" + _examples_html(examples))

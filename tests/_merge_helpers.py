@@ -97,12 +97,13 @@ def run_merge_stage(ctx, groups: DataFrame, records: DataFrame, embeddings: Data
     from dataclasses import fields
 
     from mergeit_spark.pipeline import Pipeline
+    from mergeit_spark.stages.decontam import no_evaluation
     from mergeit_spark.stages.merge import Merge, MergeRunSummary
     settings = copy.deepcopy(ctx.settings)
     settings.output.root, settings.tables.engine = str(ctx.store.root), ctx.store.engine
     pipeline = Pipeline(settings, spark=ctx.spark, stages=[Merge()])
     result = pipeline.run_stage(pipeline.stages[0], {"merge_groups": groups, "records": records,
-                                                     "embeddings": embeddings})
+                                                     "embeddings": embeddings, **no_evaluation(ctx.spark)})
     summary = MergeRunSummary(**{f.name: result.summary[f.name] for f in fields(MergeRunSummary)})
     summary.table_version = result.versions["merges"]
     return summary

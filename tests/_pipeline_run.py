@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,11 +33,35 @@ def write_input(shared_data: Path, dest: Path, rows: int = 200, offset: int = 0)
     return dest, len(lines)
 
 
+SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+# Rows of mergeit-6k whose text an evaluation set of every pipeline run holds: the instruction of
+# row 3 as a question, the output of row 50 as an answer, row 170's instruction split in two
+# fields (170 is among the new rows of the incremental tests). Those records come out contaminated.
+EVAL_ROWS = (3, 50, 170)
+
+
+def eval_set() -> Path:
+    """The evaluation set of the pipeline runs (JSON Lines, question/answer), written once."""
+    path = Path(tempfile.gettempdir()) / f"mergeit-test-eval-{os.getpid()}.jsonl"
+    if not path.exists():
+        rows = json.loads((SHARED_DATA / "mergeit-6k.json").read_text())
+        instruction = rows[EVAL_ROWS[2]]["instruction"].split()
+        items = [{"question": rows[EVAL_ROWS[0]]["instruction"], "answer": "42"},
+                 {"question": "Explain.", "answer": rows[EVAL_ROWS[1]]["output"]},
+                 {"question": " ".join(instruction[:len(instruction) // 2]),
+                  "answer": " ".join(instruction[len(instruction) // 2:])},
+                 {"question": "An evaluation item that no training row holds, about lunar basalt.", "answer": "B"}]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(json.dumps(item) for item in items) + "\n")
+        tmp.replace(path)
+    return path
+
+
 def pipeline_overrides(root: Path, data: Path, base_url: str, *extra: str) -> list[str]:
     """The ``--set`` overrides of a small, fast run against a scripted LLM server."""
     return [
         "spark.master=local[2]", "spark.shuffle_partitions=4",
-        f"input.paths=[{data}]", f"output.root={root}",
+        f"input.paths=[{data}]", f"output.root={root}", f"decontam.eval_paths=[{eval_set()}]",
         "select.budget=12",              # small clusters, so that some rows are not selected
         "group.threshold=0.5",
         f"llm.base_url={base_url}", "llm.model=fake-model", "llm.concurrency=4",
@@ -101,4 +127,4 @@ def run_whole_pipeline(spark, shared_data: Path, work: Path, base_url: str) -> W
                     final=final_content(work / "run"), outputs={s.name: tuple(s.outputs) for s in pipeline.stages})
 
 # The MergeIT stages in the order the pipeline must run them.
-STAGE_ORDER = ("ingest", "embed", "topics", "dedup", "select", "group", "merge", "finalize")
+STAGE_ORDER = ("ingest", "decontam", "embed", "topics", "dedup", "select", "group", "merge", "finalize")

@@ -23,6 +23,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import types as T
 
 from mergeit_spark.ids import content_id, group_id, merged_id
+from mergeit_spark.stages.decontam import CONTAMINATION_SCHEMA
 from mergeit_spark.tables import TableStore
 
 SOURCE = "mergeit-6k.json"
@@ -241,6 +242,7 @@ def build_pipeline_tables(spark: SparkSession, store: TableStore, data_dir: Path
         "centroids": (vec["centroids"], CENTROIDS_SCHEMA), "dedup": (sel["dedup"], DEDUP_SCHEMA),
         "selected": (sel["selected"], SELECTED_SCHEMA), "merge_groups": (sel["groups"], GROUPS_SCHEMA),
         "merges": (mrg["merges"], MERGES_SCHEMA), "input_files": (input_files, INPUT_FILES_SCHEMA),
+        "contamination": ([], CONTAMINATION_SCHEMA),   # no evaluation set: nothing contaminated
     }
     for name, (data, schema) in tables.items():
         store.write(spark.createDataFrame(data, schema), name)
@@ -249,7 +251,7 @@ def build_pipeline_tables(spark: SparkSession, store: TableStore, data_dir: Path
 
 def _expected(records: list, rejects: list, vec: dict, sel: dict, mrg: dict, n_clusters: int) -> Expected:
     kept = {s[0] for s in sel["selected"]} - set(mrg["merged_members"])
-    fates = {"rejected": len(rejects), "duplicate": len(sel["duplicate_of"]), "not_selected": len(sel["not_selected"]),
+    fates = {"rejected": len(rejects), "contaminated": 0, "duplicate": len(sel["duplicate_of"]), "not_selected": len(sel["not_selected"]),
              "kept": len(kept), "merged": len(mrg["merged_members"])}
     assert sum(fates.values()) == len(records) + len(rejects)
     reasons: dict[str, int] = {}

@@ -28,7 +28,7 @@ def _small(df):
 
 def test_stage_contract():
     assert Finalize.name == "finalize"
-    assert Finalize.inputs == ("records", "rejects", "dedup", "selected", "merge_groups", "merges")
+    assert Finalize.inputs == ("records", "rejects", "contamination", "dedup", "selected", "merge_groups", "merges")
     assert Finalize.outputs == ("final", "lineage")
 
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from _pipeline_run import BROKEN_LINES, pipeline_settings, read
+from _pipeline_run import BROKEN_LINES, EVAL_ROWS, pipeline_settings, read
 from fake_openai import FakeOpenAI
 from mergeit_spark.background import Writes
 from mergeit_spark.pipeline import Pipeline
@@ -22,7 +22,7 @@ from mergeit_spark.tables import TableStore
 
 OLD_ROWS, NEW_ROWS = 160, 40
 # Every table an increment may write.
-TABLES = ("records", "rejects", "input_files", "embeddings", "topics", "centroids", "dedup", "selected",
+TABLES = ("records", "rejects", "input_files", "contamination", "embeddings", "topics", "centroids", "dedup", "selected",
           "merge_groups", "merges", "final", "lineage")
 # A Delta source table (read by the full run), appended to before the increment.
 DELTA_OLD, DELTA_NEW = 20, 10
@@ -40,6 +40,11 @@ def split_data(shared_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("incremental")
     rows = json.loads((shared_data / "mergeit-6k.json").read_text())[:OLD_ROWS + NEW_ROWS]
     old, new = rows[:OLD_ROWS], rows[OLD_ROWS:]
+    # Two rows of another kind (tool-use prompts) among the new ones: they lie far from every
+    # fitted topic, so the drift measure has rows beyond the fitted rows' median to see (the
+    # fitted rows span the PCA space, which makes ordinary new rows look closer than they are).
+    other = json.loads((shared_data / "gpteacher-toolformer.json").read_text())
+    new[-2:] = [other[100], other[2000]]
     near = next(r for r in old[10:] if r["instruction"] != r["instruction"].upper())
     near_copy = dict(near, instruction=near["instruction"].upper())
     (work / "old.jsonl").write_text("\n".join([_line(r) for r in old] + BROKEN_LINES[:2]) + "\n")
@@ -144,15 +149,21 @@ def test_only_new_rows_are_embedded_and_each_table_gains_one_version(runs):
     new_records = increment.counts["new_records"]
     # the near-duplicate is a new record, the exact duplicate is not; the Delta source's appended rows
     assert new_records == NEW_ROWS + 1 + DELTA_NEW
-    assert increment.counts["embedded"] == new_records
+    # One new row (EVAL_ROWS[2]) holds an evaluation item: checked in the increment, not embedded.
+    new_contaminated = [i for i in EVAL_ROWS if OLD_ROWS <= i < OLD_ROWS + NEW_ROWS]
+    assert len(new_contaminated) == 1 and increment.summaries["decontam"]["contaminated"] == 1
+    assert increment.counts["embedded"] == new_records - 1
     old_vectors = {r["id"]: r["embedding"] for r in _read_at(inc_root, "embeddings", runs["before"]["embeddings"])}
     now = {r["id"]: r["embedding"] for r in read(inc_root, "embeddings")}
-    assert len(now) == len(old_vectors) + new_records
+    assert len(now) == len(old_vectors) + new_records - 1
     assert all(now[i] == v for i, v in old_vectors.items())  # old rows not recomputed
+    contaminated = {r["id"] for r in read(inc_root, "lineage") if r["fate"] == "contaminated"}
+    assert contaminated == {r["id"] for r in read(inc_root, "contamination")} and len(contaminated) == len(EVAL_ROWS)
+    assert not contaminated & set(now)
     grown = {t for t in runs["after"] if runs["after"][t] != runs["before"][t]}
     assert all(runs["after"][t] - runs["before"][t] == 1 for t in grown)
-    assert {"records", "rejects", "input_files", "embeddings", "topics", "centroids", "dedup", "final",
-            "lineage"} <= grown
+    assert {"records", "rejects", "input_files", "contamination", "embeddings", "topics", "centroids", "dedup",
+            "final", "lineage"} <= grown
     # No refit: the centres stay, the sizes count the new rows too.
     centroids_before = {r["cluster"]: r for r in _read_at(inc_root, "centroids", runs["before"]["centroids"])}
     centroids = {r["cluster"]: r for r in read(inc_root, "centroids")}

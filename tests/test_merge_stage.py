@@ -15,6 +15,7 @@ from mergeit_spark.ids import group_id
 from mergeit_spark.llm import client as client_mod
 from mergeit_spark.stages import StageContext
 from mergeit_spark.llm.ledger import LEDGER_BUCKETS
+from mergeit_spark.stages.decontam import no_evaluation
 from mergeit_spark.stages.merge import (LEDGER_DIR, MERGES_SCHEMA, Merge, bucket_ranges, gate_rejections,
                                         ledger_bucket, merge_runs, read_bucket,
                                         split_budget)
@@ -232,11 +233,12 @@ def test_merge_stage_pays_into_its_ledger_and_hands_its_rows_to_the_executor(spa
     """The paid calls are durable in the ledger as they land; the ``merges`` table is the
     executor's to write: the stage writes no table itself."""
     records, embeddings, groups = inputs[:3]
-    assert Merge.inputs == ("merge_groups", "records", "embeddings")
+    assert Merge.inputs == ("merge_groups", "records", "embeddings", "eval_items", "eval_ngrams")
     with FakeOpenAI() as fake:
         ctx = StageContext(spark, store, stage_settings(fake.base_url))
         stage = Merge()
-        out = stage.run(ctx, {"merge_groups": groups, "records": records, "embeddings": embeddings})
+        out = stage.run(ctx, {"merge_groups": groups, "records": records, "embeddings": embeddings,
+                              **no_evaluation(spark)})
     assert not store.exists("merges")
     assert any(Path(store.root.local, LEDGER_DIR).glob("bucket=*/*.jsonl"))
     merges = out["merges"]

@@ -198,7 +198,7 @@ def test_a_forced_rerun_of_topics_reruns_dedup_and_everything_below(finished_run
     sent = len(fake_llm.requests)
     assert [r.name for r in pipeline.run(only="topics", force="topics") if not r.skipped] == ["topics"]
     current = {row["stage"]: row["current"] for row in pipeline.status()}
-    assert current == {"ingest": True, "embed": True, "topics": True, "dedup": False, "select": False,
+    assert current == {"ingest": True, "decontam": True, "embed": True, "topics": True, "dedup": False, "select": False,
                        "group": False, "merge": False, "finalize": False}
     assert [r.name for r in pipeline.run() if not r.skipped] == ["dedup", "select", "group", "merge", "finalize"]
     assert len(fake_llm.requests) == sent

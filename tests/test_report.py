@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 
 import numpy as np
 import pytest
 from PIL import Image
+from pyspark.sql import functions as F
 
 from mergeit_spark.config import load_settings
-from mergeit_spark.report import PICTURES, build_report, project_2d
+from mergeit_spark.report import (PICTURES, build_report, contaminated_merges, decontam_numbers, project_2d,
+                                  render_html)
+from mergeit_spark.stages.decontam import EVAL_ITEMS_SCHEMA
+from mergeit_spark.tables import TableStore
 
+from _pipeline_run import EVAL_ROWS, eval_set, pipeline_settings
 from _pipeline_tables import finalized_run
 
 TOPIC_SAMPLE = 20   # fewer than the fixture's 36 embeddings: the sample cap must hold
@@ -53,7 +59,7 @@ def test_json_numbers_equal_the_tables(report):
     assert sum(s["units"] for s in data["input"]["sources"]) == data["input_rows"]
     assert data["rejects_by_reason"] == exp.rejects_by_reason
     assert data["embed_precision"] == {"fp32": exp.records}
-    assert data["fates"] == exp.fates
+    assert data["fates"] == {"contaminated": 0} | exp.fates
     assert data["final"] == {"original": exp.final_original, "merged": exp.final_merged}
     assert data["dedup"] == {"kept": exp.records - exp.fates["duplicate"], "duplicate": exp.fates["duplicate"]}
     assert data["topics"]["k"] == exp.clusters
@@ -74,6 +80,7 @@ def test_json_numbers_equal_the_tables(report):
         data["tables"]["selected"]["rows"], exp.final]
     assert data["ledger"]["balanced"] is True
     assert data["ledger"]["input_rows"] == exp.records + exp.rejects
+    assert data["decontamination"] == {"eval_sets": 0, "checked": "not_run"}   # no eval_items table
     assert data["timings"] == {"ingest": 1.25, "embed": 30.5}
     assert data["extra"]["run"] == "fixture"
     assert len(data["merge_examples"]) == EXAMPLES
@@ -106,6 +113,8 @@ def test_html_is_self_contained_with_inlined_images(report):
     assert "ledger balances" in text
     assert f"{exp_input(report):,} input rows" in text
     assert "gate check failed" in text and "fp32" in text
+    assert "<h2>Decontamination</h2>" in text
+    assert "NOT checked for contamination</span>: the decontam stage has not run" in text
 
 
 def exp_input(report) -> int:
@@ -124,7 +133,8 @@ def test_settings_are_shown_with_credentials_masked(report):
 
 
 def test_report_of_a_partial_run(spark, settings, shared_data, tmp_path_factory, store, tmp_path):
-    """A run that stopped after ingest still gets a report, with the missing sections left out."""
+    """A run that stopped after ingest still gets a report, with the missing sections left out
+    but for decontamination, which says that the run was not checked."""
     full, exp = finalized_run(spark, settings, shared_data, tmp_path_factory)
     for name in ("input_files", "records", "rejects"):
         store.write(full.read(name), name)
@@ -136,6 +146,137 @@ def test_report_of_a_partial_run(spark, settings, shared_data, tmp_path_factory,
     assert (page.parent / "funnel.png").is_file()
     assert not (page.parent / "topic_map.png").exists()
     assert "No topic map" in page.read_text()
+    assert data["decontamination"] == {"eval_sets": 0, "checked": "not_run"}
+    assert "NOT checked for contamination</span>: the decontam stage has not run" in page.read_text()
+
+
+# -- decontamination: the shared whole-pipeline run, whose evaluation set contaminates three rows --
+
+@pytest.fixture(scope="module")
+def pipeline_report(spark, pipeline_run, tmp_path_factory):
+    """The report of the shared run (read only: the report is written elsewhere) and its tables."""
+    store = TableStore(spark, pipeline_run.root)
+    settings = pipeline_settings(pipeline_run.root, pipeline_run.data, pipeline_run.base_url)
+    page = build_report(store, tmp_path_factory.mktemp("pipeline-report"), settings)
+    return page, json.loads((page.parent / "report.json").read_text()), store
+
+
+def _by(df, *keys) -> dict:
+    return {tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]]: int(r["count"])
+            for r in df.groupBy(*keys).count().collect()}
+
+
+def test_decontamination_numbers_equal_the_tables(pipeline_report):
+    _, data, store = pipeline_report
+    dec = data["decontamination"]
+    name = str(eval_set())
+    assert dec["eval_sets"] == 1 and [s["eval_set"] for s in dec["sets"]] == [name]
+    items = store.read("eval_items")
+    found = store.read("contamination")
+    lineage = store.read("lineage")
+    (s,) = dec["sets"]
+    assert s["items"] == items.count() == 4
+    assert s["ignored_short"] == items.filter(F.col("words") < 3).count()
+    # records removed per set == contamination rows per set == the lineage fate
+    fated = lineage.filter("fate = 'contaminated'").withColumn("eval_set", F.get_json_object("detail", "$.eval_set"))
+    assert s["records_removed"] == _by(found, "eval_set")[name] == _by(fated, "eval_set")[name] == len(EVAL_ROWS)
+    assert dec["records_removed"] == data["fates"]["contaminated"] == lineage.filter("fate = 'contaminated'").count()
+    assert s["merges_rejected"] == sum(contaminated_merges(store.read("merges")).values())
+    assert s["merges_rejected"] == data["merging"]["gate_rejections"].get("contaminated", 0)
+
+
+def test_the_funnel_removes_contaminated_rows_before_embedding(pipeline_report):
+    _, data, _ = pipeline_report
+    steps = {s["step"]: s["rows"] for s in data["funnel"]}
+    assert [s["step"] for s in data["funnel"]][:3] == ["input rows", "records (valid, unique)", "after decontamination"]
+    records = data["tables"]["records"]["rows"]
+    assert steps["after decontamination"] == records - data["fates"]["contaminated"]
+    assert steps["after decontamination"] == data["tables"]["embeddings"]["rows"]   # only these were embedded
+    assert steps["kept after dedup"] <= steps["after decontamination"]
+    assert sum(data["fates"].values()) == data["input_rows"] and data["ledger"]["balanced"] is True
+
+
+def test_top_items_and_examples_name_real_items_and_records(pipeline_report):
+    _, data, store = pipeline_report
+    (s,) = data["decontamination"]["sets"]
+    items = {(r["file"], r["item"]): r["text"] for r in store.read("eval_items").collect()}
+    found = {r["id"]: r for r in store.read("contamination").collect()}
+    counts = _by(store.read("contamination"), "file", "item")
+    top = s["top_items"]
+    assert [(i["file"], i["item"], i["records"]) for i in top] == sorted(
+        ((f, i, n) for (f, i), n in counts.items()), key=lambda x: (-x[2], x[0], x[1]))[:5]
+    assert all(" ".join(items[(i["file"], i["item"])].split()).startswith(i["text"].rstrip(" …")) for i in top)
+    records = {r["id"]: r for r in store.read("records").filter(F.col("id").isin(list(found))).collect()}
+    assert len(s["examples"]) == 3 and len({e["id"] for e in s["examples"]}) == 3
+    for e in s["examples"]:
+        assert (e["file"], e["item"]) == (found[e["id"]]["file"], found[e["id"]]["item"])
+        assert e["match"] == found[e["id"]]["match"] and e["kind"] == found[e["id"]]["kind"]
+        assert " ".join(records[e["id"]]["instruction"].split()).startswith(e["instruction"].rstrip(" …"))
+
+
+def test_the_html_has_the_decontamination_section(pipeline_report):
+    page, data, _ = pipeline_report
+    text = page.read_text(encoding="utf-8")
+    (s,) = data["decontamination"]["sets"]
+    section = text[text.index("<h2>Decontamination</h2>"):]
+    section = section[:section.index("<h2>", 5)]
+    assert f"<h3>{html.escape(s['eval_set'])}</h3>" in section
+    assert "3 records removed" in section and "NOT checked" not in section
+    assert "<td>row 0</td>" in section          # a one-file set: its items by row, under its heading
+    for e in s["examples"]:
+        assert html.escape(e["id"]) in section and html.escape(e["match"]) in section
+    assert "after decontamination" in text
+
+
+def test_decontam_numbers_per_set_with_contaminated_merges(spark):
+    """Built tables: two sets, a short item, one item matched twice, merges the gate rejected for
+    either set (one also for a copy), one rejected for a copy only and one accepted."""
+    items = spark.createDataFrame(
+        [("a.jsonl", "a.jsonl", 0, "alpha item text here", 4), ("a.jsonl", "a.jsonl", 1, "ok", 1),
+         ("a.jsonl", "a.jsonl", 2, "another alpha item", 3), ("b", "b/x.txt", 0, "<b>beta</b> & item", 3)],
+        "eval_set string, file string, item long, text string, words int")
+    found = spark.createDataFrame(
+        [("r1", "a.jsonl", "a.jsonl", 2, "another alpha item", "whole_item"),
+         ("r2", "a.jsonl", "a.jsonl", 0, "alpha item text", "ngram"),
+         ("r3", "a.jsonl", "a.jsonl", 0, "alpha item text", "ngram"),
+         ("r4", "b", "b/x.txt", 0, "beta item", "whole_item")],
+        "id string, eval_set string, file string, item long, match string, kind string")
+    records = spark.createDataFrame([(f"r{i}", f"instruction {i}") for i in range(1, 6)],
+                                    "id string, instruction string")
+
+    def gate(failed, eval_name=None):
+        hit = {"contaminated": {"eval_set": eval_name, "file": eval_name, "item": 0, "match": "x"}} if eval_name else {}
+        return json.dumps({"passed": not failed, "failed": failed, "min_source_similarity": 0.8, **hit})
+    merges = spark.createDataFrame(
+        [("g1", "gate_failed", gate(["contaminated"], "a.jsonl")),
+         ("g2", "gate_failed", gate(["copy", "contaminated"], "b")),
+         ("g3", "gate_failed", gate(["copy"])), ("g4", "merged", gate([])), ("g5", "failed", None)],
+        "group_id string, status string, gate string")
+    assert contaminated_merges(merges) == {"a.jsonl": 1, "b": 1}
+    dec = decontam_numbers({"eval_items": items, "contamination": found, "records": records, "merges": merges}, 3)
+    assert (dec["eval_sets"], dec["items"], dec["ignored_short"], dec["records_removed"], dec["merges_rejected"]) \
+        == (2, 4, 1, 4, 2)
+    a, b = dec["sets"]        # most records removed first
+    assert (a["eval_set"], a["items"], a["ignored_short"], a["records_removed"], a["merges_rejected"]) \
+        == ("a.jsonl", 3, 1, 3, 1)
+    assert [(i["item"], i["records"]) for i in a["top_items"]] == [(0, 2), (2, 1)]
+    assert [e["id"] for e in a["examples"]] == ["r1", "r2", "r3"]      # one per item first, then by id
+    assert a["examples"][0]["instruction"] == "instruction 1" and a["examples"][0]["item_text"] == "another alpha item"
+    assert (b["eval_set"], b["records_removed"], b["merges_rejected"]) == ("b", 1, 1)
+    assert b["top_items"][0]["text"] == "<b>beta</b> & item"
+    page = render_html({"run_root": "r", "generated_at": "now", "decontamination": dec}, {}, [])
+    assert "&lt;b&gt;beta&lt;/b&gt; &amp; item" in page and "<b>beta</b>" not in page
+    assert "x.txt · row 0" in page and "2 merges rejected" in page
+
+
+def test_a_run_without_an_evaluation_set_says_it_was_not_checked(spark):
+    """The decontam stage of a run without ``decontam.eval_paths`` writes empty tables: the report
+    says in one line that nothing was checked, and the funnel has no decontamination step."""
+    empty = spark.createDataFrame([], EVAL_ITEMS_SCHEMA)
+    dec = decontam_numbers({"eval_items": empty, "contamination": empty.select("eval_set")}, 3)
+    assert dec == {"eval_sets": 0, "checked": "no_eval_items"}
+    page = render_html({"run_root": "r", "generated_at": "now", "decontamination": dec}, {}, [])
+    assert "NOT checked for contamination</span>: no evaluation set was configured" in page
 
 
 def test_project_2d_keeps_the_main_axis():

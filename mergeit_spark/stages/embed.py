@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import EmbedSettings
@@ -150,18 +151,25 @@ class Embed(Stage):
     """records → embeddings."""
 
     name = "embed"
-    inputs = ("records",)
+    version = "2"   # contaminated records (decontam) are not embedded
+    inputs = ("records", "contamination")
     outputs = ("embeddings",)
     settings_sections = ("embed",)
 
     def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
-        return StageOutput({"embeddings": embed_with_backend(tables["records"], ctx.settings.embed)})
+        clean = tables["records"].join(tables["contamination"].select("id"), "id", "left_anti")
+        return StageOutput({"embeddings": embed_with_backend(clean, ctx.settings.embed)})
 
     def extend(self, ctx: StageContext, tables: dict[str, DataFrame],
                added: dict[str, DataFrame]) -> StageOutput:
         """Embed only the new records (one vector each), as they are appended: the embedding
         runs once, inside the write (the topics stage reads the new rows back from the table).
         Ingest spread them over the embed partitions already: no second shuffle."""
-        rows = rows_added(added, "records")
-        embedded = embed_with_backend(added["records"], ctx.settings.embed, spread=False)
+        rows, records = rows_added(added, "records"), added["records"]
+        contaminated = rows_added(added, "contamination")
+        if "contamination" in added and contaminated != 0:
+            # Few rows: broadcast, so the new records keep the partitions ingest spread them over.
+            records = records.join(F.broadcast(added["contamination"].select("id")), "id", "left_anti")
+            rows = None if rows is None or contaminated is None else rows - contaminated
+        embedded = embed_with_backend(records, ctx.settings.embed, spread=False)
         return StageOutput({"embeddings": Write.append(embedded, rows)}, summary={"counts": {"embedded": rows}})

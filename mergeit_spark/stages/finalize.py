@@ -14,7 +14,9 @@ merged text (the same hash ingest gives records, so ids mean one thing everywher
 
 (``run_id``: the ingest run in which the row arrived; see ``with_arrival_run``.)
 
-* a record row has ``id`` = its record id and ``reject_key`` null; its fate is ``duplicate``
+* a record row has ``id`` = its record id and ``reject_key`` null; its fate is ``contaminated``
+  (it shares an n-gram with an evaluation item: ``reason`` = ``ngram`` or ``whole_item``,
+  ``detail`` = JSON of the evaluation set, file, item and matching text), ``duplicate``
   (``detail`` = the id it duplicates), ``not_selected`` (``reason`` = ``not_clustered`` when no
   dedup row exists for it, i.e. it never reached topics; ``dedup_status_<s>`` for a dedup status
   other than kept/duplicate), ``kept`` (``final_id`` = its own id) or
@@ -47,7 +49,7 @@ from ..ids import DEFAULT_ID_LENGTH, ID_SEPARATOR, MERGED_ID_TAG  # shared: the 
 from ..tables import TableStore, Write
 from . import Stage, StageContext, StageOutput, with_added
 
-FATES = ("rejected", "duplicate", "not_selected", "kept", "merged")
+FATES = ("rejected", "contaminated", "duplicate", "not_selected", "kept", "merged")
 ORIGINS = ("original", "merged")
 
 # Ingest's table of input files, one row per file with ``units``: lines of a JSON Lines file,
@@ -109,7 +111,8 @@ def choose_merges(merges: DataFrame, merge_groups: DataFrame, id_length: int = D
 
 def build_lineage_and_final(records: DataFrame, rejects: DataFrame, dedup: DataFrame,
                             selected: DataFrame, merge_groups: DataFrame, merges: DataFrame,
-                            id_length: int = DEFAULT_ID_LENGTH) -> tuple[DataFrame, DataFrame]:
+                            id_length: int = DEFAULT_ID_LENGTH,
+                            contamination: DataFrame | None = None) -> tuple[DataFrame, DataFrame]:
     """Return ``(final, lineage)``; see the module docstring for their shape and meaning.
 
     Both read the merge outcomes and the fated record rows: those two are cached (the caller
@@ -124,6 +127,7 @@ def build_lineage_and_final(records: DataFrame, rejects: DataFrame, dedup: DataF
     sel = selected.select("id").distinct().withColumn("_selected", F.lit(True))
 
     joined = (records.select("id", "source", "instruction", "input", "output")
+              .join(_contamination_detail(records, contamination), "id", "left")
               .join(dd, "id", "left")
               .join(sel, "id", "left")
               .join(membership, "id", "left"))
@@ -136,7 +140,8 @@ def build_lineage_and_final(records: DataFrame, rejects: DataFrame, dedup: DataF
         "source",
         "fate",
         "reason",
-        F.when(F.col("fate") == "duplicate", F.col("duplicate_of")).alias("detail"),
+        F.when(F.col("fate") == "duplicate", F.col("duplicate_of"))
+         .when(F.col("fate") == "contaminated", F.col("contamination")).alias("detail"),
         F.when(F.col("fate") == "kept", F.col("id"))
          .when(F.col("fate") == "merged", F.col("merged_id")).alias("final_id"),
         # a not-selected or duplicate row never reached grouping; only keep a group where it applies
@@ -166,18 +171,32 @@ def build_lineage_and_final(records: DataFrame, rejects: DataFrame, dedup: DataF
     return final, lineage
 
 
+def _contamination_detail(records: DataFrame, contamination: DataFrame | None) -> DataFrame:
+    """(id, contamination, contamination_kind) of the contaminated records: ``contamination`` is
+    the lineage detail (JSON: the evaluation set, file, item and the matching text)."""
+    if contamination is None:
+        return records.sparkSession.createDataFrame(
+            [], "id string, contamination string, contamination_kind string")
+    return contamination.select(
+        "id", F.to_json(F.struct("eval_set", "file", "item", "match")).alias("contamination"),
+        F.col("kind").alias("contamination_kind"))
+
+
 def _fate_and_reason() -> tuple[Column, Column]:
     """A record's fate and its reason, from its dedup ``status``, ``_selected`` and its group's
     ``merge_status`` / ``accepted`` (columns of the joined record rows)."""
     is_selected = F.coalesce(F.col("_selected"), F.lit(False))
     in_accepted = F.coalesce(F.col("accepted"), F.lit(False))
-    fate = (F.when(F.col("status").isNull(), "not_selected")
+    contaminated = F.col("contamination").isNotNull()
+    fate = (F.when(contaminated, "contaminated")
+            .when(F.col("status").isNull(), "not_selected")
             .when(F.col("status") == "duplicate", "duplicate")
             .when(F.col("status") != "kept", "not_selected")
             .when(~is_selected, "not_selected")
             .when(in_accepted, "merged")
             .otherwise("kept"))
-    reason = (F.when(F.col("status").isNull(), F.lit("not_clustered"))
+    reason = (F.when(contaminated, F.col("contamination_kind"))
+              .when(F.col("status").isNull(), F.lit("not_clustered"))
               .when(~F.col("status").isin("kept", "duplicate"), F.concat(F.lit("dedup_status_"), F.col("status")))
               .when((F.col("status") == "kept") & is_selected & F.col("group_id").isNotNull() & ~in_accepted,
                     F.when(F.col("merge_status").isNull(), F.lit("merge_missing"))
@@ -475,7 +494,9 @@ class Finalize(Stage):
     """Selected originals + accepted merges → ``final``; every input row's fate → ``lineage``."""
 
     name: ClassVar[str] = "finalize"
-    inputs: ClassVar[tuple[str, ...]] = ("records", "rejects", "dedup", "selected", "merge_groups", "merges")
+    version: ClassVar[str] = "2"   # the fate contaminated
+    inputs: ClassVar[tuple[str, ...]] = ("records", "rejects", "contamination", "dedup", "selected",
+                                         "merge_groups", "merges")
     outputs: ClassVar[tuple[str, ...]] = ("final", "lineage")
     # ingest.id_length decides the length of a merge's content id.
     settings_sections: ClassVar[tuple[str, ...]] = ("ingest",)
@@ -484,7 +505,8 @@ class Finalize(Stage):
     def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
         final, lineage = build_lineage_and_final(
             tables["records"], tables["rejects"], tables["dedup"], tables["selected"],
-            tables["merge_groups"], tables["merges"], id_length=ctx.settings.ingest.id_length)
+            tables["merge_groups"], tables["merges"], id_length=ctx.settings.ingest.id_length,
+            contamination=tables["contamination"])
         return StageOutput({"final": final, "lineage": with_arrival_run(lineage, ctx.store)})
 
     def check(self, ctx: StageContext) -> dict[str, Any]:
@@ -508,7 +530,7 @@ class Finalize(Stage):
         final, lineage = build_lineage_and_final(
             with_added(tables, added, "records").join(scope, "id", "left_semi"), new("rejects"),
             with_added(tables, added, "dedup"), with_added(tables, added, "selected"), new_groups,
-            new("merges"), id_length=ctx.settings.ingest.id_length)
+            new("merges"), id_length=ctx.settings.ingest.id_length, contamination=new("contamination"))
         lineage = lineage.withColumn("run_id", F.lit(ctx.run_id))
         return StageOutput({"final": Write.merge(final, ["id"], within=scope),
                             "lineage": Write.merge(lineage, ["id"], within=scope, keep=["run_id"])})

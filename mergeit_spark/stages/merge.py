@@ -113,7 +113,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from ..config import EmbedSettings, GateSettings, LLMSettings, MergeSettings, Settings
+from ..config import DecontamSettings, EmbedSettings, GateSettings, LLMSettings, MergeSettings, Settings
 from ..fs import Location, resolve
 from ..llm.client import (ERROR_BUDGET, ERROR_INVALID, ERROR_MISSING_MEMBER, ERROR_PROMPT_TOO_LONG,
                           ERROR_TRUNCATED, STATUS_FAILED, STATUS_GATE_FAILED, STATUS_MERGED, Budget,
@@ -129,6 +129,7 @@ from ..models import load_model
 from ..redact import install_log_scrubbing
 from ..tables import RUN_LOG, TableStore, Write
 from . import Shortfall, Stage, StageContext, StageError, StageOutput, rows_added, with_added
+from .decontam import CONTAMINATED, RECORD_COLUMNS, contaminated_texts, gram_lengths
 
 log = logging.getLogger(__name__)
 
@@ -851,8 +852,49 @@ def gate_rejections(merges: DataFrame) -> dict[str, int]:
 
 
 # -- the stage ----------------------------------------------------------------------------------
+_GATE_JSON = ("struct<passed:boolean,failed:array<string>,min_source_similarity:double,"
+              "request_coverage:double,output_coverage:double,output_ratio:double,"
+              "max_copy_similarity:double,copy_of:int>")
+
+
+def reject_contaminated(passed: DataFrame, evaluation: tuple[DataFrame, DataFrame] | None,
+                        settings: DecontamSettings) -> DataFrame:
+    """The gate's last check, ``contaminated``: each accepted merge of the pass output whose text
+    shares an n-gram with an evaluation item (``evaluation``: the ``eval_items`` and
+    ``eval_ngrams`` tables) becomes ``gate_failed``, its gate JSON naming the check and the item.
+    A Spark join over the merged rows (the evaluation side may be large), run after the request
+    pass; the ledger keeps the reply as the LLM gave it, and a rerun judges it the same way."""
+    if evaluation is None:
+        return passed
+    items, ngrams = evaluation
+    lengths = gram_lengths(ngrams)
+    if not lengths:
+        return passed
+    passed.count()   # the request pass runs once, into the cache, before two branches read it
+    merged = passed.filter(F.col("status") == STATUS_MERGED).select(
+        F.col("group_id").alias("id"), "instruction", "input", "output")
+    found = contaminated_texts(merged, RECORD_COLUMNS, items, ngrams, settings, lengths).select(
+        F.col("id").alias("group_id"), F.struct("eval_set", "file", "item", "match").alias("_item"))
+    verdict = F.from_json("gate", _GATE_JSON)
+    gate = F.to_json(F.struct(
+        F.lit(False).alias("passed"),
+        F.concat(F.coalesce(verdict.getField("failed"), F.array().cast("array<string>")),
+                 F.array(F.lit(CONTAMINATED))).alias("failed"),
+        *[verdict.getField(f).alias(f) for f in ("min_source_similarity", "request_coverage", "output_coverage",
+                                                 "output_ratio", "max_copy_similarity", "copy_of")],
+        F.col("_item").alias(CONTAMINATED)))
+    hit = F.col("_item").isNotNull()
+    replaced = {"status": F.when(hit, F.lit(STATUS_GATE_FAILED)).otherwise(F.col("status")),
+                "error": F.when(hit, F.lit(f"gate: {CONTAMINATED}")).otherwise(F.col("error")),
+                "gate": F.when(hit, gate).otherwise(F.col("gate")),
+                "gate_failed": F.when(hit, F.lit(CONTAMINATED)).otherwise(F.col("gate_failed"))}
+    return (passed.join(found, "group_id", "left")
+            .select(*[replaced.get(c, F.col(c)).alias(c) for c in passed.columns]))
+
+
 def merge_pass(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddings: DataFrame,
-               partitions: int | None = None, has_groups: bool | None = None) -> tuple[MergeRunSummary, DataFrame]:
+               partitions: int | None = None, has_groups: bool | None = None,
+               evaluation: tuple[DataFrame, DataFrame] | None = None) -> tuple[MergeRunSummary, DataFrame]:
     """Build jobs, check the server (preflight) and run the request pass over ``groups``: this
     pass's summary and its rows in the columns of ``merges``, cached for the executor to write.
     Should Spark recompute a piece of them, the ledger answers every group already recorded, so
@@ -865,6 +907,9 @@ def merge_pass(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddi
                          has_groups=not groups.isEmpty() if has_groups is None else has_groups)
     passed, p = request_pass(jobs, settings, ledger_root, partitions, plan)
     passed = passed.persist(StorageLevel.MEMORY_AND_DISK)
+    checked = reject_contaminated(passed, evaluation, settings.decontam)
+    if checked is not passed:
+        passed = checked.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         summary = summarise(passed, p)
     except BaseException:
@@ -912,12 +957,14 @@ class Merge(Stage):
     """LLM merging of each group, gated, ledgered: ``merges``, one row per group."""
 
     name = "merge"
-    inputs = ("merge_groups", "records", "embeddings")
+    version = "2"   # merges that share an n-gram with an evaluation item fail the gate
+    inputs = ("merge_groups", "records", "embeddings", "eval_items", "eval_ngrams")
     outputs = ("merges",)
-    settings_sections = ("llm", "merge", "gate", "embed")
+    settings_sections = ("llm", "merge", "gate", "embed", "decontam")
 
     def run(self, ctx: StageContext, tables: dict[str, DataFrame]) -> StageOutput:
-        summary, rows = merge_pass(ctx, tables["merge_groups"], tables["records"], tables["embeddings"])
+        summary, rows = merge_pass(ctx, tables["merge_groups"], tables["records"], tables["embeddings"],
+                                   evaluation=(tables["eval_items"], tables["eval_ngrams"]))
         summary.table_version = _unchanged_version(ctx, summary.content)
         if summary.table_version is not None:
             summary.rewritten = False
@@ -934,6 +981,7 @@ class Merge(Stage):
         if groups is None or count == 0 or (count is None and groups.isEmpty()):
             return StageOutput(summary={"groups": 0, "requests": 0})
         summary, rows = merge_pass(ctx, groups, with_added(tables, added, "records"),
-                                   with_added(tables, added, "embeddings", cache=True), has_groups=True)
+                                   with_added(tables, added, "embeddings", cache=True), has_groups=True,
+                                   evaluation=(tables["eval_items"], tables["eval_ngrams"]))
         return StageOutput({"merges": Write.append(rows, summary.groups)}, summary=summary.as_dict(),
                            shortfall=summary.shortfall(ctx.settings.merge))
