@@ -107,7 +107,7 @@ def main() -> None:
         topics, centroids = store.read("topics"), store.read("centroids")
 
         _, times["dedup"] = timed(lambda: store.write(
-            find_duplicates(embeddings, topics, centroids, settings.dedup), "dedup"))
+            find_duplicates(embeddings, topics, centroids, settings.dedup, records=records), "dedup"))
         dedup = store.read("dedup")
         _, times["select"] = timed(lambda: store.write(
             select_representatives(embeddings, dedup, settings.select), "selected"))

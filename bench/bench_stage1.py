@@ -185,6 +185,11 @@ def stage_scaled(root: Path, ids: list[str], vectors: np.ndarray) -> None:
     table = pa.table({"id": pa.array(ids), "embedding": embedding,
                       "model": pa.array(["all-MiniLM-L6-v2"] * len(ids))})
     write_deltalake(str(root / "embeddings"), table)
+    # The dedup stage reads records for its lexical pass, which these scaled vectors (noisy copies
+    # without text of their own) leave out: dedup.minhash=false in run_scaled, empty texts here.
+    empty = pa.array([""] * len(ids))
+    write_deltalake(str(root / "records"), pa.table({"id": pa.array(ids), "instruction": empty, "input": empty,
+                                                      "output": empty}))
 
 
 def run_scaled(args: argparse.Namespace, work: Path, source: Path) -> dict:
@@ -194,7 +199,8 @@ def run_scaled(args: argparse.Namespace, work: Path, source: Path) -> dict:
     stage_scaled(root, ids, vectors)
     times: dict[str, float] = {}
     facts = reference_cluster(vectors, times)
-    command = [sys.executable, str(Path(__file__).resolve()), "--filter-stages", str(root)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--filter-stages", str(root),
+               "--set", "dedup.minhash=false"]
     for conf in args.conf:
         command += ["--conf", conf]
     for override in args.overrides:

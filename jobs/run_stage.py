@@ -3,7 +3,7 @@
     spark-submit --master spark://HOST:7077 --py-files dist/mergeit_spark.zip \
         jobs/run_stage.py embed --conf conf/cluster.yaml
 
-The first argument names the stage (ingest, embed, topics, dedup, select, group, merge,
+The first argument names the stage (ingest, decontam, embed, topics, dedup, select, group, merge,
 finalize); the rest are ``mergeit run`` arguments. The stage's input tables must exist.
 """
 import sys

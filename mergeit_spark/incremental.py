@@ -17,7 +17,9 @@ all done and current. The rules, step by step:
    rejects with their reason codes. ``input_files`` gains one row per new input with this run's
    ``run_id``, so ``sum(input_files.units) == records + rejects`` still holds over every row ever
    ingested (checked before anything is written, and again by finalize).
-2. **Embed** only the new records; append to ``embeddings``.
+2. **Decontam and embed**: the new records are checked against the evaluation sets the full run
+   stored (``eval_ngrams``); the contaminated ones get ``contamination`` rows, the others are
+   embedded; append to ``embeddings``.
 3. **Topics**: the saved topic model (``<root>/_models/topics``) assigns the new rows, no refit;
    ``topics`` gains their rows; ``centroids`` keeps the fitted centres and statistics, its
    ``size`` grows by the new rows of each cluster. **Drift**: the share of new rows
@@ -31,7 +33,10 @@ all done and current. The rules, step by step:
    nearest other clusters (by ``centroids.embedding_center``); at or above the threshold it is a
    duplicate of the most similar of them. Kept rows stay kept (an earlier decision is never
    revisited), so the existing kept rows win over new ones. The new rows left are deduplicated
-   among themselves per cluster by the full run's keep rule (nearest to the centre first).
+   among themselves per cluster by the full run's keep rule (nearest to the centre first). With
+   ``dedup.minhash``, a new row is also compared by word shingles with its own cluster's kept
+   rows, and the new rows among themselves (lexical near-copies); across clusters an increment
+   compares by embeddings only.
 5. **Selection**: the existing selection stays; each cluster with new kept rows is extended by
    lazy greedy facility location whose gains count the existing selection (the same objective
    over all the cluster's kept rows, old and new). Budget rule: a cluster keeps its selection

@@ -19,11 +19,12 @@ def _embeddings_by_id(spark, shared_data, settings) -> dict[str, np.ndarray]:
             for r in sample_embeddings(spark, shared_data, settings.embed).collect()}
 
 
-def _run(spark, shared_data, settings, topics=None, **changes):
+def _run(spark, shared_data, settings, topics=None, records=None, **changes):
     embeddings = sample_embeddings(spark, shared_data, settings.embed)
     sample_t, centroids = sample_topics(spark, shared_data, settings)
     dedup_settings = dataclasses.replace(settings.dedup, **changes)
-    return find_duplicates(embeddings, topics if topics is not None else sample_t, centroids, dedup_settings)
+    return find_duplicates(embeddings, topics if topics is not None else sample_t, centroids, dedup_settings,
+                           records=records)
 
 
 def _default_result(spark, shared_data, settings) -> dict[str, dict]:
@@ -39,10 +40,10 @@ def test_ledger_balances_and_duplicates_point_at_kept_rows(spark, shared_data, s
     assert statuses.count(DUPLICATE) > 0
     for r in rows.values():
         if r["status"] == KEPT:
-            assert r["duplicate_of"] is None and r["similarity"] is None
+            assert r["duplicate_of"] is None and r["similarity"] is None and r["method"] is None
         else:
             assert rows[r["duplicate_of"]]["status"] == KEPT  # never a duplicate of a duplicate
-            assert r["similarity"] is not None
+            assert r["similarity"] is not None and r["method"] == "semantic"  # no texts: semantic alone
 
 
 def test_planted_near_duplicates_point_at_their_kept_twin(spark, shared_data, settings):
@@ -213,15 +214,42 @@ def test_first_pass_runs_once_so_every_consumer_sees_one_result(spark, shared_da
     spark.catalog.clearCache()
 
 
+def test_minhash_off_with_records_equals_the_semantic_pass(spark, shared_data, settings):
+    """With the texts at hand and ``dedup.minhash`` off, the result is the semantic pass's, row for
+    row (the lexical pass's own tests are in test_lexical.py)."""
+    records = filter_sample(spark, shared_data).frame
+    off = {r["id"]: r.asDict() for r in _run(spark, shared_data, settings, records=records, minhash=False).collect()}
+    assert off == _default_result(spark, shared_data, settings)
+    assert {r["method"] for r in off.values()} == {None, "semantic"}
+
+
+def test_planted_near_duplicates_stay_semantic_with_the_lexical_pass_on(spark, shared_data, settings):
+    """The sample's planted copies are semantic near-duplicates: with the lexical pass on they
+    still point at their kept twin, found by the semantic measure (it is preferred)."""
+    sample = filter_sample(spark, shared_data)
+    both = {r["id"]: r.asDict() for r in _run(spark, shared_data, settings, records=sample.frame).collect()}
+    semantic = _default_result(spark, shared_data, settings)
+    assert len(both) == len(semantic)
+    for original, copies in sample.planted.items():
+        for rid in [original, *copies]:
+            assert both[rid]["status"] == semantic[rid]["status"]
+            if both[rid]["status"] == DUPLICATE:
+                assert (both[rid]["duplicate_of"], both[rid]["method"]) == (semantic[rid]["duplicate_of"], "semantic")
+    for r in both.values():
+        if r["status"] == DUPLICATE:
+            assert both[r["duplicate_of"]]["status"] == KEPT
+
+
 def test_stage_wrapper(spark, shared_data, settings, store):
     from mergeit_spark.stages import StageContext
     stage = Dedup()
-    assert stage.inputs == ("embeddings", "topics", "centroids") and stage.outputs == ("dedup",)
+    assert stage.inputs == ("records", "embeddings", "topics", "centroids") and stage.outputs == ("dedup",)
     topics, centroids = sample_topics(spark, shared_data, settings)
     out = stage.run(StageContext(spark, store, settings), {
+        "records": filter_sample(spark, shared_data).frame,
         "embeddings": sample_embeddings(spark, shared_data, settings.embed), "topics": topics,
         "centroids": centroids})
     store.write(out["dedup"], "dedup")
     back = store.read("dedup")
-    assert back.columns == ["id", "cluster", "status", "duplicate_of", "similarity"]
+    assert back.columns == ["id", "cluster", "status", "duplicate_of", "similarity", "method"]
     assert back.count() == sample_embeddings(spark, shared_data, settings.embed).count()

@@ -247,10 +247,16 @@ def test_partitions_setting(spark, shared_data, settings):
 
 def test_stage_writes_a_delta_table(spark, shared_data, settings, store):
     sample = filter_sample(spark, shared_data)
-    records = records_frame(spark, sample.records[:8])
     stage = Embed()
-    assert (stage.inputs, stage.outputs, stage.settings_sections) == (("records",), ("embeddings",), ("embed",))
-    out = stage.run(StageContext(spark, store, settings), {"records": records})
+    assert (stage.inputs, stage.outputs, stage.settings_sections) == (("records", "contamination"), ("embeddings",),
+                                                                      ("embed",))
+    # The decontam stage found the last record contaminated: it is not embedded.
+    from mergeit_spark.stages.decontam import CONTAMINATION_SCHEMA
+    contaminated = sample.records[8]
+    contamination = spark.createDataFrame([(contaminated["id"], "eval.jsonl", "eval.jsonl", 0, "x", "ngram", 1)],
+                                          CONTAMINATION_SCHEMA)
+    out = stage.run(StageContext(spark, store, settings),
+                    {"records": records_frame(spark, sample.records[:9]), "contamination": contamination})
     store.write(out["embeddings"], "embeddings")
     back = store.read("embeddings")
     assert back.columns == ["id", "embedding", "model", "precision"]
