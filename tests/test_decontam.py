@@ -191,3 +191,40 @@ def test_a_pipeline_run_gives_contaminated_rows_their_fate(pipeline_run):
 def pipeline_run_eval(run) -> str:
     from _pipeline_run import eval_set
     return eval_set()
+
+
+def test_json_arrays_and_delta_tables_are_evaluation_sets_too(spark, tmp_path, real):
+    from deltalake import write_deltalake
+    _, roleplay = real
+    (tmp_path / "arr.json").write_text(json.dumps([{"prompt": r["instruction"]} for r in roleplay[200:203]]))
+    write_deltalake(str(tmp_path / "delta"), pa.table({"question": [r["instruction"] for r in roleplay[300:304]]}))
+    sets = resolve_eval_sets([str(tmp_path / "arr.json"), str(tmp_path / "delta")])
+    assert [f.format for s in sets for f in s.files] == ["json", "delta"]
+    items, ngrams = evaluation_tables(spark, sets, DecontamSettings())
+    assert sorted((r["eval_set"].rsplit("/", 1)[-1], r["item"]) for r in items.collect()) == [
+        ("arr.json", 0), ("arr.json", 1), ("arr.json", 2), ("delta", 0), ("delta", 1), ("delta", 2), ("delta", 3)]
+    records = spark.createDataFrame([("a", "x " + roleplay[201]["instruction"], "", "y"),
+                                     ("b", roleplay[303]["instruction"].lower(), "", "z"),
+                                     ("c", roleplay[0]["instruction"], "", "w")],
+                                    "id string, instruction string, input string, output string")
+    found = {r["id"]: (r["eval_set"].rsplit("/", 1)[-1], r["item"])
+             for r in contaminated_texts(records, RECORD_COLUMNS, items, ngrams, DecontamSettings()).collect()}
+    assert found == {"a": ("arr.json", 1), "b": ("delta", 3)}
+
+
+def test_a_changed_evaluation_set_makes_decontam_and_every_stage_below_rerun(pipeline_run, tmp_path):
+    """The evaluation files are part of the stage's fingerprint: the same settings pointing at a
+    changed file leave decontam and the stages below it not current (an increment would refuse to
+    start); the run's own set leaves everything current."""
+    from _pipeline_run import eval_set, pipeline_settings
+    from mergeit_spark.pipeline import Pipeline
+
+    root = pipeline_run.copy_to(tmp_path / "run")
+    same = Pipeline(pipeline_settings(root, pipeline_run.data, pipeline_run.base_url))
+    assert all(row["current"] for row in same.status())
+    changed = tmp_path / "eval.jsonl"
+    changed.write_text(eval_set().read_text() + json.dumps({"question": "One more benchmark item."}) + "\n")
+    other = Pipeline(pipeline_settings(root, pipeline_run.data, pipeline_run.base_url,
+                                       f"decontam.eval_paths=[{changed}]"))
+    current = {row["stage"]: row["current"] for row in other.status()}
+    assert current["ingest"] and not any(v for k, v in current.items() if k != "ingest")
