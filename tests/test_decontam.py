@@ -135,6 +135,10 @@ def test_a_set_without_the_fields_is_a_clear_error(spark, tmp_path):
         evaluation_tables(spark, resolve_eval_sets([str(bad)]), DecontamSettings())
     with pytest.raises(StageError, match="eval_paths"):
         resolve_eval_sets([str(tmp_path / "missing.jsonl")])
+    broken = tmp_path / "broken.jsonl"   # an item that cannot be read must not go unchecked
+    broken.write_text('{"question": "one two three"}\n{"question": "cut off\n')
+    with pytest.raises(StageError, match=r"broken.jsonl cannot be read as jsonl: \[MALFORMED_RECORD"):
+        evaluation_tables(spark, resolve_eval_sets([str(broken)]), DecontamSettings())
 
 
 def test_a_merge_copying_an_item_fails_the_gate(spark, contamination, real):

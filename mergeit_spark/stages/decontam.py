@@ -37,6 +37,7 @@ bounded by the switch, the n-gram lengths are a handful of numbers.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -122,7 +123,18 @@ def _eval_files(given: str) -> list[InputFile]:
 
 
 def _read_file(spark: SparkSession, item: InputFile) -> DataFrame:
-    """One evaluation file's rows, with ``_file`` and ``_order`` (rows in file order)."""
+    """One evaluation file's rows, with ``_file`` and ``_order`` (rows in file order). A file Spark
+    cannot read (a malformed JSON line: the reader fails fast, an item must not go unchecked)
+    raises :class:`StageError` naming it."""
+    try:
+        return _spark_read(spark, item)
+    except Exception as exc:  # Py4JJavaError, AnalysisException: Spark's message says what
+        reason = re.search(r"\[[A-Z_.]+\][^\n]*", str(exc))
+        raise StageError(f"evaluation set file {item.path} cannot be read as {item.format}: "
+                         f"{reason.group(0) if reason else str(exc).splitlines()[0]}") from None
+
+
+def _spark_read(spark: SparkSession, item: InputFile) -> DataFrame:
     path = resolve(item.path).uri if resolve(item.path).local is None else item.path
     if item.format == "text":
         frame = spark.read.text(path)
