@@ -249,10 +249,19 @@ class Location:
         """A seekable binary file (pyarrow's ``NativeFile``); raises FileNotFoundError."""
         return self.filesystem.open_input_file(self.path)
 
+    def _listing(self, recursive: bool) -> list[pafs.FileInfo]:
+        """What is under this folder (empty when there is no such folder). pyarrow's local listing
+        fails when the folder appears between its failed open and its existence check (another
+        writer creating it): then it exists, and a second listing sees it."""
+        selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=recursive)
+        try:
+            return self.filesystem.get_file_info(selector)
+        except FileNotFoundError:
+            return self.filesystem.get_file_info(selector)
+
     def files(self, recursive: bool = False) -> list["Location"]:
         """The files under this folder, by path; none when there is no such folder."""
-        infos = self.filesystem.get_file_info(pafs.FileSelector(self.path, allow_not_found=True,
-                                                                recursive=recursive))
+        infos = self._listing(recursive)
         found = sorted(i.path for i in infos if i.type == pafs.FileType.File)
         return [self._below(p) for p in found]
 
@@ -263,7 +272,7 @@ class Location:
     def entries(self) -> list[tuple["Location", pafs.FileType]]:
         """(location, File or Directory) of what is directly under this folder, by name: one
         listing, no request per entry."""
-        infos = self.filesystem.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        infos = self._listing(False)
         return [(self._below(i.path), i.type) for i in sorted(infos, key=lambda i: i.path)]
 
     def _below(self, path: str) -> "Location":
