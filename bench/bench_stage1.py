@@ -11,7 +11,8 @@ In ONE run, on every row of ../shared/data, side by side:
     included). Per-stage seconds come from the run's ``_state`` files; "start and bookkeeping" is
     the rest of the wall time.
 
-Then at ``--scale-rows`` rows (100,000 by default): the embeddings (b) wrote, repeated with small
+Then at each of ``--scale-rows`` sizes (100,000 by default; ``--scale-rows 100000,1000000`` for
+the million-row comparison, about an hour on two cores): the embeddings (b) wrote, repeated with small
 noise (each copy a new unit vector at cosine ~0.93 of its original) and staged as a Delta
 ``embeddings`` table; (a') sklearn PCA + KMeans + facility location on those vectors in this
 process against (b') the pipeline's topics → dedup → select on that table in a fresh process (the
@@ -20,7 +21,7 @@ data's size, so the two ratios show whether Spark's share grows with n.
 
 Writes the ``stage1`` section of BENCHMARKS.md. Usage (quietly, nothing else running):
 
-    .venv/bin/python bench/bench_stage1.py [--conf conf/local.yaml] [--scale-rows 100000] [--set k=v ...]
+    .venv/bin/python bench/bench_stage1.py [--conf conf/local.yaml] [--scale-rows 100000,1000000] [--set k=v ...]
 
 ``--scale-from TABLE`` runs the scale comparison alone, from an ``embeddings`` Delta table a
 pipeline run already wrote (e.g. ``out/run/embeddings`` after ``mergeit run --until embed`` on all
@@ -116,7 +117,8 @@ def run_pipeline(command: list[str], root: Path) -> tuple[dict[str, float], floa
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    states = {p.stem: json.loads(p.read_text()) for p in sorted((root / "_state").glob("*.json"))}
+    states = {p.stem: json.loads(p.read_text()) for p in sorted((root / "_state").glob("*.json"))
+              if not p.stem.startswith("lease-")}  # a stage's state file; the lease is the run's
     return {name: float(state["seconds"]) for name, state in states.items()}, wall, states
 
 
@@ -192,13 +194,15 @@ def stage_scaled(root: Path, ids: list[str], vectors: np.ndarray) -> None:
                                                       "output": empty}))
 
 
-def run_scaled(args: argparse.Namespace, work: Path, source: Path) -> dict:
-    """(a') and (b') at ``args.scale_rows`` rows; seconds per sub-step and a few facts."""
-    ids, vectors = scaled_embeddings(source, args.scale_rows)
-    root = work / "scaled"
+def run_scaled(args: argparse.Namespace, work: Path, source: Path, rows: int) -> dict:
+    """(a') and (b') at ``rows`` rows; seconds per sub-step and a few facts."""
+    ids, vectors = scaled_embeddings(source, rows)
+    root = work / f"scaled-{rows}"
     stage_scaled(root, ids, vectors)
     times: dict[str, float] = {}
     facts = reference_cluster(vectors, times)
+    del ids, vectors
+    print(f"(a') at {rows} rows: seconds {json.dumps(times)}; {json.dumps(facts)}", flush=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--filter-stages", str(root),
                "--set", "dedup.minhash=false"]
     for conf in args.conf:
@@ -206,7 +210,9 @@ def run_scaled(args: argparse.Namespace, work: Path, source: Path) -> dict:
     for override in args.overrides:
         command += ["--set", override]
     stages, wall, states = run_pipeline(command, root)
-    return {"rows": len(ids), "reference": times, "reference_facts": facts, "stages": stages, "wall": wall,
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"(b') at {rows} rows: wall {wall:.1f} s, stage seconds {json.dumps(stages)}", flush=True)
+    return {"rows": rows, "reference": times, "reference_facts": facts, "stages": stages, "wall": wall,
             "states": states}
 
 
@@ -253,33 +259,46 @@ def filter_ratio(ref: dict[str, float], stages: dict[str, float], start: float) 
     return a, b, b / a
 
 
-def scaled_table(full_ref: dict[str, float] | None, full_stages: dict[str, float] | None, scaled: dict) -> list[str]:
-    ref, stages = scaled["reference"], scaled["stages"]
-    start = scaled["wall"] - sum(stages.values())
-    a, b, ratio = filter_ratio(ref, stages, start)
-    facts = scaled["reference_facts"]
-    summary = scaled["states"]["topics"].get("summary", {})
-    lines = [
-        f"At {scaled['rows']} rows (the embeddings above repeated with noise, cosine ~0.93 to their "
-        "originals), clustering and selection alone:",
-        "",
-        "| step | (a') reference (s) | (b') pipeline (s) | notes |",
-        "| --- | ---: | ---: | --- |",
-        _row("start (JVM, session) and bookkeeping", None, start, "(b') a fresh process: the pipeline's executor"),
-        _row("PCA + k-means / topics", ref["pca"] + ref["kmeans"], stages.get("topics"),
-             f"(a') {facts['components']} components, k = {facts['k']}; (b') {summary.get('pca_components')} "
-             f"components, k = {summary.get('k')}, {summary.get('kmeans_iterations')} iterations"),
-        _row("near-duplicates / dedup", None, stages.get("dedup"), "(b') only"),
-        _row("facility location / select", ref["select"], stages.get("select"), ""),
-        f"| **total** | **{a:.1f}** | **{b:.1f}** | **(b') / (a') = {ratio:.2f}** |",
-        "",
-        f"At {scaled['rows']} rows with the start excluded: (b') / (a') = {(b - start) / a:.2f}.",
-    ]
-    if full_ref is None or full_stages is None:
-        return lines
-    a_full, b_full, ratio_full = filter_ratio(full_ref, full_stages, 0.0)
-    return lines + [f"The same sub-steps at the full data's size (stage seconds, start excluded): (a) {a_full:.1f} s, "
-                    f"(b) {b_full:.1f} s, ratio {ratio_full:.2f}."]
+def _cells(values: list[float | None]) -> str:
+    return " | ".join("" if v is None else f"{v:.1f}" for v in values)
+
+
+def scaled_table(runs: list[dict]) -> list[str]:
+    """Per-step seconds at each size, (a') beside (b'), then the ratios the goals name."""
+    head = " | ".join(f"{r['rows']:,} (a') | {r['rows']:,} (b')" for r in runs)
+    lines = [f"| step (s) | {head} |", "| --- |" + " ---: |" * (2 * len(runs))]
+    steps = [("start (JVM, session) and bookkeeping", lambda r: None, lambda r: r["wall"] - sum(r["stages"].values())),
+             ("PCA / k-means, topics", lambda r: r["reference"]["pca"] + r["reference"]["kmeans"],
+              lambda r: r["stages"].get("topics")),
+             ("near-duplicates, dedup", lambda r: None, lambda r: r["stages"].get("dedup")),
+             ("facility location, select", lambda r: r["reference"]["select"], lambda r: r["stages"].get("select")),
+             ("**total**", lambda r: sum(r["reference"][k] for k in ("pca", "kmeans", "select")),
+              lambda r: r["wall"])]
+    for label, a, b in steps:
+        lines.append(f"| {label} | " + _cells([v for r in runs for v in (a(r), b(r))]) + " |")
+    lines += ["", "| rows | k | components (a') / (b') | (b') fitted on | iterations (b') | topics / "
+              "(PCA + k-means) | topics + dedup + select / reference (stages; with start) | k-means cost "
+              "(b') all rows / (a') inertia | picked (a') / (b') |",
+              "| ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | --- |"]
+    for r in runs:
+        ref, stages, facts = r["reference"], r["stages"], r["reference_facts"]
+        summary = r["states"]["topics"].get("summary", {})
+        start = r["wall"] - sum(stages.values())
+        a, b, _ = filter_ratio(ref, stages, 0.0)
+        picked = r["states"]["select"].get("counts", {}).get("selected", "?")
+        lines.append(
+            f"| {r['rows']:,} | {facts['k']} / {summary.get('k')} | {facts['components']} / "
+            f"{summary.get('pca_components')} | {summary.get('fit_rows', r['rows']):,} | "
+            f"{summary.get('kmeans_iterations')} | {stages.get('topics', 0) / (ref['pca'] + ref['kmeans']):.2f} | "
+            f"{b / a:.2f}; {(b + start) / a:.2f} | {summary.get('cost', 0) / facts['inertia']:.4f} "
+            f"({summary.get('cost', 0):.1f} / {facts['inertia']:.1f}) | {facts['selected']} / {picked} |")
+    return lines
+
+
+def filter_ratio(ref: dict[str, float], stages: dict[str, float], start: float) -> tuple[float, float, float]:
+    a = ref["pca"] + ref["kmeans"] + ref["select"]
+    b = sum(stages.get(s, 0.0) for s in FILTER_STAGES) + start
+    return a, b, b / a
 
 
 def scale_only_main(args: argparse.Namespace) -> None:
@@ -287,38 +306,39 @@ def scale_only_main(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-stage1-scale-"))
     load_before = os.getloadavg()
     try:
-        scaled = run_scaled(args, work, Path(args.scale_from).absolute())
+        runs = [run_scaled(args, work, Path(args.scale_from).absolute(), rows) for rows in args.scale_rows]
         load_after = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"(a') seconds {json.dumps(scaled['reference'])}; (b') wall {scaled['wall']:.1f} s, stage seconds "
-          f"{json.dumps(scaled['stages'])}", flush=True)
-    summary = scaled["states"]["topics"].get("summary", {})
-    facts = scaled["reference_facts"]
     body = "\n".join([
-        f"Embeddings: {args.scale_from} (all of ../shared/data, embedded by the pipeline). (b') topics → dedup → "
-        f"select with {', '.join(Path(c).name for c in args.conf)}"
-        f"{' and ' + ', '.join(args.overrides) if args.overrides else ''}, a fresh process.",
+        f"Embeddings: {args.scale_from} (all of ../shared/data, embedded by the pipeline), repeated with "
+        "noise to each size (each copy a new unit vector at cosine ~0.93 of its original). (a') one Python "
+        "process: sklearn PCA(0.95), KMeans(int(sqrt(n/2)), random_state 42), submodlib facility location "
+        f"(budget {BUDGET}, lazy greedy) per cluster. (b') topics → dedup → select (`--filter-stages`) with "
+        f"{', '.join(Path(c).name for c in args.conf)}"
+        f"{' and ' + ', '.join(args.overrides) if args.overrides else ''}, dedup.minhash=false (the copies "
+        "have no text), a fresh process per size (JVM start included).",
         "",
         f"Load average (1 minute) {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end: on a "
         "shared machine absolute seconds are pessimistic; (a') and (b') ran one after the other.",
         "",
-        *scaled_table(None, None, scaled),
-        "",
-        f"k-means cost: (a') sklearn inertia {facts['inertia']:.2f}; (b') {summary.get('cost', 0):.2f} "
-        f"({summary.get('kmeans_iterations')} iterations); picked (a') {facts['selected']}, (b') "
-        f"{scaled['states']['select'].get('counts', {}).get('selected', '?')}.",
+        *scaled_table(runs),
     ])
     print(body)
     if not args.no_write:
         write_section("stage1-scale", body)
 
 
+def _sizes(text: str) -> list[int]:
+    return [int(v) for v in text.replace("_", "").split(",") if int(v) > 0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conf", action="append", default=[], help="settings profile(s) for (b)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value for (b)")
-    parser.add_argument("--scale-rows", type=int, default=100_000, help="rows for the scale run (0 = skip)")
+    parser.add_argument("--scale-rows", type=_sizes, default=[100_000],
+                        help="rows for the scale runs, comma-separated (e.g. 100000,1000000; 0 = skip)")
     parser.add_argument("--limit", type=int, default=0,
                         help="smoke runs only: the first N raw rows of each file (0 = all; published numbers use all)")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
@@ -341,7 +361,7 @@ def main() -> None:
         root = work / "run"
         stages, wall, states = run_pipeline(cli_command(args, data, root), root)
         print(f"(b) wall {wall:.1f} s; stage seconds {json.dumps(stages)}", flush=True)
-        scaled = run_scaled(args, work, root / "embeddings") if args.scale_rows > 0 else None
+        scaled = [run_scaled(args, work, root / "embeddings", rows) for rows in args.scale_rows]
         load_after = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -358,7 +378,8 @@ def main() -> None:
         *full_table(ref, ref_facts, stages, wall, states),
     ]
     if scaled:
-        lines += ["", *scaled_table(ref, stages, scaled)]
+        lines += ["", "Clustering and selection alone on the embeddings above repeated with noise (cosine ~0.93 "
+                  "to their originals), a fresh process per size:", "", *scaled_table(scaled)]
     body = "\n".join(lines)
     print(body)
     if not args.no_write and not args.limit:  # smoke runs never replace the published numbers

@@ -189,6 +189,10 @@ class TopicsSettings:
                                      "from the row count and this alone (not spark.sql.shuffle.partitions), "
                                      "since k-means|| seeds partition by partition: it decides the clusters.",
                                _positive, "> 0")
+    fit_rows_per_cluster: int = knob(256, "PCA and k-means are fitted on at most this many rows per cluster "
+                                          "(k x this: a seeded sample chosen by a hash of the id); every row is "
+                                          "then assigned, and k follows the whole row count. 0: fit on every row.",
+                                     _non_negative, ">= 0")
 
 
 @dataclass

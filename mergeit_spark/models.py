@@ -507,6 +507,23 @@ def components_for_variance(explained: np.ndarray, target: float) -> int:
     return min(m, explained.size)
 
 
+# The sample's resolution: a row is kept when its id's hash, modulo this, falls under the share.
+SAMPLE_BUCKETS = 1 << 24
+
+
+def fit_sample(embeddings: DataFrame, n: int, fit_rows: int, seed: int) -> tuple[DataFrame, int]:
+    """(rows to fit on, their expected count): ``embeddings`` itself and ``n`` when ``n`` is at
+    most ``fit_rows`` (or ``fit_rows`` is 0); else the rows whose id hashes (xxhash64, seeded)
+    under the share fit_rows / n, about ``fit_rows`` of them. The choice depends on the ids alone,
+    not on partitioning or order, so a rerun or a bigger cluster fits the same rows; the expected
+    count (not a counted one: no extra job) sizes the k-means input's partitions."""
+    if fit_rows <= 0 or n <= fit_rows:
+        return embeddings, n
+    cut = max(1, round(SAMPLE_BUCKETS * fit_rows / n))
+    bucket = F.pmod(F.xxhash64(F.col("id"), F.lit(seed)), F.lit(SAMPLE_BUCKETS))
+    return embeddings.where(bucket < cut), max(1, round(n * cut / SAMPLE_BUCKETS))
+
+
 def kmeans_partitions(n: int, partition_rows: int) -> int:
     """Partitions of the k-means input: decided by the row count alone (stages/topics.py's doc)."""
     return max(1, math.ceil(n / partition_rows))
@@ -562,9 +579,10 @@ _PROJECTED_SCHEMA = T.StructType([
 
 
 def _projected(batch: pa.RecordBatch, basis: np.ndarray) -> np.ndarray:
-    """The batch's embeddings projected onto ``basis`` (float64, rows x m)."""
+    """The batch's embeddings projected onto ``basis`` (d x m, float32): rows x m, float32. The
+    embeddings are float32 already; a float32 product is half the work of a float64 one."""
     flat = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(batch.num_rows, -1).astype(np.float64) @ basis
+    return flat.reshape(batch.num_rows, -1).astype(np.float32, copy=False) @ basis
 
 
 @dataclass(frozen=True)
@@ -574,16 +592,66 @@ class _ProjectRows:
     basis: Broadcast  # d x m, float64
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        basis = self.basis.value
+        basis = self.basis.value.astype(np.float32)
         for batch in batches:
             if batch.num_rows == 0:
                 continue
-            x = _projected(batch, basis).astype(np.float32)
+            x = _projected(batch, basis)
             offsets = pa.array(np.arange(0, x.size + 1, x.shape[1], dtype=np.int32))
             yield pa.RecordBatch.from_arrays(
                 [batch.column("id"), pa.ListArray.from_arrays(offsets, pa.array(x.ravel()))],
                 schema=pa.schema([pa.field("id", pa.string()),
                                   pa.field("pca", pa.list_(pa.field("item", pa.float32(), nullable=False)))]))
+
+
+class _Nearest:
+    """The nearest centre of each projected row, in float32; shared by every pass that assigns
+    rows, so that they all agree."""
+
+    def __init__(self, model: Broadcast) -> None:
+        basis, self.centers = model.value  # fetched once per executor, unpickled once per worker
+        self.basis, self.centers32 = basis.astype(np.float32), self.centers.astype(np.float32)
+        self.center_norms = np.einsum("ij,ij->i", self.centers32, self.centers32)
+
+    def __call__(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(the batch's projection, float32 rows x m; its nearest centres)."""
+        x = _projected(batch, self.basis)
+        # ||x - c||^2 = ||c||^2 - 2 x.c + ||x||^2; the last term does not change the argmin.
+        return x, np.argmin(self.center_norms[None, :] - 2.0 * (x @ self.centers32.T), axis=1)
+
+
+CLUSTER_SUMS_SCHEMA = T.StructType([  # what TopicModel.cluster_sums returns
+    T.StructField("cluster", T.IntegerType(), False),
+    T.StructField("rows", T.LongType(), False),
+    T.StructField("embedding_sum", T.ArrayType(T.DoubleType(), False), False),
+])
+
+
+@dataclass(frozen=True)
+class _SumByCluster:
+    """mapInArrow: (id, embedding) batches → per batch, one row per cluster it holds: the rows
+    assigned to it and the sum of their embeddings."""
+
+    model: Broadcast  # (basis d x m, centres k x m), float64
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        nearest_of = _Nearest(self.model)
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            _, nearest = nearest_of(batch)
+            order = np.argsort(nearest, kind="stable")
+            ranked = nearest[order]
+            starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+            flat = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
+            embeddings = flat.reshape(batch.num_rows, -1)[order].astype(np.float64)
+            sums = np.add.reduceat(embeddings, starts, axis=0)
+            counts = np.diff(np.r_[starts, len(ranked)])
+            offsets = pa.array(np.arange(0, sums.size + 1, sums.shape[1], dtype=np.int32))
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(ranked[starts].astype(np.int32)), pa.array(counts.astype(np.int64)),
+                 pa.ListArray.from_arrays(offsets, pa.array(sums.ravel()))],
+                names=["cluster", "rows", "embedding_sum"])
 
 
 @dataclass(frozen=True)
@@ -593,16 +661,12 @@ class _AssignRows:
     model: Broadcast  # (basis d x m, centres k x m), float64
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        basis, centers = self.model.value  # fetched once per executor, unpickled once per worker
-        center_norms = np.einsum("ij,ij->i", centers, centers)
+        nearest_of = _Nearest(self.model)
         for batch in batches:
-            n = batch.num_rows
-            if n == 0:
+            if batch.num_rows == 0:
                 continue
-            x = _projected(batch, basis)
-            # ||x - c||^2 = ||c||^2 - 2 x.c + ||x||^2; the last term does not change the argmin.
-            nearest = np.argmin(center_norms[None, :] - 2.0 * (x @ centers.T), axis=1)
-            diff = x - centers[nearest]  # the distance itself exactly, not by the expansion
+            x, nearest = nearest_of(batch)
+            diff = x - nearest_of.centers[nearest]  # the distance itself (float64), not by the expansion
             yield pa.RecordBatch.from_arrays(
                 [batch.column("id"), pa.array(nearest.astype(np.int32)),
                  pa.array(np.sqrt(np.einsum("ij,ij->i", diff, diff)))],
@@ -673,6 +737,15 @@ class TopicModel:
         return (embeddings.select("id", "embedding")
                 .mapInArrow(_AssignRows(shipped), TOPICS_SCHEMA))
 
+    def cluster_sums(self, embeddings: DataFrame) -> DataFrame:
+        """Per cluster, partial sums of the rows of ``embeddings`` it gets (``cluster``, ``rows``,
+        ``embedding_sum``: one row per cluster per Arrow batch, to be summed by cluster): the rows
+        assigned as :meth:`transform` assigns them, so a cluster's mean embedding needs no join
+        of the assignment back to the embeddings."""
+        shipped = embeddings.sparkSession.sparkContext.broadcast((self.basis, self.centers))
+        return (embeddings.select("id", "embedding")
+                .mapInArrow(_SumByCluster(shipped), CLUSTER_SUMS_SCHEMA))
+
     def with_centroids(self, rows: list[dict[str, Any]]) -> "TopicModel":
         """This model with ``rows`` as its centroid rows (the same clusters, in order, with more
         columns): what the topics stage saves once it has each cluster's statistics."""
@@ -736,7 +809,8 @@ class TopicClustering:
     partitions); the fewest components reaching ``variance``; the rows projected onto them (m
     float32 per row) hash-partitioned by id into ceil(n / ``partition_rows``) partitions, sorted
     by id and cached; MLlib ``KMeans`` (seeded, k-means||) on that. k = 1 is one cluster whose
-    centre is the mean (MLlib needs k >= 2).
+    centre is the mean (MLlib needs k >= 2). Above ``fit_rows_per_cluster`` x k rows, PCA and
+    k-means see a sample of about that many (:func:`fit_sample`); k follows the whole row count.
 
     Parameters (the defaults are ``TopicsSettings``'; :meth:`from_settings` copies a settings
     section):
@@ -750,6 +824,7 @@ class TopicClustering:
       partition_rows: rows per partition of the k-means input. The partition count comes from the
         row count and this alone (never spark.sql.shuffle.partitions or the cores): k-means||
         seeds partition by partition, so it decides the clusters.
+      fit_rows_per_cluster: the fit sees at most about this many rows per cluster; 0: every row.
     """
 
     variance: float = _TOPICS_DEFAULTS.variance
@@ -759,10 +834,12 @@ class TopicClustering:
     tol: float = _TOPICS_DEFAULTS.tol
     init_steps: int = _TOPICS_DEFAULTS.init_steps
     partition_rows: int = _TOPICS_DEFAULTS.partition_rows
+    fit_rows_per_cluster: int = _TOPICS_DEFAULTS.fit_rows_per_cluster
 
     def __post_init__(self) -> None:
         checks = {"variance": 0 < self.variance <= 1, "k": self.k >= 0, "max_iter": self.max_iter > 0,
-                  "tol": self.tol > 0, "init_steps": self.init_steps > 0, "partition_rows": self.partition_rows > 0}
+                  "tol": self.tol > 0, "init_steps": self.init_steps > 0, "partition_rows": self.partition_rows > 0,
+                  "fit_rows_per_cluster": self.fit_rows_per_cluster >= 0}
         bad = [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"TopicClustering: out of range: {', '.join(bad)}")
@@ -779,6 +856,9 @@ class TopicClustering:
         if n == 0:
             raise ValueError("TopicClustering.fit: no rows to fit")
         spark = embeddings.sparkSession
+        k = cluster_count(n, self.k)  # from the whole row count, sampled or not
+        embeddings, fit_n = fit_sample(embeddings, n, k * self.fit_rows_per_cluster, self.seed)
+        k = min(k, fit_n)
         vectors = embeddings.select(array_to_vector(F.col("embedding")).alias("features"))
         cores = spark.sparkContext.defaultParallelism
         if vectors.rdd.getNumPartitions() < cores:  # a table of few files: spread the two PCA passes
@@ -787,26 +867,29 @@ class TopicClustering:
         explained = np.asarray(pca.explainedVariance.toArray())
         m = components_for_variance(explained, self.variance)
         slicer = VectorSlicer(inputCol="pca_full", outputCol="pca", indices=list(range(m)))
-        partitions = kmeans_partitions(n, self.partition_rows)
+        partitions = kmeans_partitions(fit_n, self.partition_rows)
         # The same projection as the pipeline's PCAModel + slicer, computed by numpy (the JVM would
         # multiply by all d components and slice afterwards).
         basis = spark.sparkContext.broadcast(np.asarray(pca.pc.toArray())[:, :m])
+        # Cached as MLlib vectors: given an array column, MLlib converts every row (element by
+        # element, boxed) on each of k-means's passes over it.
         projected = (embeddings.select("id", "embedding").mapInArrow(_ProjectRows(basis), _PROJECTED_SCHEMA)
                      .repartition(partitions, "id").sortWithinPartitions("id")
+                     .select(array_to_vector(F.col("pca")).alias("pca"))
                      .persist())
-        try:
-            k = cluster_count(n, self.k)
-            summary: dict[str, Any] = {"rows": n, "pca_components": m, "kmeans_partitions": partitions}
+        try:  # the count fills the cache, which k-means's first pass would do anyway
+            summary: dict[str, Any] = {"rows": n, "fit_rows": projected.count(), "pca_components": m,
+                                       "kmeans_partitions": partitions}
             if k >= 2:
                 kmeans = KMeans(k=k, seed=self.seed, maxIter=self.max_iter, tol=self.tol,
-                                initSteps=self.init_steps, featuresCol="pca",
+                                initSteps=self.init_steps, featuresCol="pca", solver="block",
                                 predictionCol="cluster").fit(projected)
                 stages = [pca, slicer, kmeans]
                 centers = np.array([np.asarray(c) for c in kmeans.clusterCenters()], dtype=np.float64)
                 summary.update(kmeans_iterations=kmeans.summary.numIter,
                                kmeans_training_cost=float(kmeans.summary.trainingCost))
             else:
-                mean = projected.agg(Summarizer.mean(array_to_vector(F.col("pca"))).alias("m")).first()["m"]
+                mean = projected.agg(Summarizer.mean(F.col("pca")).alias("m")).first()["m"]
                 stages = [pca, slicer]
                 centers = np.asarray(mean.toArray(), dtype=np.float64)[None, :]
         finally:

@@ -15,7 +15,7 @@ from pyspark.ml.functions import array_to_vector
 from _filter_helpers import sample_embeddings, sample_topics
 from mergeit_spark.config import TopicsSettings
 from mergeit_spark.models import (TOPICS_SCHEMA, TopicClustering, TopicModel, cluster_count, components_for_variance,
-                                  kmeans_partitions, saved_pca_components)
+                                  fit_sample, kmeans_partitions, saved_pca_components)
 from mergeit_spark.stages import StageContext
 from mergeit_spark.tables import TableStore
 from mergeit_spark.stages.topics import DISTANCE_QUANTILES, MODEL_NAME, Topics, assign_topics, fit_topics
@@ -150,8 +150,8 @@ def test_clusters_do_not_depend_on_shuffle_partitions_or_input_order(spark, shar
     (first, first_summary), (second, second_summary) = runs
     assert first_summary["kmeans_partitions"] == second_summary["kmeans_partitions"] == kmeans_partitions(n, 64) > 2
     assert {i: c for i, (c, _) in first.items()} == {i: c for i, (c, _) in second.items()}
-    for i, (_, distance) in first.items():
-        assert second[i][1] == pytest.approx(distance, abs=1e-9)
+    for i, (_, distance) in first.items():  # to float32's precision: the projection is float32
+        assert second[i][1] == pytest.approx(distance, rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_new_rows_go_to_their_nearest_saved_centre_without_refit(spark, shared_d
         x = np.asarray(vector, dtype=np.float64) @ basis
         distances = np.linalg.norm(centers - x, axis=1)
         assert got[rid]["cluster"] == int(np.argmin(distances))
-        assert got[rid]["distance"] == pytest.approx(distances.min(), abs=1e-9)
+        assert got[rid]["distance"] == pytest.approx(distances.min(), rel=1e-6)  # a float32 projection
 
 
 def test_no_rows_no_model(spark, settings, store):
@@ -289,6 +289,42 @@ def test_topic_model_saves_and_loads_back_assigning_the_same_topics(spark, tmp_p
         TopicModel.load(path)
 
 
+def test_fit_sample_is_about_fit_rows_ids_whatever_the_partitioning(spark, shared_data, settings):
+    embeddings = sample_embeddings(spark, shared_data, settings.embed)
+    n = embeddings.count()
+    for fit_rows in (n, n + 1, 0):  # at or under fit_rows, or no limit: every row
+        rows, count = fit_sample(embeddings, n, fit_rows, seed=42)
+        assert rows is embeddings and count == n
+    half, expected = fit_sample(embeddings, n, n // 2, seed=42)
+    assert abs(expected - n // 2) <= 1
+    ids = {r["id"] for r in half.select("id").collect()}  # test-only: a few hundred ids
+    assert abs(len(ids) - n / 2) <= 4 * math.sqrt(n / 4)  # a binomial draw of about n/2
+    spread, _ = fit_sample(embeddings.repartition(7), n, n // 2, seed=42)
+    assert {r["id"] for r in spread.select("id").collect()} == ids  # the ids decide, not the layout
+    other, _ = fit_sample(embeddings, n, n // 2, seed=7)
+    assert {r["id"] for r in other.select("id").collect()} != ids
+
+
+def test_a_sampled_fit_keeps_k_of_all_rows_assigns_every_row_and_costs_all(spark, shared_data, settings):
+    embeddings = sample_embeddings(spark, shared_data, settings.embed)
+    n = embeddings.count()
+    per_cluster = n // (2 * cluster_count(n))  # about half the rows
+    sampled = dataclasses.replace(settings.topics, fit_rows_per_cluster=per_cluster)
+    result = fit_topics(embeddings, sampled)
+    _, in_sample = fit_sample(embeddings, n, per_cluster * cluster_count(n), seed=sampled.seed)
+    summary = result.summary
+    assert summary["rows"] == n and summary["k"] == cluster_count(n)  # k from all n rows, not the sample
+    assert summary["fit_rows"] < n and abs(summary["fit_rows"] - in_sample) <= 4 * math.sqrt(n / 4)
+    assert summary["kmeans_partitions"] == kmeans_partitions(in_sample, sampled.partition_rows)
+    topics = result.topics.toPandas()  # test-only: a few hundred rows
+    assert len(topics) == n and topics["id"].is_unique
+    assert summary["cost"] == pytest.approx(float((topics["distance"] ** 2).sum()), rel=1e-9)
+    full = fit_topics(embeddings, dataclasses.replace(settings.topics, fit_rows_per_cluster=0)).summary
+    assert full["fit_rows"] == n and full["k"] == summary["k"]
+    # Fitted on half the rows, the clustering of all of them stays close to the full fit's.
+    assert summary["cost"] <= 1.10 * full["cost"]
+
+
 def test_topic_clustering_refuses_no_rows(spark):
     with pytest.raises(ValueError, match="no rows"):
         TopicClustering().fit(spark.createDataFrame([], "id string, embedding array<float>"))
@@ -301,11 +337,13 @@ DRIVER_FETCHES = {
         ("collect", "gc"),  # the garbage collector's pass in a worker (freeze_worker_heap), no rows
         ("count", "embeddings"),                                        # one number
         ("first", 'embeddings.select(F.size("embedding")'),             # one row: the dimension
+        ("count", "projected"),                                         # one number: fills the cache
         ("first", "projected.agg(Summarizer.mean("),                    # one row (k = 1 only)
     ],
     "stages/embed.py": [],
     "stages/topics.py": [
-        ("collect", 'topics.join(embeddings.select("id", "embedding"), "id")'),  # k rows: per-cluster stats
+        ("collect", 'topics.groupBy("cluster")'),           # k rows: per-cluster distance statistics
+        ("collect", "model.cluster_sums(embeddings)"),      # k rows: per-cluster embedding sums
     ],
     "stages/dedup.py": [
         ("take", 'batch.column("id")'),  # pyarrow take inside the executor-side probe router

@@ -11,7 +11,14 @@ iteration cheaper. ``topics.distance`` is the Euclidean distance to the row's ce
 same PCA space, so it is exactly the quantity k-means minimises.
 
 How, pass by pass (n rows, d model dimensions, m kept components):
-1. One small job counts the rows and reads d.
+1. One small job counts the rows and reads d. Above ``settings.topics.fit_rows_per_cluster`` x k
+   rows (256 per cluster), steps 2-4 see a sample of about that many, the rows whose id hashes
+   (xxhash64, seeded) under that share of n: the same rows whatever the partitioning, so a rerun
+   or a bigger cluster fits the same model. k follows all n rows, and step 5 assigns every row, so
+   the cost the stage reports (``summary.cost``, the sum of squared distances) is over all of
+   them; ``summary.kmeans_training_cost`` is the sample's. Placing k centres takes a few hundred
+   rows per centre, not all of them, so the sample grows with k (as sqrt(n) under the paper's
+   rule) while the work it saves grows with n.
 2. MLlib ``PCA`` with all d components (which gives the explained-variance curve) is fitted on the
    embeddings as they are read (spread over the cores first when the table has fewer files than
    that): the covariance does not depend on row order, and nothing is cached for it.
@@ -26,11 +33,13 @@ How, pass by pass (n rows, d model dimensions, m kept components):
    int(sqrt(n / 2)); at least 1 and at most n. MLlib needs k >= 2, so k = 1 is one cluster whose
    centre is the mean.
 5. Rows are assigned by ``TopicModel.transform``: one ``mapInArrow`` pass over the embeddings
-   with the basis (d x m) and the centres (k x m) broadcast, numpy computing the projection, the
-   nearest centre and the distance to it. The result is cached (id, cluster, distance: small) so
+   with the basis (d x m) and the centres (k x m) broadcast, numpy computing the projection and the
+   nearest centre in float32 and the distance to it in float64. The result is cached (id, cluster, distance: small) so
    the per-cluster statistics and the table write share it.
-6. One aggregation (the assignment joined to the embeddings) gives each cluster's size, mean
-   unit embedding and distance statistics: k rows to the driver.
+6. Two aggregations give each cluster's size and distance statistics (from the cached
+   assignment) and its mean unit embedding (``TopicModel.cluster_sums``: each Arrow batch of the
+   embeddings assigned again in numpy and summed per cluster, the partial sums added by
+   cluster): k rows each to the driver, and no join of the assignment back to the embeddings.
 
 The fitted model is saved under the run root (``<root>/_models/topics``, ``TopicModel.save``):
 ``pipeline`` is an MLlib ``PipelineModel`` (``PCAModel`` with all components, a ``VectorSlicer``
@@ -80,23 +89,25 @@ DISTANCE_QUANTILES = (0.5, 0.9, 0.99)
 def _centroid_rows(topics: DataFrame, embeddings: DataFrame, model: TopicModel, dim: int
                    ) -> tuple[list[dict[str, Any]], float]:
     """The model's centroid rows with, per cluster: size, mean unit embedding, distance
-    statistics (one job, k rows back); and the k-means cost of the assignment (sum of squared
-    distances)."""
-    stats = {row["cluster"]: row for row in topics.join(embeddings.select("id", "embedding"), "id")
-             .groupBy("cluster").agg(
+    statistics (two jobs, k rows back each; no join of the assignment to the embeddings); and the
+    k-means cost of the assignment (sum of squared distances)."""
+    stats = {row["cluster"]: row for row in topics.groupBy("cluster").agg(
                  F.count(F.lit(1)).alias("size"),
-                 Summarizer.mean(array_to_vector(F.col("embedding"))).alias("embedding_center"),
                  F.avg("distance").alias("distance_mean"),
                  F.max("distance").alias("distance_max"),
                  F.sum(F.col("distance") * F.col("distance")).alias("cost"),
                  F.percentile_approx("distance", list(DISTANCE_QUANTILES), 10_000).alias("distance_quantiles"),
              ).collect()}
+    sums = {row["cluster"]: row["embedding_sum"].toArray() / row["rows"] for row in
+            model.cluster_sums(embeddings).groupBy("cluster").agg(
+                F.sum("rows").alias("rows"),
+                Summarizer.sum(array_to_vector(F.col("embedding_sum"))).alias("embedding_sum")).collect()}
     rows = []
     for fitted in model.centroids:
         stat = stats.get(fitted["cluster"])
         rows.append({
             "cluster": fitted["cluster"], "center": fitted["center"],
-            "embedding_center": stat["embedding_center"].toArray().tolist() if stat else [0.0] * dim,
+            "embedding_center": sums[fitted["cluster"]].tolist() if stat else [0.0] * dim,
             "size": int(stat["size"]) if stat else 0,
             "k": fitted["k"], "pca_components": fitted["pca_components"],
             "explained_variance": fitted["explained_variance"], "embedding_dim": fitted["embedding_dim"],
@@ -155,6 +166,7 @@ class Topics(Stage):
     """embeddings → topics, centroids, and the fitted topic model (saved under the run root)."""
 
     name = "topics"
+    version = "2"  # 2: projection and nearest centre in float32; fit on a sample above topics.fit_rows_per_cluster x k
     inputs = ("embeddings",)
     outputs = ("topics", "centroids")
     settings_sections = ("topics",)
