@@ -253,12 +253,6 @@ def full_table(ref: dict[str, float], ref_facts: dict, stages: dict[str, float],
     ]
 
 
-def filter_ratio(ref: dict[str, float], stages: dict[str, float], start: float) -> tuple[float, float, float]:
-    a = ref["pca"] + ref["kmeans"] + ref["select"]
-    b = sum(stages.get(s, 0.0) for s in FILTER_STAGES) + start
-    return a, b, b / a
-
-
 def _cells(values: list[float | None]) -> str:
     return " | ".join("" if v is None else f"{v:.1f}" for v in values)
 
