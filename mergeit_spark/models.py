@@ -872,7 +872,8 @@ class TopicClustering:
         # multiply by all d components and slice afterwards).
         basis = spark.sparkContext.broadcast(np.asarray(pca.pc.toArray())[:, :m])
         # Cached as MLlib vectors: given an array column, MLlib converts every row (element by
-        # element, boxed) on each of k-means's passes over it.
+        # element, boxed) on each of k-means's passes over it. Its "auto" solver picks the block
+        # solver (distances by matrix products) only for array columns, so it is named below.
         projected = (embeddings.select("id", "embedding").mapInArrow(_ProjectRows(basis), _PROJECTED_SCHEMA)
                      .repartition(partitions, "id").sortWithinPartitions("id")
                      .select(array_to_vector(F.col("pca")).alias("pca"))
