@@ -628,49 +628,52 @@ CLUSTER_SUMS_SCHEMA = T.StructType([  # what TopicModel.cluster_sums returns
 
 
 @dataclass(frozen=True)
-class _SumByCluster:
-    """mapInArrow: (id, embedding) batches → per batch, one row per cluster it holds: the rows
-    assigned to it and the sum of their embeddings."""
+class _ByNearest:
+    """mapInArrow over (id, embedding) batches: each batch's rows assigned to their nearest
+    centres (:class:`_Nearest`), then turned into output rows by :meth:`rows`."""
 
     model: Broadcast  # (basis d x m, centres k x m), float64
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         nearest_of = _Nearest(self.model)
         for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            _, nearest = nearest_of(batch)
-            order = np.argsort(nearest, kind="stable")
-            ranked = nearest[order]
-            starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
-            flat = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
-            embeddings = flat.reshape(batch.num_rows, -1)[order].astype(np.float64)
-            sums = np.add.reduceat(embeddings, starts, axis=0)
-            counts = np.diff(np.r_[starts, len(ranked)])
-            offsets = pa.array(np.arange(0, sums.size + 1, sums.shape[1], dtype=np.int32))
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(ranked[starts].astype(np.int32)), pa.array(counts.astype(np.int64)),
-                 pa.ListArray.from_arrays(offsets, pa.array(sums.ravel()))],
-                names=["cluster", "rows", "embedding_sum"])
+            if batch.num_rows:
+                yield self.rows(batch, *nearest_of(batch), nearest_of.centers)
+
+    def rows(self, batch: pa.RecordBatch, x: np.ndarray, nearest: np.ndarray, centers: np.ndarray
+             ) -> pa.RecordBatch:
+        raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class _AssignRows:
-    """mapInArrow: (id, embedding) batches → (id, cluster, distance), nearest centre first."""
+class _SumByCluster(_ByNearest):
+    """→ per batch, one row per cluster it holds: the rows assigned to it and the sum of their
+    embeddings (``CLUSTER_SUMS_SCHEMA``)."""
 
-    model: Broadcast  # (basis d x m, centres k x m), float64
+    def rows(self, batch: pa.RecordBatch, x: np.ndarray, nearest: np.ndarray, centers: np.ndarray
+             ) -> pa.RecordBatch:
+        order = np.argsort(nearest, kind="stable")
+        ranked = nearest[order]
+        starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+        flat = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
+        sums = np.add.reduceat(flat.reshape(batch.num_rows, -1)[order].astype(np.float64), starts, axis=0)
+        counts = np.diff(np.r_[starts, len(ranked)])
+        offsets = pa.array(np.arange(0, sums.size + 1, sums.shape[1], dtype=np.int32))
+        return pa.RecordBatch.from_arrays(
+            [pa.array(ranked[starts].astype(np.int32)), pa.array(counts.astype(np.int64)),
+             pa.ListArray.from_arrays(offsets, pa.array(sums.ravel()))],
+            names=["cluster", "rows", "embedding_sum"])
 
-    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        nearest_of = _Nearest(self.model)
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            x, nearest = nearest_of(batch)
-            diff = x - nearest_of.centers[nearest]  # the distance itself (float64), not by the expansion
-            yield pa.RecordBatch.from_arrays(
-                [batch.column("id"), pa.array(nearest.astype(np.int32)),
-                 pa.array(np.sqrt(np.einsum("ij,ij->i", diff, diff)))],
-                names=["id", "cluster", "distance"])
+
+class _AssignRows(_ByNearest):
+    """→ (id, cluster, distance) per row (``TOPICS_SCHEMA``)."""
+
+    def rows(self, batch: pa.RecordBatch, x: np.ndarray, nearest: np.ndarray, centers: np.ndarray
+             ) -> pa.RecordBatch:
+        diff = x - centers[nearest]  # the distance itself (float64), not by the expansion
+        return pa.RecordBatch.from_arrays(
+            [batch.column("id"), pa.array(nearest.astype(np.int32)),
+             pa.array(np.sqrt(np.einsum("ij,ij->i", diff, diff)))],
+            names=["id", "cluster", "distance"])
 
 
 @dataclass(frozen=True)
