@@ -579,10 +579,11 @@ _PROJECTED_SCHEMA = T.StructType([
 
 
 def _projected(batch: pa.RecordBatch, basis: np.ndarray) -> np.ndarray:
-    """The batch's embeddings projected onto ``basis`` (d x m, float32): rows x m, float32. The
-    embeddings are float32 already; a float32 product is half the work of a float64 one."""
+    """The batch's embeddings projected onto ``basis`` (float64, rows x m). In float64 so that
+    the same rows land on the same side of a near-tie between two centres in every run (a re-fit
+    on the same rows in another layout gives the same topics)."""
     flat = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(batch.num_rows, -1).astype(np.float32, copy=False) @ basis
+    return flat.reshape(batch.num_rows, -1).astype(np.float64) @ basis
 
 
 @dataclass(frozen=True)
@@ -592,11 +593,11 @@ class _ProjectRows:
     basis: Broadcast  # d x m, float64
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        basis = self.basis.value.astype(np.float32)
+        basis = self.basis.value
         for batch in batches:
             if batch.num_rows == 0:
                 continue
-            x = _projected(batch, basis)
+            x = _projected(batch, basis).astype(np.float32)
             offsets = pa.array(np.arange(0, x.size + 1, x.shape[1], dtype=np.int32))
             yield pa.RecordBatch.from_arrays(
                 [batch.column("id"), pa.ListArray.from_arrays(offsets, pa.array(x.ravel()))],
@@ -605,19 +606,18 @@ class _ProjectRows:
 
 
 class _Nearest:
-    """The nearest centre of each projected row, in float32; shared by every pass that assigns
-    rows, so that they all agree."""
+    """The nearest centre of each projected row; shared by every pass that assigns rows, so that
+    they all agree."""
 
     def __init__(self, model: Broadcast) -> None:
-        basis, self.centers = model.value  # fetched once per executor, unpickled once per worker
-        self.basis, self.centers32 = basis.astype(np.float32), self.centers.astype(np.float32)
-        self.center_norms = np.einsum("ij,ij->i", self.centers32, self.centers32)
+        self.basis, self.centers = model.value  # fetched once per executor, unpickled once per worker
+        self.center_norms = np.einsum("ij,ij->i", self.centers, self.centers)
 
     def __call__(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
-        """(the batch's projection, float32 rows x m; its nearest centres)."""
+        """(the batch's projection, rows x m; its nearest centres)."""
         x = _projected(batch, self.basis)
         # ||x - c||^2 = ||c||^2 - 2 x.c + ||x||^2; the last term does not change the argmin.
-        return x, np.argmin(self.center_norms[None, :] - 2.0 * (x @ self.centers32.T), axis=1)
+        return x, np.argmin(self.center_norms[None, :] - 2.0 * (x @ self.centers.T), axis=1)
 
 
 CLUSTER_SUMS_SCHEMA = T.StructType([  # what TopicModel.cluster_sums returns
@@ -669,7 +669,7 @@ class _AssignRows(_ByNearest):
 
     def rows(self, batch: pa.RecordBatch, x: np.ndarray, nearest: np.ndarray, centers: np.ndarray
              ) -> pa.RecordBatch:
-        diff = x - centers[nearest]  # the distance itself (float64), not by the expansion
+        diff = x - centers[nearest]  # the distance itself, not by the expansion
         return pa.RecordBatch.from_arrays(
             [batch.column("id"), pa.array(nearest.astype(np.int32)),
              pa.array(np.sqrt(np.einsum("ij,ij->i", diff, diff)))],

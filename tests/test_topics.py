@@ -150,8 +150,8 @@ def test_clusters_do_not_depend_on_shuffle_partitions_or_input_order(spark, shar
     (first, first_summary), (second, second_summary) = runs
     assert first_summary["kmeans_partitions"] == second_summary["kmeans_partitions"] == kmeans_partitions(n, 64) > 2
     assert {i: c for i, (c, _) in first.items()} == {i: c for i, (c, _) in second.items()}
-    for i, (_, distance) in first.items():  # to float32's precision: the projection is float32
-        assert second[i][1] == pytest.approx(distance, rel=1e-6)
+    for i, (_, distance) in first.items():
+        assert second[i][1] == pytest.approx(distance, abs=1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_new_rows_go_to_their_nearest_saved_centre_without_refit(spark, shared_d
         x = np.asarray(vector, dtype=np.float64) @ basis
         distances = np.linalg.norm(centers - x, axis=1)
         assert got[rid]["cluster"] == int(np.argmin(distances))
-        assert got[rid]["distance"] == pytest.approx(distances.min(), rel=1e-6)  # a float32 projection
+        assert got[rid]["distance"] == pytest.approx(distances.min(), abs=1e-9)
 
 
 def test_no_rows_no_model(spark, settings, store):

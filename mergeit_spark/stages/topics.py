@@ -33,9 +33,10 @@ How, pass by pass (n rows, d model dimensions, m kept components):
    int(sqrt(n / 2)); at least 1 and at most n. MLlib needs k >= 2, so k = 1 is one cluster whose
    centre is the mean.
 5. Rows are assigned by ``TopicModel.transform``: one ``mapInArrow`` pass over the embeddings
-   with the basis (d x m) and the centres (k x m) broadcast, numpy computing the projection and
-   the nearest centre in float32 and the distance to it in float64. The result is cached (id,
-   cluster, distance: small) so the per-cluster statistics and the table write share it.
+   with the basis (d x m) and the centres (k x m) broadcast, numpy computing the projection, the
+   nearest centre and the distance to it (float64: a re-fit on the same rows in another layout
+   must give the same topics, near-ties included). The result is cached (id, cluster, distance:
+   small) so the per-cluster statistics and the table write share it.
 6. Two aggregations give each cluster's size and distance statistics (from the cached
    assignment) and its mean unit embedding (``TopicModel.cluster_sums``: each Arrow batch of the
    embeddings assigned again in numpy and summed per cluster, the partial sums added by
@@ -166,7 +167,7 @@ class Topics(Stage):
     """embeddings → topics, centroids, and the fitted topic model (saved under the run root)."""
 
     name = "topics"
-    version = "2"  # 2: projection and nearest centre in float32; fit on a sample above topics.fit_rows_per_cluster x k
+    version = "2"  # 2: fit on a sample above topics.fit_rows_per_cluster x k
     inputs = ("embeddings",)
     outputs = ("topics", "centroids")
     settings_sections = ("topics",)
