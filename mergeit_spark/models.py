@@ -579,9 +579,9 @@ _PROJECTED_SCHEMA = T.StructType([
 
 
 def _projected(batch: pa.RecordBatch, basis: np.ndarray) -> np.ndarray:
-    """The batch's embeddings projected onto ``basis`` (float64, rows x m). In float64 so that
-    the same rows land on the same side of a near-tie between two centres in every run (a re-fit
-    on the same rows in another layout gives the same topics)."""
+    """The batch's embeddings projected onto ``basis`` (float64, rows x m). Kept in float64: a
+    float32 product moves rows near a tie between two centres, by far more than the fit's own
+    differences between two layouts of the same rows."""
     flat = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(batch.num_rows, -1).astype(np.float64) @ basis
 

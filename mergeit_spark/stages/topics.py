@@ -34,8 +34,8 @@ How, pass by pass (n rows, d model dimensions, m kept components):
    centre is the mean.
 5. Rows are assigned by ``TopicModel.transform``: one ``mapInArrow`` pass over the embeddings
    with the basis (d x m) and the centres (k x m) broadcast, numpy computing the projection, the
-   nearest centre and the distance to it (float64: a re-fit on the same rows in another layout
-   must give the same topics, near-ties included). The result is cached (id, cluster, distance:
+   nearest centre and the distance to it (float64: float32 moves rows near a tie between two
+   centres). The result is cached (id, cluster, distance:
    small) so the per-cluster statistics and the table write share it.
 6. Two aggregations give each cluster's size and distance statistics (from the cached
    assignment) and its mean unit embedding (``TopicModel.cluster_sums``: each Arrow batch of the
