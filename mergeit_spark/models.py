@@ -42,7 +42,8 @@ those. bench/bench_sparknlp.py measures both. Once per (model, max_seq_length), 
 
 **The topic model**, in the pyspark.ml style: the estimator :class:`TopicClustering` (parameters
 from ``TopicsSettings``) fits a :class:`TopicModel` on an embeddings DataFrame (``id``,
-``embedding``): MLlib ``PCA`` to the variance target, then MLlib ``KMeans`` on that projection.
+``embedding``): PCA to the variance target (``pca.py``: an MLlib ``PCAModel`` whose components
+numpy computes), then MLlib ``KMeans`` on that projection.
 ``TopicModel.transform`` assigns rows to their nearest centre without refitting;
 ``TopicModel.save(path)`` / ``TopicModel.load(path)`` keep it in a folder: ``pipeline/`` is an
 MLlib ``PipelineModel`` (``PCAModel`` with all components, a ``VectorSlicer`` keeping the first m,
@@ -76,7 +77,7 @@ import pyarrow.parquet as pq
 from pyspark.broadcast import Broadcast
 from pyspark.ml import PipelineModel
 from pyspark.ml.clustering import KMeans
-from pyspark.ml.feature import PCA, PCAModel, VectorSlicer
+from pyspark.ml.feature import PCAModel, VectorSlicer
 from pyspark.ml.functions import array_to_vector
 from pyspark.ml.stat import Summarizer
 from pyspark.sql import DataFrame, SparkSession
@@ -86,6 +87,7 @@ from pyspark.sql.pandas.types import to_arrow_schema
 
 from .config import EmbedSettings, TopicsSettings
 from .fs import Location, resolve
+from .pca import fit_pca
 from .session import jvm_has_class
 from .worker_imports import in_pyspark_worker
 
@@ -807,9 +809,9 @@ _TOPICS_DEFAULTS = TopicsSettings()
 class TopicClustering:
     """The topic model's estimator: ``TopicClustering(...).fit(embeddings)`` → :class:`TopicModel`.
 
-    The fit (stages/topics.py's module doc says why each step is so): MLlib ``PCA`` with all d
-    components on the embeddings (spread over the cores first when they come in fewer
-    partitions); the fewest components reaching ``variance``; the rows projected onto them (m
+    The fit (stages/topics.py's module doc says why each step is so): PCA with all d components
+    (:func:`~mergeit_spark.pca.fit_pca`) on the embeddings (spread over the cores first when they
+    come in fewer partitions); the fewest components reaching ``variance``; the rows projected onto them (m
     float32 per row) hash-partitioned by id into ceil(n / ``partition_rows``) partitions, sorted
     by id and cached; MLlib ``KMeans`` (seeded, k-means||) on that. k = 1 is one cluster whose
     centre is the mean (MLlib needs k >= 2). Above ``fit_rows_per_cluster`` x k rows, PCA and
@@ -862,11 +864,11 @@ class TopicClustering:
         k = cluster_count(n, self.k)  # from the whole row count, sampled or not
         embeddings, fit_n = fit_sample(embeddings, n, k * self.fit_rows_per_cluster, self.seed)
         k = min(k, fit_n)
-        vectors = embeddings.select(array_to_vector(F.col("embedding")).alias("features"))
+        vectors = embeddings.select("embedding")
         cores = spark.sparkContext.defaultParallelism
-        if vectors.rdd.getNumPartitions() < cores:  # a table of few files: spread the two PCA passes
+        if vectors.rdd.getNumPartitions() < cores:  # a table of few files: spread the scatter's pass
             vectors = vectors.repartition(cores)
-        pca = PCA(k=dim, inputCol="features", outputCol="pca_full").fit(vectors)
+        pca = fit_pca(vectors, "embedding", output_col="pca_full")  # not MLlib's PCA.fit: see pca.py
         explained = np.asarray(pca.explainedVariance.toArray())
         m = components_for_variance(explained, self.variance)
         slicer = VectorSlicer(inputCol="pca_full", outputCol="pca", indices=list(range(m)))

@@ -340,6 +340,9 @@ DRIVER_FETCHES = {
         ("count", "projected"),                                         # one number: fills the cache
         ("first", "projected.agg(Summarizer.mean("),                    # one row (k = 1 only)
     ],
+    "pca.py": [
+        ("collect", "partials"),                                        # at most MERGE_FAN_IN d x d matrices
+    ],
     "stages/embed.py": [],
     "stages/topics.py": [
         ("collect", 'topics.groupBy("cluster")'),           # k rows: per-cluster distance statistics

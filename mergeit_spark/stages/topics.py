@@ -1,4 +1,4 @@
-"""Topics stage: PCA to the variance target, then k-means, both MLlib; the fitted model is saved.
+"""Topics stage: PCA to the variance target, then MLlib k-means; the fitted model is saved.
 
 The model is ``models.py``'s estimator/model pair: ``TopicClustering`` fits (steps 1-4 below),
 ``TopicModel`` assigns rows (step 5), saves and loads. This module builds the stage's tables.
@@ -19,9 +19,12 @@ How, pass by pass (n rows, d model dimensions, m kept components):
    them; ``summary.kmeans_training_cost`` is the sample's. Placing k centres takes a few hundred
    rows per centre, not all of them, so the sample grows with k (as sqrt(n) under the paper's
    rule) while the work it saves grows with n.
-2. MLlib ``PCA`` with all d components (which gives the explained-variance curve) is fitted on the
-   embeddings as they are read (spread over the cores first when the table has fewer files than
-   that): the covariance does not depend on row order, and nothing is cached for it.
+2. PCA with all d components (which gives the explained-variance curve), by ``pca.py``: one pass
+   over the embeddings as they are read (spread over the cores first when the table has fewer
+   files than that) sums each partition's scatter matrix, numpy's symmetric eigensolver on the
+   driver decomposes the d x d total, and the result is an MLlib ``PCAModel``. Not MLlib's own
+   ``PCA.fit``: its pure-Java SVD can return non-orthonormal components on a rank-deficient
+   covariance (fewer rows than d), without an error. Nothing is cached for this pass.
 3. The k-means input is the projection onto the first m components (the full projection sliced,
    not a second fit), kept as m float32 per row, the width k-means needs, and cached: k-means
    reads it some fifteen times. It is hash-partitioned by id into ceil(n / ``partition_rows``)
@@ -167,7 +170,7 @@ class Topics(Stage):
     """embeddings → topics, centroids, and the fitted topic model (saved under the run root)."""
 
     name = "topics"
-    version = "2"  # 2: fit on a sample above topics.fit_rows_per_cluster x k
+    version = "3"  # 2: fit on a sample above topics.fit_rows_per_cluster x k; 3: PCA by pca.py
     inputs = ("embeddings",)
     outputs = ("topics", "centroids")
     settings_sections = ("topics",)
