@@ -325,6 +325,14 @@ def test_a_sampled_fit_keeps_k_of_all_rows_assigns_every_row_and_costs_all(spark
     assert summary["cost"] <= 1.10 * full["cost"]
 
 
+def test_one_row_is_one_topic_at_its_own_centre(spark, settings):
+    """MLlib's PCA refuses a covariance of one row; a run of one record still gets its topic."""
+    one = spark.createDataFrame([("a", [0.6, 0.8, 0.0])], "id string, embedding array<float>")
+    result = fit_topics(one, settings.topics)
+    assert [tuple(r) for r in result.topics.collect()] == [("a", 0, 0.0)]
+    assert result.summary["k"] == 1 and result.summary["pca_components"] == 1 and result.summary["cost"] == 0.0
+
+
 def test_topic_clustering_refuses_no_rows(spark):
     with pytest.raises(ValueError, match="no rows"):
         TopicClustering().fit(spark.createDataFrame([], "id string, embedding array<float>"))
