@@ -79,54 +79,51 @@ class Scatter:
         return cls(rows, m, np.frombuffer(scatter, dtype=np.float64).reshape(m.size, m.size))
 
 
-def combined(parts: list[tuple[int, Scatter]]) -> tuple[int, Scatter] | None:
-    """The partials added in the order of their first partition; None when there are none."""
-    ordered = sorted(parts, key=lambda p: p[0])
-    if not ordered:
-        return None
-    first, total = ordered[0]
-    for _, scatter in ordered[1:]:
-        total = total + scatter
-    return first, total
+def _added(total: Scatter | None, part: Scatter) -> Scatter:
+    return part if total is None else total + part
 
 
 @dataclass(frozen=True)
 class _PartitionScatter:
-    """mapInArrow: a partition's vectors (array<float|double> in ``column``) → one scatter row."""
+    """mapInArrow: a partition's vectors (array<float|double> in ``column``) → one scatter row,
+    the batches added in the order they come."""
 
     column: str
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        parts = []
+        total = None
         for batch in batches:
             if batch.num_rows:
                 flat = batch.column(self.column).flatten().to_numpy(zero_copy_only=False)
-                parts.append((len(parts), Scatter.of(flat.reshape(batch.num_rows, -1).astype(np.float64))))
-        total = combined(parts)
+                total = _added(total, Scatter.of(flat.reshape(batch.num_rows, -1).astype(np.float64)))
         if total is not None:
-            yield total[1].to_batch(TaskContext.get().partitionId())
+            yield total.to_batch(TaskContext.get().partitionId())
 
 
 def _merge_scatters(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """mapInArrow: scatter rows → their sum, one row (in partition order, see :func:`combined`)."""
-    parts = [(row["part"], Scatter.from_row(row["rows"], row["mean"], row["scatter"]))
-             for batch in batches for row in batch.to_pylist()]
-    total = combined(parts)
+    """mapInArrow: scatter rows, sorted by ``part`` → their sum, one row, labelled with the first."""
+    total, first = None, None
+    for batch in batches:
+        for row in batch.to_pylist():
+            first = row["part"] if first is None else first
+            total = _added(total, Scatter.from_row(row["rows"], row["mean"], row["scatter"]))
     if total is not None:
-        yield total[1].to_batch(total[0])
+        yield total.to_batch(first)
 
 
 def scatter_of(vectors: DataFrame, column: str) -> Scatter | None:
-    """The scatter of every row of ``vectors[column]``; None when there are no rows."""
+    """The scatter of every row of ``vectors[column]``; None when there are no rows. Partials are
+    added in partition order, so the same partitions give the same bits."""
     partials = vectors.select(column).mapInArrow(_PartitionScatter(column), SCATTER_SCHEMA)
     partitions = vectors.rdd.getNumPartitions()
     if partitions > MERGE_FAN_IN:
-        groups = math.ceil(partitions / MERGE_FAN_IN)
+        groups = min(MERGE_FAN_IN, math.ceil(partitions / MERGE_FAN_IN))
         partials = (partials.repartitionByRange(groups, "part").sortWithinPartitions("part")
                     .mapInArrow(_merge_scatters, SCATTER_SCHEMA))
-    rows = partials.collect()  # at most MERGE_FAN_IN rows of d x d
-    total = combined([(r["part"], Scatter.from_row(r["rows"], r["mean"], r["scatter"])) for r in rows])
-    return None if total is None else total[1]
+    total = None
+    for row in sorted(partials.collect(), key=lambda r: r["part"]):  # at most MERGE_FAN_IN d x d matrices
+        total = _added(total, Scatter.from_row(row["rows"], row["mean"], row["scatter"]))
+    return total
 
 
 def components(scatter: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +148,8 @@ def fit_pca(vectors: DataFrame, column: str, output_col: str) -> PCAModel:
     return pca_model(vectors.sparkSession, pc, shares, output_col)
 
 
-def pca_model(spark: SparkSession, pc: np.ndarray, shares: np.ndarray, output_col: str, input_col: str = "features") -> PCAModel:
+def pca_model(spark: SparkSession, pc: np.ndarray, shares: np.ndarray, output_col: str,
+              input_col: str = "features") -> PCAModel:
     """The MLlib ``PCAModel`` holding ``pc`` (d x k, columns) and ``shares``, as ``PCA.fit``
     would have made it (MLlib has no public constructor; its Scala one is package-private)."""
     from pyspark.ml.common import _py2java
