@@ -811,10 +811,10 @@ class TopicClustering:
 
     The fit (stages/topics.py's module doc says why each step is so): PCA with all d components
     (:func:`~mergeit_spark.pca.fit_pca`) on the embeddings (spread over the cores first when they
-    come in fewer partitions); the fewest components reaching ``variance``; the rows projected onto them (m
-    float32 per row) hash-partitioned by id into ceil(n / ``partition_rows``) partitions, sorted
-    by id and cached; MLlib ``KMeans`` (seeded, k-means||) on that. k = 1 is one cluster whose
-    centre is the mean (MLlib needs k >= 2). Above ``fit_rows_per_cluster`` x k rows, PCA and
+    come in fewer partitions); the fewest components reaching ``variance``; the rows projected
+    onto them (m float32 per row) hash-partitioned by id into ceil(n / ``partition_rows``)
+    partitions, sorted by id and cached; MLlib ``KMeans`` (seeded, k-means||) on that. k = 1 is
+    one cluster whose centre is the mean (MLlib needs k >= 2). Above ``fit_rows_per_cluster`` x k rows, PCA and
     k-means see a sample of about that many (:func:`fit_sample`); k follows the whole row count.
 
     Parameters (the defaults are ``TopicsSettings``'; :meth:`from_settings` copies a settings
