@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -74,9 +74,10 @@ class Scatter:
             schema=_ARROW_SCHEMA)
 
     @classmethod
-    def from_row(cls, rows: int, mean: bytes, scatter: bytes) -> "Scatter":
-        m = np.frombuffer(mean, dtype=np.float64)
-        return cls(rows, m, np.frombuffer(scatter, dtype=np.float64).reshape(m.size, m.size))
+    def from_row(cls, row: Mapping[str, Any]) -> "Scatter":
+        """The scatter a ``SCATTER_SCHEMA`` row holds."""
+        mean = np.frombuffer(row["mean"], dtype=np.float64)
+        return cls(row["rows"], mean, np.frombuffer(row["scatter"], dtype=np.float64).reshape(mean.size, mean.size))
 
 
 def _added(total: Scatter | None, part: Scatter) -> Scatter:
@@ -106,7 +107,7 @@ def _merge_scatters(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatc
     for batch in batches:
         for row in batch.to_pylist():
             first = row["part"] if first is None else first
-            total = _added(total, Scatter.from_row(row["rows"], row["mean"], row["scatter"]))
+            total = _added(total, Scatter.from_row(row))
     if total is not None:
         yield total.to_batch(first)
 
@@ -122,7 +123,7 @@ def scatter_of(vectors: DataFrame, column: str) -> Scatter | None:
                     .mapInArrow(_merge_scatters, SCATTER_SCHEMA))
     total = None
     for row in sorted(partials.collect(), key=lambda r: r["part"]):  # at most MERGE_FAN_IN d x d matrices
-        total = _added(total, Scatter.from_row(row["rows"], row["mean"], row["scatter"]))
+        total = _added(total, Scatter.from_row(row))
     return total
 
 
