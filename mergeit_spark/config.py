@@ -287,6 +287,11 @@ class LLMSettings:
                                   "(its /models entry); a group whose prompt plus max_tokens cannot fit "
                                   "fails with prompt_too_long, unsent. 0 = no check unless the server says.",
                                _non_negative, ">= 0")
+    price_input_per_million: float = knob(0.0, "What base_url charges per million prompt tokens (your "
+                                                "account's currency); no price is built in. merge.max_cost "
+                                                "counts with it.", _non_negative, ">= 0")
+    price_output_per_million: float = knob(0.0, "What base_url charges per million completion tokens; see "
+                                                 "price_input_per_million.", _non_negative, ">= 0")
     preflight: bool = knob(True, "Before the merge stage starts any task, send one small request to "
                                  "base_url; a server that cannot answer fails the run there.",
                          speed_only=True)
@@ -303,6 +308,9 @@ class MergeSettings:
                              _non_negative, ">= 0")
     max_total_tokens: int = knob(0, "Budget: tokens this run root may spend in all, counted like "
                                     "max_requests; 0 = no cap.", _non_negative, ">= 0")
+    max_cost: float = knob(0.0, "Budget: money this run root may spend in all, at llm.price_*_per_million, "
+                                "counted like max_requests (the prompt estimate + llm.max_tokens held "
+                                "until the reply says what was used); 0 = no cap.", _non_negative, ">= 0")
     max_output_chars: int = knob(20_000, "A merged field longer than this many characters is invalid.",
                                  _positive, "> 0")
     partitions: int = knob(0, "Partitions (ledger buckets) for merge requests; 0 = Spark's default parallelism.",
@@ -310,6 +318,10 @@ class MergeSettings:
     retry_failed: bool = knob(False, "Also re-request groups whose reply stayed invalid after every "
                                      "regeneration (`mergeit run --retry-failed`); otherwise a rerun "
                                      "retries only budget, transport and server failures.")
+    progress_interval_s: float = knob(10.0, "While the merge stage runs, the driver prints what it has recorded "
+                                            "(groups by status, requests, tokens, cost, rate, time left) every "
+                                            "this many seconds, read from the ledger; 0 = never.",
+                                      _non_negative, ">= 0", speed_only=True)
     max_failed_share: float = knob(0.05, "`mergeit run` exits non-zero when more than this share of the "
                                          "merge groups failed for a reason a rerun can fix (transport, "
                                          "server, timeout, circuit_open, budget, a crash).",

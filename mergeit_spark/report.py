@@ -92,6 +92,7 @@ def collect_report_data(store: TableStore, settings: Settings, timings: dict | N
     data["decontamination"] = decontam_numbers(t, settings.decontam.min_item_words)
     data["topics"] = _topic_numbers(t, rows)
     data["merging"] = _merge_numbers(t)
+    data["merging"].update(_spend_numbers(store, settings, data["merging"]))
     data["funnel"] = _funnel(data, rows)
     if {"records", "rejects", "lineage", "final"} <= have:
         try:
@@ -750,6 +751,26 @@ def _topics_html(data: dict[str, Any], pictures: dict[str, Path]) -> list[str]:
     return parts
 
 
+def _spend_numbers(store: TableStore, settings: Settings, merging: dict[str, Any]) -> dict[str, Any]:
+    """With prices stated (``llm.price_*``): what the merges rows' tokens cost, and what the
+    ledger records as spent on this run root over every run (failed requests, retries and the
+    preflight included), the figure ``merge.max_cost`` is held to."""
+    from .llm.spend import Prices
+    from .stages.merge import LEDGER_NAME, ledger_spend
+    prices = Prices.from_settings(settings.llm)
+    if not (prices.input_per_million or prices.output_per_million) or "rows" not in merging:
+        return {}
+    spent = ledger_spend(store.spark, store.ledger_path(LEDGER_NAME), prices)
+    return {"cost": _num(round(prices.cost(merging["prompt_tokens"], merging["completion_tokens"]), 6)),
+            "ledger_spent": {"requests": spent.requests, "tokens": spent.tokens, "cost": _num(round(spent.cost, 6))},
+            "max_cost": settings.merge.max_cost or None}
+
+
+def _money(value: float | None) -> str:
+    """An amount at four decimals: LLM calls cost fractions of a cent each."""
+    return "" if value is None else f"{value:.4f}"
+
+
 def _merging_html(merging: dict[str, Any]) -> list[str]:
     if not merging:
         return []
@@ -759,6 +780,12 @@ def _merging_html(merging: dict[str, Any]) -> list[str]:
                     [[merging.get("groups"), merging.get("grouped_rows"), merging.get("mean_group_similarity"),
                       merging.get("rows"), merging.get("prompt_tokens"), merging.get("completion_tokens"),
                       merging.get("latency_ms_p50"), merging.get("latency_ms_p95")]])]
+    if "ledger_spent" in merging:
+        spent = merging["ledger_spent"]
+        parts.append(_table(["cost of the merges rows", "spent on this root (ledger: every run, retries, "
+                             "preflight)", "requests", "tokens", "cap (merge.max_cost)"],
+                            [[_money(merging.get("cost")), _money(spent["cost"]), spent["requests"], spent["tokens"],
+                              _money(merging.get("max_cost")) if merging.get("max_cost") else "none"]]))
     listings = (("requests_by_status", "merge status"), ("gate_rejections", "gate check failed"),
                 ("models", "model"))
     for key, header in listings:

@@ -16,6 +16,7 @@ import pytest
 
 from mergeit_spark import fs
 from mergeit_spark.llm import ledger as ledger_mod
+from mergeit_spark.llm.spend import Prices
 from mergeit_spark.llm.ledger import (BucketState, LedgerWriter, bucket_objects, compact, compact_bucket,
                                       fold_lines, read_bucket)
 
@@ -42,22 +43,37 @@ def _result(gid: str, status: str = "merged", **extra) -> dict:
     return line
 
 
-def _spend_of(root: fs.Location) -> tuple[int, int]:
+PRICES = Prices(input_per_million=2.0, output_per_million=10.0)
+
+
+def _cost(line: dict, prices: Prices) -> float:
+    """A line's tokens at ``prices``: those it does not split into prompt and completion (lines
+    of older versions) at the higher rate."""
+    prompt, completion = int(line.get("prompt_tokens") or 0), int(line.get("completion_tokens") or 0)
+    rest = int(line.get("tokens") or prompt + completion) - prompt - completion
+    return (prompt * prices.input_per_million + completion * prices.output_per_million
+            + rest * max(prices.input_per_million, prices.output_per_million)) / 1e6
+
+
+def _spend_of(root: fs.Location, prices: Prices = Prices()) -> tuple[int, int, float]:
     """What ``ledger_spend`` counts, read without Spark (the same rules, for the fast tests)."""
     reserved, settled, results = {}, {}, {}
     for bucket in ledger_mod.ledger_buckets(root):
         for obj in bucket_objects(root, bucket):
-            for line in ledger_mod._parse(obj.read_bytes() or b""):
+            for line in ledger_mod.parse_lines(obj.read_bytes() or b""):
                 if line.get("spend"):
-                    reserved[line["spend"]] = int(line.get("tokens") or 0)
+                    reserved[line["spend"]] = line
                 elif line.get("settle"):
-                    settled[line["settle"]] = max(settled.get(line["settle"], 0), int(line.get("tokens") or 0))
+                    old = settled.get(line["settle"])
+                    if old is None or int(line.get("tokens") or 0) > int(old.get("tokens") or 0):
+                        settled[line["settle"]] = line
                 elif (line.get("status") or line.get("superseded")) and not line.get("journaled"):
                     results[ledger_mod.line_identity(line)] = line
+    used = [settled.get(k, v) for k, v in reserved.items()] + list(results.values())
     requests = len(reserved) + sum(int(r.get("attempts") or 0) for r in results.values())
-    tokens = sum(settled.get(k, v) for k, v in reserved.items()) + sum(
+    tokens = sum(int(x.get("tokens") or 0) for x in used[:len(reserved)]) + sum(
         int(r.get("prompt_tokens") or 0) + int(r.get("completion_tokens") or 0) for r in results.values())
-    return requests, tokens
+    return requests, tokens, sum(_cost(x, prices) for x in used)
 
 
 def _busy_bucket(root: fs.Location, bucket: int = 5) -> dict:
@@ -78,11 +94,18 @@ def _busy_bucket(root: fs.Location, bucket: int = 5) -> dict:
 
     second = LedgerWriter(root, "p0-a3-second", max_lines=1)
     second.open_bucket(bucket, read_bucket(root, bucket).max_seq)
-    for n, gid in enumerate(("g3", "g4")):   # a budgeted run: spend lines, journaled results
-        second.submit(bucket, {"spend": f"s{n}", "run": "r2", "requests": 1, "tokens": 100}).result()
-        second.submit(bucket, {"settle": f"s{n}", "run": "r2", "tokens": 40 + n}).result()
-        second.submit(bucket, _result(gid, "gate_failed", journaled=True, run="r2", task="second")).result()
-    second.submit(bucket, {"spend": "s-unsettled", "run": "r2", "requests": 1, "tokens": 77}).result()
+    # A budgeted run: spend lines, journaled results. s0 as older versions wrote it (tokens only),
+    # s1 and the unsettled one with prompt and completion apart.
+    second.submit(bucket, {"spend": "s0", "run": "r2", "requests": 1, "tokens": 100}).result()
+    second.submit(bucket, {"settle": "s0", "run": "r2", "tokens": 40}).result()
+    second.submit(bucket, _result("g3", "gate_failed", journaled=True, run="r2", task="second")).result()
+    second.submit(bucket, {"spend": "s1", "run": "r2", "requests": 1, "tokens": 100, "prompt_tokens": 60,
+                           "completion_tokens": 40}).result()
+    second.submit(bucket, {"settle": "s1", "run": "r2", "tokens": 41, "prompt_tokens": 30,
+                           "completion_tokens": 11}).result()
+    second.submit(bucket, _result("g4", "gate_failed", journaled=True, run="r2", task="second")).result()
+    second.submit(bucket, {"spend": "s-unsettled", "run": "r2", "requests": 1, "tokens": 77, "prompt_tokens": 27,
+                           "completion_tokens": 50}).result()
     second.close()
     return {"objects": len(_objects(root, bucket))}
 
@@ -221,8 +244,11 @@ def test_compaction_keeps_latest_lines_spend_and_sequence_in_one_object(tmp_path
     after = read_bucket(root, 5)
     assert _state(after) == _state(before)
     assert _spend_of(root) == spend_before
-    assert after.spent("r2") == (3, 40 + 41 + 77)        # spends by id, settled or at reservation
-    lines = ledger_mod._parse(Path(root.local, "bucket=5", name).read_bytes())
+    assert after.spent("r2") == (3, 40 + 41 + 77, 0.0)   # spends by id, settled or at reservation
+    # At prices: s0's 40 unsplit tokens at the higher rate, s1 as settled, the unsettled spend as
+    # reserved: (40 * 10 + 30 * 2 + 11 * 10 + 27 * 2 + 50 * 10) / 1e6.
+    assert after.spent("r2", PRICES) == (3, 158, pytest.approx(1124e-6))
+    lines = ledger_mod.parse_lines(Path(root.local, "bucket=5", name).read_bytes())
     results = [x for x in lines if x.get("status")]
     assert len(results) == len(before.latest) == 4         # g1..g4: one line each
     # The superseded unjournaled results keep only what they paid, without texts or status.
@@ -255,7 +281,7 @@ def test_a_writer_after_compaction_numbers_above_the_old_sequence(tmp_path):
     top = read_bucket(root, 5).max_seq
     compact_bucket(root, 5)
     [obj] = bucket_objects(root, 5)
-    header = ledger_mod._parse(obj.read_bytes())[0]
+    header = ledger_mod.parse_lines(obj.read_bytes())[0]
     assert header["compacted"] and header["seq"] == top
     state = BucketState()     # the header alone keeps the sequence, whatever lines are kept
     state.add(header)
@@ -302,14 +328,16 @@ def test_ledger_spend_counts_each_line_once_across_compaction_and_a_killed_one(s
     root = _root(tmp_path)
     _busy_bucket(root, bucket=5)
     _busy_bucket(root, bucket=9)
-    spent = ledger_spend(spark, root)
-    assert spent == _spend_of(root) and spent[0] > 0
+    spent = ledger_spend(spark, root, PRICES)
+    requests, tokens, cost = _spend_of(root, PRICES)
+    assert spent == (requests, tokens, pytest.approx(cost)) and requests > 0 and cost > 0
     lines = ledger_mod._read_lines(root, 9)[1]
     (root / "bucket=9" / "compacted-killed.jsonl").write_bytes(ledger_mod._dumps(fold_lines(lines)))
-    assert ledger_spend(spark, root) == spent                   # copies count once
+    assert ledger_spend(spark, root, PRICES) == spent                   # copies count once
     compact(root)
-    assert ledger_spend(spark, root) == spent                   # superseded lines still count
-    assert ledger_spend(spark, fs.resolve(str(tmp_path / "empty"))) == (0, 0)
+    assert ledger_spend(spark, root, PRICES) == spent                   # superseded lines still count
+    assert ledger_spend(spark, root) == (requests, tokens, 0.0)         # free: the same tokens
+    assert ledger_spend(spark, fs.resolve(str(tmp_path / "empty"))) == (0, 0, 0.0)
 
 
 def test_cli_ledger_compact_takes_the_lease(spark, tmp_path, capsys):

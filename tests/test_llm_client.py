@@ -10,7 +10,7 @@ import pytest
 
 from mergeit_spark.config import load_settings
 from mergeit_spark.llm import client as client_mod
-from mergeit_spark.llm.client import (Budget, MergeClient, RateLimits, extract_json_object,
+from mergeit_spark.llm.client import (Budget, MergeClient, Prices, RateLimits, extract_json_object,
                                       resolve_api_key, retry_after_seconds, validate_merged)
 from mergeit_spark.llm.gate import GateResult
 from mergeit_spark.llm.prompt import EXAMPLES_BEGIN, build_messages, parse_examples, prompt_hash
@@ -333,10 +333,28 @@ def test_budget_caps_requests_and_marks_the_rest():
 
 def test_token_budget_reserves_worst_case():
     budget = Budget(max_tokens=1000)
-    assert budget.reserve(300, 500) == 800
+    held = budget.reserve(300, 500)
+    assert held.total == 800
     assert budget.reserve(300, 500) is None and budget.exhausted
-    budget.settle(800, 120)
-    assert budget.reserve(300, 500) == 800 and budget.tokens == 120
+    budget.settle(held, 100, 20)
+    assert budget.reserve(300, 500).total == 800 and budget.tokens == 120
+
+
+def test_money_budget_prices_prompt_and_completion_apart():
+    """At 2 per million prompt tokens and 10 per million completion tokens, a request of 300 +
+    500 reserves 0.0056; the cap admits what fits and counts what the server said was used."""
+    prices = Prices(input_per_million=2.0, output_per_million=10.0)
+    assert prices.cost(300, 500) == pytest.approx(0.0056)
+    assert prices.cost(0, 0, unsplit_tokens=100) == pytest.approx(0.001)  # old lines: the higher rate
+    budget = Budget(max_cost=0.01, prices=prices)
+    held = budget.reserve(300, 500)
+    assert held is not None and budget.reserve(300, 500) is None and budget.exhausted
+    budget.settle(held, 280, 40)            # 0.00056 + 0.0004
+    assert budget.cost == pytest.approx(0.00096) and budget.reserved_cost == pytest.approx(0.0)
+    assert budget.reserve(300, 500) is not None                    # 0.00096 + 0.0056 fits 0.01
+    assert budget.reserve(300, 500) is None                        # one more would not
+    budget.grant(cost=0.01)
+    assert budget.reserve(300, 500) is not None
 
 
 def test_api_key_sources_and_scrubbing(tmp_path, monkeypatch):

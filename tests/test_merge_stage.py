@@ -3,6 +3,8 @@ client): balance, ledger, budget, fault injection, reruns, merged ids that final
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -16,8 +18,10 @@ from mergeit_spark.llm import client as client_mod
 from mergeit_spark.stages import StageContext
 from mergeit_spark.llm.ledger import LEDGER_BUCKETS
 from mergeit_spark.stages.decontam import no_evaluation
-from mergeit_spark.stages.merge import (LEDGER_DIR, MERGES_SCHEMA, Merge, bucket_ranges, gate_rejections,
-                                        ledger_bucket, merge_runs, read_bucket,
+from mergeit_spark.llm.spend import Prices
+from mergeit_spark.report import _merging_html, collect_report_data
+from mergeit_spark.stages.merge import (LEDGER_DIR, LEDGER_NAME, MERGES_SCHEMA, Merge, bucket_ranges, gate_rejections,
+                                        ledger_bucket, ledger_spend, merge_runs, read_bucket,
                                         split_budget)
 
 from _merge_helpers import finalize_merges, load_rows, make_inputs, run_merge_stage
@@ -158,6 +162,61 @@ def test_token_budget_is_never_exceeded(spark, store, inputs):
     assert 0 < summary.requests < len(inputs[3])
     assert summary.total_tokens <= 12000
     assert summary.budget_exhausted == len(inputs[3]) - summary.requests
+
+
+def test_money_cap_holds_across_runs_and_a_higher_cap_finishes_the_rest(spark, store, inputs):
+    """merge.max_cost at stated prices: what the server says it used (the merges rows' tokens, the
+    preflight's too) stays under the cap; a rerun at the same cap sends nothing, since the ledger
+    already holds the spend; a higher cap sends exactly the groups the first left."""
+    prices = ("llm.price_input_per_million=2", "llm.price_output_per_million=10", "llm.max_tokens=600")
+    cap = 0.03   # a reservation is about 0.007 (its prompt estimate and 600 completion tokens)
+    n_groups = len(inputs[3])
+    ledger = store.ledger_path(LEDGER_NAME)
+
+    def paid(rows):
+        return sum(r["prompt_tokens"] * 2 + r["completion_tokens"] * 10 for r in rows) / 1e6
+
+    with FakeOpenAI() as fake:
+        first = run(spark, store, stage_settings(fake.base_url, *prices, f"merge.max_cost={cap}"), inputs)
+        rows = merges_rows(store)
+        spent = ledger_spend(spark, ledger, Prices(2.0, 10.0))
+        assert 0 < first.requests < n_groups and first.budget_exhausted == n_groups - first.requests
+        assert paid(rows) <= first.cost <= spent.cost <= cap      # settled, then what the ledger holds
+        assert spent.requests == first.requests + fake.preflights
+        again = run(spark, store, stage_settings(fake.base_url, *prices, f"merge.max_cost={cap}"), inputs)
+        assert again.requests == 0 and fake.count == first.requests
+        assert again.budget_exhausted == first.budget_exhausted
+        more = run(spark, store, stage_settings(fake.base_url, *prices, "merge.max_cost=1"), inputs)
+    assert more.requests == first.budget_exhausted and fake.count == n_groups
+    rows = merges_rows(store)
+    assert {r["status"] for r in rows} <= {"merged", "gate_failed"}
+    # The report: the merges rows' cost, and the ledger's spend on the root over the three runs.
+    merging = collect_report_data(store, stage_settings("http://127.0.0.1:9/v1", *prices))["merging"]
+    assert merging["cost"] == pytest.approx(paid(rows), abs=1e-6)
+    assert merging["ledger_spent"]["requests"] == n_groups + fake.preflights
+    spent = ledger_spend(spark, ledger, Prices(2.0, 10.0))
+    assert merging["ledger_spent"]["cost"] == pytest.approx(spent.cost, abs=1e-6)
+    assert f"<td>{merging['ledger_spent']['cost']:.4f}</td>" in "".join(_merging_html(merging))
+
+
+def test_progress_lines_count_up_to_what_the_pass_recorded(spark, store, inputs, caplog):
+    """While the pass runs (a slow server), the driver logs what the ledger holds every interval:
+    counts that only grow, and a last line equal to the stage's own summary."""
+    n_groups = len(inputs[3])
+    pattern = re.compile(r"merge: (\d+)/(\d+) groups recorded this run \((.*)\); (\d+) requests, (\d+) tokens, "
+                         r"cost (\S+); .* groups/s")
+    with caplog.at_level(logging.INFO, logger="mergeit_spark.llm.progress"), FakeOpenAI(latency_s=0.4) as fake:
+        summary = run(spark, store, stage_settings(fake.base_url, "llm.concurrency=1", "merge.progress_interval_s=0.3",
+                                                   "llm.price_input_per_million=1"), inputs)
+    seen = [pattern.match(r.getMessage()) for r in caplog.records if r.name == "mergeit_spark.llm.progress"]
+    assert len(seen) >= 3 and all(seen)
+    done = [int(m.group(1)) for m in seen]
+    assert done == sorted(done) and done[0] < n_groups and {m.group(2) for m in seen[1:]} == {str(n_groups)}
+    last = seen[-1]
+    statuses = dict((s, int(n)) for n, s in (part.split(" ") for part in last.group(3).split(", ")))
+    assert done[-1] == n_groups and statuses == summary.by_status
+    assert (int(last.group(4)), int(last.group(5))) == (summary.requests, summary.total_tokens)
+    assert float(last.group(6)) == pytest.approx(summary.prompt_tokens / 1e6, abs=1e-4)
 
 
 def test_changed_gate_rejudges_from_the_ledger_without_requests(spark, store, inputs):

@@ -73,6 +73,7 @@ import openai
 from aiolimiter import AsyncLimiter
 
 from ..config import LLMSettings, MergeSettings
+from .spend import Prices, Tokens
 from ..redact import register_secret
 from .prompt import MERGED_SCHEMA, build_messages
 from .reply import extract_json_object, validate_merged
@@ -209,46 +210,58 @@ def backoff_delay(retry: int, llm: LLMSettings, retry_after: float | None = None
 
 # -- budget -------------------------------------------------------------------------------------
 class Budget:
-    """Request and token allowance for one event loop (one Spark task); ``None`` = no cap.
+    """Request, token and money allowance for one event loop (one Spark task); ``None`` = no cap.
 
     A request is sent only when one more request fits ``max_requests`` and its worst case
-    (estimated prompt tokens + ``llm.max_tokens``) fits what is left of ``max_tokens``; the
-    estimate is replaced by the real usage when the reply arrives. So requests never exceed the
-    cap, and tokens exceed it only if the server counts more prompt tokens than the estimate
-    (``llm.tokens``: per-script rates meant never to fall short of a real tokenizer).
+    (estimated prompt tokens + ``llm.max_tokens``, and what they cost at ``prices``) fits what
+    is left of ``max_tokens`` and ``max_cost``; the estimate is replaced by the real usage when the
+    reply arrives. So requests never exceed the cap, and tokens and cost exceed theirs only if the
+    server counts more prompt tokens than the estimate (``llm.tokens``: per-script rates meant
+    never to fall short of a real tokenizer).
     """
 
-    def __init__(self, max_requests: int | None = None, max_tokens: int | None = None) -> None:
+    def __init__(self, max_requests: int | None = None, max_tokens: int | None = None,
+                 max_cost: float | None = None, prices: Prices = Prices()) -> None:
         self.max_requests = max_requests
         self.max_tokens = max_tokens
+        self.max_cost = max_cost
+        self.prices = prices
         self.requests = 0
         self.tokens = 0
+        self.cost = 0.0
         self.reserved = 0
+        self.reserved_cost = 0.0
         self.exhausted = False
 
-    def grant(self, requests: int = 0, tokens: int = 0) -> None:
+    def grant(self, requests: int = 0, tokens: int = 0, cost: float = 0.0) -> None:
         """Raise the caps that exist (a share of the run's budget arrives)."""
         if self.max_requests is not None:
             self.max_requests += requests
         if self.max_tokens is not None:
             self.max_tokens += tokens
+        if self.max_cost is not None:
+            self.max_cost += cost
 
-    def reserve(self, prompt_estimate: int, completion_max: int) -> int | None:
+    def reserve(self, prompt_estimate: int, completion_max: int) -> Tokens | None:
         """Reserve room for one request; the reservation, or None when the budget is spent."""
-        if self.max_requests is not None and self.requests >= self.max_requests:
-            self.exhausted = True
-            return None
-        need = prompt_estimate + completion_max
-        if self.max_tokens is not None and self.tokens + self.reserved + need > self.max_tokens:
+        need = Tokens(prompt_estimate, completion_max)
+        price = need.cost(self.prices)
+        if ((self.max_requests is not None and self.requests >= self.max_requests)
+                or (self.max_tokens is not None and self.tokens + self.reserved + need.total > self.max_tokens)
+                or (self.max_cost is not None and self.cost + self.reserved_cost + price > self.max_cost)):
             self.exhausted = True
             return None
         self.requests += 1
-        self.reserved += need
+        self.reserved += need.total
+        self.reserved_cost += price
         return need
 
-    def settle(self, reservation: int, used_tokens: int) -> None:
-        self.reserved -= reservation
-        self.tokens += used_tokens
+    def settle(self, reservation: Tokens, prompt_tokens: int, completion_tokens: int) -> None:
+        """Replace a reservation by what the request really used."""
+        self.reserved -= reservation.total
+        self.reserved_cost -= reservation.cost(self.prices)
+        self.tokens += prompt_tokens + completion_tokens
+        self.cost += self.prices.cost(prompt_tokens, completion_tokens)
 
 
 # -- rate limits --------------------------------------------------------------------------------
@@ -297,13 +310,13 @@ class ChatResult:
 
 
 class SpendJournal(Protocol):
-    """Where a task records a request durably before sending it (``merge.max_requests`` and
-    ``merge.max_total_tokens`` are counted from these records, so they hold across task retries
-    and reruns): ``reserve`` returns once the record is durable, ``settle`` records what the
-    request really used."""
+    """Where a task records a request durably before sending it (``merge.max_requests``,
+    ``merge.max_total_tokens`` and ``merge.max_cost`` are counted from these records, so they
+    hold across task retries and reruns): ``reserve`` returns once the record is durable,
+    ``settle`` records what the request really used."""
 
-    async def reserve(self, tokens: int) -> str: ...
-    def settle(self, reservation: str, used_tokens: int) -> None: ...
+    async def reserve(self, reservation: Tokens) -> str: ...
+    def settle(self, spend: str, prompt_tokens: int, completion_tokens: int) -> None: ...
 
 
 @dataclass
@@ -468,7 +481,7 @@ class MergeClient:
                     return result
                 spent = await journal.reserve(reservation) if journal is not None else None
                 result.requests += 1
-                used = 0
+                used = (0, 0)
                 error, breaks = "", False
                 started = time.perf_counter()
                 try:
@@ -501,9 +514,9 @@ class MergeClient:
                     error = f"malformed_response: {self._scrub(type(exc).__name__ + ': ' + str(exc))}"
                 finally:
                     result.latency_ms += (time.perf_counter() - started) * 1000.0
-                    self.budget.settle(reservation, used)
+                    self.budget.settle(reservation, *used)
                     if spent is not None:
-                        journal.settle(spent, used)
+                        journal.settle(spent, *used)
                     self._note(error, breaks)
             result.error = error
             if self.circuit_open:
@@ -587,14 +600,15 @@ class _Malformed(ValueError):
     """The server answered 200 with a body that is not a chat completion."""
 
 
-def _count_usage(response: Any, result: ChatResult) -> int:
-    """Add a completion's token usage to ``result``; returns the tokens it used."""
+def _count_usage(response: Any, result: ChatResult) -> tuple[int, int]:
+    """Add a completion's token usage to ``result``; returns the prompt and completion tokens
+    it used."""
     usage = getattr(response, "usage", None)
     p_tok = int(getattr(usage, "prompt_tokens", 0) or 0)
     c_tok = int(getattr(usage, "completion_tokens", 0) or 0)
     result.prompt_tokens += p_tok
     result.completion_tokens += c_tok
-    return p_tok + c_tok
+    return p_tok, c_tok
 
 
 def _read_content(response: Any, result: ChatResult) -> None:
@@ -647,7 +661,8 @@ def _feedback(reply: str | None, problem: str) -> list[dict[str, str]]:
 
 
 __all__ = [
-    "Budget", "ChatResult", "MergeClient", "MergeResult", "RateLimits", "resolve_api_key", "retry_after_seconds",
+    "Budget", "ChatResult", "MergeClient", "MergeResult", "Prices", "RateLimits", "resolve_api_key",
+    "retry_after_seconds",
     "backoff_delay", "extract_json_object", "validate_merged", "STATUS_MERGED", "STATUS_GATE_FAILED",
     "STATUS_FAILED", "ERROR_BUDGET", "ERROR_CIRCUIT_OPEN", "ERROR_TRUNCATED", "ERROR_PROMPT_TOO_LONG",
     "ERROR_INVALID", "MissingAPIKey", "SpendJournal", "error_kind", "rerun_can_fix", "is_loopback", "mask_url",

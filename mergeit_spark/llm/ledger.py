@@ -23,12 +23,15 @@ the highest ``seq`` already in that bucket (it reads the bucket before it writes
 a bucket, across tasks, attempts and runs, a later line has a larger ``seq``: "latest" never
 depends on executor clocks. ``finished_ns`` (wall clock) is kept for people, not for ordering.
 
-Spend: when the run has a budget (``merge.max_requests`` / ``merge.max_total_tokens``), every
-request is recorded in its group's bucket before it is sent (``{"spend": id, "run": run, "requests":
-1, "tokens": reserved}``, durable like a result), and what it really used after its reply
-(``{"settle": id, "tokens": used}``, not waited for: an unsettled request counts its whole
-reservation). A retried task, a recomputed partition and a later run count these lines, so a cap
-holds whatever was killed when (``BucketState.spent``, ``ledger_spend``). Spend lines are keyed by
+Spend: when the run has a budget (``merge.max_requests`` / ``merge.max_total_tokens`` /
+``merge.max_cost``), every request is recorded in its group's bucket before it is sent
+(``{"spend": id, "run": run, "requests": 1, "tokens": reserved, "prompt_tokens": estimate,
+"completion_tokens": max_tokens}``, durable like a result), and what it really used after its reply
+(``{"settle": id, "tokens": used, "prompt_tokens": p, "completion_tokens": c}``, not waited for:
+an unsettled request counts its whole reservation). Cost is never written: it is the tokens at
+the prices of the run that reads them (``llm.spend``), so a price given later applies to
+everything already spent. A retried task, a recomputed partition and a later run count these
+lines, so a cap holds whatever was killed when (``BucketState.spent``, ``ledger_spend``). Spend lines are keyed by
 their id and settles by the spend id they settle: a line read twice counts once.
 
 Compaction (``compact_bucket``, ``compact``): folds every object of a bucket into one new object
@@ -59,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..fs import Location, resolve
+from .spend import Prices, Spent, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -99,42 +103,43 @@ class BucketState:
     and the highest sequence number written so far."""
     latest: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     max_seq: int = 0
-    reserved: dict[str, tuple[str, int]] = field(default_factory=dict)  # spend id -> (run, tokens)
-    settled: dict[str, int] = field(default_factory=dict)               # spend id -> tokens used
+    reserved: dict[str, tuple[str, Tokens]] = field(default_factory=dict)  # spend id -> (run, reserved)
+    settled: dict[str, Tokens] = field(default_factory=dict)               # spend id -> used
     settled_seq: dict[str, int] = field(default_factory=dict, repr=False)
 
-    def spent(self, run: str | None = None) -> tuple[int, int]:
-        """Requests and tokens recorded as spent in this bucket (by run ``run``, or by any)."""
-        requests = tokens = 0
+    def spent(self, run: str | None = None, prices: Prices = Prices()) -> Spent:
+        """Requests, tokens and cost recorded as spent in this bucket (by run ``run``, or by any);
+        an unsettled request counts its whole reservation."""
+        requests, tokens, cost = 0, 0, 0.0
         for sid, (owner, reserved) in self.reserved.items():
             if run is None or owner == run:
-                requests += 1
-                tokens += self.settled.get(sid, reserved)
-        return requests, tokens
+                used = self.settled.get(sid, reserved)
+                requests, tokens, cost = requests + 1, tokens + used.total, cost + used.cost(prices)
+        return Spent(requests, tokens, cost)
 
     def add(self, line: dict[str, Any]) -> None:
         """Fold one parsed line into the state (a line folded twice changes nothing)."""
         self.max_seq = max(self.max_seq, _seq(line))
         if line.get("spend"):
-            self.reserved[str(line["spend"])] = (str(line.get("run")), int(line.get("tokens") or 0))
+            self.reserved[str(line["spend"])] = (str(line.get("run")), Tokens.of(line))
         elif line.get("settle"):
             sid = str(line["settle"])
             if _seq(line) >= self.settled_seq.get(sid, -1):
-                self.settled[sid], self.settled_seq[sid] = int(line.get("tokens") or 0), _seq(line)
+                self.settled[sid], self.settled_seq[sid] = Tokens.of(line), _seq(line)
         elif line.get("group_id") and line.get("status"):
             key = (line["group_id"], line.get("request_hash"))
             if key not in self.latest or line_order(line) >= line_order(self.latest[key]):
                 self.latest[key] = line
 
 
-def _is_object(name: str) -> bool:
+def is_ledger_object(name: str) -> bool:
     """A ledger object (not a hidden file, not a write in progress)."""
     return not name.startswith((".", "_")) and not name.endswith(".tmp")
 
 
 def bucket_objects(root: "Location | str | os.PathLike[str]", bucket: int) -> list[Location]:
     """The objects of one bucket, by name (appended files of older ledgers included)."""
-    return [f for f in (resolve(root) / f"bucket={bucket}").files() if _is_object(f.name)]
+    return [f for f in (resolve(root) / f"bucket={bucket}").files() if is_ledger_object(f.name)]
 
 
 def _read_all(objects: list[Location]) -> list[bytes | None]:
@@ -145,7 +150,7 @@ def _read_all(objects: list[Location]) -> list[bytes | None]:
         return list(pool.map(Location.read_bytes, objects))
 
 
-def _parse(data: bytes) -> list[dict[str, Any]]:
+def parse_lines(data: bytes) -> list[dict[str, Any]]:
     """The lines of an object; a line that does not parse (an older writer killed mid-append) is
     skipped: its group is simply retried."""
     lines = []
@@ -170,7 +175,7 @@ def _read_lines(root: "Location | str | os.PathLike[str]", bucket: int) -> tuple
         if all(d is not None for d in data) or attempt == 2:
             break
     read = [(o, d) for o, d in zip(objects, data) if d is not None]
-    return [o for o, _ in read], [line for _, d in read for line in _parse(d)]
+    return [o for o, _ in read], [line for _, d in read for line in parse_lines(d)]
 
 
 def read_bucket(root: "Location | str | os.PathLike[str]", bucket: int) -> BucketState:
@@ -285,14 +290,16 @@ class BucketSpend:
     def __init__(self, writer: "LedgerWriter", bucket: int, run: str) -> None:
         self.writer, self.bucket, self.run = writer, bucket, run
 
-    async def reserve(self, tokens: int) -> str:
+    async def reserve(self, reservation: Tokens) -> str:
         spend = uuid.uuid4().hex
         await self.writer.commit(self.bucket, {"spend": spend, "run": self.run, "requests": 1,
-                                               "tokens": int(tokens)})
+                                               "tokens": reservation.total, "prompt_tokens": reservation.prompt,
+                                               "completion_tokens": reservation.completion})
         return spend
 
-    def settle(self, reservation: str, used_tokens: int) -> None:
-        self.writer.submit(self.bucket, {"settle": reservation, "run": self.run, "tokens": int(used_tokens)})
+    def settle(self, spend: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.writer.submit(self.bucket, {"settle": spend, "run": self.run, "tokens": prompt_tokens + completion_tokens,
+                                         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
 
 
 class LedgerError(RuntimeError):

@@ -64,7 +64,7 @@ The ledger (``llm.ledger``; ``<run root>/_ledger/merges/bucket=<b>/<task attempt
   * Speculative execution (``spark.speculation``) is refused: two live attempts of one task would
     both pay.
 
-Budget and rate (``merge.max_requests`` / ``merge.max_total_tokens``, 0 = no cap;
+Budget and rate (``merge.max_requests`` / ``merge.max_total_tokens`` / ``merge.max_cost``, 0 = no cap;
 ``llm.requests_per_minute`` / ``llm.tokens_per_minute``, 0 = no limit)
   The caps are for the run root, counted from the ledger. With a cap, every request is recorded in
   its group's bucket before it is sent (``llm.ledger.BucketSpend``), and the preflight's on the
@@ -74,8 +74,10 @@ Budget and rate (``merge.max_requests`` / ``merge.max_total_tokens``, 0 = no cap
   (an earlier attempt of the task, a partition Spark computes again), to its allowance when it
   reaches the bucket (partitions are sorted by bucket), so no task spends another task's share.
   Requests (retries included) never exceed ``max_requests``; tokens never exceed
-  ``max_total_tokens`` unless a server counts more prompt tokens than the client's estimate, since
-  a request is only sent if its worst case (estimate + ``llm.max_tokens``) fits. Groups left when
+  ``max_total_tokens``, nor their cost ``max_cost`` (prompt and completion tokens at
+  ``llm.price_input_per_million`` / ``llm.price_output_per_million``, ``llm.spend``), unless a
+  server counts more prompt tokens than the client's estimate, since a request is only sent if its
+  worst case (estimate + ``llm.max_tokens``) fits. Groups left when
   the allowance runs out are recorded ``failed`` with error ``budget_exhausted``. The per-minute
   limits are split evenly across the tasks that run at once (min(P, Spark's default
   parallelism)); 429s and Retry-After are honoured on top (``llm.client``).
@@ -122,6 +124,8 @@ from ..llm.gate import BatchGate, GroupSources, model_encoder
 from ..llm.ledger import (IDENTITY, LEDGER_BUCKETS, BucketSpend, BucketState, LedgerWriter, compact,
                           ledger_bucket, ledger_buckets, read_bucket)
 from ..llm.preflight import Preflight, preflight
+from ..llm.progress import MergeProgress
+from ..llm.spend import Prices, Spent
 from ..llm.prompt import build_messages, prompt_hash
 from ..llm.tokens import fewest_prompt_tokens
 from ..llm.pump import RequestPump
@@ -301,11 +305,18 @@ def decode_jobs(batch: pa.RecordBatch) -> list[Job]:
 # -- 2. the request pass ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BudgetShares:
-    """Per-bucket shares of the run's request and token caps (0 = no cap)."""
+    """Per-bucket shares of the run's request, token and money caps (0 = no cap)."""
     requests: dict[int, int] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
+    cost: dict[int, float] = field(default_factory=dict)
     cap_requests: bool = False
     cap_tokens: bool = False
+    cap_cost: bool = False
+    prices: Prices = Prices()
+
+    @property
+    def capped(self) -> bool:
+        return self.cap_requests or self.cap_tokens or self.cap_cost
 
 
 def split_budget(total: int, counts: dict[int, int]) -> dict[int, int]:
@@ -320,6 +331,12 @@ def split_budget(total: int, counts: dict[int, int]) -> dict[int, int]:
     for b in sorted(exact, key=lambda b: (-(exact[b] - shares[b]), b))[:left]:
         shares[b] += 1
     return shares
+
+
+def split_amount(total: float, counts: dict[int, int]) -> dict[int, float]:
+    """Split a money amount across buckets in proportion to ``counts`` (no unit to round to)."""
+    n = sum(counts.values())
+    return {b: (total * c / n if total > 0 and n else 0.0) for b, c in counts.items()}
 
 
 def settled_failure(line: dict[str, Any], merge: MergeSettings) -> bool:
@@ -361,7 +378,7 @@ class MergeTask:
     @property
     def journaled(self) -> bool:
         """Requests are recorded before they are sent when the run has a budget."""
-        return self.shares.cap_requests or self.shares.cap_tokens
+        return self.shares.capped
 
     @cached_property
     def acceptance(self) -> str:
@@ -372,7 +389,8 @@ class MergeTask:
         task = _task_attempt_id()
         state = _TaskState(LedgerWriter(self.ledger_root, task),
                            Budget(0 if self.shares.cap_requests else None,
-                                  0 if self.shares.cap_tokens else None))
+                                  0 if self.shares.cap_tokens else None,
+                                  0.0 if self.shares.cap_cost else None, self.shares.prices))
         workers = self.llm.concurrency
         try:
             with RequestPump(lambda: self._session(state, task), workers, 2 * workers) as pump:
@@ -427,9 +445,10 @@ class MergeTask:
             state.writer.open_bucket(bucket, known.max_seq)
             # A bucket's share less what this run already spent on it (a killed attempt of this
             # task, a partition Spark computes again): the cap holds across both.
-            requests, tokens = known.spent(self.run_id)
-            state.budget.grant(self.shares.requests.get(bucket, 0) - requests,
-                               self.shares.tokens.get(bucket, 0) - tokens)
+            spent = known.spent(self.run_id, self.shares.prices)
+            state.budget.grant(self.shares.requests.get(bucket, 0) - spent.requests,
+                               self.shares.tokens.get(bucket, 0) - spent.tokens,
+                               self.shares.cost.get(bucket, 0.0) - spent.cost)
         return known
 
     @asynccontextmanager
@@ -572,6 +591,7 @@ class MergeRunSummary:
     budget_exhausted: int = 0
     preflight_requests: int = 0  # the driver's check before the pass (not in requests)
     preflight_tokens: int = 0
+    cost: float = 0.0            # this run's tokens, the preflight's included, at llm.price_*
     partitions: int = 0
     seconds: float = 0.0
     table_version: int | None = None
@@ -632,23 +652,30 @@ def merge_shortfall(errors: dict[str, int], groups: int, merge: MergeSettings) -
     if not failed:
         return None
     top = ", ".join(f"{k} ({n})" for k, n in sorted(retryable.items(), key=lambda kv: -kv[1])[:3])
-    hint = "; raise merge.max_requests / merge.max_total_tokens first" if ERROR_BUDGET in retryable else ""
+    hint = ("; raise merge.max_requests / merge.max_total_tokens / merge.max_cost first"
+            if ERROR_BUDGET in retryable else "")
     return Shortfall(failed=failed, total=groups, tolerance=merge.max_failed_share,
                      message=(f"{failed} of {groups} merge groups failed for a reason a rerun can fix: "
                               f"{top}. Run the same `mergeit run` again to retry exactly those "
                               f"(nothing already paid is paid again){hint}"))
 
 
-def _budget_shares(jobs: DataFrame, merge: MergeSettings, requests_left: int,
-                   tokens_left: int) -> BudgetShares:
+def capped(merge: MergeSettings) -> bool:
+    """Whether the run has a budget (requests, tokens or money): its requests are journaled."""
+    return merge.max_requests > 0 or merge.max_total_tokens > 0 or merge.max_cost > 0
+
+
+def _budget_shares(jobs: DataFrame, settings: Settings, left: Spent) -> BudgetShares:
     """What is left of the caps, split across the buckets in proportion to their groups."""
-    if merge.max_requests <= 0 and merge.max_total_tokens <= 0:
+    merge = settings.merge
+    if not capped(merge):
         return BudgetShares()  # no caps: no need to count groups per bucket
     counts = {int(r["bucket"]): int(r["count"])
               for r in jobs.groupBy("bucket").count().collect()}  # <= LEDGER_BUCKETS small rows
-    return BudgetShares(requests=split_budget(requests_left, counts),
-                        tokens=split_budget(tokens_left, counts),
-                        cap_requests=merge.max_requests > 0, cap_tokens=merge.max_total_tokens > 0)
+    return BudgetShares(requests=split_budget(left.requests, counts), tokens=split_budget(left.tokens, counts),
+                        cost=split_amount(left.cost, counts), cap_requests=merge.max_requests > 0,
+                        cap_tokens=merge.max_total_tokens > 0, cap_cost=merge.max_cost > 0,
+                        prices=Prices.from_settings(settings.llm))
 
 
 @dataclass
@@ -658,7 +685,7 @@ class RequestPlan:
     run_id: str
     shares: BudgetShares
     preflight: Preflight = field(default_factory=Preflight)
-    spent_before: tuple[int, int] = (0, 0)   # requests and tokens the ledger held at the start
+    spent_before: Spent = Spent()   # requests, tokens and cost the ledger held at the start
 
 
 def refuse_speculation(spark: SparkSession) -> None:
@@ -676,19 +703,22 @@ def plan_requests(jobs: DataFrame, settings: Settings, ledger_root: Location | s
     spark = jobs.sparkSession
     ledger_root = resolve(ledger_root)
     refuse_speculation(spark)
-    merge = settings.merge
-    capped = merge.max_requests > 0 or merge.max_total_tokens > 0
+    merge, prices = settings.merge, Prices.from_settings(settings.llm)
     plan = RequestPlan(run_id=uuid.uuid4().hex, shares=BudgetShares())
-    if capped:
-        plan.spent_before = ledger_spend(spark, ledger_root)
-    can_send = merge.max_requests <= 0 or plan.spent_before[0] < merge.max_requests
+    if capped(merge):
+        plan.spent_before = ledger_spend(spark, ledger_root, prices)
+    can_send = ((merge.max_requests <= 0 or plan.spent_before.requests < merge.max_requests)
+                and (merge.max_cost <= 0 or plan.spent_before.cost < merge.max_cost))
     if has_groups and settings.llm.preflight and can_send:
         plan.preflight = preflight(settings.llm)
-        if capped:
+        if capped(merge):
             _record_driver_spend(ledger_root, plan)
-    plan.shares = _budget_shares(jobs, merge,
-                                 max(0, merge.max_requests - plan.spent_before[0] - plan.preflight.requests),
-                                 max(0, merge.max_total_tokens - plan.spent_before[1] - plan.preflight.tokens))
+    checked = plan.preflight
+    plan.shares = _budget_shares(jobs, settings, Spent(
+        max(0, merge.max_requests - plan.spent_before.requests - checked.requests),
+        max(0, merge.max_total_tokens - plan.spent_before.tokens - checked.tokens),
+        max(0.0, merge.max_cost - plan.spent_before.cost - prices.cost(checked.prompt_tokens,
+                                                                      checked.completion_tokens))))
     return plan
 
 
@@ -698,40 +728,49 @@ def _record_driver_spend(ledger_root: Location, plan: RequestPlan) -> None:
     writer = LedgerWriter(ledger_root, f"driver-{plan.run_id}")
     try:
         writer.open_bucket(0, read_bucket(ledger_root, 0).max_seq)
-        for n in range(plan.preflight.requests):
+        checked = plan.preflight
+        for n in range(checked.requests):
+            prompt, completion = (checked.prompt_tokens, checked.completion_tokens) if n == 0 else (0, 0)
             writer.submit(0, {"spend": uuid.uuid4().hex, "run": f"{plan.run_id}-preflight", "requests": 1,
-                              "tokens": plan.preflight.tokens if n == 0 else 0}).result()
+                              "tokens": prompt + completion, "prompt_tokens": prompt,
+                              "completion_tokens": completion}).result()
     finally:
         writer.close()
 
 
-def ledger_spend(spark: SparkSession, ledger_root: Location | str) -> tuple[int, int]:
-    """Requests and tokens the ledger records as spent, over every run: the spend lines (an
-    unsettled request counts its whole reservation), plus the requests and tokens of results
-    written without spend lines (runs without a budget; those a compaction superseded count
-    through their ``superseded`` lines). A line counts once however many copies the ledger holds
-    (a compaction killed before its deletes): spends by id, results by ``llm.ledger.IDENTITY``.
-    A Spark aggregation: one row to the driver."""
+def ledger_spend(spark: SparkSession, ledger_root: Location | str, prices: Prices = Prices()) -> Spent:
+    """Requests, tokens and their cost at ``prices`` that the ledger records as spent, over every
+    run: the spend lines (an unsettled request counts its whole reservation), plus the requests
+    and tokens of results written without spend lines (runs without a budget; those a compaction
+    superseded count through their ``superseded`` lines). A line counts once however many copies
+    the ledger holds (a compaction killed before its deletes): spends by id, results by
+    ``llm.ledger.IDENTITY``. A Spark aggregation: one row to the driver."""
     root = resolve(ledger_root)
     if not _has_ledger_objects(root):
-        return 0, 0
+        return Spent()
     lines = (spark.read.schema(SPEND_SCHEMA).option("mode", "DROPMALFORMED")
              .json(f"{root.uri}/bucket=*/*.jsonl"))
+    split = [F.coalesce(c, F.lit(0)) for c in ("tokens", "prompt_tokens", "completion_tokens")]
     reserved = (lines.where(F.col("spend").isNotNull())
-                .select(F.col("spend").alias("sid"), F.col("tokens").alias("reserved"))
+                .select(F.col("spend").alias("sid"), *[c.alias(f"r{i}") for i, c in enumerate(split)])
                 .dropDuplicates(["sid"]))
-    settled = (lines.where(F.col("settle").isNotNull())
-               .groupBy(F.col("settle").alias("sid")).agg(F.max("tokens").alias("used")))
-    spend = (reserved.join(settled, "sid", "left")
-             .agg(F.count("*").alias("requests"),
-                  F.sum(F.coalesce("used", "reserved")).alias("tokens")))
+    settled = (lines.where(F.col("settle").isNotNull()).groupBy(F.col("settle").alias("sid"))
+               .agg(*[F.max(c).alias(f"u{i}") for i, c in enumerate(split)]))
+    used = [F.when(F.col("u0").isNotNull(), F.col(f"u{i}")).otherwise(F.col(f"r{i}")) for i in range(3)]
+    spend = (reserved.join(settled, "sid", "left").select(*[c.alias(n) for c, n in zip(used, ("t", "p", "c"))])
+             .agg(F.count("*").alias("requests"), F.sum("t").alias("tokens"), F.sum("p").alias("prompt"),
+                  F.sum("c").alias("completion"), F.sum(F.greatest(F.col("t") - F.col("p") - F.col("c"),
+                                                                   F.lit(0))).alias("unsplit")))
     results = (lines.where((F.col("status").isNotNull() | F.coalesce(F.col("superseded"), F.lit(False)))
                            & ~F.coalesce(F.col("journaled"), F.lit(False)))
                .dropDuplicates(list(IDENTITY)))
-    unjournaled = results.agg(F.sum("attempts").alias("requests"),
-                              F.sum(F.col("prompt_tokens") + F.col("completion_tokens")).alias("tokens"))
+    unjournaled = results.agg(F.sum("attempts").alias("requests"), F.sum(split[1] + split[2]).alias("tokens"),
+                              F.sum(split[1]).alias("prompt"), F.sum(split[2]).alias("completion"),
+                              F.lit(0).alias("unsplit"))
     rows = spend.unionByName(unjournaled).collect()
-    return (sum(int(r["requests"] or 0) for r in rows), sum(int(r["tokens"] or 0) for r in rows))
+    total = {k: sum(int(r[k] or 0) for r in rows) for k in ("requests", "tokens", "prompt", "completion", "unsplit")}
+    return Spent(total["requests"], total["tokens"],
+                 prices.cost(total["prompt"], total["completion"], total["unsplit"]))
 
 
 def _has_ledger_objects(root: Location) -> bool:
@@ -910,17 +949,22 @@ def merge_pass(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddi
     checked = reject_contaminated(passed, evaluation, settings.decontam)
     if checked is not passed:
         passed = checked.persist(StorageLevel.MEMORY_AND_DISK)
+    progress = MergeProgress(ledger_root, plan.run_id, groups.count, Prices.from_settings(settings.llm),
+                             settings.merge.progress_interval_s)
     try:
-        summary = summarise(passed, p)
+        with progress:
+            summary = summarise(passed, p)
     except BaseException:
         passed.unpersist()
         raise
     summary.add_preflight(plan.preflight)
+    summary.cost = Prices.from_settings(settings.llm).cost(summary.prompt_tokens + plan.preflight.prompt_tokens,
+                                                           summary.completion_tokens + plan.preflight.completion_tokens)
     # The pass is done and its rows cached: no task writes the ledger until the next pass.
     summary.ledger_objects = compact_ledger(ledger_root) or {}
     summary.seconds = round(time.perf_counter() - started, 3)
-    log.info("merge: %d groups, %d requests sent, %d tokens; statuses %s; gate rejections %s",
-             summary.groups, summary.requests, summary.total_tokens, summary.by_status,
+    log.info("merge: %d groups, %d requests sent, %d tokens (cost %.4f); statuses %s; gate rejections %s",
+             summary.groups, summary.requests, summary.total_tokens, summary.cost, summary.by_status,
              summary.gate_rejections)
     return summary, passed.select(*_merges_columns())
 
