@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--export", choices=("alpaca-json", "jsonl", "parquet"),
                      help="export `final` after the run to <root>/export")
 
+    plan = sub.add_parser("plan", help="run up to `group`, then say what the merge stage will send and cost")
+    _settings_args(plan)
+    plan.add_argument("--sample", type=int, default=0, metavar="N",
+                      help="first merge N unpaid groups for real (recorded in the ledger, never paid again) "
+                           "to measure tokens, regenerations, gate pass rate and latency (default 0: send nothing)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     status = sub.add_parser("status", help="which stages are done, row counts, table versions")
     _settings_args(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -92,13 +98,26 @@ def _keep_logs(root: Location, log_dir: Path) -> None:
             log.warning("could not copy the logs in %s to %s: %s", log_dir, root / "_logs", exc)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the one of the first
+    command: a program that calls :func:`main` and swaps its streams meanwhile keeps its logs."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(log_dir: Path | None) -> Path | None:
     logger = logging.getLogger("mergeit")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                for h in logger.handlers):
-        console = logging.StreamHandler(sys.stderr)
+        console = _StderrHandler()
         console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(console)
     if log_dir is None:
@@ -257,6 +276,21 @@ def _shortfall_code(shortfalls: list[tuple[str, dict | None]]) -> int:
     return code
 
 
+def _plan(args: argparse.Namespace, settings: Settings) -> int:
+    from .pipeline import PipelineError
+    from .plan import plan_merge
+    if args.sample < 0:
+        print("mergeit: --sample takes a count >= 0", file=sys.stderr)
+        return 2
+    try:
+        planned = plan_merge(_pipeline(settings), sample=args.sample)
+    except (PipelineError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        log.error("plan failed: %s", exc)
+        return EXIT_FAILED
+    print(json.dumps(planned.as_dict(), indent=2) if args.json else planned.table())
+    return 0
+
+
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     rows = _pipeline(settings).status()
     if args.json:
@@ -283,7 +317,7 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "config": _config, "llm_serve": _llm_serve, "run": _run, "status": _status, "report": _report,
-    "export": _export,
+    "export": _export, "plan": _plan,
 }
 
 

@@ -199,16 +199,28 @@ def test_money_cap_holds_across_runs_and_a_higher_cap_finishes_the_rest(spark, s
     assert f"<td>{merging['ledger_spent']['cost']:.4f}</td>" in "".join(_merging_html(merging))
 
 
-def test_progress_lines_count_up_to_what_the_pass_recorded(spark, store, inputs, caplog):
+def test_progress_lines_count_up_to_what_the_pass_recorded(spark, store, inputs):
     """While the pass runs (a slow server), the driver logs what the ledger holds every interval:
     counts that only grow, and a last line equal to the stage's own summary."""
     n_groups = len(inputs[3])
     pattern = re.compile(r"merge: (\d+)/(\d+) groups recorded this run \((.*)\); (\d+) requests, (\d+) tokens, "
                          r"cost (\S+); .* groups/s")
-    with caplog.at_level(logging.INFO, logger="mergeit_spark.llm.progress"), FakeOpenAI(latency_s=0.4) as fake:
-        summary = run(spark, store, stage_settings(fake.base_url, "llm.concurrency=1", "merge.progress_interval_s=0.3",
-                                                   "llm.price_input_per_million=1"), inputs)
-    seen = [pattern.match(r.getMessage()) for r in caplog.records if r.name == "mergeit_spark.llm.progress"]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("mergeit.progress")   # the run's log (the CLI's console and log file)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with FakeOpenAI(latency_s=0.4) as fake:
+            settings = stage_settings(fake.base_url, "llm.concurrency=1", "merge.progress_interval_s=0.3",
+                                      "llm.price_input_per_million=1")
+            summary = run(spark, store, settings, inputs)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    seen = [pattern.match(r.getMessage()) for r in records]
     assert len(seen) >= 3 and all(seen)
     done = [int(m.group(1)) for m in seen]
     assert done == sorted(done) and done[0] < n_groups and {m.group(2) for m in seen[1:]} == {str(n_groups)}

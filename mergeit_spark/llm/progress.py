@@ -22,7 +22,7 @@ from ..fs import Location
 from .ledger import is_ledger_object, parse_lines
 from .spend import Prices
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mergeit.progress")   # the run's log: the console and <root>/_logs
 
 
 @dataclass

@@ -1,0 +1,63 @@
+"""``mergeit plan`` on a copy of the shared whole-pipeline run stopped after ``group``, against the
+scripted LLM server: a plan with nothing measured sends nothing and says what it assumed; a
+sampled plan pays for its sample once (the ledger keeps it) and measures; the real run then pays
+only the rest, close to what the plan said."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _pipeline_run import cli_args, pipeline_settings, read
+from fake_openai import FakeOpenAI
+from mergeit_spark.cli import main
+from mergeit_spark.llm.spend import Prices
+from mergeit_spark.pipeline import Pipeline
+from mergeit_spark.plan import plan_merge
+
+PRICES = ("llm.price_input_per_million=3", "llm.price_output_per_million=15")
+SAMPLE = 3
+
+
+@pytest.fixture()
+def root(pipeline_run, tmp_path):
+    return pipeline_run.copy_to(tmp_path / "run", until="group")
+
+
+def test_plan_without_history_sends_nothing_and_says_what_it_assumed(spark, pipeline_run, root, capsys):
+    n_groups = len(read(root, "merge_groups"))
+    with FakeOpenAI() as fake:
+        code = main(["plan", *cli_args(root, pipeline_run.data, fake.base_url, *PRICES), "--json"])
+    assert code == 0 and fake.count == 0 and fake.preflights == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["groups"], plan["answered"], plan["to_send"], plan["sampled"]) == (n_groups, 0, n_groups, 0)
+    assert plan["requests"] == {"value": n_groups, "source": "assumed", "note": plan["requests"]["note"]}
+    assert plan["completion_tokens"]["value"] == n_groups * 1024 and plan["completion_tokens"]["source"] == "assumed"
+    assert plan["prompt_tokens"]["source"] == "estimated" and plan["prompt_tokens"]["value"] > 0
+    assert plan["cost"]["value"] == pytest.approx(
+        Prices(3, 15).cost(plan["prompt_tokens"]["value"], plan["completion_tokens"]["value"]))
+    assert not (root / "_ledger").exists()
+
+
+def test_a_sampled_plan_is_paid_once_and_the_run_pays_the_rest_as_planned(spark, pipeline_run, root):
+    n_groups = len(read(root, "merge_groups"))
+    with FakeOpenAI() as fake:
+        settings = pipeline_settings(root, pipeline_run.data, fake.base_url, *PRICES)
+        plan = plan_merge(Pipeline(settings, spark=spark), sample=SAMPLE)
+        sample_requests = fake.count
+        assert plan.sampled == SAMPLE and plan.answered == SAMPLE and plan.to_send == n_groups - SAMPLE
+        assert sample_requests == plan.history["attempts"] >= SAMPLE
+        assert {plan.requests.source, plan.completion_tokens.source, plan.prompt_tokens.source} == \
+            {"measured", "calibrated"}
+        Pipeline(settings, spark=spark).run()
+        sent = fake.count - sample_requests
+    merges = read(root, "merges")
+    assert len(merges) == n_groups
+    paid = [m for m in merges if m["attempts"]]
+    prompt = sum(m["prompt_tokens"] for m in paid) - plan.history["prompt_tokens"]
+    completion = sum(m["completion_tokens"] for m in paid) - plan.history["completion_tokens"]
+    print(f"\nplan {plan.requests.value:.0f} requests, {plan.prompt_tokens.value:.0f} prompt, "
+          f"{plan.completion_tokens.value:.0f} completion; actual {sent}, {prompt}, {completion}")
+    assert sent == pytest.approx(plan.requests.value, rel=0.10)
+    assert prompt == pytest.approx(plan.prompt_tokens.value, rel=0.15)
+    assert completion == pytest.approx(plan.completion_tokens.value, rel=0.15)
