@@ -118,6 +118,23 @@ def test_timeout_is_retried_then_fails():
     assert fake.times[1] - fake.times[0] >= 0.4  # the retry went out after the timeout, not before
 
 
+def test_a_timed_out_request_keeps_its_whole_reservation():
+    """A hosted API bills a request whose client gave up waiting: the budget keeps the worst case."""
+    with FakeOpenAI(lambda n, k, r: Reply(kind="hang", delay_s=3)) as fake:
+        settings = llm_settings(fake.base_url, "llm.request_timeout_s=0.3", "llm.max_retries=0",
+                                "llm.max_tokens=500")
+        budget = Budget(max_tokens=10_000, max_cost=1.0, prices=Prices(1.0, 1.0))
+
+        async def go():
+            async with MergeClient(settings.llm, settings.merge, budget) as client:
+                return await client.merge([{"instruction": "Say a", "input": "", "output": "a"},
+                                           {"instruction": "Say b", "input": "", "output": "b"}])
+
+        result = asyncio.run(go())
+    assert result.error.startswith("timeout") and fake.count == 1
+    assert budget.reserved == 0 and budget.tokens > 500 and budget.cost == pytest.approx(budget.tokens / 1e6)
+
+
 def test_timeout_then_success():
     script = lambda n, k, r: Reply(kind="hang", delay_s=3) if n == 1 else Reply()  # noqa: E731
     with FakeOpenAI(script) as fake:

@@ -506,12 +506,15 @@ class MergeClient:
                 except (openai.APITimeoutError, asyncio.TimeoutError):
                     error = f"timeout: no reply within {self.llm.request_timeout_s:g} s"
                     breaks = True
+                    used = reservation.prompt, reservation.completion   # the server may bill it all
                 except openai.APIConnectionError as exc:
                     error = f"connection: {self._scrub(str(exc))}"
                     breaks = True
                 except (openai.APIResponseValidationError, _Malformed, json.JSONDecodeError,
                         ValueError, TypeError, AttributeError) as exc:
                     error = f"malformed_response: {self._scrub(type(exc).__name__ + ': ' + str(exc))}"
+                    if used == (0, 0):   # answered, so billed, but without saying how much
+                        used = reservation.prompt, reservation.completion
                 finally:
                     result.latency_ms += (time.perf_counter() - started) * 1000.0
                     self.budget.settle(reservation, *used)
