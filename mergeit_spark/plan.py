@@ -220,10 +220,15 @@ def plan_merge(pipeline: Any, sample: int = 0) -> MergePlan:
     slots = spark.sparkContext.defaultParallelism
     jobs = build_jobs(store.read("merge_groups"), store.read("records"), store.read("embeddings"), settings.llm)
     jobs = jobs.persist()
+    cached = [jobs]
+
+    def planned_groups() -> DataFrame:
+        planned = (bucket_ranges(jobs, max(1, min(settings.merge.partitions or slots, 256)))
+                   .mapInArrow(_PlanGroups(ledger_root, settings.merge), _PLANNED_SCHEMA).persist())
+        cached.append(planned)
+        return planned
+
     try:
-        def planned_groups() -> DataFrame:
-            return (bucket_ranges(jobs, max(1, min(settings.merge.partitions or slots, 256)))
-                    .mapInArrow(_PlanGroups(ledger_root, settings.merge), _PLANNED_SCHEMA).persist())
         planned, sampled = planned_groups(), 0
         if sample > 0:
             chosen = (planned.where(~F.col("answered")).orderBy(F.xxhash64("group_id", F.lit(SAMPLE_SEED)))
@@ -233,9 +238,12 @@ def plan_merge(pipeline: Any, sample: int = 0) -> MergePlan:
                 plan = plan_requests(picked, settings, ledger_root, has_groups=not picked.isEmpty())
                 passed, _ = request_pass(picked, settings, ledger_root, plan=plan)
                 sampled = passed.count()
+            # The sample is in the ledger now. The same plan again would be served from the cache
+            # (Spark matches a cached plan by its query), so the first is dropped before.
             planned.unpersist()
             planned = planned_groups()
         history = ledger_history(spark, ledger_root, planned)
         return make_plan(settings, planned, history, slots, sampled)
     finally:
-        jobs.unpersist()
+        for frame in cached:
+            frame.unpersist()
