@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 from mergeit_spark.config import load_settings
 from mergeit_spark.ids import group_id
 from mergeit_spark.llm import client as client_mod
-from mergeit_spark.stages import StageContext
+from mergeit_spark.stages import StageContext, StageError
 from mergeit_spark.llm.ledger import LEDGER_BUCKETS
 from mergeit_spark.stages.decontam import no_evaluation
 from mergeit_spark.llm.spend import Prices
@@ -197,6 +197,13 @@ def test_money_cap_holds_across_runs_and_a_higher_cap_finishes_the_rest(spark, s
     spent = ledger_spend(spark, ledger, Prices(2.0, 10.0))
     assert merging["ledger_spent"]["cost"] == pytest.approx(spent.cost, abs=1e-6)
     assert f"<td>{merging['ledger_spent']['cost']:.4f}</td>" in "".join(_merging_html(merging))
+
+
+def test_a_money_cap_without_prices_is_refused_before_any_request(spark, store, inputs):
+    with FakeOpenAI() as fake:
+        with pytest.raises(StageError, match="llm.price_input_per_million"):
+            run(spark, store, stage_settings(fake.base_url, "merge.max_cost=5"), inputs)
+    assert fake.count == 0 and fake.preflights == 0
 
 
 def test_progress_lines_count_up_to_what_the_pass_recorded(spark, store, inputs):

@@ -704,6 +704,10 @@ def plan_requests(jobs: DataFrame, settings: Settings, ledger_root: Location | s
     ledger_root = resolve(ledger_root)
     refuse_speculation(spark)
     merge, prices = settings.merge, Prices.from_settings(settings.llm)
+    if merge.max_cost > 0 and not (prices.input_per_million or prices.output_per_million):
+        raise StageError("merge.max_cost is set but no price is: every request would cost 0 and the cap "
+                         "would never stop one. Set llm.price_input_per_million and "
+                         "llm.price_output_per_million to what the endpoint charges")
     plan = RequestPlan(run_id=uuid.uuid4().hex, shares=BudgetShares())
     if capped(merge):
         plan.spent_before = ledger_spend(spark, ledger_root, prices)
