@@ -29,6 +29,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from pyspark.sql.pandas.types import to_arrow_schema
 
 from .config import LLMSettings, MergeSettings, Settings
 from .fs import Location
@@ -45,8 +46,7 @@ _PLANNED_SCHEMA = T.StructType([
     T.StructField("answered", T.BooleanType()), T.StructField("prompt_estimate", T.LongType()),
 ])
 
-_PLANNED_ARROW = pa.schema([("group_id", pa.string()), ("request_hash", pa.string()), ("answered", pa.bool_()),
-                            ("prompt_estimate", pa.int64())])
+_PLANNED_ARROW = to_arrow_schema(_PLANNED_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class _PlanGroups:
     merge: MergeSettings
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from .stages.merge import MISSING_HASH, TEXT_FIELDS, decode_jobs
+        from .stages.merge import MISSING_HASH, TEXT_FIELDS, answered_by_ledger, decode_jobs
         buckets: dict[int, BucketState] = {}
         for batch in batches:
             out: dict[str, list] = {f.name: [] for f in _PLANNED_SCHEMA.fields}
@@ -66,19 +66,13 @@ class _PlanGroups:
                     buckets[job.bucket] = read_bucket(self.ledger_root, job.bucket)
                 line = buckets[job.bucket].latest.get((job.group_id, job.request_hash))
                 sendable = job.request_hash != MISSING_HASH
-                answered = not sendable or (line is not None and _answered(line, self.merge))
+                answered = not sendable or (line is not None and answered_by_ledger(line, self.merge))
                 messages = build_messages([{f: m[f] for f in TEXT_FIELDS} for m in job.members]) if sendable else []
                 out["group_id"].append(job.group_id)
                 out["request_hash"].append(job.request_hash)
                 out["answered"].append(answered)
                 out["prompt_estimate"].append(estimate_prompt_tokens(messages) if sendable else 0)
             yield pa.RecordBatch.from_pydict(out, schema=_PLANNED_ARROW)
-
-
-def _answered(line: dict[str, Any], merge: MergeSettings) -> bool:
-    """Whether the merge stage answers this ledger line without a request (``MergeTask._triage``)."""
-    from .stages.merge import TERMINAL, settled_failure
-    return line.get("status") in TERMINAL or settled_failure(line, merge)
 
 
 @dataclass
@@ -129,13 +123,12 @@ def ledger_history(spark: SparkSession, ledger_root: Location, planned: DataFram
     """What the ledger's recorded results say (every run): results, attempts, tokens, latency,
     merged results; and for the results whose request is one of ``planned``'s, the prompt tokens the
     server billed against the estimate of those requests (the calibration)."""
-    from .stages.merge import LEDGER_SCHEMA, _has_ledger_objects
-    if not _has_ledger_objects(ledger_root):
+    from .llm.ledger import IDENTITY
+    from .stages.merge import LEDGER_SCHEMA, ledger_lines
+    lines = ledger_lines(spark, ledger_root, LEDGER_SCHEMA)
+    if lines is None:
         return {}
-    lines = (spark.read.schema(LEDGER_SCHEMA).option("mode", "DROPMALFORMED")
-             .json(f"{ledger_root.uri}/bucket=*/*.jsonl")
-             .where(F.col("status").isNotNull() & (F.col("attempts") > 0))
-             .dropDuplicates(["group_id", "request_hash", "seq", "finished_ns", "task"]))
+    lines = lines.where(F.col("status").isNotNull() & (F.col("attempts") > 0)).dropDuplicates(list(IDENTITY))
     totals = lines.agg(F.count("*").alias("results"), F.sum("attempts").alias("attempts"),
                        F.sum("prompt_tokens").alias("prompt_tokens"),
                        F.sum("completion_tokens").alias("completion_tokens"),

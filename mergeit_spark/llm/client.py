@@ -73,10 +73,10 @@ import openai
 from aiolimiter import AsyncLimiter
 
 from ..config import LLMSettings, MergeSettings
-from .spend import Prices, Tokens
 from ..redact import register_secret
 from .prompt import MERGED_SCHEMA, build_messages
 from .reply import extract_json_object, validate_merged
+from .spend import Prices, Tokens
 from .tokens import estimate_prompt_tokens
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ otherwise (a log file, a cluster's driver log) it is one log line per interval.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 import sys
 import threading
 import time
@@ -40,10 +41,7 @@ class PassCounts:
         self.completion_tokens += int(line.get("completion_tokens") or 0)
 
     def by_status(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for status in self.status.values():
-            out[status] = out.get(status, 0) + 1
-        return out
+        return dict(Counter(self.status.values()))
 
 
 class MergeProgress:

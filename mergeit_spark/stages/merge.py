@@ -339,6 +339,12 @@ def split_amount(total: float, counts: dict[int, int]) -> dict[int, float]:
     return {b: (total * c / n if total > 0 and n else 0.0) for b, c in counts.items()}
 
 
+def answered_by_ledger(line: dict[str, Any], merge: MergeSettings) -> bool:
+    """Whether the ledger's latest line for a group's request spares the request: a terminal
+    result (re-judged when the gate settings changed, never sent again) or a settled failure."""
+    return line.get("status") in TERMINAL or settled_failure(line, merge)
+
+
 def settled_failure(line: dict[str, Any], merge: MergeSettings) -> bool:
     """A failed result that a plain rerun does not pay for again: the reply stayed invalid after
     at least as many regenerations as the current settings allow, or it was cut at ``llm.max_tokens``
@@ -426,14 +432,12 @@ class MergeTask:
             line = bucket.latest.get((job.group_id, job.request_hash))
             if line is not None and job.request_hash == MISSING_HASH:
                 rows.append(_pass_row(line, "missing"))
-            elif line is not None and line.get("status") in TERMINAL:
-                if line.get("acceptance") == self.acceptance:
-                    rows.append(_pass_row(line, "ledger"))
-                else:
-                    job.hit = line
+            elif line is not None and answered_by_ledger(line, self.merge):
+                if line.get("status") in TERMINAL and line.get("acceptance") != self.acceptance:
+                    job.hit = line   # judged under other gate settings: judged again, not requested
                     todo.append(job)
-            elif line is not None and settled_failure(line, self.merge):
-                rows.append(_pass_row(line, "ledger"))
+                else:
+                    rows.append(_pass_row(line, "ledger"))
             else:
                 todo.append(job)
         return rows, todo
@@ -749,11 +753,9 @@ def ledger_spend(spark: SparkSession, ledger_root: Location | str, prices: Price
     superseded count through their ``superseded`` lines). A line counts once however many copies
     the ledger holds (a compaction killed before its deletes): spends by id, results by
     ``llm.ledger.IDENTITY``. A Spark aggregation: one row to the driver."""
-    root = resolve(ledger_root)
-    if not _has_ledger_objects(root):
+    lines = ledger_lines(spark, ledger_root, SPEND_SCHEMA)
+    if lines is None:
         return Spent()
-    lines = (spark.read.schema(SPEND_SCHEMA).option("mode", "DROPMALFORMED")
-             .json(f"{root.uri}/bucket=*/*.jsonl"))
     split = [F.coalesce(c, F.lit(0)) for c in ("tokens", "prompt_tokens", "completion_tokens")]
     reserved = (lines.where(F.col("spend").isNotNull())
                 .select(F.col("spend").alias("sid"), *[c.alias(f"r{i}") for i, c in enumerate(split)])
@@ -775,6 +777,15 @@ def ledger_spend(spark: SparkSession, ledger_root: Location | str, prices: Price
     total = {k: sum(int(r[k] or 0) for r in rows) for k in ("requests", "tokens", "prompt", "completion", "unsplit")}
     return Spent(total["requests"], total["tokens"],
                  prices.cost(total["prompt"], total["completion"], total["unsplit"]))
+
+
+def ledger_lines(spark: SparkSession, ledger_root: Location | str, schema: T.StructType) -> DataFrame | None:
+    """Every line of the ledger's objects in ``schema`` (lines that do not parse are dropped), or
+    None when the ledger holds no object."""
+    root = resolve(ledger_root)
+    if not _has_ledger_objects(root):
+        return None
+    return spark.read.schema(schema).option("mode", "DROPMALFORMED").json(f"{root.uri}/bucket=*/*.jsonl")
 
 
 def _has_ledger_objects(root: Location) -> bool:
