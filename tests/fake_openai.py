@@ -165,14 +165,15 @@ class FakeOpenAI:
                     if fake.context_tokens:
                         entry["max_model_len"] = fake.context_tokens   # as vLLM lists it
                     self._send(200, {"object": "list", "data": [entry]})
-                else:
+                elif not fake._serve_more(self, "GET", b""):
                     self._send(404, {"error": {"message": "not found"}})
 
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", "0"))
                 raw = self.rfile.read(length)
                 if self.path.rstrip("/") != "/v1/chat/completions":
-                    self._send(404, {"error": {"message": "not found"}})
+                    if not fake._serve_more(self, "POST", raw):
+                        self._send(404, {"error": {"message": "not found"}})
                     return
                 try:
                     request = json.loads(raw)
@@ -226,13 +227,21 @@ class FakeOpenAI:
         self.stop()
 
     # -- request handling ---------------------------------------------------------------------
+    def _serve_more(self, handler: Any, method: str, raw: bytes) -> bool:
+        """Hook for subclasses that serve more paths; False: not served (the handler sends 404)."""
+        return False
+
     def _handle_chat(self, handler: Any, request: dict) -> None:
+        reply, n, examples, messages = self._route(request)
+        self._answer(handler, request, reply, n, examples, messages)
+
+    def _route(self, request: dict) -> tuple[Reply, int, list, list]:
+        """Count one chat request and pick its reply: ``(reply, n, examples, messages)``."""
         messages = request.get("messages", [])
         if not _group_turn(messages):   # the driver's preflight: counted apart, scripted apart
             with self.lock:
                 self.preflights += 1
-            self._answer(handler, request, self.preflight_reply, 0, [], messages)
-            return
+            return self.preflight_reply, 0, [], messages
         try:
             examples = parse_examples(_group_turn(messages))
         except (ValueError, json.JSONDecodeError):
@@ -260,7 +269,7 @@ class FakeOpenAI:
             self.requests.append((n, key, reply.kind))
             if reply.kind in ("merge", "content"):
                 self.served_ok[key] += 1
-        self._answer(handler, request, reply, n, examples, messages)
+        return reply, n, examples, messages
 
     def _answer(self, handler: Any, request: dict, reply: Reply, n: int, examples: list,
                 messages: list) -> None:
@@ -275,10 +284,15 @@ class FakeOpenAI:
         if reply.kind == "malformed":
             handler._send(200, None, raw=b'{"id": "chatcmpl-1", "choices": [{"message": ')
             return
+        status, body = self._reply_body(request, reply, n, examples, messages)
+        handler._send(status, body, reply.headers)
+
+    def _reply_body(self, request: dict, reply: Reply, n: int, examples: list,
+                    messages: list) -> tuple[int, dict]:
+        """``(status_code, body)`` of a ``status`` reply or a 200 one (merge, content, hang)."""
         if reply.kind == "status":
-            body = {"error": {"message": reply.message, "type": "scripted", "code": reply.status}}
-            handler._send(reply.status, body, reply.headers)
-            return
+            return reply.status, {"error": {"message": reply.message, "type": "scripted",
+                                            "code": reply.status}}
         content = merged_content(examples) if reply.kind in ("merge", "hang") else (reply.content or "")
         prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
         body = {
@@ -290,7 +304,7 @@ class FakeOpenAI:
                       "completion_tokens": max(1, len(content) // 4),
                       "total_tokens": max(1, prompt_chars // 4) + max(1, len(content) // 4)},
         }
-        handler._send(200, body, reply.headers)
+        return 200, body
 
 
 class _QuietServer(ThreadingHTTPServer):
