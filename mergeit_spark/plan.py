@@ -19,9 +19,14 @@ allow (``llm.concurrency`` per task times the tasks at once, over the latency, a
 limits). ``--sample N`` first merges N groups the ledger does not hold, for real: they are recorded
 in the ledger like any merge, so the run never pays for them again, and the plan's figures are
 then measured on them.
+
+Every plan is recorded in the run root's log ``plans`` (``record_plan``): when it was made, its
+figures, the groups it covered and what its sample paid, and how many merge passes the run log
+held then, so that the report can set it against what the merge passes after it sent.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -40,6 +45,8 @@ from .llm.tokens import estimate_prompt_tokens
 
 ASSUMED_LATENCY_S = 10.0   # per request, when the ledger has measured none
 SAMPLE_SEED = 42
+PLAN_LOG = "plans"         # the run root's log of plans (TableStore.append_log)
+SPEND_KEYS = ("requests", "prompt_tokens", "completion_tokens", "preflight_requests", "preflight_tokens")
 
 _PLANNED_SCHEMA = T.StructType([
     T.StructField("group_id", T.StringType()), T.StructField("request_hash", T.StringType()),
@@ -176,13 +183,19 @@ def make_plan(settings: Settings, planned: DataFrame, history: dict[str, Any], s
         prompt = Figure(estimate * per_group.value, "estimated",
                         "llm.tokens' rates, meant to count high; no billed requests to calibrate against")
     completion_total = Figure(requests * completion.value, completion.source, completion.note)
-    cost = Prices.from_settings(llm).cost(prompt.value, completion_total.value)
+    batch = llm.mode == "batch"
+    cost = Prices.from_settings(llm).of(batch).cost(prompt.value, completion_total.value)
     priced = "llm.price_*_per_million" if llm.price_input_per_million or llm.price_output_per_million \
         else "no llm.price_* set: 0"
+    if batch:
+        priced += f", less llm.price_batch_discount {llm.price_batch_discount:g} (llm.mode=batch)"
     seconds = Figure(requests / _requests_per_second(llm, settings.merge, slots, latency.value,
                                                      (prompt.value + completion_total.value) / max(requests, 1)),
                      latency.source, f"latency {latency.value:.2f} s per request ({latency.source}), "
                                      "concurrency and per-minute limits")
+    if batch:
+        seconds = Figure(seconds.value, "assumed", "llm.mode=batch: each pass's batches take up to "
+                         f"llm.batch_completion_window ({llm.batch_completion_window}); this is the online time")
     return MergePlan(model=llm.model, groups=groups, answered=answered, to_send=to_send,
                      requests=Figure(requests, per_group.source, per_group.note), prompt_tokens=prompt,
                      completion_tokens=completion_total,
@@ -205,8 +218,8 @@ def _requests_per_second(llm: LLMSettings, merge: MergeSettings, slots: int, lat
 
 def plan_merge(pipeline: Any, sample: int = 0) -> MergePlan:
     """Run ``pipeline`` up to ``group``, optionally merge ``sample`` unpaid groups for real (under
-    the run root's lease), and plan the merge stage."""
-    from .stages.merge import LEDGER_NAME, build_jobs, bucket_ranges, plan_requests, request_pass
+    the run root's lease), plan the merge stage and record the plan in the run root's log."""
+    from .stages.merge import LEDGER_NAME, build_jobs, bucket_ranges
     pipeline.run(until="group")
     store, settings, spark = pipeline.store, pipeline.settings, pipeline.spark
     ledger_root = store.ledger_path(LEDGER_NAME)
@@ -222,21 +235,66 @@ def plan_merge(pipeline: Any, sample: int = 0) -> MergePlan:
         return planned
 
     try:
-        planned, sampled = planned_groups(), 0
+        planned, spent = planned_groups(), no_sample()
         if sample > 0:
             chosen = (planned.where(~F.col("answered")).orderBy(F.xxhash64("group_id", F.lit(SAMPLE_SEED)))
                       .limit(sample).select("group_id"))
-            picked = jobs.join(chosen, "group_id", "left_semi")
             with pipeline.holding_root():
-                plan = plan_requests(picked, settings, ledger_root, has_groups=not picked.isEmpty())
-                passed, _ = request_pass(picked, settings, ledger_root, plan=plan)
-                sampled = passed.count()
+                spent = _merge_sample(jobs.join(chosen, "group_id", "left_semi"), settings, ledger_root)
             # The sample is in the ledger now. The same plan again would be served from the cache
             # (Spark matches a cached plan by its query), so the first is dropped before.
             planned.unpersist()
             planned = planned_groups()
         history = ledger_history(spark, ledger_root, planned)
-        return make_plan(settings, planned, history, slots, sampled)
+        plan = make_plan(settings, planned, history, slots, spent["groups"])
     finally:
         for frame in cached:
             frame.unpersist()
+    with pipeline.holding_root():   # one writer of the run root's logs at a time
+        record_plan(store, plan, spent)
+    return plan
+
+
+def _merge_sample(picked: DataFrame, settings: Settings, ledger_root: Location) -> dict[str, Any]:
+    """Merge the ``picked`` jobs for real, through the merge stage's request pass (preflight
+    included), and say what that paid in the merge run summary's terms (``MergeRunSummary``):
+    groups, the groups' requests and tokens, the preflight apart, the cost of all of it, seconds."""
+    from .stages.merge import plan_requests, request_pass
+    started = time.perf_counter()
+    requested = plan_requests(picked, settings, ledger_root, has_groups=not picked.isEmpty())
+    passed, _ = request_pass(picked, settings, ledger_root, plan=requested)
+    row = passed.agg(F.count("*").alias("groups"), F.sum("paid_requests").alias("requests"),
+                     F.sum("paid_prompt_tokens").alias("prompt_tokens"),
+                     F.sum("paid_completion_tokens").alias("completion_tokens")).first()
+    spent = {k: int(row[k] or 0) for k in ("groups", "requests", "prompt_tokens", "completion_tokens")}
+    checked = requested.preflight
+    cost = Prices.from_settings(settings.llm).cost(spent["prompt_tokens"] + checked.prompt_tokens,
+                                                   spent["completion_tokens"] + checked.completion_tokens)
+    return spent | {"preflight_requests": checked.requests, "preflight_tokens": checked.tokens, "cost": cost,
+                    "seconds": round(time.perf_counter() - started, 3)}
+
+
+def no_sample() -> dict[str, Any]:
+    """What a plan without ``--sample`` paid, in ``_merge_sample``'s keys: nothing."""
+    return {"groups": 0, **{k: 0 for k in SPEND_KEYS}, "cost": 0.0, "seconds": 0.0}
+
+
+def record_plan(store: Any, plan: MergePlan, sample: dict[str, Any]) -> dict[str, Any]:
+    """Append ``plan`` to the run root's log ``PLAN_LOG`` and return the entry: when it was made
+    (UTC), its figures, the groups it covered, what its sample paid, and how many merge passes
+    the run log held then. The report compares the plan with the passes logged after that count
+    (a run log time has one-second steps: it cannot order a plan and a pass within one second).
+    Call it holding the run root's lease, as the merge stage writes the run log under it."""
+    from .stages.merge import merge_runs
+    entry = {"made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "merge_runs_before": len(merge_runs(store)),
+             "covered": {"groups": plan.groups, "answered": plan.answered, "to_send": plan.to_send,
+                         "sampled": plan.sampled},
+             "sample": sample, "plan": plan.as_dict()}
+    store.append_log(PLAN_LOG, entry)
+    return entry
+
+
+def recorded_plans(store: Any) -> list[dict[str, Any]]:
+    """The plans recorded under the store's run root (``record_plan``), oldest first."""
+    return [e for e in store.read_log(PLAN_LOG) if isinstance(e.get("plan"), dict)]

@@ -7,7 +7,8 @@
   (items, records removed, merges rejected, the most matched items, examples; ``{"eval_sets": 0}``
   when the run was not checked), embedding precision, k, PCA components,
   cluster sizes, merge outcomes, rejections per gate check, tokens, latency, the ledger check,
-  timings, the settings (credentials masked);
+  timings, the settings (credentials masked); with a plan recorded (``mergeit plan``),
+  ``merging.plan_vs_actual``: its figures against what the merge passes after it sent;
 * ``funnel.png``, ``cluster_sizes.png``, ``topic_map.png``, ``merge_examples.png``;
 * ``report.html``: one self-contained page (CSS inline, the PNGs inlined as data URIs).
 
@@ -93,6 +94,9 @@ def collect_report_data(store: TableStore, settings: Settings, timings: dict | N
     data["topics"] = _topic_numbers(t, rows)
     data["merging"] = _merge_numbers(t)
     data["merging"].update(_spend_numbers(store, settings, data["merging"]))
+    against = plan_against_actual(store)
+    if against is not None:
+        data["merging"]["plan_vs_actual"] = against
     data["funnel"] = _funnel(data, rows)
     if {"records", "rejects", "lineage", "final"} <= have:
         try:
@@ -600,6 +604,10 @@ pre{background:#fff;border:1px solid #d9dee4;padding:10px;overflow:auto;font-siz
 """
 
 
+class _NumberText(str):
+    """A figure already formatted (a cost at four decimals, a ratio): ``_table`` aligns it as a number."""
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = []
@@ -608,6 +616,8 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
         for v in row:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 cells.append(f'<td class="n">{html.escape(_fmt(round(v, 2) if isinstance(v, float) else v))}</td>')
+            elif isinstance(v, _NumberText):
+                cells.append(f'<td class="n">{html.escape(v)}</td>')
             else:
                 cells.append(f"<td>{html.escape('' if v is None else str(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -766,6 +776,50 @@ def _spend_numbers(store: TableStore, settings: Settings, merging: dict[str, Any
             "max_cost": settings.merge.max_cost or None}
 
 
+PLAN_FIGURES = (("requests", "requests"), ("prompt_tokens", "prompt tokens"),
+                ("completion_tokens", "completion tokens"), ("cost", "cost"), ("seconds", "wall time (s)"))
+
+
+def plan_against_actual(store: TableStore) -> dict[str, Any] | None:
+    """The recorded plan (``plan.record_plan``) against what the merge passes logged after it sent
+    (``stages.merge.merge_runs``, summed), or None when no plan is recorded. With several plans,
+    the latest that a merge pass followed, else the latest (its ``actual`` None). A plan's figures
+    are for the groups left after its sample, so the sample's spend is kept apart (``sample``),
+    and so is the passes' preflight (``actual_preflight``), which no plan counts."""
+    from .plan import recorded_plans
+    from .stages.merge import merge_runs
+    plans, runs = recorded_plans(store), merge_runs(store)
+    if not plans:
+        return None
+
+    def after(entry: dict[str, Any]) -> list[dict[str, Any]]:
+        return runs[int(entry.get("merge_runs_before") or 0):]
+
+    entry = next((p for p in reversed(plans) if after(p)), plans[-1])
+    sent, plan = after(entry), entry["plan"]
+    return {"made_at": entry.get("made_at") or entry.get("written_at"), "model": plan.get("model"),
+            "plans_recorded": len(plans), "runs_after": len(sent), "covered": entry.get("covered") or {},
+            "sample": entry.get("sample") or {},
+            "actual_preflight": {"requests": _total(sent, "preflight_requests"),
+                                 "tokens": _total(sent, "preflight_tokens")} if sent else None,
+            "figures": {key: _versus(plan.get(key) or {}, _total(sent, key) if sent else None)
+                        for key, _ in PLAN_FIGURES}}
+
+
+def _total(runs: list[dict[str, Any]], key: str) -> int | float:
+    """``key`` summed over merge run summaries: whole for counts, rounded for cost and seconds."""
+    total = sum(r.get(key) or 0 for r in runs)
+    return round(total, 6) if isinstance(total, float) else int(total)
+
+
+def _versus(figure: dict[str, Any], actual: float | None) -> dict[str, Any]:
+    """One planned figure (value, source, note) beside its actual value and actual / planned."""
+    planned = figure.get("value")
+    ratio = actual / planned if actual is not None and planned else None
+    return {"planned": _num(planned), "source": figure.get("source"), "note": figure.get("note", ""),
+            "actual": _num(actual), "ratio": None if ratio is None else _num(round(ratio, 4))}
+
+
 def _money(value: float | None) -> str:
     """An amount at four decimals: LLM calls cost fractions of a cent each."""
     return "" if value is None else f"{value:.4f}"
@@ -793,7 +847,67 @@ def _merging_html(merging: dict[str, Any]) -> list[str]:
             parts.append(_table([header, "rows"], [[k, v] for k, v in merging[key].items()]))
     if merging.get("top_errors"):
         parts.append(_table(["most frequent errors", "rows"], [[e["error"], e["count"]] for e in merging["top_errors"]]))
+    if merging.get("plan_vs_actual"):
+        parts += _plan_html(merging["plan_vs_actual"])
     return parts
+
+
+def _plan_cell(key: str, value: float | None) -> _NumberText:
+    """A planned or actual figure as the plan prints it, right-aligned: cost at four decimals, wall
+    time at one, counts whole (a plan's requests per group are a mean, so its counts have fractions)."""
+    if value is None:
+        return _NumberText("–")
+    if key == "cost":
+        return _NumberText(_money(value))
+    return _NumberText(f"{value:,.1f}" if key == "seconds" else f"{value:,.0f}")
+
+
+def _plan_html(against: dict[str, Any]) -> list[str]:
+    """"Plan against actual": what ``mergeit plan`` said the merge stage would send, beside what
+    the merge passes after it sent, and what the plan's own sample paid, apart."""
+    covered, sample, runs = against["covered"], against["sample"], against["runs_after"]
+    intro = (f"Plan made {against['made_at']} for model {against['model']}: {_fmt(covered.get('groups'))} "
+             f"groups, {_fmt(covered.get('answered'))} already paid, {_fmt(covered.get('to_send'))} to send. ")
+    intro += (f"Actual: what {_count(runs, 'merge run')} finished after it sent" + (", summed." if runs > 1 else ".")
+              if runs else "No merge run has finished since this plan: nothing to compare yet.")
+    sampled = bool(sample.get("groups") or sample.get("requests"))
+    headers = ["figure", "planned", "actual", "actual / planned", "planned from"]
+    headers += ["paid by the plan's --sample (apart)"] if sampled else []
+    rows = []
+    for key, label in PLAN_FIGURES:
+        fig = against["figures"][key]
+        how = fig["source"] + (f": {fig['note']}" if fig.get("note") else "")
+        ratio = _NumberText("–" if fig["ratio"] is None else f"{fig['ratio']:.2f}")
+        row = [label, _plan_cell(key, fig["planned"]), _plan_cell(key, fig["actual"]), ratio, how]
+        rows.append(row + ([_plan_cell(key, sample.get(key))] if sampled else []))
+    return (["<h3>Plan against actual</h3>", f"<p>{html.escape(intro)}</p>", _table(headers, rows)]
+            + [f'<p class="muted">{html.escape(note)}</p>' for note in _plan_notes(against, sampled)])
+
+
+def _plan_notes(against: dict[str, Any], sampled: bool) -> list[str]:
+    """What a reader of the plan table must know: the sample is apart, the preflight is in the
+    actual cost only, the actual wall time is the whole pass, which of several plans this is."""
+    notes = []
+    if sampled:
+        sample = against["sample"]
+        notes.append(f"The plan's --sample merged {_count(sample.get('groups') or 0, 'group')} before it was "
+                     f"made (and sent {_count(sample.get('preflight_requests') or 0, 'preflight request')}); "
+                     "the plan counts only the groups left after them, so their spend is shown apart.")
+    if against.get("actual_preflight"):
+        pre = against["actual_preflight"]
+        notes.append(f"Actual requests and tokens leave out the runs' preflight "
+                     f"({_count(pre['requests'], 'request')}, {_count(pre['tokens'], 'token')}); the actual cost "
+                     "includes it. The actual wall time is the merge passes' whole time (Spark jobs, gate, ledger "
+                     "compaction); the plan's is the requests' alone.")
+    if against.get("plans_recorded", 1) > 1:
+        which = "the latest one a merge run followed" if against["runs_after"] else "the latest"
+        notes.append(f"{against['plans_recorded']} plans are recorded on this run root; this is {which}.")
+    return notes
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one: "1 merge run", "2 merge runs"."""
+    return f"{_fmt(n)} {noun}{'' if n == 1 else 's'}"
 
 
 def _details(summary: str, value: Any) -> str:

@@ -1,7 +1,8 @@
 """``mergeit plan`` on a copy of the shared whole-pipeline run stopped after ``group``, against the
 scripted LLM server: a plan with nothing measured sends nothing and says what it assumed; a
 sampled plan pays for its sample once (the ledger keeps it) and measures; the real run then pays
-only the rest, close to what the plan said."""
+only the rest, close to what the plan said. Each plan is recorded under the run root, and the
+report sets it against what the merge runs after it sent."""
 from __future__ import annotations
 
 import json
@@ -13,10 +14,19 @@ from fake_openai import FakeOpenAI
 from mergeit_spark.cli import main
 from mergeit_spark.llm.spend import Prices
 from mergeit_spark.pipeline import Pipeline
-from mergeit_spark.plan import plan_merge
+from mergeit_spark.plan import no_sample, plan_merge
+from mergeit_spark.report import collect_report_data, plan_against_actual
+from mergeit_spark.tables import TableStore
 
 PRICES = ("llm.price_input_per_million=3", "llm.price_output_per_million=15")
 SAMPLE = 3
+FIGURES = ("requests", "prompt_tokens", "completion_tokens", "cost", "seconds")
+
+
+def merge_summaries(root) -> list[dict]:
+    """The merge passes' summaries in the run log, read as plain JSON lines."""
+    lines = (root / "_state" / "runs.jsonl").read_text().splitlines()
+    return [e["summary"] for e in map(json.loads, filter(None, lines)) if e["stage"] == "merge"]
 
 
 @pytest.fixture()
@@ -37,6 +47,11 @@ def test_plan_without_history_sends_nothing_and_says_what_it_assumed(spark, pipe
     assert plan["cost"]["value"] == pytest.approx(
         Prices(3, 15).cost(plan["prompt_tokens"]["value"], plan["completion_tokens"]["value"]))
     assert not (root / "_ledger").exists()
+    # The plan is recorded; the merge run of the shared run, logged before it, is no actual of it.
+    against = plan_against_actual(TableStore(spark, root))
+    assert merge_summaries(root) and against["runs_after"] == 0 and against["sample"] == no_sample()
+    assert {k: (f["planned"], f["source"], f["actual"]) for k, f in against["figures"].items()} == \
+        {k: (plan[k]["value"], plan[k]["source"], None) for k in FIGURES}
 
 
 def test_a_sampled_plan_is_paid_once_and_the_run_pays_the_rest_as_planned(spark, pipeline_run, root):
@@ -49,8 +64,10 @@ def test_a_sampled_plan_is_paid_once_and_the_run_pays_the_rest_as_planned(spark,
         assert sample_requests == plan.history["attempts"] >= SAMPLE
         assert {plan.requests.source, plan.completion_tokens.source, plan.prompt_tokens.source} == \
             {"measured", "calibrated"}
+        sample_preflights, runs_before = fake.preflights, len(merge_summaries(root))
         Pipeline(settings, spark=spark).run()
         sent = fake.count - sample_requests
+        run_preflights = fake.preflights - sample_preflights
     merges = read(root, "merges")
     assert len(merges) == n_groups
     paid = [m for m in merges if m["attempts"]]
@@ -61,3 +78,20 @@ def test_a_sampled_plan_is_paid_once_and_the_run_pays_the_rest_as_planned(spark,
     assert sent == pytest.approx(plan.requests.value, rel=0.10)
     assert prompt == pytest.approx(plan.prompt_tokens.value, rel=0.15)
     assert completion == pytest.approx(plan.completion_tokens.value, rel=0.15)
+    # The report: the plan's figures against the sum of the merge runs logged after it.
+    against = collect_report_data(TableStore(spark, root), settings)["merging"]["plan_vs_actual"]
+    runs = merge_summaries(root)[runs_before:]
+    assert against["runs_after"] == len(runs) == 1 and against["covered"]["sampled"] == SAMPLE
+    for key in FIGURES:
+        fig, planned = against["figures"][key], getattr(plan, key)
+        assert (fig["planned"], fig["source"]) == (planned.value, planned.source)
+        assert fig["actual"] == pytest.approx(sum(r[key] for r in runs))
+        assert fig["ratio"] == pytest.approx(fig["actual"] / planned.value, abs=1e-4)
+    figures = against["figures"]
+    assert (figures["requests"]["actual"], figures["prompt_tokens"]["actual"],
+            figures["completion_tokens"]["actual"]) == (sent, prompt, completion)
+    assert against["actual_preflight"]["requests"] == run_preflights
+    sample = against["sample"]
+    assert (sample["groups"], sample["requests"], sample["prompt_tokens"], sample["completion_tokens"],
+            sample["preflight_requests"]) == (SAMPLE, sample_requests, plan.history["prompt_tokens"],
+                                              plan.history["completion_tokens"], sample_preflights)

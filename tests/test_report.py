@@ -12,10 +12,11 @@ from PIL import Image
 from pyspark.sql import functions as F
 
 from mergeit_spark.config import load_settings
-from mergeit_spark.report import (PICTURES, build_report, contaminated_merges, decontam_numbers, project_2d,
-                                  render_html)
+from mergeit_spark.plan import Figure, MergePlan, no_sample, record_plan
+from mergeit_spark.report import (PICTURES, build_report, contaminated_merges, decontam_numbers,
+                                  plan_against_actual, project_2d, render_html)
 from mergeit_spark.stages.decontam import EVAL_ITEMS_SCHEMA
-from mergeit_spark.tables import TableStore
+from mergeit_spark.tables import RUN_LOG, TableStore
 
 from _pipeline_run import EVAL_ROWS, eval_set, pipeline_settings
 from _pipeline_tables import finalized_run
@@ -277,6 +278,76 @@ def test_a_run_without_an_evaluation_set_says_it_was_not_checked(spark):
     assert dec == {"eval_sets": 0, "checked": "no_eval_items"}
     page = render_html({"run_root": "r", "generated_at": "now", "decontamination": dec}, {}, [])
     assert "NOT checked for contamination</span>: no evaluation set was configured" in page
+
+
+# -- plan against actual: plans and merge runs logged by hand ----------------------------------
+
+SPENT = ("requests", "prompt_tokens", "completion_tokens", "cost", "seconds", "preflight_requests", "preflight_tokens")
+
+
+def _a_plan(model: str = "m", requests: float = 40.0) -> MergePlan:
+    return MergePlan(model=model, groups=50, answered=5, to_send=45,
+                     requests=Figure(requests, "measured", "1.1 requests per group"),
+                     prompt_tokens=Figure(20_000.0, "calibrated", "estimate x 0.9"),
+                     completion_tokens=Figure(8_000.0, "measured"), cost=Figure(0.18, "priced", "tokens measured"),
+                     seconds=Figure(30.0, "measured", "<latency> & limits"), sampled=5)
+
+
+def _log_run(store: TableStore, stage: str = "merge", **summary) -> dict:
+    store.append_log(RUN_LOG, {"stage": stage, "run_id": "x", "increment": False, "versions": {}, "summary": summary})
+    return summary
+
+
+def _spent(*values) -> dict:
+    return dict(zip(SPENT, values))
+
+
+def test_plan_against_actual_takes_the_latest_plan_a_run_followed(store):
+    """Runs before the plan and plans after the last run do not count; two runs after it are summed;
+    another stage's log lines are not merge runs; the sample stays apart."""
+    assert plan_against_actual(store) is None
+    _log_run(store, **_spent(99, 9_999, 9_999, 9.0, 99.0, 1, 9))             # before the plan
+    sample = no_sample() | _spent(6, 2_400, 1_000, 0.02, 4.5, 1, 12) | {"groups": 5}
+    chosen = record_plan(store, _a_plan(), sample)
+    runs = [_log_run(store, **_spent(30, 15_000, 6_000, 0.135, 20.25, 1, 12)), _log_run(store, stage="finalize"),
+            _log_run(store, **_spent(14, 7_000, 2_800, 0.063, 9.5, 0, 0))]
+    record_plan(store, _a_plan("later", 7.0), no_sample())                    # no run after it
+    got = plan_against_actual(store)
+    assert chosen["merge_runs_before"] == 1 and chosen["covered"] == {"groups": 50, "answered": 5, "to_send": 45,
+                                                                      "sampled": 5}
+    assert (got["model"], got["made_at"], got["plans_recorded"], got["runs_after"]) == ("m", chosen["made_at"], 2, 2)
+    assert got["sample"] == sample and got["covered"] == chosen["covered"]
+    assert got["actual_preflight"] == {"requests": 1, "tokens": 12}
+    plan = chosen["plan"]
+    for key in ("requests", "prompt_tokens", "completion_tokens", "cost", "seconds"):
+        fig = got["figures"][key]
+        actual = sum(r[key] for r in runs if r)
+        assert (fig["planned"], fig["source"], fig["note"]) == (plan[key]["value"], plan[key]["source"],
+                                                                plan[key]["note"])
+        assert fig["actual"] == pytest.approx(actual)
+        assert fig["ratio"] == pytest.approx(actual / fig["planned"], abs=1e-4)
+    assert got["figures"]["requests"]["actual"] == 44 and isinstance(got["figures"]["requests"]["actual"], int)
+    page = render_html({"run_root": "r", "generated_at": "now", "merging": {"plan_vs_actual": got}}, {}, [])
+    assert "paid by the plan&#x27;s --sample (apart)</th>" in page and "what 2 merge runs finished after it" in page
+    assert '<td class="n">0.1800</td><td class="n">0.1980</td><td class="n">1.10</td>' in page    # cost
+    assert "this is the latest one a merge run followed" in page
+
+
+def test_a_plan_without_a_run_after_it_has_no_actual_and_reads_well(store):
+    _log_run(store, **_spent(10, 1, 1, 0.0, 1.0, 0, 0))
+    record_plan(store, _a_plan("<b>m</b>"), no_sample())
+    got = plan_against_actual(store)
+    assert got["runs_after"] == 0 and got["actual_preflight"] is None and got["sample"]["requests"] == 0
+    assert all(f["actual"] is None and f["ratio"] is None for f in got["figures"].values())
+    assert got["figures"]["requests"]["planned"] == 40.0
+    page = render_html({"run_root": "r", "generated_at": "now", "merging": {"groups": 50, "plan_vs_actual": got}},
+                       {}, [])
+    section = page[page.index("<h3>Plan against actual</h3>"):]
+    assert "No merge run has finished since this plan" in section and "&lt;b&gt;m&lt;/b&gt;" in section
+    assert "<b>m</b>" not in page and "&lt;latency&gt; &amp; limits" in section
+    assert ('<td>requests</td><td class="n">40</td><td class="n">–</td><td class="n">–</td>'
+            '<td>measured: 1.1 requests per group</td>') in section
+    assert "paid by the plan" not in section   # no sample: no sample column
 
 
 def test_project_2d_keeps_the_main_axis():
