@@ -1,4 +1,4 @@
-"""The ``mergeit`` command: run, status, report, export, config, llm serve, ledger compact.
+"""The ``mergeit`` command: run, plan, status, report, export, config, llm serve, ledger compact, stop.
 
 Exit codes of ``mergeit run``: 0 done; 1 the run failed (bad input, an unreachable LLM server, a
 ledger that does not balance, the bundled LLM server died); 2 bad settings; 3 every table was
@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = llm_sub.add_parser("serve", help="serve the bundled SmolLM2 GGUF on server.host:server.port")
     _settings_args(serve)
     _ledger_args(sub)
+    _stop_args(sub)
     return parser
 
 
@@ -288,6 +289,9 @@ def _plan(args: argparse.Namespace, settings: Settings) -> int:
         log.error("plan failed: %s", exc)
         return EXIT_FAILED
     print(json.dumps(planned.as_dict(), indent=2) if args.json else planned.table())
+    if not args.json:
+        print("\nrecorded in the run root's log `plans`: `mergeit report` sets it against what the merge "
+              "stage sends next")
     return 0
 
 
@@ -348,6 +352,26 @@ def _ledger(args: argparse.Namespace, settings: Settings) -> int:
 
 
 _COMMANDS["ledger"] = _ledger
+
+
+# -- mergeit stop ----------------------------------------------------------------------------------
+def _stop_args(sub) -> None:
+    stop = sub.add_parser("stop", help="ask the merge stage running under the run root to stop sending "
+                          "(like Ctrl-C on its driver): what was paid is kept, the next run continues")
+    _settings_args(stop)
+
+
+def _stop(args: argparse.Namespace, settings: Settings) -> int:
+    from .llm.stop import ask_stop
+    from .stages.merge import LEDGER_NAME
+    from .tables import LEDGER_DIR
+    root = resolve(settings.output.root, Storage.from_settings(settings.storage))
+    marker = ask_stop(root / LEDGER_DIR / LEDGER_NAME)
+    print(f"stop asked: {marker}")
+    return 0
+
+
+_COMMANDS["stop"] = _stop
 
 
 def _pipeline(settings: Settings):

@@ -292,6 +292,23 @@ class LLMSettings:
                                                 "counts with it.", _non_negative, ">= 0")
     price_output_per_million: float = knob(0.0, "What base_url charges per million completion tokens; see "
                                                  "price_input_per_million.", _non_negative, ">= 0")
+    price_batch_discount: float = knob(0.0, "The share of the price that llm.mode=batch takes off (0.5: batch "
+                                            "requests cost half); 0 counts them at the full price.",
+                                       lambda v: 0 <= v < 1, "in [0, 1)")
+    mode: str = knob("online", "online: requests go to chat/completions as the merge tasks run. batch: they go "
+                               "through the OpenAI Batch API (files + batches), polled by the driver, "
+                               "resumed after a kill, regenerations in later batches.",
+                     _one_of("online", "batch"), "one of online, batch", speed_only=True)
+    batch_completion_window: str = knob("24h", "Batch API completion_window of every batch.", speed_only=True)
+    batch_poll_s: float = knob(30.0, "Seconds between two looks at the open batches.", _positive, "> 0",
+                               speed_only=True)
+    batch_max_wait_s: float = knob(93_600.0, "The driver stops waiting for open batches after this many "
+                                             "seconds; their groups fail batch_pending and the next run "
+                                             "resumes polling them.", _positive, "> 0", speed_only=True)
+    batch_max_requests: int = knob(50_000, "Requests per batch input file at most (the API's limit).",
+                                   _positive, "> 0", speed_only=True)
+    batch_max_bytes: int = knob(190 * 1024 * 1024, "Bytes per batch input file at most (the API allows "
+                                                  "200 MB).", _positive, "> 0", speed_only=True)
     preflight: bool = knob(True, "Before the merge stage starts any task, send one small request to "
                                  "base_url; a server that cannot answer fails the run there.",
                          speed_only=True)

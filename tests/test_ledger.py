@@ -244,10 +244,10 @@ def test_compaction_keeps_latest_lines_spend_and_sequence_in_one_object(tmp_path
     after = read_bucket(root, 5)
     assert _state(after) == _state(before)
     assert _spend_of(root) == spend_before
-    assert after.spent("r2") == (3, 40 + 41 + 77, 0.0)   # spends by id, settled or at reservation
+    assert after.spent("r2")[:3] == (3, 40 + 41 + 77, 0.0)   # spends by id, settled or at reservation
     # At prices: s0's 40 unsplit tokens at the higher rate, s1 as settled, the unsettled spend as
     # reserved: (40 * 10 + 30 * 2 + 11 * 10 + 27 * 2 + 50 * 10) / 1e6.
-    assert after.spent("r2", PRICES) == (3, 158, pytest.approx(1124e-6))
+    assert after.spent("r2", PRICES)[:3] == (3, 158, pytest.approx(1124e-6))
     lines = ledger_mod.parse_lines(Path(root.local, "bucket=5", name).read_bytes())
     results = [x for x in lines if x.get("status")]
     assert len(results) == len(before.latest) == 4         # g1..g4: one line each
@@ -330,14 +330,14 @@ def test_ledger_spend_counts_each_line_once_across_compaction_and_a_killed_one(s
     _busy_bucket(root, bucket=9)
     spent = ledger_spend(spark, root, PRICES)
     requests, tokens, cost = _spend_of(root, PRICES)
-    assert spent == (requests, tokens, pytest.approx(cost)) and requests > 0 and cost > 0
+    assert spent[:3] == (requests, tokens, pytest.approx(cost)) and requests > 0 and cost > 0
     lines = ledger_mod._read_lines(root, 9)[1]
     (root / "bucket=9" / "compacted-killed.jsonl").write_bytes(ledger_mod._dumps(fold_lines(lines)))
     assert ledger_spend(spark, root, PRICES) == spent                   # copies count once
     compact(root)
     assert ledger_spend(spark, root, PRICES) == spent                   # superseded lines still count
-    assert ledger_spend(spark, root) == (requests, tokens, 0.0)         # free: the same tokens
-    assert ledger_spend(spark, fs.resolve(str(tmp_path / "empty"))) == (0, 0, 0.0)
+    assert ledger_spend(spark, root)[:3] == (requests, tokens, 0.0)     # free: the same tokens
+    assert ledger_spend(spark, fs.resolve(str(tmp_path / "empty")))[:3] == (0, 0, 0.0)
 
 
 def test_cli_ledger_compact_takes_the_lease(spark, tmp_path, capsys):

@@ -32,6 +32,11 @@ STATUSES = {"merged", "gate_failed", "failed"}
 
 @pytest.fixture(scope="module")
 def inputs(spark, shared_data):
+    return small_inputs(spark, shared_data)
+
+
+def small_inputs(spark, shared_data):
+    """A dozen groups of real rows: records, embeddings, groups, member lists, the fake's keys."""
     embed = load_settings().embed
     rows = load_rows(shared_data, 48)
     records, embeddings, groups, member_lists = make_inputs(spark, rows, embed, threshold=0.5,

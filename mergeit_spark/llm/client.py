@@ -429,15 +429,7 @@ class MergeClient:
     def _response_format(self) -> tuple[str, dict | None]:
         step = min(_LADDER_STEP.get(self._ladder_key, 0), len(self._ladder) - 1)
         mode = self._ladder[step]
-        if mode == "json_schema":
-            return mode, {"type": "json_schema",
-                          "json_schema": {"name": "merged_example", "strict": True,
-                                          "schema": MERGED_SCHEMA}}
-        if mode == "json_object_schema":
-            return mode, {"type": "json_object", "schema": MERGED_SCHEMA}
-        if mode == "json_object":
-            return mode, {"type": "json_object"}
-        return mode, None
+        return mode, response_format(mode)
 
     def _step_down(self, mode: str) -> bool:
         """Move this endpoint one rung down the json-mode ladder; False at the bottom."""
@@ -500,7 +492,7 @@ class MergeClient:
                     error = f"http_{status}: {self._scrub(message)}"
                     breaks = status >= 500 or status in _BREAKER_STATUS
                     if not (status in RETRYABLE_STATUS or status >= 500):
-                        result.error = _context_error(status, message) or error
+                        result.error = context_error(status, message) or error
                         return result
                     retry_after = retry_after_seconds(exc.response.headers)
                 except (openai.APITimeoutError, asyncio.TimeoutError):
@@ -536,12 +528,8 @@ class MergeClient:
 
     def _request(self, messages: list[dict[str, str]]) -> tuple[str, dict[str, Any]]:
         """The json-mode rung in use and the arguments of one chat completion request."""
-        mode, response_format = self._response_format()
-        kwargs: dict[str, Any] = {"model": self.llm.model, "messages": messages,
-                                  "temperature": self.llm.temperature, "max_tokens": self.llm.max_tokens}
-        if response_format is not None:
-            kwargs["response_format"] = response_format
-        return mode, kwargs
+        mode, _ = self._response_format()
+        return mode, chat_request(self.llm, messages, mode)
 
     def _pause(self, seconds: float) -> None:
         """Hold back every request of this loop for ``seconds`` (a server's Retry-After)."""
@@ -577,7 +565,7 @@ class MergeClient:
                 if merged is None:
                     if invalid_left > 0:
                         invalid_left -= 1
-                        follow_up = _feedback(chat.content, f"it could not be used: {why}")
+                        follow_up = feedback_turns(chat.content, f"it could not be used: {why}")
                         continue
                     return attempts.result(STATUS_FAILED, error=f"{ERROR_INVALID}: {why}")
                 if gate is None:
@@ -587,7 +575,7 @@ class MergeClient:
                     return attempts.result(STATUS_MERGED, gate=verdict.describe(), **merged)
                 if gate_left > 0:
                     gate_left -= 1
-                    follow_up = _feedback(chat.content, verdict.feedback())
+                    follow_up = feedback_turns(chat.content, verdict.feedback())
                     continue
                 return attempts.result(STATUS_GATE_FAILED, gate=verdict.describe(),
                                        error="gate: " + ",".join(verdict.failed), **merged)
@@ -597,6 +585,28 @@ class MergeClient:
             log.exception("merge crashed")
             return attempts.result(STATUS_FAILED,
                                    error=self._scrub(f"internal: {type(exc).__name__}: {exc}"))
+
+
+def response_format(mode: str) -> dict | None:
+    """The ``response_format`` of a json-mode rung (``JSON_LADDERS``); None sends none."""
+    if mode == "json_schema":
+        return {"type": "json_schema",
+                "json_schema": {"name": "merged_example", "strict": True, "schema": MERGED_SCHEMA}}
+    if mode == "json_object_schema":
+        return {"type": "json_object", "schema": MERGED_SCHEMA}
+    if mode == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+def chat_request(llm: LLMSettings, messages: list[dict[str, str]], mode: str) -> dict[str, Any]:
+    """The body of one chat completion request at json-mode rung ``mode``."""
+    body: dict[str, Any] = {"model": llm.model, "messages": messages, "temperature": llm.temperature,
+                            "max_tokens": llm.max_tokens}
+    fmt = response_format(mode)
+    if fmt is not None:
+        body["response_format"] = fmt
+    return body
 
 
 class _Malformed(ValueError):
@@ -628,7 +638,7 @@ _CONTEXT_WORDS = ("context length", "context window", "maximum context", "contex
                   "too many tokens", "exceeds the context", "n_ctx")
 
 
-def _context_error(status: int, message: str) -> str | None:
+def context_error(status: int, message: str) -> str | None:
     """A 400/413 that says the prompt does not fit the model's context, as ``prompt_too_long``."""
     lowered = message.lower()
     if status in (400, 413, 422) and any(word in lowered for word in _CONTEXT_WORDS):
@@ -652,7 +662,7 @@ def _mentions_response_format(message: str) -> bool:
     return "response_format" in lowered or "json_schema" in lowered
 
 
-def _feedback(reply: str | None, problem: str) -> list[dict[str, str]]:
+def feedback_turns(reply: str | None, problem: str) -> list[dict[str, str]]:
     """The rejected reply and one line on what was wrong: the tail of a regeneration request."""
     return [
         {"role": "assistant", "content": (reply or "")[:4000]},

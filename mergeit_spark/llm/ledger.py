@@ -106,28 +106,51 @@ class BucketState:
     reserved: dict[str, tuple[str, Tokens]] = field(default_factory=dict)  # spend id -> (run, reserved)
     settled: dict[str, Tokens] = field(default_factory=dict)               # spend id -> used
     settled_seq: dict[str, int] = field(default_factory=dict, repr=False)
+    batch_spends: set[str] = field(default_factory=set)   # spend ids of Batch API requests
+    voided: set[str] = field(default_factory=set)          # spend ids of requests never run
+    # Batch API replies per (group_id, request_hash): custom id -> reply line (``llm.batch``), and
+    # the (group_id, request_hash, chain) whose chain a result line has closed.
+    replies: dict[tuple[str, str], dict[str, dict[str, Any]]] = field(default_factory=dict)
+    closed: set[tuple[str, str, str]] = field(default_factory=set)
 
     def spent(self, run: str | None = None, prices: Prices = Prices()) -> Spent:
         """Requests, tokens and cost recorded as spent in this bucket (by run ``run``, or by any);
-        an unsettled request counts its whole reservation."""
+        an unsettled request counts its whole reservation, a request never run (a batch line that
+        expired unanswered) nothing; batch requests at the batch prices."""
         requests, tokens, cost = 0, 0, 0.0
         for sid, (owner, reserved) in self.reserved.items():
-            if run is None or owner == run:
+            if (run is None or owner == run) and sid not in self.voided:
                 used = self.settled.get(sid, reserved)
-                requests, tokens, cost = requests + 1, tokens + used.total, cost + used.cost(prices)
+                requests, tokens = requests + 1, tokens + used.total
+                cost += used.cost(prices.of(sid in self.batch_spends))
         return Spent(requests, tokens, cost)
+
+    def open_replies(self, group_id: str, request_hash: str) -> list[dict[str, Any]]:
+        """The Batch API replies of the group's request whose chain no result line has closed."""
+        found = self.replies.get((group_id, request_hash), {})
+        return [r for r in found.values() if (group_id, request_hash, r.get("chain")) not in self.closed]
 
     def add(self, line: dict[str, Any]) -> None:
         """Fold one parsed line into the state (a line folded twice changes nothing)."""
         self.max_seq = max(self.max_seq, _seq(line))
         if line.get("spend"):
-            self.reserved[str(line["spend"])] = (str(line.get("run")), Tokens.of(line))
+            sid = str(line["spend"])
+            self.reserved[sid] = (str(line.get("run")), Tokens.of(line))
+            if line.get("batch"):
+                self.batch_spends.add(sid)
         elif line.get("settle"):
             sid = str(line["settle"])
+            if line.get("void"):
+                self.voided.add(sid)
             if _seq(line) >= self.settled_seq.get(sid, -1):
                 self.settled[sid], self.settled_seq[sid] = Tokens.of(line), _seq(line)
+        elif line.get("batch_reply"):
+            key = (str(line.get("group_id")), str(line.get("request_hash")))
+            self.replies.setdefault(key, {})[str(line["batch_reply"])] = line
         elif line.get("group_id") and line.get("status"):
             key = (line["group_id"], line.get("request_hash"))
+            if line.get("chain"):
+                self.closed.add((*key, str(line["chain"])))
             if key not in self.latest or line_order(line) >= line_order(self.latest[key]):
                 self.latest[key] = line
 
@@ -215,14 +238,23 @@ def fold_lines(lines: list[dict[str, Any]], objects: int = 0) -> list[dict[str, 
     stubs: dict[tuple, dict] = {}
     spends: dict[str, dict] = {}
     settles: dict[str, dict] = {}
+    voids: dict[str, dict] = {}
+    replies: dict[str, dict] = {}
     others: dict[str, dict] = {}
     for line in lines:
         if line.get("spend"):
             spends.setdefault(str(line["spend"]), line)
         elif line.get("settle"):
             sid = str(line["settle"])
-            if sid not in settles or _seq(line) >= _seq(settles[sid]):
+            if line.get("void"):
+                voids.setdefault(sid, line)
+            elif sid not in settles or _seq(line) >= _seq(settles[sid]):
                 settles[sid] = line
+        elif line.get("batch_reply"):
+            # A reply counts until a result closes its chain; then the result holds what it paid.
+            chain = (str(line.get("group_id")), str(line.get("request_hash")), line.get("chain"))
+            if chain not in state.closed:
+                replies.setdefault(str(line["batch_reply"]), line)
         elif line.get("group_id") and line.get("status"):
             identity = line_identity(line)
             if identity not in winners and not line.get("journaled") and _paid(line):
@@ -235,7 +267,7 @@ def fold_lines(lines: list[dict[str, Any]], objects: int = 0) -> list[dict[str, 
             others.setdefault(json.dumps(line, sort_keys=True, ensure_ascii=False), line)
     header = {"compacted": uuid.uuid4().hex, "seq": state.max_seq, "objects": objects}
     return [header, *sorted(state.latest.values(), key=line_order), *stubs.values(),
-            *spends.values(), *settles.values(), *others.values()]
+            *spends.values(), *settles.values(), *voids.values(), *replies.values(), *others.values()]
 
 
 def _dumps(lines: list[dict[str, Any]]) -> bytes:

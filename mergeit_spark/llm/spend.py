@@ -20,10 +20,20 @@ class Prices:
     0 = free). No price is built in: hosted prices change without notice, so the user states them."""
     input_per_million: float = 0.0
     output_per_million: float = 0.0
+    batch_discount: float = 0.0   # the share a Batch API request takes off (llm.price_batch_discount)
 
     @classmethod
     def from_settings(cls, llm: LLMSettings) -> "Prices":
-        return cls(llm.price_input_per_million, llm.price_output_per_million)
+        return cls(llm.price_input_per_million, llm.price_output_per_million, llm.price_batch_discount)
+
+    def batch(self) -> "Prices":
+        """The prices of a request sent through the Batch API."""
+        keep = 1.0 - self.batch_discount
+        return Prices(self.input_per_million * keep, self.output_per_million * keep)
+
+    def of(self, batch: bool) -> "Prices":
+        """The prices of an online (False) or a batch (True) request."""
+        return self.batch() if batch else self
 
     def cost(self, prompt_tokens: int, completion_tokens: int, unsplit_tokens: int = 0) -> float:
         """The price of the tokens; ``unsplit_tokens`` (ledger lines written before prompt and
@@ -55,7 +65,10 @@ class Tokens(NamedTuple):
 
 
 class Spent(NamedTuple):
-    """Requests, tokens and their cost at given prices, as the ledger records them."""
+    """Requests, tokens and their cost at given prices, as the ledger records them; ``tokens``
+    split into prompt and completion where the lines say (older lines do not)."""
     requests: int = 0
     tokens: int = 0
     cost: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0

@@ -121,6 +121,7 @@ from ..llm.client import (ERROR_BUDGET, ERROR_INVALID, ERROR_MISSING_MEMBER, ERR
                           ERROR_TRUNCATED, STATUS_FAILED, STATUS_GATE_FAILED, STATUS_MERGED, Budget,
                           MergeClient, MergeResult, error_kind, rerun_can_fix, validate_merged)
 from ..llm.gate import BatchGate, GroupSources, model_encoder
+from ..llm.batch import ERROR_PENDING
 from ..llm.ledger import (IDENTITY, LEDGER_BUCKETS, BucketSpend, BucketState, LedgerWriter, compact,
                           ledger_bucket, ledger_buckets, read_bucket)
 from ..llm.preflight import Preflight, preflight
@@ -129,6 +130,7 @@ from ..llm.spend import Prices, Spent
 from ..llm.prompt import build_messages, prompt_hash
 from ..llm.tokens import fewest_prompt_tokens
 from ..llm.pump import RequestPump
+from ..llm.stop import ERROR_INTERRUPTED, DriverStop, StopMarker, TaskStop, clear_stops, ignoring_interrupts
 from ..models import load_model
 from ..redact import install_log_scrubbing
 from ..tables import RUN_LOG, TableStore, Write
@@ -364,6 +366,8 @@ class _TaskState:
     budget: Budget
     buckets: dict[int, BucketState] = field(default_factory=dict)
     groups: int = 0
+    stop: TaskStop | None = None
+    stager: Any = None   # batch mode: the partition's batch input files (``llm.batch.Stager``)
 
 
 @dataclass(frozen=True)
@@ -380,6 +384,7 @@ class MergeTask:
     loops: int = 1   # tasks running at once: they share the per-minute rate limits
     run_id: str = ""                   # this run of the pass: spend lines carry it
     context_tokens: int | None = None  # the model's context window, when known
+    stop: StopMarker | None = None     # where a graceful stop is asked (``llm.stop``)
 
     @property
     def journaled(self) -> bool:
@@ -393,35 +398,51 @@ class MergeTask:
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         _worker_logging()
         task = _task_attempt_id()
-        state = _TaskState(LedgerWriter(self.ledger_root, task),
-                           Budget(0 if self.shares.cap_requests else None,
-                                  0 if self.shares.cap_tokens else None,
-                                  0.0 if self.shares.cap_cost else None, self.shares.prices))
+        state = self._new_state(task)
         workers = self.llm.concurrency
-        try:
-            with RequestPump(lambda: self._session(state, task), workers, 2 * workers) as pump:
-                for batch in batches:
-                    rows, todo = self._triage(decode_jobs(batch), state)
-                    if todo:
-                        # The gate's model, loaded before the first request rather than by the
-                        # first verdict: loading holds the interpreter (and freezes the worker's
-                        # heap) for a while, which must not eat in-flight requests' timeouts.
-                        load_model(self.embed)
-                    for start in range(0, len(todo), pump.queue_size):
-                        pump.put(todo[start:start + pump.queue_size])
-                        rows.extend(pump.take())
-                        if len(rows) >= PASS_ROWS:
-                            yield _pass_batch(rows)
-                            rows = []
-                    if rows:
+        with ignoring_interrupts():
+            try:
+                with RequestPump(lambda: self._session(state, task), workers, 2 * workers) as pump:
+                    for batch in batches:
+                        yield from self._feed(pump, state, *self._triage(decode_jobs(batch), state))
+                    for rows in pump.finish(PASS_ROWS):
                         yield _pass_batch(rows)
-                for rows in pump.finish(PASS_ROWS):
-                    yield _pass_batch(rows)
-        finally:
-            state.writer.close()
+                self._finish(state)
+            finally:
+                state.writer.close()
         log.info("merge task %s: %d groups, %d ledger commits for %d lines (budget: %d requests, "
                  "%d tokens used)", task[:8], state.groups, state.writer.commits, state.writer.lines,
                  state.budget.requests, state.budget.tokens)
+
+    def _new_state(self, task: str) -> _TaskState:
+        return _TaskState(LedgerWriter(self.ledger_root, task),
+                          Budget(0 if self.shares.cap_requests else None, 0 if self.shares.cap_tokens else None,
+                                 0.0 if self.shares.cap_cost else None, self.shares.prices),
+                          stop=TaskStop(self.stop) if self.stop is not None else None)
+
+    def _finish(self, state: _TaskState) -> None:
+        """After the last group of the partition, before the ledger writer closes."""
+
+    def _feed(self, pump: RequestPump, state: _TaskState, rows: list[dict], todo: list[Job]) -> Iterator[pa.RecordBatch]:
+        """Hand one input batch's jobs to the pump, a queue's worth at a time, and stream back the
+        results ready; once a stop is asked, the jobs not handed over end ``interrupted``."""
+        if todo:
+            # The gate's model, loaded before the first request rather than by the first verdict:
+            # loading holds the interpreter (and freezes the worker's heap) for a while, which must
+            # not eat in-flight requests' timeouts.
+            load_model(self.embed)
+        for start in range(0, len(todo), pump.queue_size):
+            if state.stop is not None and state.stop.asked():
+                rows.extend(_unsent_row(job, self.llm.model, f"{ERROR_INTERRUPTED}: stopped before it was sent",
+                                        "interrupted") for job in todo[start:])
+                break
+            pump.put(todo[start:start + pump.queue_size])
+            rows.extend(pump.take())
+            if len(rows) >= PASS_ROWS:
+                yield _pass_batch(rows)
+                rows = []
+        if rows:
+            yield _pass_batch(rows)
 
     def _triage(self, jobs: list[Job], state: _TaskState) -> tuple[list[dict], list[Job]]:
         """Split jobs into results the ledger already holds and jobs for the loop."""
@@ -437,10 +458,14 @@ class MergeTask:
                     job.hit = line   # judged under other gate settings: judged again, not requested
                     todo.append(job)
                 else:
-                    rows.append(_pass_row(line, "ledger"))
+                    rows.append(_pass_row(line, self._ledger_source(line)))
             else:
                 todo.append(job)
         return rows, todo
+
+    def _ledger_source(self, line: dict[str, Any]) -> str:
+        """The source of a group the ledger answers."""
+        return "ledger"
 
     def _open_bucket(self, bucket: int, state: _TaskState) -> BucketState:
         known = state.buckets.get(bucket)
@@ -548,6 +573,16 @@ def _pass_row(line: dict[str, Any], source: str, paid: MergeResult | None = None
     return row
 
 
+def _unsent_row(job: Job, model: str, error: str, source: str) -> dict[str, Any]:
+    """The pass output of a group that got no result this pass (stopped, waiting on a batch):
+    ``failed`` with ``error``, in no ledger line, so that the next run takes it up."""
+    row = {f.name: None for f in PASS_SCHEMA.fields}
+    row.update(group_id=job.group_id, request_hash=job.request_hash, status=STATUS_FAILED, model=model,
+               attempts=0, prompt_tokens=0, completion_tokens=0, latency_ms=0.0, error=error, source=source,
+               paid_requests=0, paid_prompt_tokens=0, paid_completion_tokens=0)
+    return row
+
+
 def _pass_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist(rows, schema=_arrow_schema(PASS_SCHEMA))
 
@@ -602,6 +637,8 @@ class MergeRunSummary:
     content: str = ""            # fingerprint of the merges rows this run produced (see summarise)
     rewritten: bool = True       # False: `merges` already held exactly these rows, no new version
     ledger_objects: dict[str, int] = field(default_factory=dict)  # compaction: objects before, after
+    stopped: bool = False        # a stop was asked (Ctrl-C, `mergeit stop`): groups left for the next run
+    batches: dict[str, Any] = field(default_factory=dict)         # batch mode: ``llm.batch.BookStats``
 
     @property
     def total_tokens(self) -> int:
@@ -658,7 +695,9 @@ def merge_shortfall(errors: dict[str, int], groups: int, merge: MergeSettings) -
     top = ", ".join(f"{k} ({n})" for k, n in sorted(retryable.items(), key=lambda kv: -kv[1])[:3])
     hint = ("; raise merge.max_requests / merge.max_total_tokens / merge.max_cost first"
             if ERROR_BUDGET in retryable else "")
-    return Shortfall(failed=failed, total=groups, tolerance=merge.max_failed_share,
+    # A stopped run, or one that left batches open, did not do its work: never within tolerance.
+    unfinished = ERROR_INTERRUPTED in retryable or ERROR_PENDING in retryable
+    return Shortfall(failed=failed, total=groups, tolerance=0.0 if unfinished else merge.max_failed_share,
                      message=(f"{failed} of {groups} merge groups failed for a reason a rerun can fix: "
                               f"{top}. Run the same `mergeit run` again to retry exactly those "
                               f"(nothing already paid is paid again){hint}"))
@@ -746,37 +785,48 @@ def _record_driver_spend(ledger_root: Location, plan: RequestPlan) -> None:
         writer.close()
 
 
-def ledger_spend(spark: SparkSession, ledger_root: Location | str, prices: Prices = Prices()) -> Spent:
+def ledger_spend(spark: SparkSession, ledger_root: Location | str, prices: Prices = Prices(),
+                 run: str | None = None) -> Spent:
     """Requests, tokens and their cost at ``prices`` that the ledger records as spent, over every
-    run: the spend lines (an unsettled request counts its whole reservation), plus the requests
-    and tokens of results written without spend lines (runs without a budget; those a compaction
+    run (or by run ``run``): the spend lines (an unsettled request counts its whole reservation,
+    a batch request never run nothing, a batch request at the batch prices), plus the requests and
+    tokens of results written without spend lines (runs without a budget; those a compaction
     superseded count through their ``superseded`` lines). A line counts once however many copies
     the ledger holds (a compaction killed before its deletes): spends by id, results by
-    ``llm.ledger.IDENTITY``. A Spark aggregation: one row to the driver."""
+    ``llm.ledger.IDENTITY``. A Spark aggregation: a few rows to the driver."""
     lines = ledger_lines(spark, ledger_root, SPEND_SCHEMA)
     if lines is None:
         return Spent()
+    mine = F.col("run") == run if run is not None else F.lit(True)
     split = [F.coalesce(c, F.lit(0)) for c in ("tokens", "prompt_tokens", "completion_tokens")]
-    reserved = (lines.where(F.col("spend").isNotNull())
-                .select(F.col("spend").alias("sid"), *[c.alias(f"r{i}") for i, c in enumerate(split)])
+    batch = F.coalesce(F.col("batch"), F.lit(False)).alias("b")
+    reserved = (lines.where(F.col("spend").isNotNull() & mine)
+                .select(F.col("spend").alias("sid"), *[c.alias(f"r{i}") for i, c in enumerate(split)], batch)
                 .dropDuplicates(["sid"]))
     settled = (lines.where(F.col("settle").isNotNull()).groupBy(F.col("settle").alias("sid"))
-               .agg(*[F.max(c).alias(f"u{i}") for i, c in enumerate(split)]))
+               .agg(*[F.max(F.when(~F.coalesce(F.col("void"), F.lit(False)), c)).alias(f"u{i}")
+                      for i, c in enumerate(split)],
+                    F.max(F.coalesce(F.col("void"), F.lit(False))).alias("void")))
     used = [F.when(F.col("u0").isNotNull(), F.col(f"u{i}")).otherwise(F.col(f"r{i}")) for i in range(3)]
-    spend = (reserved.join(settled, "sid", "left").select(*[c.alias(n) for c, n in zip(used, ("t", "p", "c"))])
-             .agg(F.count("*").alias("requests"), F.sum("t").alias("tokens"), F.sum("p").alias("prompt"),
-                  F.sum("c").alias("completion"), F.sum(F.greatest(F.col("t") - F.col("p") - F.col("c"),
-                                                                   F.lit(0))).alias("unsplit")))
+    spend = (reserved.join(settled, "sid", "left").where(~F.coalesce(F.col("void"), F.lit(False)))
+             .select(*[c.alias(n) for c, n in zip(used, ("t", "p", "c"))], "b"))
     results = (lines.where((F.col("status").isNotNull() | F.coalesce(F.col("superseded"), F.lit(False)))
-                           & ~F.coalesce(F.col("journaled"), F.lit(False)))
-               .dropDuplicates(list(IDENTITY)))
-    unjournaled = results.agg(F.sum("attempts").alias("requests"), F.sum(split[1] + split[2]).alias("tokens"),
-                              F.sum(split[1]).alias("prompt"), F.sum(split[2]).alias("completion"),
-                              F.lit(0).alias("unsplit"))
-    rows = spend.unionByName(unjournaled).collect()
-    total = {k: sum(int(r[k] or 0) for r in rows) for k in ("requests", "tokens", "prompt", "completion", "unsplit")}
-    return Spent(total["requests"], total["tokens"],
-                 prices.cost(total["prompt"], total["completion"], total["unsplit"]))
+                           & ~F.coalesce(F.col("journaled"), F.lit(False)) & mine)
+               .dropDuplicates(list(IDENTITY))
+               .select(split[1].alias("p"), split[2].alias("c"), F.col("attempts").alias("n"),
+                       F.lit(False).alias("b")))
+    totals = (spend.select((F.col("t") - F.col("p") - F.col("c")).alias("u"), "p", "c", F.lit(1).alias("n"), "b")
+              .unionByName(results.withColumn("u", F.lit(0)))
+              .groupBy("b").agg(F.sum("n").alias("requests"), F.sum("p").alias("prompt"),
+                                F.sum("c").alias("completion"), F.sum(F.greatest("u", F.lit(0))).alias("unsplit"))
+              .collect())
+    spent = Spent()
+    for row in totals:
+        p, c, u = (int(row[k] or 0) for k in ("prompt", "completion", "unsplit"))
+        spent = Spent(spent.requests + int(row["requests"] or 0), spent.tokens + p + c + u,
+                      spent.cost + prices.of(bool(row["b"])).cost(p, c, u),
+                      spent.prompt_tokens + p, spent.completion_tokens + c)
+    return spent
 
 
 def ledger_lines(spark: SparkSession, ledger_root: Location | str, schema: T.StructType) -> DataFrame | None:
@@ -802,6 +852,8 @@ SPEND_SCHEMA = T.StructType([
     T.StructField("superseded", T.BooleanType()), T.StructField("group_id", T.StringType()),
     T.StructField("request_hash", T.StringType()), T.StructField("seq", T.LongType()),
     T.StructField("finished_ns", T.LongType()), T.StructField("task", T.StringType()),
+    T.StructField("run", T.StringType()), T.StructField("batch", T.BooleanType()),
+    T.StructField("void", T.BooleanType()),
 ])
 
 
@@ -820,7 +872,8 @@ def compact_ledger(ledger_root: Location | str) -> dict[str, int] | None:
 
 
 def request_pass(jobs: DataFrame, settings: Settings, ledger_root: Location | str,
-                 partitions: int | None = None, plan: RequestPlan | None = None) -> tuple[DataFrame, int]:
+                 partitions: int | None = None, plan: RequestPlan | None = None,
+                 stop: StopMarker | None = None) -> tuple[DataFrame, int]:
     """The request pass over ``jobs`` (from ``build_jobs``), lazily: one ``PASS_SCHEMA`` row per
     group, and the number of partitions it runs in. ``plan`` (``plan_requests``) is made here
     when not given."""
@@ -832,7 +885,7 @@ def request_pass(jobs: DataFrame, settings: Settings, ledger_root: Location | st
     fn = MergeTask(llm=settings.llm, merge=settings.merge, gate=settings.gate,
                    embed=settings.embed, ledger_root=ledger_root, shares=plan.shares,
                    copy_length_ratio=settings.gate.copy_length_ratio, loops=min(p, slots),
-                   run_id=plan.run_id,
+                   run_id=plan.run_id, stop=stop,
                    context_tokens=plan.preflight.context_tokens or settings.llm.context_tokens or None)
     return bucket_ranges(jobs, p).sortWithinPartitions("bucket").mapInArrow(fn, PASS_SCHEMA), p
 
@@ -957,24 +1010,19 @@ def merge_pass(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddi
     settings = ctx.settings
     ledger_root = resolve(ctx.store.ledger_path(LEDGER_NAME))
     jobs = build_jobs(groups, records, embeddings, settings.llm)
+    clear_stops(ledger_root)
     plan = plan_requests(jobs, settings, ledger_root,
                          has_groups=not groups.isEmpty() if has_groups is None else has_groups)
-    passed, p = request_pass(jobs, settings, ledger_root, partitions, plan)
-    passed = passed.persist(StorageLevel.MEMORY_AND_DISK)
-    checked = reject_contaminated(passed, evaluation, settings.decontam)
-    if checked is not passed:
-        passed = checked.persist(StorageLevel.MEMORY_AND_DISK)
-    progress = MergeProgress(ledger_root, plan.run_id, groups.count, Prices.from_settings(settings.llm),
-                             settings.merge.progress_interval_s)
-    try:
-        with progress:
-            summary = summarise(passed, p)
-    except BaseException:
-        passed.unpersist()
-        raise
+    stop = DriverStop(StopMarker(ledger_root, plan.run_id))
+    with stop.catching_interrupts():
+        if settings.llm.mode == "batch":
+            summary, passed = _batch_pass(jobs, settings, ledger_root, plan, stop, partitions, evaluation)
+        else:
+            summary, passed = _online_pass(jobs, groups, settings, ledger_root, plan, stop, partitions, evaluation)
     summary.add_preflight(plan.preflight)
-    summary.cost = Prices.from_settings(settings.llm).cost(summary.prompt_tokens + plan.preflight.prompt_tokens,
-                                                           summary.completion_tokens + plan.preflight.completion_tokens)
+    summary.cost += Prices.from_settings(settings.llm).cost(plan.preflight.prompt_tokens,
+                                                            plan.preflight.completion_tokens)
+    summary.stopped = stop.asked()
     # The pass is done and its rows cached: no task writes the ledger until the next pass.
     summary.ledger_objects = compact_ledger(ledger_root) or {}
     summary.seconds = round(time.perf_counter() - started, 3)
@@ -982,6 +1030,47 @@ def merge_pass(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddi
              summary.groups, summary.requests, summary.total_tokens, summary.cost, summary.by_status,
              summary.gate_rejections)
     return summary, passed.select(*_merges_columns())
+
+
+def _online_pass(jobs: DataFrame, groups: DataFrame, settings: Settings, ledger_root: Location, plan: RequestPlan,
+                 stop: DriverStop, partitions: int | None,
+                 evaluation: tuple[DataFrame, DataFrame] | None) -> tuple[MergeRunSummary, DataFrame]:
+    """The request pass, its rows cached and summed, with the progress line while it pays."""
+    passed, p = request_pass(jobs, settings, ledger_root, partitions, plan, stop.marker)
+    passed = passed.persist(StorageLevel.MEMORY_AND_DISK)
+    checked = reject_contaminated(passed, evaluation, settings.decontam)
+    if checked is not passed:
+        passed = checked.persist(StorageLevel.MEMORY_AND_DISK)
+    prices = Prices.from_settings(settings.llm)
+    progress = MergeProgress(ledger_root, plan.run_id, groups.count, prices, settings.merge.progress_interval_s)
+    try:
+        with progress:
+            summary = summarise(passed, p)
+    except BaseException:
+        passed.unpersist()
+        raise
+    summary.cost = prices.cost(summary.prompt_tokens, summary.completion_tokens)
+    return summary, passed
+
+
+def _batch_pass(jobs: DataFrame, settings: Settings, ledger_root: Location, plan: RequestPlan, stop: DriverStop,
+                partitions: int | None,
+                evaluation: tuple[DataFrame, DataFrame] | None) -> tuple[MergeRunSummary, DataFrame]:
+    """The batch passes (``stages.merge_batch``); what this run paid is its spend in the ledger,
+    since a group's requests span several passes (and batches resumed from a killed run count
+    for the run that sent them)."""
+    from .merge_batch import batch_passes
+    passed, summary, book = batch_passes(jobs, settings, ledger_root, plan, stop, partitions)
+    checked = reject_contaminated(passed, evaluation, settings.decontam)
+    if checked is not passed:
+        passed = checked.persist(StorageLevel.MEMORY_AND_DISK)
+        summary = summarise(passed, summary.partitions)
+    prices = Prices.from_settings(settings.llm)
+    paid = ledger_spend(jobs.sparkSession, ledger_root, prices, run=plan.run_id)
+    summary.requests, summary.cost = paid.requests, paid.cost
+    summary.prompt_tokens, summary.completion_tokens = paid.prompt_tokens, paid.completion_tokens
+    summary.batches = asdict(book.stats)
+    return summary, passed
 
 
 def merge_runs(store: TableStore) -> list[dict[str, Any]]:
