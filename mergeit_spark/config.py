@@ -295,6 +295,9 @@ class LLMSettings:
     price_batch_discount: float = knob(0.0, "The share of the price that llm.mode=batch takes off (0.5: batch "
                                             "requests cost half); 0 counts them at the full price.",
                                        lambda v: 0 <= v < 1, "in [0, 1)")
+    tokenizer: str = knob("", "The model's tokenizer for `mergeit plan`'s prompt tokens: `bundled` (the bundled "
+                              "model's GGUF), a .gguf or a tokenizer.json path; empty: an estimate, "
+                              "calibrated against billed usage.", speed_only=True)
     mode: str = knob("online", "online: requests go to chat/completions as the merge tasks run. batch: they go "
                                "through the OpenAI Batch API (files + batches), polled by the driver, "
                                "resumed after a kill, regenerations in later batches.",

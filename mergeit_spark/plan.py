@@ -9,8 +9,9 @@ one (measured), else assumed, and the plan says which:
 
 * requests per group: attempts per recorded result (regenerations and retries included), else 1;
 * completion tokens per request: from the server's usage, else ``llm.max_tokens`` (an upper bound);
-* prompt tokens: the estimate, scaled by what the server billed for the same requests when the
-  ledger has results for groups of this run root (calibrated), else the estimate as it is;
+* prompt tokens: counted with the model's tokenizer when ``llm.tokenizer`` names one (counted,
+  ``llm.tokenizer``), else the estimate, scaled by what the server billed for the same requests
+  when the ledger has results for groups of this run root (calibrated), else the estimate as it is;
 * latency per request: from the ledger, else assumed (``ASSUMED_LATENCY_S``);
 * gate pass rate: merged results of all recorded results.
 
@@ -41,6 +42,7 @@ from .fs import Location
 from .llm.ledger import BucketState, read_bucket
 from .llm.prompt import build_messages
 from .llm.spend import Prices
+from .llm.tokenizer import PromptCounter
 from .llm.tokens import estimate_prompt_tokens
 
 ASSUMED_LATENCY_S = 10.0   # per request, when the ledger has measured none
@@ -59,9 +61,11 @@ _PLANNED_ARROW = to_arrow_schema(_PLANNED_SCHEMA)
 @dataclass(frozen=True)
 class _PlanGroups:
     """For each job (``stages.merge.JOB_SCHEMA``): whether the ledger answers it without a request,
-    and its prompt-token estimate. Runs in executor tasks, a bucket's ledger read once per task."""
+    and its prompt tokens: counted with ``counter`` (``llm.tokenizer``) when there is one, else
+    estimated. Runs in executor tasks, a bucket's ledger read once per task."""
     ledger_root: Location
     merge: MergeSettings
+    counter: PromptCounter | None = None
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from .stages.merge import MISSING_HASH, TEXT_FIELDS, answered_by_ledger, decode_jobs
@@ -78,7 +82,8 @@ class _PlanGroups:
                 out["group_id"].append(job.group_id)
                 out["request_hash"].append(job.request_hash)
                 out["answered"].append(answered)
-                out["prompt_estimate"].append(estimate_prompt_tokens(messages) if sendable else 0)
+                count = self.counter.count if self.counter is not None else estimate_prompt_tokens
+                out["prompt_estimate"].append(count(messages) if sendable else 0)
             yield pa.RecordBatch.from_pydict(out, schema=_PLANNED_ARROW)
 
 
@@ -175,7 +180,11 @@ def make_plan(settings: Settings, planned: DataFrame, history: dict[str, Any], s
         latency = Figure(ASSUMED_LATENCY_S, "assumed", "per request")
         gate = None
     requests = to_send * per_group.value
-    if history.get("estimated_prompt_tokens"):
+    counter = PromptCounter.from_settings(llm)
+    if counter is not None:
+        prompt = Figure(estimate * per_group.value, "counted",
+                        f"with llm.tokenizer {counter.name}, the model's own tokenizer and chat template")
+    elif history.get("estimated_prompt_tokens"):
         ratio = history["billed_prompt_tokens"] / history["estimated_prompt_tokens"]
         prompt = Figure(estimate * per_group.value * ratio, "calibrated",
                         f"estimate x {ratio:.3f}, what the server billed for recorded requests")
@@ -230,7 +239,8 @@ def plan_merge(pipeline: Any, sample: int = 0) -> MergePlan:
 
     def planned_groups() -> DataFrame:
         planned = (bucket_ranges(jobs, max(1, min(settings.merge.partitions or slots, 256)))
-                   .mapInArrow(_PlanGroups(ledger_root, settings.merge), _PLANNED_SCHEMA).persist())
+                   .mapInArrow(_PlanGroups(ledger_root, settings.merge, PromptCounter.from_settings(settings.llm)),
+                               _PLANNED_SCHEMA).persist())
         cached.append(planned)
         return planned
 

@@ -14,7 +14,10 @@ import pytest
 from deltalake import DeltaTable
 
 from mergeit_spark.config import load_settings
+from mergeit_spark.ids import group_id
 from mergeit_spark.llm.client import rerun_can_fix
+from mergeit_spark.llm.prompt import build_messages
+from mergeit_spark.llm.tokenizer import PromptCounter
 from mergeit_spark.llm.server import LocalLLMServer, find_default_model, free_port
 from mergeit_spark.stages import StageContext
 
@@ -59,6 +62,15 @@ def test_real_local_model_merges_groups_end_to_end(spark, store, shared_data, tm
             assert verdict["passed"] == (r["status"] == "merged")
         else:
             assert r["error"] and r["output"] is None
+    # The bundled model's tokenizer and chat template (`llm.tokenizer=bundled`, what `mergeit plan`
+    # counts with) give the prompt tokens the server billed for a group's first request.
+    counter = PromptCounter(str(find_default_model()))
+    by_id = {r["id"]: r for r in rows}
+    first_tries = [r for r in out if r["attempts"] == 1 and r["prompt_tokens"]]
+    assert first_tries
+    for r, ids in ((r, members[[group_id(m) for m in members].index(r["group_id"])]) for r in first_tries):
+        group = [{k: by_id[i][k] for k in ("id", "instruction", "input", "output")} for i in sorted(ids)]
+        assert counter.count(build_messages(group)) == r["prompt_tokens"]
     settled = sum(r["status"] != "failed" or r["error"].startswith(("invalid_output", "truncated"))
                   for r in out)
     assert again.by_source.get("ledger", 0) == settled

@@ -95,3 +95,17 @@ def test_a_sampled_plan_is_paid_once_and_the_run_pays_the_rest_as_planned(spark,
     assert (sample["groups"], sample["requests"], sample["prompt_tokens"], sample["completion_tokens"],
             sample["preflight_requests"]) == (SAMPLE, sample_requests, plan.history["prompt_tokens"],
                                               plan.history["completion_tokens"], sample_preflights)
+
+
+def test_a_plan_with_the_models_tokenizer_counts_prompt_tokens_rather_than_estimating(spark):
+    from mergeit_spark.config import load_settings
+    from mergeit_spark.plan import _PLANNED_SCHEMA, make_plan
+    planned = spark.createDataFrame([("g1", "h1", False, 700), ("g2", "h2", False, 300), ("g3", "h3", True, 0)],
+                                    _PLANNED_SCHEMA)
+    counted = make_plan(load_settings(overrides=["llm.tokenizer=bundled"]), planned, {}, slots=2)
+    assert (counted.to_send, counted.prompt_tokens.value, counted.prompt_tokens.source) == (2, 1000, "counted")
+    assert "SmolLM2" in counted.prompt_tokens.note
+    batch = make_plan(load_settings(overrides=["llm.mode=batch", "llm.price_input_per_million=2",
+                                               "llm.price_batch_discount=0.5"]), planned, {}, slots=2)
+    assert batch.prompt_tokens.source == "estimated" and batch.seconds.source == "assumed"
+    assert batch.cost.value == pytest.approx(1000 * 2 * 0.5 / 1e6)
