@@ -54,9 +54,10 @@ def _parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="run up to `group`, then say what the merge stage will send and cost")
     _settings_args(plan)
-    plan.add_argument("--sample", type=int, default=0, metavar="N",
+    plan.add_argument("--sample", type=int, default=20, metavar="N",
                       help="first merge N unpaid groups for real (recorded in the ledger, never paid again) "
-                           "to measure tokens, regenerations, gate pass rate and latency (default 0: send nothing)")
+                           "to measure tokens, regenerations, gate pass rate and latency (default 20; 0 sends "
+                           "nothing)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     status = sub.add_parser("status", help="which stages are done, row counts, table versions")
     _settings_args(status)

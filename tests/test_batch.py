@@ -315,3 +315,18 @@ def test_a_request_cap_holds_in_batch_mode_and_a_higher_cap_finishes(spark, stor
                    inputs)
     assert rest.requests == n_groups - capped.requests and fake.count == n_groups
     assert max(fake.per_group.values()) == 1
+
+
+def test_a_batch_that_fails_validation_runs_nothing_and_is_sent_again_by_the_next_pass(tmp_path):
+    root = fs.resolve(str(tmp_path / "ledger"))
+    with FakeBatchServer(fail_batches=1) as fake:
+        llm, _ = _llm(base_url=fake.base_url, batch_poll_s=0.01)
+        cids = _stage_file(root, "p0", ["a", "b"], llm)
+        book = BatchBook(root, llm)
+        book.submit(root / BATCHES_DIR / "p0")
+        assert book.wait() == 0 and book.stats.by_status == {"failed": 1} and book.stats.answered == 0
+    answers = _answers(root, cids)
+    assert all(a["not_run"] and a["error"].startswith("batch_failed") for a in answers.values())
+    assert ledger_spend_lines(root)["void"] == set(cids) and fake.count == 0
+    step = walk(list(answers.values())[:1])
+    assert step.result is None and step.step == 0          # the group's request is staged again

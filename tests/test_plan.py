@@ -37,7 +37,7 @@ def root(pipeline_run, tmp_path):
 def test_plan_without_history_sends_nothing_and_says_what_it_assumed(spark, pipeline_run, root, capsys):
     n_groups = len(read(root, "merge_groups"))
     with FakeOpenAI() as fake:
-        code = main(["plan", *cli_args(root, pipeline_run.data, fake.base_url, *PRICES), "--json"])
+        code = main(["plan", *cli_args(root, pipeline_run.data, fake.base_url, *PRICES), "--json", "--sample", "0"])
     assert code == 0 and fake.count == 0 and fake.preflights == 0
     plan = json.loads(capsys.readouterr().out)
     assert (plan["groups"], plan["answered"], plan["to_send"], plan["sampled"]) == (n_groups, 0, n_groups, 0)
