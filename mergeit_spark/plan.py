@@ -269,7 +269,8 @@ def _merge_sample(picked: DataFrame, settings: Settings, ledger_root: Location) 
     """Merge the ``picked`` jobs for real, through the merge stage's request pass (preflight
     included), and say what that paid in the merge run summary's terms (``MergeRunSummary``):
     groups, the groups' requests and tokens, the preflight apart, the cost of all of it, seconds."""
-    from .stages.merge import plan_requests, request_pass
+    from .stages.merge import plan_requests, refuse_open_batches, request_pass
+    refuse_open_batches(ledger_root)   # the sample is sent online
     started = time.perf_counter()
     requested = plan_requests(picked, settings, ledger_root, has_groups=not picked.isEmpty())
     passed, _ = request_pass(picked, settings, ledger_root, plan=requested)

@@ -16,6 +16,7 @@ from mergeit_spark.llm import batch as batch_mod
 from mergeit_spark.llm.batch import BATCHES_DIR, BatchBook, Stager, custom_id, parse_custom_id, walk_chain
 from mergeit_spark.llm.ledger import ledger_bucket, read_bucket
 from mergeit_spark.llm.spend import Prices
+from mergeit_spark.stages import StageError
 from mergeit_spark.stages.merge import LEDGER_DIR, ledger_spend
 
 from fake_batches import FakeBatchServer
@@ -269,8 +270,11 @@ def test_a_run_killed_while_polling_is_resumed_without_a_new_batch(spark, store,
         with pytest.raises(KeyboardInterrupt):
             run(spark, store, batch_settings(fake.base_url), inputs)
         monkeypatch.setattr(batch_mod.BatchBook, "_poll", real_poll)
-        submitted = list(fake.created_batches)
+        submitted, preflights = list(fake.created_batches), fake.preflights
         assert submitted and fake.count < n_groups
+        with pytest.raises(StageError, match="still open"):   # online now would pay those groups again
+            run(spark, store, stage_settings(fake.base_url), inputs)
+        assert fake.preflights == preflights
         fake.polls_to_complete = 1
         summary = run(spark, store, batch_settings(fake.base_url), inputs)
         assert fake.created_batches == submitted            # polled again, none created

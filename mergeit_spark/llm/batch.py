@@ -212,6 +212,18 @@ class Stager:
         return written
 
 
+def open_batches(ledger_root: Location) -> list[str]:
+    """The batches recorded as submitted and not yet folded under ``ledger_root`` (no API call)."""
+    found = []
+    for pass_dir in (ledger_root / BATCHES_DIR).children():
+        for record in pass_dir.files():
+            if record.name.endswith(".json"):
+                data = json.loads(record.read_bytes() or b"{}")
+                if data.get("state") in ("uploaded", "submitted"):
+                    found.append(str(data.get("batch_id") or data.get("file_id")))
+    return found
+
+
 # -- the driver's book of batches --------------------------------------------------------------------
 @dataclass
 class Submission:

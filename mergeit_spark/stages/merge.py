@@ -121,7 +121,7 @@ from ..llm.client import (ERROR_BUDGET, ERROR_INVALID, ERROR_MISSING_MEMBER, ERR
                           ERROR_TRUNCATED, STATUS_FAILED, STATUS_GATE_FAILED, STATUS_MERGED, Budget,
                           MergeClient, MergeResult, error_kind, rerun_can_fix, validate_merged)
 from ..llm.gate import BatchGate, GroupSources, model_encoder
-from ..llm.batch import ERROR_PENDING
+from ..llm.batch import ERROR_PENDING, open_batches
 from ..llm.ledger import (IDENTITY, LEDGER_BUCKETS, BucketSpend, BucketState, LedgerWriter, compact,
                           ledger_bucket, ledger_buckets, read_bucket)
 from ..llm.preflight import Preflight, preflight
@@ -1011,6 +1011,8 @@ def merge_pass(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddi
     ledger_root = resolve(ctx.store.ledger_path(LEDGER_NAME))
     jobs = build_jobs(groups, records, embeddings, settings.llm)
     clear_stops(ledger_root)
+    if settings.llm.mode != "batch":
+        refuse_open_batches(ledger_root)
     plan = plan_requests(jobs, settings, ledger_root,
                          has_groups=not groups.isEmpty() if has_groups is None else has_groups)
     stop = DriverStop(StopMarker(ledger_root, plan.run_id))
@@ -1030,6 +1032,16 @@ def merge_pass(ctx: StageContext, groups: DataFrame, records: DataFrame, embeddi
              summary.groups, summary.requests, summary.total_tokens, summary.cost, summary.by_status,
              summary.gate_rejections)
     return summary, passed.select(*_merges_columns())
+
+
+def refuse_open_batches(ledger_root: Location) -> None:
+    """An online run while batches of an earlier batch-mode run are open would pay for their
+    groups again: it is refused until a batch-mode run has resumed them."""
+    still = open_batches(ledger_root)
+    if still:
+        raise StageError(f"{len(still)} batches sent by an earlier llm.mode=batch run are still open under "
+                         f"{ledger_root} ({', '.join(still[:3])}{', ...' if len(still) > 3 else ''}): an online run "
+                         "would pay for their groups again. Run with llm.mode=batch to resume them first")
 
 
 def _online_pass(jobs: DataFrame, groups: DataFrame, settings: Settings, ledger_root: Location, plan: RequestPlan,
