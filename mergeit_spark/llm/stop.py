@@ -2,8 +2,8 @@
 
 Asking a stop writes a marker object under the ledger root (``_stop/<run id>``, or ``_stop/STOP``
 from ``mergeit stop``, which does not know the run). Every merge task looks for it (``TaskStop``,
-at most every ``CHECK_S`` seconds) before it hands more groups to its requests: once it is there
-no new request starts, the requests in flight finish or time out and are recorded in the ledger,
+at most every ``CHECK_S`` seconds) before it hands more groups to its requests and before a
+queued group's first request: once it is there no new group is sent, the requests in flight finish or time out and are recorded in the ledger,
 and the groups not sent end ``failed`` with ``interrupted`` (not in the ledger: the next run sends
 them). In batch mode the driver stops polling and staging; submitted batches stay recorded and the
 next run resumes them. The stage is then not current and the run exits non-zero; nothing paid is

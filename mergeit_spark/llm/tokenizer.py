@@ -15,6 +15,7 @@ tokenizer); the count only makes the plan's prompt tokens ``counted``.
 """
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -61,6 +62,10 @@ def _tokenizer(path: str):
     vocab = Tokenizer.from_file(path)
     return lambda messages: sum(len(vocab.encode(str(m.get("content", "")), add_special_tokens=False).ids)
                                 + MESSAGE_OVERHEAD for m in messages)
+
+
+# Models loaded by llama.cpp are freed while the interpreter still runs (at exit its globals are gone).
+atexit.register(_tokenizer.cache_clear)
 
 
 def _gguf_counter(path: str):

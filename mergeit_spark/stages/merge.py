@@ -488,6 +488,9 @@ class MergeTask:
                              max_batch=max(self.embed.batch_size, 4 * self.llm.concurrency))
 
             async def handle(job: Job) -> dict[str, Any]:
+                if state.stop is not None and state.stop.asked():   # queued, not yet sent: not sent
+                    return _unsent_row(job, self.llm.model, f"{ERROR_INTERRUPTED}: stopped before it was sent",
+                                       "interrupted")
                 journal = BucketSpend(state.writer, job.bucket, self.run_id) if self.journaled else None
                 result, source = await self._outcome(job, client, gate, journal)
                 line = self._line(job, result, task)

@@ -116,11 +116,19 @@ def batch_passes(jobs: DataFrame, settings: Settings, ledger_root: Location, pla
                  book: BatchBook | None = None) -> tuple[DataFrame, MergeRunSummary, BatchBook]:
     """The batch run: resume what earlier runs left open, then passes and batches until a pass
     stages nothing. Returns that pass's rows (persisted), its summary and the book."""
-    spark = jobs.sparkSession
-    slots = spark.sparkContext.defaultParallelism
-    p = min(partitions or settings.merge.partitions or slots, 256)
+    p = min(partitions or settings.merge.partitions or jobs.sparkSession.sparkContext.defaultParallelism, 256)
     book = book or BatchBook(ledger_root, settings.llm, stop=stop)
-    still_open, futile = book.resume(), 0
+    still_open = book.resume()
+    jobs = jobs.persist(StorageLevel.MEMORY_AND_DISK)   # every pass reads them: joined once
+    try:
+        return _passes(jobs, settings, ledger_root, plan, stop, p, book, still_open)
+    finally:
+        jobs.unpersist()
+
+
+def _passes(jobs: DataFrame, settings: Settings, ledger_root: Location, plan: RequestPlan, stop: DriverStop,
+            p: int, book: BatchBook, still_open: int) -> tuple[DataFrame, MergeRunSummary, BatchBook]:
+    slots, futile = jobs.sparkSession.sparkContext.defaultParallelism, 0
     passes = max_passes(settings.llm, settings.merge)
     for number in range(passes):
         staging = not still_open and not stop.asked() and futile < FUTILE_PASSES and number < passes - 1
