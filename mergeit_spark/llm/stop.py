@@ -55,9 +55,9 @@ class StopMarker:
 
 def ask_stop(ledger_root: Location | str, why: str = "mergeit stop") -> Location:
     """Ask every merge pass running under ``ledger_root`` to stop (``mergeit stop``)."""
-    marker = resolve(ledger_root) / STOP_DIR / ANY_RUN
-    marker.write_bytes(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {why}\n".encode())
-    return marker
+    marker = StopMarker(resolve(ledger_root), ANY_RUN)   # its own path is then the one for any run
+    marker.ask(why)
+    return marker.ledger_root / STOP_DIR / ANY_RUN
 
 
 def clear_stops(ledger_root: Location | str) -> None:

@@ -433,8 +433,7 @@ class MergeTask:
             load_model(self.embed)
         for start in range(0, len(todo), pump.queue_size):
             if state.stop is not None and state.stop.asked():
-                rows.extend(_unsent_row(job, self.llm.model, f"{ERROR_INTERRUPTED}: stopped before it was sent",
-                                        "interrupted") for job in todo[start:])
+                rows.extend(self._interrupted(job) for job in todo[start:])
                 break
             pump.put(todo[start:start + pump.queue_size])
             rows.extend(pump.take())
@@ -463,6 +462,10 @@ class MergeTask:
                 todo.append(job)
         return rows, todo
 
+    def _interrupted(self, job: Job) -> dict[str, Any]:
+        """The row of a group not sent because a stop was asked."""
+        return _unsent_row(job, self.llm.model, f"{ERROR_INTERRUPTED}: stopped before it was sent", "interrupted")
+
     def _ledger_source(self, line: dict[str, Any]) -> str:
         """The source of a group the ledger answers."""
         return "ledger"
@@ -489,8 +492,7 @@ class MergeTask:
 
             async def handle(job: Job) -> dict[str, Any]:
                 if state.stop is not None and state.stop.asked():   # queued, not yet sent: not sent
-                    return _unsent_row(job, self.llm.model, f"{ERROR_INTERRUPTED}: stopped before it was sent",
-                                       "interrupted")
+                    return self._interrupted(job)
                 journal = BucketSpend(state.writer, job.bucket, self.run_id) if self.journaled else None
                 result, source = await self._outcome(job, client, gate, journal)
                 line = self._line(job, result, task)
