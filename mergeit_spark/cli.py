@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import Settings, SettingsError, describe, dump_yaml, load_settings
+from .session import cancel_jobs
 from .fs import Location, Storage, resolve
 from .redact import install_log_scrubbing
 
@@ -225,7 +226,7 @@ def _pipeline_for(settings: Settings, server):
     pipeline = Pipeline(settings)
     if server is not None:
         server.watch(lambda message: (log.error("%s: cancelling the run", message),
-                                      pipeline.spark.sparkContext.cancelAllJobs()))
+                                      cancel_jobs(pipeline.spark)))
     return pipeline
 
 

@@ -100,6 +100,12 @@ class OutputSettings:
 class SparkSettings:
     master: str = knob("local[*]", "Spark master URL (local[*], spark://host:port, yarn, k8s://...). "
                                    "Ignored when spark-submit already set one.")
+    remote: str = knob("", "Spark Connect: a server's URL (sc://host:port; a token only from the "
+                           "SPARK_CONNECT_AUTHENTICATE_TOKEN variable) or local[N] (start a local "
+                           "Connect server, as PySpark's builder.remote does). '' = a classic session "
+                           "(master). Under Connect the driver side must reach output.root.",
+                       lambda v: v == "" or str(v).startswith(("sc://", "local")),
+                       "'', sc://host:port or local[N]")
     app_name: str = knob("mergeit-spark", "Spark application name.")
     shuffle_partitions: int = knob(8, "spark.sql.shuffle.partitions; small for local runs, raise on a cluster.",
                                    _positive, "> 0")

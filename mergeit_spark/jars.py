@@ -162,7 +162,7 @@ def fetch(settings: SparkSettings, dest: Path) -> list[Path]:
 
     spark = build_session(settings)
     try:
-        uris = [u for u in (spark.sparkContext.getConf().get("spark.jars", "") or "").split(",") if u]
+        uris = [u for u in (spark.conf.get("spark.jars", None) or "").split(",") if u]
     finally:
         spark.stop()
     dest.mkdir(parents=True, exist_ok=True)

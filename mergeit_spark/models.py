@@ -74,9 +74,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pyspark.broadcast import Broadcast
 from pyspark.ml import PipelineModel
-from pyspark.ml.clustering import KMeans
+from pyspark.ml.clustering import KMeans, KMeansModel
 from pyspark.ml.feature import PCAModel, VectorSlicer
 from pyspark.ml.functions import array_to_vector
 from pyspark.ml.stat import Summarizer
@@ -87,8 +86,8 @@ from pyspark.sql.pandas.types import to_arrow_schema
 
 from .config import EmbedSettings, TopicsSettings
 from .fs import Location, resolve
-from .pca import fit_pca
-from .session import jvm_has_class
+from .pca import PrincipalComponents, fit_pca
+from .session import Shipped, application_id, is_connect, jvm_has_class, parallelism, partition_count, ship
 from .worker_imports import in_pyspark_worker
 
 if TYPE_CHECKING:  # torch and sentence-transformers load lazily, on the worker that needs them
@@ -429,7 +428,7 @@ def import_spark_nlp_model(spark: SparkSession, settings: EmbedSettings) -> Path
                 "mergeit_spark.stages.embed_sparknlp export` where torch is installed (make sparknlp-model)"
             ) from exc
     annotator = E5Embeddings.loadSavedModel(str(onnx), spark)
-    staging = saved.with_name(f"e5.{spark.sparkContext.applicationId}")
+    staging = saved.with_name(f"e5.{application_id(spark)}")
     annotator.write().overwrite().save(str(staging))
     shutil.rmtree(saved, ignore_errors=True)
     staging.rename(saved)
@@ -446,6 +445,10 @@ def spark_nlp_embedder(spark: SparkSession, settings: EmbedSettings, input_col: 
     from sparknlp.annotator import E5Embeddings
     from sparknlp.base import DocumentAssembler
 
+    if is_connect(spark):  # Spark NLP's Python classes drive the JVM through the classic gateway
+        raise SparkNLPUnavailable("embed.backend=spark-nlp needs a classic Spark session: Spark NLP's "
+                                  "annotators do not run through Spark Connect (spark.remote); use "
+                                  "embed.backend=sentence-transformers there")
     if not jvm_has_class(E5_CLASS):
         raise SparkNLPUnavailable("embed.backend=spark-nlp needs Spark NLP's jar in the session: add "
                                   "`spark-nlp` to spark.packages (or its jars to spark.jars, or spark-submit "
@@ -592,7 +595,7 @@ def _projected(batch: pa.RecordBatch, basis: np.ndarray) -> np.ndarray:
 class _ProjectRows:
     """mapInArrow: (id, embedding) batches → (id, pca): the first m components, as float32."""
 
-    basis: Broadcast  # d x m, float64
+    basis: Shipped  # d x m, float64
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         basis = self.basis.value
@@ -611,7 +614,7 @@ class _Nearest:
     """The nearest centre of each projected row; shared by every pass that assigns rows, so that
     they all agree."""
 
-    def __init__(self, model: Broadcast) -> None:
+    def __init__(self, model: Shipped) -> None:
         self.basis, self.centers = model.value  # fetched once per executor, unpickled once per worker
         self.center_norms = np.einsum("ij,ij->i", self.centers, self.centers)
 
@@ -634,7 +637,7 @@ class _ByNearest:
     """mapInArrow over (id, embedding) batches: each batch's rows assigned to their nearest
     centres (:class:`_Nearest`), then turned into output rows by :meth:`rows`."""
 
-    model: Broadcast  # (basis d x m, centres k x m), float64
+    model: Shipped  # (basis d x m, centres k x m), float64
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         nearest_of = _Nearest(self.model)
@@ -679,13 +682,30 @@ class _AssignRows(_ByNearest):
 
 
 @dataclass(frozen=True)
+class FittedStages:
+    """What a fit made: the principal components (all d), the slicer keeping the first m, and
+    MLlib's k-means model (None when k = 1). They become an MLlib ``PipelineModel`` when asked
+    for (:meth:`pipeline`); under Spark Connect the PCA stage is then written and loaded through
+    ``scratch`` (see :func:`~mergeit_spark.pca.pca_model`)."""
+
+    spark: SparkSession = field(repr=False, compare=False)
+    components: PrincipalComponents = field(repr=False)
+    slicer: VectorSlicer
+    kmeans: KMeansModel | None = None
+
+    def pipeline(self, scratch: Location | None = None) -> PipelineModel:
+        pca = self.components.mllib(self.spark, output_col="pca_full", scratch=scratch)
+        return PipelineModel(stages=[pca, self.slicer, *([self.kmeans] if self.kmeans is not None else [])])
+
+
+@dataclass(frozen=True)
 class TopicModel:
     """A fitted topic model: what assigns rows to topics without refitting.
 
     ``centroids``: one row per cluster, in cluster order (``CENTROIDS_SCHEMA``'s columns; a fresh
     fit has ``CENTROID_FIT_FIELDS``, the topics stage adds its statistics with
-    :meth:`with_centroids`, a loaded model has what was saved). ``fitted``: the MLlib models of a
-    fit (PCA with all components → the first m → k-means when k >= 2); None for a model loaded
+    :meth:`with_centroids`, a loaded model has what was saved). ``fitted``: the stages of a fit
+    (PCA with all components → the first m → k-means when k >= 2); None for a model loaded
     from ``path``, whose :attr:`pipeline` is loaded when first asked for. Assigning rows needs
     only the PCA basis, which a loaded model reads from the saved PCA's data file (no Spark job;
     loading the PipelineModel runs a dozen). ``summary``: what the fit reports (rows,
@@ -694,14 +714,14 @@ class TopicModel:
     """
 
     centroids: list[dict[str, Any]] = field(repr=False)
-    fitted: PipelineModel | None = None
+    fitted: FittedStages | None = None
     path: Location | None = None
     summary: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @cached_property
     def pipeline(self) -> PipelineModel:
         if self.fitted is not None:
-            return self.fitted
+            return self.fitted.pipeline()
         return PipelineModel.load((self.path / "pipeline").uri)
 
     @property
@@ -727,18 +747,19 @@ class TopicModel:
     def basis(self) -> np.ndarray:
         """d x m: MLlib's principal components (columns), the first m. Like MLlib's transform,
         the projection is x @ basis (no centring: distances do not change)."""
-        if self.fitted is None:
-            saved = saved_pca_components(self.path / "pipeline")
-            if saved is not None:
-                return saved[:, :self.components]
+        if self.fitted is not None:
+            return self.fitted.components.pc[:, :self.components]
+        saved = saved_pca_components(self.path / "pipeline")
+        if saved is not None:
+            return saved[:, :self.components]
         pca: PCAModel = self.pipeline.stages[0]
         return np.asarray(pca.pc.toArray(), dtype=np.float64)[:, :self.components]
 
     def transform(self, embeddings: DataFrame) -> DataFrame:
         """``id``, ``cluster`` (int), ``distance`` (double) for the rows of ``embeddings`` (``id``,
         ``embedding``): each row's nearest centre in the model's PCA space and its Euclidean
-        distance to it. One ``mapInArrow`` pass, the basis and centres broadcast; no refit."""
-        shipped = embeddings.sparkSession.sparkContext.broadcast((self.basis, self.centers))
+        distance to it. One ``mapInArrow`` pass, the basis and centres shipped; no refit."""
+        shipped = ship(embeddings.sparkSession, (self.basis, self.centers))
         return (embeddings.select("id", "embedding")
                 .mapInArrow(_AssignRows(shipped), TOPICS_SCHEMA))
 
@@ -747,7 +768,7 @@ class TopicModel:
         ``embedding_sum``: one row per cluster per Arrow batch, to be summed by cluster): the rows
         assigned as :meth:`transform` assigns them, so a cluster's mean embedding needs no join
         of the assignment back to the embeddings."""
-        shipped = embeddings.sparkSession.sparkContext.broadcast((self.basis, self.centers))
+        shipped = ship(embeddings.sparkSession, (self.basis, self.centers))
         return (embeddings.select("id", "embedding")
                 .mapInArrow(_SumByCluster(shipped), CLUSTER_SUMS_SCHEMA))
 
@@ -769,7 +790,13 @@ class TopicModel:
         ``pipeline`` (the MLlib PipelineModel) and ``centroids.parquet`` (k rows, written from the
         driver)."""
         fs, base, location = _location(path)
-        self.pipeline.write().overwrite().save(_child(location, "pipeline"))
+        if self.fitted is not None:  # the PCA stage becomes MLlib's here (under Connect, through scratch)
+            scratch = resolve(path) / "_pca"
+            self.fitted.pipeline(scratch).write().overwrite().save(_child(location, "pipeline"))
+            if fs.get_file_info(scratch.path).type == pafs.FileType.Directory:
+                fs.delete_dir(scratch.path)
+        else:
+            self.pipeline.write().overwrite().save(_child(location, "pipeline"))
         fs.create_dir(base, recursive=True)
         pq.write_table(self.centroids_arrow(), _child(base, CENTROIDS_FILE), filesystem=fs)
 
@@ -865,17 +892,17 @@ class TopicClustering:
         embeddings, fit_n = fit_sample(embeddings, n, k * self.fit_rows_per_cluster, self.seed)
         k = min(k, fit_n)
         vectors = embeddings.select("embedding")
-        cores = spark.sparkContext.defaultParallelism
-        if vectors.rdd.getNumPartitions() < cores:  # a table of few files: spread the scatter's pass
+        cores = parallelism(spark)
+        if (partition_count(vectors) or 0) < cores:  # a table of few files: spread the scatter's pass
             vectors = vectors.repartition(cores)
-        pca = fit_pca(vectors, "embedding", output_col="pca_full")  # not MLlib's PCA.fit: see pca.py
-        explained = np.asarray(pca.explainedVariance.toArray())
+        pca = fit_pca(vectors, "embedding")  # not MLlib's PCA.fit: see pca.py
+        explained = pca.explained
         m = components_for_variance(explained, self.variance)
         slicer = VectorSlicer(inputCol="pca_full", outputCol="pca", indices=list(range(m)))
         partitions = kmeans_partitions(fit_n, self.partition_rows)
         # The same projection as the pipeline's PCAModel + slicer, computed by numpy (the JVM would
         # multiply by all d components and slice afterwards).
-        basis = spark.sparkContext.broadcast(np.asarray(pca.pc.toArray())[:, :m])
+        basis = ship(spark, pca.pc[:, :m])
         # Cached as MLlib vectors: given an array column, MLlib converts every row (element by
         # element, boxed) on each of k-means's passes over it. Its "auto" solver picks the block
         # solver (distances by matrix products) only for array columns, so it is named below.
@@ -890,13 +917,13 @@ class TopicClustering:
                 kmeans = KMeans(k=k, seed=self.seed, maxIter=self.max_iter, tol=self.tol,
                                 initSteps=self.init_steps, featuresCol="pca", solver="block",
                                 predictionCol="cluster").fit(projected)
-                stages = [pca, slicer, kmeans]
+                fitted = FittedStages(spark, pca, slicer, kmeans)
                 centers = np.array([np.asarray(c) for c in kmeans.clusterCenters()], dtype=np.float64)
                 summary.update(kmeans_iterations=kmeans.summary.numIter,
                                kmeans_training_cost=float(kmeans.summary.trainingCost))
             else:
                 mean = projected.agg(Summarizer.mean(F.col("pca")).alias("m")).first()["m"]
-                stages = [pca, slicer]
+                fitted = FittedStages(spark, pca, slicer)
                 centers = np.asarray(mean.toArray(), dtype=np.float64)[None, :]
         finally:
             projected.unpersist()
@@ -906,4 +933,4 @@ class TopicClustering:
         rows = [{"cluster": cluster, "center": center.tolist(), "k": len(centers), "pca_components": m,
                  "explained_variance": explained_variance, "embedding_dim": dim}
                 for cluster, center in enumerate(centers)]
-        return TopicModel(rows, fitted=PipelineModel(stages=stages), summary=summary)
+        return TopicModel(rows, fitted=fitted, summary=summary)

@@ -1,5 +1,6 @@
 """Principal components of a vector column: the scatter matrix summed over partitions, then
-numpy's symmetric eigensolver on the driver; the result is an MLlib ``PCAModel``.
+numpy's symmetric eigensolver on the driver; the result becomes an MLlib ``PCAModel`` when one is
+saved.
 
 Why not MLlib's ``PCA.fit``: it takes the SVD of the covariance with the JVM's LAPACK, which is
 F2J's pure-Java translation (dgesdd) when no native LAPACK is installed. On a rank-deficient
@@ -30,8 +31,12 @@ import numpy as np
 import pyarrow as pa
 from pyspark import TaskContext
 from pyspark.ml.feature import PCAModel
+from pyspark.ml.linalg import DenseMatrix, DenseVector, MatrixUDT, VectorUDT
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
+
+from .fs import Location
+from .session import is_connect, partition_count
 
 # The most partial scatters the driver combines itself (each is d x d float64: 1.2 MB at d = 384).
 MERGE_FAN_IN = 16
@@ -116,7 +121,7 @@ def scatter_of(vectors: DataFrame, column: str) -> Scatter | None:
     """The scatter of every row of ``vectors[column]``; None when there are no rows. Partials are
     added in partition order, so the same partitions give the same bits."""
     partials = vectors.select(column).mapInArrow(_PartitionScatter(column), SCATTER_SCHEMA)
-    partitions = vectors.rdd.getNumPartitions()
+    partitions = partition_count(vectors) or MERGE_FAN_IN + 1  # unknown (Connect): merge in a tree
     if partitions > MERGE_FAN_IN:
         groups = min(MERGE_FAN_IN, math.ceil(partitions / MERGE_FAN_IN))
         partials = (partials.repartitionByRange(groups, "part").sortWithinPartitions("part")
@@ -139,28 +144,65 @@ def components(scatter: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(vectors), shares
 
 
-def fit_pca(vectors: DataFrame, column: str, output_col: str) -> PCAModel:
-    """An MLlib ``PCAModel`` with all d components of ``vectors[column]`` (array of numbers),
-    reading vectors from ``features`` when it transforms. Raises ValueError on no rows."""
+@dataclass(frozen=True)
+class PrincipalComponents:
+    """All d principal components of a vector column: ``pc`` (d x d, components as columns, by
+    decreasing variance) and ``explained`` (each one's share of the variance)."""
+
+    pc: np.ndarray
+    explained: np.ndarray
+
+    def mllib(self, spark: SparkSession, output_col: str, input_col: str = "features",
+              scratch: Location | None = None) -> PCAModel:
+        """The MLlib ``PCAModel`` holding these components (see :func:`pca_model`)."""
+        return pca_model(spark, self.pc, self.explained, output_col, input_col, scratch)
+
+
+def fit_pca(vectors: DataFrame, column: str) -> PrincipalComponents:
+    """The principal components of ``vectors[column]`` (array of numbers). Raises ValueError on
+    no rows."""
     scatter = scatter_of(vectors, column)
     if scatter is None:
         raise ValueError("fit_pca: no rows")
-    pc, shares = components(scatter.scatter)
-    return pca_model(vectors.sparkSession, pc, shares, output_col)
+    return PrincipalComponents(*components(scatter.scatter))
 
 
 def pca_model(spark: SparkSession, pc: np.ndarray, shares: np.ndarray, output_col: str,
-              input_col: str = "features") -> PCAModel:
+              input_col: str = "features", scratch: Location | None = None) -> PCAModel:
     """The MLlib ``PCAModel`` holding ``pc`` (d x k, columns) and ``shares``, as ``PCA.fit``
-    would have made it (MLlib has no public constructor; its Scala one is package-private)."""
-    from pyspark.ml.common import _py2java
-    from pyspark.ml.linalg import DenseMatrix, DenseVector
-    sc = spark.sparkContext
+    would have made it. MLlib has no public constructor: a classic session calls the Scala one
+    (package-private) through the JVM gateway; under Spark Connect, which has no gateway, the
+    model is written in MLlib's own layout to ``scratch`` (a folder the server can write, e.g.
+    under the run root; required there) and loaded from it."""
+    uid = f"PCA_{uuid.uuid4().hex[-12:]}"  # the uid PCA.fit would give its model
     d, k = pc.shape
-    java = sc._jvm.org.apache.spark.ml.feature.PCAModel(
-        f"PCA_{uuid.uuid4().hex[-12:]}",  # the uid PCA.fit would give its model
-        _py2java(sc, DenseMatrix(d, k, pc.ravel(order="F").tolist())),
-        _py2java(sc, DenseVector(shares.tolist())))
+    matrix, variances = DenseMatrix(d, k, pc.ravel(order="F").tolist()), DenseVector(shares.tolist())
+    if is_connect(spark):
+        if scratch is None:
+            raise ValueError("pca_model: under Spark Connect the model is written and loaded: give scratch")
+        return _pca_model_through_files(spark, uid, matrix, variances, output_col, input_col, scratch)
+    from pyspark.ml.common import _py2java
+    sc = spark.sparkContext
+    java = sc._jvm.org.apache.spark.ml.feature.PCAModel(uid, _py2java(sc, matrix), _py2java(sc, variances))
     java.setInputCol(input_col).setOutputCol(output_col)
     model = PCAModel._from_java(java)
     return model._set(k=k)
+
+
+def _pca_model_through_files(spark: SparkSession, uid: str, matrix: DenseMatrix, variances: DenseVector,
+                             output_col: str, input_col: str, scratch: Location) -> PCAModel:
+    """Write a PCAModel as MLlib's writer does (``metadata``: one JSON line; ``data``: one
+    Parquet row of the matrix and the vector), by Spark, and load it."""
+    import json
+    import time
+
+    from pyspark import __version__ as spark_version
+    schema = T.StructType([T.StructField("pc", MatrixUDT()), T.StructField("explainedVariance", VectorUDT())])
+    spark.createDataFrame([(matrix, variances)], schema).write.mode("overwrite").parquet((scratch / "data").uri)
+    metadata = {"class": "org.apache.spark.ml.feature.PCAModel", "timestamp": int(time.time() * 1000),
+                "sparkVersion": spark_version, "uid": uid,
+                "paramMap": {"inputCol": input_col, "outputCol": output_col, "k": matrix.numCols},
+                "defaultParamMap": {}}
+    (spark.createDataFrame([(json.dumps(metadata),)], "value string").coalesce(1)
+     .write.mode("overwrite").text((scratch / "metadata").uri))
+    return PCAModel.load(scratch.uri)

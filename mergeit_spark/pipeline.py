@@ -47,7 +47,7 @@ from .incremental import Increment, IncrementMarker, require_finished_run
 from .lease import RunLease
 from .redact import install_log_scrubbing, register_secret
 from .fs import Storage
-from .session import build_session, object_store_session
+from .session import build_session, is_connect, object_store_session
 from .stages import ROWS_ADDED, Stage, StageContext, StageOutput, new_run_id
 from .tables import RUN_LOG, TableStore
 
@@ -118,19 +118,21 @@ class _TablesAt(Mapping[str, DataFrame]):
 
 class StepTimer:
     """Seconds and Spark jobs per step (steps run one after another: the jobs since the last step
-    are this step's). Job ids come from the status tracker (``spark.ui.retainedJobs`` recent)."""
+    are this step's). Job ids come from the status tracker (``spark.ui.retainedJobs`` recent);
+    a Spark Connect session has none, so there only seconds are kept."""
 
     def __init__(self, spark: SparkSession) -> None:
-        self.tracker = spark.sparkContext.statusTracker()
+        self.tracker = None if is_connect(spark) else spark.sparkContext.statusTracker()
         self.seconds: dict[str, float] = {}
         self.jobs: dict[str, int] = {}
-        self._seen = set(self.tracker.getJobIdsForGroup())
+        self._seen = set(self.tracker.getJobIdsForGroup()) if self.tracker else set()
 
     def step(self, name: str, started: float) -> None:
         self.seconds[name] = round(time.monotonic() - started, 3)
-        now = set(self.tracker.getJobIdsForGroup())
-        self.jobs[name] = len(now - self._seen)
-        self._seen = now
+        if self.tracker is not None:
+            now = set(self.tracker.getJobIdsForGroup())
+            self.jobs[name] = len(now - self._seen)
+            self._seen = now
 
 
 class Pipeline:

@@ -38,6 +38,7 @@ from pyspark.sql import types as T
 from pyspark.sql.pandas.types import to_arrow_schema
 
 from .config import LLMSettings, MergeSettings, Settings
+from .session import parallelism
 from .fs import Location
 from .llm.ledger import BucketState, read_bucket
 from .llm.prompt import build_messages
@@ -232,7 +233,7 @@ def plan_merge(pipeline: Any, sample: int = 0) -> MergePlan:
     pipeline.run(until="group")
     store, settings, spark = pipeline.store, pipeline.settings, pipeline.spark
     ledger_root = store.ledger_path(LEDGER_NAME)
-    slots = spark.sparkContext.defaultParallelism
+    slots = parallelism(spark)
     jobs = build_jobs(store.read("merge_groups"), store.read("records"), store.read("embeddings"), settings.llm)
     jobs = jobs.persist()
     cached = [jobs]

@@ -1,13 +1,25 @@
-"""One builder for the Spark session, local mode and cluster masters alike."""
+"""One builder for the Spark session, local mode, cluster masters and Spark Connect alike, and
+what the rest of the code asks of a session whichever kind it is.
+
+A Spark Connect session (``spark.remote``) has no ``SparkContext``: no RDDs, broadcast variables,
+status tracker or JVM gateway. The functions here (:func:`is_connect`, :func:`parallelism`,
+:func:`partition_count`, :func:`ship`, :func:`application_id`, :func:`cancel_jobs`) answer from
+the classic session's context where there is one and from the configuration or a query
+otherwise, so that the stages have one code path.
+"""
 from __future__ import annotations
 
 import copy
 import os
 import sys
-from typing import Sequence
+import warnings
+import weakref
+from typing import Generic, Sequence, TypeVar, Union
 from urllib.parse import urlparse
 
-from pyspark.sql import SparkSession
+from pyspark.broadcast import Broadcast
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from .config import Settings, SparkSettings
 from .fs import S3_SCHEMES, Storage
@@ -43,10 +55,13 @@ def object_store_session(settings: Settings) -> tuple[SparkSettings, dict[str, s
 def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = None,
                   secret_env_names: Sequence[str] = ()) -> SparkSession:
     """Get or create the session. A master set by spark-submit wins over ``settings.master``.
-    ``secret_env_names``: variables holding secrets (``llm.api_key_env``), redacted by Spark."""
+    ``secret_env_names``: variables holding secrets (``llm.api_key_env``), redacted by Spark.
+    With ``settings.remote`` set, a Spark Connect session (:func:`connect_session`)."""
     # Executors' Python must match the driver's, or pickled functions and Arrow batches disagree.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if settings.remote:
+        return connect_session(settings, extra_conf)
     builder = SparkSession.builder.appName(settings.app_name)
     submitted = _submitted_with_master()
     if not submitted:
@@ -88,6 +103,127 @@ def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = N
         raise
     spark.sparkContext.setLogLevel(settings.log_level)
     return spark
+
+
+def connect_session(settings: SparkSettings, extra_conf: dict[str, str] | None = None) -> SparkSession:
+    """A Spark Connect session. ``local[N]`` starts a local Connect server in this process with
+    the settings' packages, jars and Delta's extension, as a classic session would have them; a
+    ``sc://`` server has its own classpath and static configuration (Delta's jar and extension
+    are the server's to configure), so only runtime settings are sent. The server's executors
+    run this package's functions: they need it installed, as a cluster's executors do."""
+    local = not settings.remote.startswith("sc://")
+    conf = {"spark.sql.shuffle.partitions": str(settings.shuffle_partitions),
+            "spark.sql.session.timeZone": "UTC",
+            "spark.sql.execution.arrow.pyspark.enabled": "true",
+            "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS"}
+    if local:
+        conf.update({"spark.driver.memory": settings.driver_memory, "spark.ui.showConsoleProgress": "false",
+                     "spark.python.worker.reuse": "true", "spark.app.name": settings.app_name,
+                     "spark.sql.codegen.cache.maxEntries": str(CODEGEN_CACHE_ENTRIES),
+                     "spark.log.level": settings.log_level, **jar_conf(settings)})
+    conf.update(settings.conf)
+    conf.update(extra_conf or {})
+    if local and provides_delta(settings):
+        _add_delta_conf(conf)
+    builder = SparkSession.builder.remote(settings.remote)
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    with warnings.catch_warnings():  # the local server has the static settings; the client says it cannot
+        warnings.filterwarnings("ignore", message="Failed to set ", category=UserWarning)
+        return builder.getOrCreate()
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """Whether ``spark`` is a Spark Connect session (no SparkContext behind it)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+_PARALLELISM: "weakref.WeakKeyDictionary[SparkSession, int]" = weakref.WeakKeyDictionary()
+
+
+def parallelism(spark: SparkSession) -> int:
+    """The session's default parallelism (the cores of its executors, unless configured):
+    SparkContext's in a classic session; under Connect ``spark.default.parallelism`` when set,
+    else the partitions Spark gives a range of rows (one small job, once per session)."""
+    if not is_connect(spark):
+        return spark.sparkContext.defaultParallelism
+    if spark not in _PARALLELISM:
+        configured = spark.conf.get("spark.default.parallelism", None)
+        _PARALLELISM[spark] = int(configured) if configured else int(
+            spark.range(0, 1 << 20).select(F.spark_partition_id().alias("p")).agg(F.max("p")).first()[0]) + 1
+    return _PARALLELISM[spark]
+
+
+def partition_count(df: DataFrame) -> int | None:
+    """How many partitions ``df`` has, when the session can say without a job (classic);
+    None under Connect."""
+    return None if is_connect(df.sparkSession) else df.rdd.getNumPartitions()
+
+
+T = TypeVar("T")
+
+
+class Captured(Generic[T]):
+    """A value shipped inside the function that uses it (Spark Connect pickles a UDF's or a
+    ``mapInArrow`` function's closure with it), read as a broadcast variable is: ``.value``."""
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+
+Shipped = Union[Broadcast, Captured]  # what ship returns; both read through .value
+
+
+def ship(spark: SparkSession, value: T) -> Shipped:
+    """``value`` for the executors, read there through ``.value``: a broadcast variable in a
+    classic session (fetched once per executor, however many tasks use it); under Connect, which
+    has none, captured in the function's closure (sent with each task: keep it to megabytes)."""
+    return Captured(value) if is_connect(spark) else spark.sparkContext.broadcast(value)
+
+
+def connect_server_host(spark: SparkSession) -> str | None:
+    """The host of the Spark Connect server ``spark`` talks to (``localhost`` for a local one);
+    None for a classic session, or when the client does not say."""
+    if not is_connect(spark):
+        return None
+    try:
+        return spark.client._builder.host  # noqa: SLF001 - the client's channel builder holds the URL's host
+    except AttributeError:
+        return None
+
+
+def connect_session_id(spark: SparkSession) -> str | None:
+    """The Spark Connect session's id on its server; None for a classic session."""
+    return spark.session_id if is_connect(spark) else None
+
+
+def interrupt_connect_session(spark: SparkSession, session_id: str) -> list[str]:
+    """Interrupt every operation of session ``session_id`` on the server ``spark`` talks to: a
+    client killed mid-run leaves its operations running on the server, paying for LLM requests
+    nobody will read, until the server gives them up. Returns the interrupted operations' ids."""
+    from pyspark.sql.connect.client import DefaultChannelBuilder, SparkConnectClient
+
+    url = spark.client._builder.url.geturl()  # noqa: SLF001 - parsed as http://host:port/;params
+    builder = DefaultChannelBuilder("sc" + url[url.index("://"):])
+    builder.set("session_id", session_id)
+    client = SparkConnectClient(builder)
+    try:
+        return list(client.interrupt_all() or [])
+    finally:
+        client.close()
+
+
+def application_id(spark: SparkSession) -> str:
+    """The Spark application's id."""
+    return spark.conf.get("spark.app.id", None) or "connect"
+
+
+def cancel_jobs(spark: SparkSession) -> None:
+    """Cancel every running job of the session's application (Connect: of this session)."""
+    if is_connect(spark):
+        spark.interruptAll()
+    else:
+        spark.sparkContext.cancelAllJobs()
 
 
 def _add_delta_conf(conf: dict[str, str]) -> None:
@@ -140,6 +276,7 @@ def _submitted_with_master() -> bool:
 
 
 def has_delta(spark: SparkSession) -> bool:
-    """True when Delta Lake's classes are on the JVM classpath and its extension is configured."""
+    """True when Delta Lake's classes are on the JVM classpath and its extension is configured.
+    Under Connect the server's classpath cannot be probed: its configured extension answers."""
     extensions = spark.conf.get("spark.sql.extensions", "") or ""
-    return DELTA_EXTENSION in extensions and jvm_has_class(DELTA_EXTENSION)
+    return DELTA_EXTENSION in extensions and (is_connect(spark) or jvm_has_class(DELTA_EXTENSION))

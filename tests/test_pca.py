@@ -54,7 +54,7 @@ def test_fit_pca_gives_the_covariance_eigenvectors_on_any_layout(spark, shared_d
     embeddings = sample_embeddings(spark, shared_data, settings.embed)
     x = np.array([r["embedding"] for r in embeddings.orderBy("id").collect()], dtype=np.float64)  # test-only
     frame = embeddings.repartition(partitions)
-    model = fit_pca(frame, "embedding", output_col="pca_full")
+    model = fit_pca(frame, "embedding").mllib(spark, output_col="pca_full")
     pc, shares = model.pc.toArray(), model.explainedVariance.toArray()
     scatter = _numpy_scatter(x)
     expected = np.sort(np.clip(np.linalg.eigvalsh(scatter), 0, None))[::-1]
@@ -76,4 +76,4 @@ def test_fit_pca_gives_the_covariance_eigenvectors_on_any_layout(spark, shared_d
 
 def test_fit_pca_refuses_no_rows(spark):
     with pytest.raises(ValueError, match="no rows"):
-        fit_pca(spark.createDataFrame([], "embedding array<float>"), "embedding", output_col="p")
+        fit_pca(spark.createDataFrame([], "embedding array<float>"), "embedding")

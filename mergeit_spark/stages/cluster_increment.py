@@ -30,7 +30,7 @@ from pyspark.sql import types as T
 from ..ids import group_id
 from ..minhash import LexicalIndex, MinHashParams
 from .dedup import (DEDUP_SCHEMA, DUPLICATE, KEPT, LEXICAL, ROUTED_SCHEMA, SEMANTIC, RouteProbes, best_earlier,
-                    broadcast_centers, dedup_columns, embedding_matrix, keep_order, leader_pass,
+                    shipped_centers, dedup_columns, embedding_matrix, keep_order, leader_pass,
                     matches_per_cluster, record_texts)
 from .group import group_cluster, merge_groups_schema
 from .select import SELECTED_SCHEMA, extend_facility_location, selection_target
@@ -196,7 +196,7 @@ def curate_new_rows(new_topics: DataFrame, embeddings: DataFrame, tables: dict[s
     kept = tables["dedup"].filter(F.col("status") == KEPT).select("id", "cluster")
     neighbours = dedup.cross_cluster_neighbours if dedup.cross_cluster else 0
     probes = new.select("id", "cluster", "embedding").mapInArrow(
-        RouteProbes(broadcast_centers(tables["centroids"]), neighbours, home=True), ROUTED_SCHEMA)
+        RouteProbes(shipped_centers(tables["centroids"]), neighbours, home=True), ROUTED_SCHEMA)
     matches = (matches_per_cluster(probes, kept.withColumnRenamed("cluster", "target_cluster").join(vectors, "id"),
                                    dedup.threshold, dedup.block_size)
                .join(F.broadcast(new.select(F.col("id").alias("probe_id"), "cluster")), "probe_id")

@@ -29,7 +29,9 @@ that brings evaluation text in is rejected by the gate's ``contaminated`` check.
 Engine: hashing runs in executors (``mapInArrow`` over Arrow batches of texts; numpy on uint64).
 The evaluation side is looked up in place when it has at most ``decontam.broadcast_max_ngrams``
 distinct n-grams (a sorted int64 array, 8 bytes each, shipped to every executor once as a
-broadcast variable; each record's n-grams are searched in it and only hits leave the task);
+broadcast variable; each record's n-grams are searched in it and only hits leave the task). Spark
+Connect has no broadcast variables: there the array travels in each task's function, so the
+switch is at most ``CAPTURED_MAX_NGRAMS`` (a few megabytes per task);
 above that switch, every record n-gram becomes a row that a shuffle join meets with
 ``eval_ngrams``, so no executor holds the evaluation side and memory stays bounded however many
 items there are. Nothing row-scale reaches the driver: the eval hashes in broadcast mode are
@@ -43,13 +45,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-from pyspark.broadcast import Broadcast
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.pandas.types import to_arrow_schema
 
 from ..config import DecontamSettings, Settings
+from ..session import Shipped, is_connect, ship
 from ..fs import resolve
 from ..inputs import InputError, InputFile, delta_data_files, fingerprint_inputs, resolve_inputs
 from ..ngrams import WordHasher, as_signed, ngram_hashes, words
@@ -57,6 +59,8 @@ from ..tables import Write
 from . import ROWS_ADDED, Stage, StageContext, StageError, StageOutput
 
 CONTAMINATED = "contaminated"   # the lineage fate and the gate check
+# Under Spark Connect the in-place lookup's array travels in every task's function: 4 MB at most.
+CAPTURED_MAX_NGRAMS = 500_000
 
 EVAL_ITEMS_SCHEMA = T.StructType([
     T.StructField("eval_set", T.StringType(), False),
@@ -250,7 +254,7 @@ class RecordGrams:
 
     columns: tuple[str, ...]
     lengths: tuple[int, ...]
-    lookup: Broadcast | None = None
+    lookup: Shipped | None = None
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         hasher = WordHasher()
@@ -301,6 +305,11 @@ def gram_lengths(eval_ngrams: DataFrame) -> list[int]:
     return sorted(r["n"] for r in eval_ngrams.select("n").distinct().collect())
 
 
+def lookup_max_ngrams(spark: SparkSession, settings: DecontamSettings) -> int:
+    """Up to this many distinct evaluation n-grams are looked up in place (see the module doc)."""
+    return min(settings.broadcast_max_ngrams, CAPTURED_MAX_NGRAMS) if is_connect(spark) else settings.broadcast_max_ngrams
+
+
 def contaminated_texts(texts: DataFrame, columns: tuple[str, ...], eval_items: DataFrame,
                        eval_ngrams: DataFrame, settings: DecontamSettings,
                        lengths: list[int] | None = None) -> DataFrame:
@@ -312,9 +321,9 @@ def contaminated_texts(texts: DataFrame, columns: tuple[str, ...], eval_items: D
         return spark.createDataFrame([], CONTAMINATION_SCHEMA)
     frame = texts.select("id", *columns)
     distinct = eval_ngrams.select("hash").distinct()
-    if distinct.count() <= settings.broadcast_max_ngrams:
+    if distinct.count() <= lookup_max_ngrams(spark, settings):
         table = np.sort(distinct.toArrow().column("hash").to_numpy())
-        lookup = spark.sparkContext.broadcast(table)
+        lookup = ship(spark, table)
         grams = frame.mapInArrow(RecordGrams(columns, tuple(lengths), lookup), _GRAMS_SCHEMA)
     else:
         grams = frame.mapInArrow(RecordGrams(columns, tuple(lengths)), _GRAMS_SCHEMA)
@@ -401,5 +410,5 @@ class Decontam(Stage):
             per_set.setdefault(r["eval_set"], {})["contaminated"] = int(r["count"])
         distinct = ngrams.select("hash").distinct().count()
         return {"eval_sets": len(per_set), "per_set": per_set, "eval_ngrams": distinct,
-                "lookup": "broadcast" if distinct <= settings.broadcast_max_ngrams else "shuffle join",
+                "lookup": "in place" if distinct <= lookup_max_ngrams(ngrams.sparkSession, settings) else "shuffle join",
                 "contaminated": sum(s.get("contaminated", 0) for s in per_set.values())}

@@ -42,8 +42,8 @@ Cross-cluster check (``cross_cluster``): k-means can split a duplicate pair acro
 Rows on the border are the far ones: distance to their centroid above the ``cross_cluster_quantile``
 of their cluster's distances. Each far row still kept after the first pass becomes a probe: the
 centroid matrix (``centroids.embedding_center``, k x d, a few hundred KB) is collected and shipped
-to the executors once as a broadcast variable (``sparkContext.broadcast``); a ``mapInArrow``
-pass reads it there and sends each probe to its ``cross_cluster_neighbours`` nearest other
+to the executors (:func:`~mergeit_spark.session.ship`: a broadcast variable in a classic session,
+the ``mapInArrow`` function's closure under Spark Connect); a ``mapInArrow`` pass reads it there and sends each probe to its ``cross_cluster_neighbours`` nearest other
 clusters (Euclidean distance in the model's space, the same space as the similarity). In each
 cluster (``applyInPandas`` again) probes are compared, blockwise, with that cluster's kept rows
 that are not far. A probe that reaches the threshold with one of them becomes a duplicate of the
@@ -85,12 +85,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from pyspark import StorageLevel
-from pyspark.broadcast import Broadcast
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import DedupSettings
+from ..session import Shipped, ship
 from ..minhash import LexicalIndex, MinHashParams, text_jaccard
 from ..ngrams import as_signed
 from ..tables import Write
@@ -300,14 +300,14 @@ def dedup_columns(ids: np.ndarray, leaders: Leaders) -> dict[str, np.ndarray]:
 @dataclass(frozen=True)
 class RouteProbes:
     """mapInArrow: each probe row (id, cluster, embedding) to its ``neighbours`` nearest other
-    clusters by the broadcast centroid matrix, and to its own cluster too when ``home``."""
+    clusters by the shipped centroid matrix, and to its own cluster too when ``home``."""
 
-    centers: Broadcast
+    centers: Shipped
     neighbours: int
     home: bool = False
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        clusters, matrix = self.centers.value  # fetched once per executor, unpickled once per worker
+        clusters, matrix = self.centers.value  # a broadcast: fetched once per executor, unpickled once per worker
         squared_norms = (matrix.astype(np.float64) ** 2).sum(axis=1)
         take = min(self.neighbours, max(0, clusters.size - 1))
         for batch in batches:
@@ -368,13 +368,13 @@ class _MatchProbes:
         })
 
 
-def broadcast_centers(centroids: DataFrame) -> Broadcast | None:
-    """(cluster ids, k x d centres) of the non-empty clusters, broadcast; None when there is
-    none. Collects k rows."""
+def shipped_centers(centroids: DataFrame) -> Shipped | None:
+    """(cluster ids, k x d centres) of the non-empty clusters, shipped to the executors; None when
+    there is none. Collects k rows."""
     rows = centroids.filter(F.col("size") > 0).select("cluster", "embedding_center").orderBy("cluster").collect()
     if not rows:
         return None
-    return centroids.sparkSession.sparkContext.broadcast((
+    return ship(centroids.sparkSession, (
         np.array([r["cluster"] for r in rows], dtype=np.int32),
         np.array([r["embedding_center"] for r in rows], dtype=np.float32).reshape(len(rows), -1)))
 
@@ -441,7 +441,7 @@ def find_duplicates(embeddings: DataFrame, topics: DataFrame, centroids: DataFra
     first.count()  # materialise now; the pipeline clears the cache once the table is written
     result = first.select(*columns)
 
-    centers = broadcast_centers(centroids) if settings.cross_cluster_neighbours > 0 else None
+    centers = shipped_centers(centroids) if settings.cross_cluster_neighbours > 0 else None
     if centers is not None and len(centers.value[0]) >= 2:
         kept = first.filter(F.col("status") == KEPT).join(embeddings.select("id", "embedding"), "id")
         probes = (kept.filter("far").select("id", "cluster", "embedding")

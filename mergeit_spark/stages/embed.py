@@ -28,6 +28,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import EmbedSettings
+from ..session import parallelism
 from ..models import encode_texts, model_loads, worker_precision
 from ..tables import Write
 from . import Stage, StageContext, StageOutput, rows_added
@@ -115,7 +116,7 @@ def embedding_lists(emb: np.ndarray) -> pa.Array:
 def embed_partitions(settings: EmbedSettings, spark) -> int:
     """How many partitions (tasks) the embed step spreads its rows over: ``settings.partitions``,
     or Spark's default parallelism when that is 0."""
-    return settings.partitions or spark.sparkContext.defaultParallelism
+    return settings.partitions or parallelism(spark)
 
 
 def embed_records(records: DataFrame, settings: EmbedSettings, *, sort_by_length: bool = True,

@@ -116,6 +116,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import DecontamSettings, EmbedSettings, GateSettings, LLMSettings, MergeSettings, Settings
+from ..session import parallelism
 from ..fs import Location, resolve
 from ..llm.client import (ERROR_BUDGET, ERROR_INVALID, ERROR_MISSING_MEMBER, ERROR_PROMPT_TOO_LONG,
                           ERROR_TRUNCATED, STATUS_FAILED, STATUS_GATE_FAILED, STATUS_MERGED, Budget,
@@ -739,7 +740,7 @@ class RequestPlan:
 def refuse_speculation(spark: SparkSession) -> None:
     """Speculative execution runs a second attempt of a slow task beside the first: both would
     pay for the same merges. The stage refuses to start under it."""
-    if spark.sparkContext.getConf().get("spark.speculation", "false").strip().lower() == "true":
+    if (spark.conf.get("spark.speculation", None) or "false").strip().lower() == "true":
         raise StageError("the merge stage does not run with spark.speculation=true: two live attempts "
                          "of one task would both pay for the same LLM calls. Run it with "
                          "--conf spark.speculation=false (spark.conf in the settings)")
@@ -883,7 +884,7 @@ def request_pass(jobs: DataFrame, settings: Settings, ledger_root: Location | st
     group, and the number of partitions it runs in. ``plan`` (``plan_requests``) is made here
     when not given."""
     spark = jobs.sparkSession
-    slots = spark.sparkContext.defaultParallelism
+    slots = parallelism(spark)
     p = min(partitions or settings.merge.partitions or slots, LEDGER_BUCKETS)
     ledger_root = resolve(ledger_root)
     plan = plan or plan_requests(jobs, settings, ledger_root, has_groups=True)

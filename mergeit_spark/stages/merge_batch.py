@@ -23,6 +23,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 
 from ..config import Settings
+from ..session import parallelism
 from ..fs import Location
 from ..llm.batch import BATCHES_DIR, ERROR_PENDING, FUTILE_PASSES, BatchBook, Stager, custom_id, max_passes, walk_chain
 from ..llm.client import ERROR_BUDGET, JSON_LADDERS, MergeResult, chat_request
@@ -116,7 +117,7 @@ def batch_passes(jobs: DataFrame, settings: Settings, ledger_root: Location, pla
                  book: BatchBook | None = None) -> tuple[DataFrame, MergeRunSummary, BatchBook]:
     """The batch run: resume what earlier runs left open, then passes and batches until a pass
     stages nothing. Returns that pass's rows (persisted), its summary and the book."""
-    p = min(partitions or settings.merge.partitions or jobs.sparkSession.sparkContext.defaultParallelism, 256)
+    p = min(partitions or settings.merge.partitions or parallelism(jobs.sparkSession), 256)
     book = book or BatchBook(ledger_root, settings.llm, stop=stop)
     still_open = book.resume()
     jobs = jobs.persist(StorageLevel.MEMORY_AND_DISK)   # every pass reads them: joined once
@@ -128,7 +129,7 @@ def batch_passes(jobs: DataFrame, settings: Settings, ledger_root: Location, pla
 
 def _passes(jobs: DataFrame, settings: Settings, ledger_root: Location, plan: RequestPlan, stop: DriverStop,
             p: int, book: BatchBook, still_open: int) -> tuple[DataFrame, MergeRunSummary, BatchBook]:
-    slots, futile = jobs.sparkSession.sparkContext.defaultParallelism, 0
+    slots, futile = parallelism(jobs.sparkSession), 0
     passes = max_passes(settings.llm, settings.merge)
     for number in range(passes):
         staging = not still_open and not stop.asked() and futile < FUTILE_PASSES and number < passes - 1
