@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Generic, TypeVar
 
 from pyspark import InheritableThread
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 
 Result = TypeVar("Result")
 
@@ -18,7 +18,8 @@ class BackgroundCall(Generic[Result]):
         self._call: Callable[[], Result] = call
         self._value: Result | None = None
         self._error: BaseException | None = None
-        self._thread = InheritableThread(target=self._run)
+        # Spark Connect wants the session whose tags the thread carries; a classic session ignores it.
+        self._thread = InheritableThread(target=self._run, session=SparkSession.getActiveSession())
         self._thread.start()
 
     def _run(self) -> None:

@@ -26,6 +26,7 @@ import time
 import uuid
 from typing import Any
 
+from .session import connect_session_id, interrupt_connect_session
 from .tables import STATE_DIR, TableStore
 
 log = logging.getLogger("mergeit.lease")
@@ -56,8 +57,10 @@ class RunLease:
         self.generation = -1
 
     def record(self) -> dict[str, Any]:
-        return {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
-                "started": self.started, "heartbeat": time.time(), "timeout_s": self.timeout_s}
+        record = {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+                  "started": self.started, "heartbeat": time.time(), "timeout_s": self.timeout_s}
+        session = connect_session_id(self.store.spark)
+        return dict(record, connect_session=session) if session else record
 
     def acquire(self) -> "RunLease":
         """Take the lease, or take over one whose heartbeat stopped; else raise :class:`RootBusy`."""
@@ -73,11 +76,26 @@ class RunLease:
                             self.store.root, describe(current, age))
             if self.store.create_state(_name(generation + 1), self.record()):
                 self.generation = generation + 1
+                if current is not None and not current.get("released"):
+                    self._stop_dead_holders_operations(current)
                 self._start_heartbeat()
                 self._remove_older()
                 return self
         raise RootBusy(f"run root {self.store.root}: the lease changed hands three times while this run "
                        "tried to take it; another run is starting there")
+
+    def _stop_dead_holders_operations(self, dead: dict[str, Any]) -> None:
+        """A dead holder that ran through Spark Connect may have left operations running on the
+        server (a killed client does not stop them): interrupt them, so that they stop paying
+        for requests and writing beside this run."""
+        session = dead.get("connect_session")
+        if not session or connect_session_id(self.store.spark) is None:
+            return
+        try:
+            stopped = interrupt_connect_session(self.store.spark, session)
+            log.warning("interrupted %d operation(s) the dead run left on the Spark Connect server", len(stopped))
+        except Exception as exc:  # noqa: BLE001 - a server restarted since has none left
+            log.warning("could not interrupt the dead run's Spark Connect session %s: %s", session, exc)
 
     def _remove_older(self) -> None:
         for name in self.store.state_names(LEASE):

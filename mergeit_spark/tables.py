@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 from deltalake import DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
@@ -47,7 +48,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from .fs import Location, Storage, StorageError, qualify, resolve, use_storage
-from .session import has_delta
+from .session import connect_server_host, has_delta, is_connect
 
 log = logging.getLogger("mergeit.store")
 
@@ -110,6 +111,7 @@ class TableStore:
         self.storage = storage or Storage()
         use_storage(self.storage)  # paths this driver reads outside the store (inputs, exports)
         self.root: Location = resolve(root, self.storage)
+        _check_reachable_by_server(spark, self.root)
         if self.root.s3:
             _configure_s3a(spark, self.storage)
         if engine == "auto":
@@ -521,6 +523,25 @@ class TableStore:
     def history(self, name: str) -> list[dict]:
         """Commit history, newest first (small: one entry per version)."""
         return self._delta(name).history()
+
+
+def _check_reachable_by_server(spark: SparkSession, root: Location) -> None:
+    """Under Spark Connect the server's executors write the tables and this process reads their
+    logs and writes the state beside them: both sides must reach the same ``root``. The server
+    writes a probe there and this process looks for it (a local folder is shared only with a
+    server on this machine, or where both mount the same volume)."""
+    if not is_connect(spark):
+        return
+    probe = root / STATE_DIR / f"_probe-{uuid.uuid4().hex}"
+    spark.createDataFrame([("probe",)], "value string").coalesce(1).write.text(probe.uri)
+    found = probe.filesystem.get_file_info(probe.path).type == pafs.FileType.Directory
+    if found:
+        probe.filesystem.delete_dir(probe.path)
+        return
+    raise StorageError(f"output.root {root}: the Spark Connect server ({connect_server_host(spark)}) wrote a "
+                       "file there that this process cannot see, so its tables would be written where the "
+                       "run's state is not. Put the run root on storage both reach (s3a://, abfss://, gs://, "
+                       "hdfs://, a volume both mount at the same path)")
 
 
 def _sql_string(text: str) -> str:
