@@ -789,9 +789,10 @@ class TopicModel:
         """Save at ``path`` (a local path or a URI; a folder), replacing a model saved there:
         ``pipeline`` (the MLlib PipelineModel) and ``centroids.parquet`` (k rows, written from the
         driver)."""
-        fs, base, location = _location(path)
+        folder = resolve(path)  # a Location comes back as it is
+        fs, base, location = folder.filesystem, folder.path, folder.uri
         if self.fitted is not None:  # the PCA stage becomes MLlib's here (under Connect, through scratch)
-            scratch = resolve(path) / "_pca"
+            scratch = folder / "_pca"
             self.fitted.pipeline(scratch).write().overwrite().save(_child(location, "pipeline"))
             if fs.get_file_info(scratch.path).type == pafs.FileType.Directory:
                 fs.delete_dir(scratch.path)
