@@ -794,8 +794,7 @@ class TopicModel:
         if self.fitted is not None:  # the PCA stage becomes MLlib's here (under Connect, through scratch)
             scratch = folder / "_pca"
             self.fitted.pipeline(scratch).write().overwrite().save(_child(location, "pipeline"))
-            if fs.get_file_info(scratch.path).type == pafs.FileType.Directory:
-                fs.delete_dir(scratch.path)
+            scratch.delete_tree()
         else:
             self.pipeline.write().overwrite().save(_child(location, "pipeline"))
         fs.create_dir(base, recursive=True)

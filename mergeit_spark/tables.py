@@ -37,7 +37,6 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 from deltalake import DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
@@ -111,9 +110,9 @@ class TableStore:
         self.storage = storage or Storage()
         use_storage(self.storage)  # paths this driver reads outside the store (inputs, exports)
         self.root: Location = resolve(root, self.storage)
-        _check_reachable_by_server(spark, self.root)
         if self.root.s3:
             _configure_s3a(spark, self.storage)
+        _check_reachable_by_server(spark, self.root)  # after s3a's settings: the server writes the probe
         if engine == "auto":
             engine = "delta-spark" if has_delta(spark) else "delta-rs"
         if engine == "delta-spark" and not has_delta(spark):
@@ -534,9 +533,8 @@ def _check_reachable_by_server(spark: SparkSession, root: Location) -> None:
         return
     probe = root / STATE_DIR / f"_probe-{uuid.uuid4().hex}"
     spark.createDataFrame([("probe",)], "value string").coalesce(1).write.text(probe.uri)
-    found = probe.filesystem.get_file_info(probe.path).type == pafs.FileType.Directory
-    if found:
-        probe.filesystem.delete_dir(probe.path)
+    if probe.exists():
+        probe.delete_tree()
         return
     raise StorageError(f"output.root {root}: the Spark Connect server ({connect_server_host(spark)}) wrote a "
                        "file there that this process cannot see, so its tables would be written where the "
