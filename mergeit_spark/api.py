@@ -60,6 +60,12 @@ class Curated:
         """Every input row's fate, traced to its source row."""
         return self.table("lineage")
 
+    def report(self) -> str:
+        """Write the run root's report (``report.json``, PNGs, ``report.html``) under
+        ``<root>/report``, as ``mergeit report`` does; where its page is."""
+        from .report import write_report
+        return write_report(self.pipeline)
+
     @property
     def shortfalls(self) -> dict[str, dict[str, Any]]:
         """Work a rerun must finish, by stage (merge groups that failed for a reason a rerun fixes)."""

@@ -243,7 +243,8 @@ def _run_full(pipeline, args: argparse.Namespace) -> int:
 
 def _after_run(pipeline, args: argparse.Namespace) -> None:
     if args.report:
-        print(f"report: {_write_report(pipeline)}")
+        from .report import write_report
+        print(f"report: {write_report(pipeline)}")
     if args.export:
         _export_final(pipeline, args.export, None)
 
@@ -312,7 +313,8 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
-    print(f"report: {_write_report(_pipeline(settings))}")
+    from .report import write_report
+    print(f"report: {write_report(_pipeline(settings))}")
     return 0
 
 
@@ -386,29 +388,6 @@ def _export_final(pipeline, fmt: str, out: str | None) -> None:
     from .export import export_final
     path = export_final(pipeline.store, _export_path(pipeline.root, fmt, out), fmt)
     print(f"export: {path}")
-
-
-def _write_report(pipeline) -> str:
-    """The report under ``<root>/report`` (built in a local folder and copied there when the
-    root is not local); where its page is."""
-    root = pipeline.root
-    if root.local is not None:
-        return str(_build_report(pipeline, Path(root.local) / "report"))
-    with tempfile.TemporaryDirectory(prefix="mergeit-report-") as folder:
-        page = _build_report(pipeline, Path(folder))
-        (root / "report").upload(folder)
-    return (root / "report" / page.name).uri
-
-
-def _build_report(pipeline, out_dir: Path) -> Path:
-    from .report import build_report
-    summaries = {name: (pipeline.state(name) or {}).get("summary", {}) for name in pipeline.stage_names()}
-    checks = {name: (pipeline.state(name) or {}).get("checks", {}) for name in pipeline.stage_names()}
-    shortfalls = {name: (pipeline.state(name) or {}).get("shortfall") for name in pipeline.stage_names()}
-    return build_report(pipeline.store, out_dir, pipeline.settings,
-                        timings=pipeline.timings(),
-                        extra={"shortfalls": {k: v for k, v in shortfalls.items() if v},
-                               "stage_summaries": summaries, "stage_checks": {k: v for k, v in checks.items() if v}})
 
 
 if __name__ == "__main__":

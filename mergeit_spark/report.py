@@ -23,6 +23,7 @@ import datetime as _dt
 import html
 import json
 import math
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -987,3 +988,24 @@ def build_report(store: TableStore, out_dir: Path, settings: Settings, timings: 
     page = out_dir / "report.html"
     page.write_text(render_html(data, pictures, examples), encoding="utf-8")
     return page
+
+
+def write_report(pipeline: Any) -> str:
+    """The report of ``pipeline``'s run root under ``<root>/report`` (built in a local folder and
+    copied there when the root is not local), with the stages' timings, summaries, checks and
+    shortfalls from their state; where its page is."""
+    root = pipeline.root
+    if root.local is not None:
+        return str(_pipeline_report(pipeline, Path(root.local) / "report"))
+    with tempfile.TemporaryDirectory(prefix="mergeit-report-") as folder:
+        page = _pipeline_report(pipeline, Path(folder))
+        (root / "report").upload(folder)
+    return (root / "report" / page.name).uri
+
+
+def _pipeline_report(pipeline: Any, out_dir: Path) -> Path:
+    states = {name: pipeline.state(name) or {} for name in pipeline.stage_names()}
+    extra = {"shortfalls": {k: s["shortfall"] for k, s in states.items() if s.get("shortfall")},
+             "stage_summaries": {k: s.get("summary", {}) for k, s in states.items()},
+             "stage_checks": {k: s["checks"] for k, s in states.items() if s.get("checks")}}
+    return build_report(pipeline.store, out_dir, pipeline.settings, timings=pipeline.timings(), extra=extra)
