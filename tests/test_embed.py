@@ -95,15 +95,18 @@ def test_fp32_stays_within_1e5_of_sentence_transformers(spark, shared_data, sett
 
 def test_bf16_vectors_are_faithful_to_fp32(spark, shared_data, settings):
     sample = filter_sample(spark, shared_data)
+    # A third of the sample, every source in it: bf16 is emulated (slow) on CPUs without it.
+    records = sample.records[::3]
     bf16 = dataclasses.replace(settings.embed, precision="bf16")
-    rows = embed_records(sample.frame, bf16).collect()  # test-only: a few hundred rows
-    assert len(rows) == len(sample.records) >= 300
+    frame = sample.frame.where(F.col("id").isin([r["id"] for r in records]))
+    rows = embed_records(frame, bf16).collect()  # test-only: about a hundred rows
+    assert len(rows) == len(records) >= 100
     assert {r["precision"] for r in rows} == {"bf16"}
     by_id = {r["id"]: np.asarray(r["embedding"], dtype=np.float32) for r in rows}
-    ours = np.stack([by_id[r["id"]] for r in sample.records])
+    ours = np.stack([by_id[r["id"]] for r in records])
     assert ours.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
-    cosine = (ours * _reference(settings, _texts(sample.records))).sum(axis=1)
+    cosine = (ours * _reference(settings, _texts(records))).sum(axis=1)
     assert cosine.mean() >= 0.9999, cosine.mean()
     assert cosine.min() >= 0.999, cosine.min()
     assert np.abs(cosine - 1).max() > 0  # really bf16: not bit-identical to fp32
