@@ -26,7 +26,7 @@ import math
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -41,6 +41,9 @@ from .config import Settings  # noqa: E402
 from .redact import redact_settings  # noqa: E402
 from .stages.finalize import FATES, INPUT_FILES, LedgerError, check_store_ledger  # noqa: E402
 from .tables import TableStore  # noqa: E402
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 STAGE_TABLES = (INPUT_FILES, "records", "rejects", "eval_items", "eval_ngrams", "contamination", "embeddings",
                 "topics", "centroids", "dedup", "selected", "merge_groups", "merges", "final", "lineage")
@@ -990,7 +993,7 @@ def build_report(store: TableStore, out_dir: Path, settings: Settings, timings: 
     return page
 
 
-def write_report(pipeline: Any) -> str:
+def write_report(pipeline: "Pipeline") -> str:
     """The report of ``pipeline``'s run root under ``<root>/report`` (built in a local folder and
     copied there when the root is not local), with the stages' timings, summaries, checks and
     shortfalls from their state; where its page is."""
@@ -1003,7 +1006,7 @@ def write_report(pipeline: Any) -> str:
     return (root / "report" / page.name).uri
 
 
-def _pipeline_report(pipeline: Any, out_dir: Path) -> Path:
+def _pipeline_report(pipeline: "Pipeline", out_dir: Path) -> Path:
     states = {name: pipeline.state(name) or {} for name in pipeline.stage_names()}
     extra = {"shortfalls": {k: s["shortfall"] for k, s in states.items() if s.get("shortfall")},
              "stage_summaries": {k: s.get("summary", {}) for k, s in states.items()},
