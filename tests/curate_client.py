@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -31,12 +30,12 @@ def main(spec_path: str) -> None:
     settings = load_settings(overrides=spec["overrides"], env={})
     result = curate(df, settings, columns={"instruction": "prompt"}, incremental=True)
     page = result.report()
-    lineage = result.lineage
+    fates = result.lineage.groupBy("fate").count().collect()  # an aggregate: a row per fate
     print(json.dumps({
         "connect": is_connect(result.final.sparkSession),
         "new_inputs": result.increment.new_inputs,
         "final_rows": result.final.count(),
-        "fates": dict(Counter(r["fate"] for r in lineage.select("fate").collect())),
+        "fates": {r["fate"]: r["count"] for r in fates},
         "report": page,
     }))
 
